@@ -1,0 +1,129 @@
+"""Runs the engine loop on its own thread and hands outputs to asyncio, per request.
+
+The HTTP event loop never waits on a forward step, and the engine never waits on HTTP:
+adds and aborts are queued under a lock and applied between steps; outputs go back with
+`call_soon_threadsafe` into each request's asyncio queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+from .engine import LLMEngine, RequestOutput
+from .metrics import Metrics
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._adds: list[tuple] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="quiver-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ---- requests --------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield outputs until the request finishes; abandoning the iterator aborts it."""
+        self.engine.check_request(prompt_ids, params, adapter)
+        rid = request_id or uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[rid] = (asyncio.get_running_loop(), queue)
+            self._adds.append((prompt_ids, params, adapter, rid))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop:
+            self._apply_pending()
+            if not engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # keep serving: fail what was running, free everything
+                log.exception("engine step failed")
+                self._fail_all(EngineError(f"internal engine error: {exc}"))
+                continue
+            self.steps += 1
+            if self.metrics is not None:
+                self.metrics.observe_step(engine, outputs)
+            for out in outputs:
+                self._deliver(out.request_id, out, last=out.finished)
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+        for rid in aborts:
+            self.engine.abort(rid)
+        for prompt_ids, params, adapter, rid in adds:
+            if rid in aborts:
+                continue
+            try:
+                self.engine.add_request(prompt_ids, params, adapter, request_id=rid)
+            except Exception as exc:  # checked before queueing, so only a race gets here
+                self._deliver(rid, exc, last=True)
+
+    def _deliver(self, rid: str, item, last: bool) -> None:
+        with self._lock:
+            target = self._streams.pop(rid, None) if last else self._streams.get(rid)
+        if target is not None:
+            loop, queue = target
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq in self.engine.fail_all():
+            self._deliver(seq.request_id, exc, last=True)

@@ -1,0 +1,75 @@
+"""`quiver serve`: the command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import DTYPES, EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--model", default=None,
+                   help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None, help="name reported by /v1/models and in responses")
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-mb)")
+    p.add_argument("--kv-cache-memory-mb", type=int, default=d.kv_cache_memory_mb, help="KV-cache size in MiB")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="most tokens in one step (longer prompts are prefilled in chunks)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds requests that give no seed of their own")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .api import create_app
+    from .async_engine import AsyncEngine
+    from .engine import LLMEngine
+    from .metrics import Metrics
+
+    engine = LLMEngine(engine_config(args))
+    async_engine = AsyncEngine(engine, Metrics())
+    async_engine.start()
+    app = create_app(async_engine)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        async_engine.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="quiver", description="Quiver: many task adapters over one base model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            serve(args)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"quiver: error: {exc}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Prometheus metrics; per-request figures carry an `adapter` label ("base" for none)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram("quiver_time_to_first_token_seconds", "Time to first token", ["adapter"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("quiver_inter_token_latency_seconds", "Time between output tokens", ["adapter"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("quiver_e2e_request_latency_seconds", "Arrival to last token", ["adapter"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("quiver_request_queue_time_seconds", "Arrival to first scheduled", ["adapter"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("quiver_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("quiver_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("quiver_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        self.prompt_tokens = Counter("quiver_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
+        self.generation_tokens = Counter("quiver_generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.requests = Counter("quiver_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
+        self.preemptions = Counter("quiver_preemptions", "Requests preempted for recompute", registry=r)
+        self._preemptions_seen = 0
+
+    def observe_step(self, engine, outputs) -> None:
+        sched = engine.scheduler
+        self.running.set(len(sched.running))
+        self.waiting.set(len(sched.waiting))
+        self.kv_usage.set(engine.blocks.usage)
+        if engine.num_preemptions > self._preemptions_seen:
+            self.preemptions.inc(engine.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = engine.num_preemptions
+        for out in outputs:
+            seq = out.seq
+            label = seq.adapter or "base"
+            self.generation_tokens.labels(label).inc(len(out.new_token_ids))
+            if seq.num_output_tokens == 1:
+                self.ttft.labels(label).observe(seq.first_token_time - seq.arrival_time)
+                self.queue.labels(label).observe(seq.first_scheduled_time - seq.arrival_time)
+                self.prompt_tokens.labels(label).inc(seq.num_prompt_tokens)
+            elif seq.prev_token_time is not None:
+                self.itl.labels(label).observe(seq.last_token_time - seq.prev_token_time)
+            if out.finished:
+                self.e2e.labels(label).observe(seq.last_token_time - seq.arrival_time)
+                self.requests.labels(label, out.finish_reason).inc()
+            seq.prev_token_time = seq.last_token_time
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
