@@ -63,3 +63,95 @@ def tiny_models(tmp_path_factory):
     """name -> (dir, HF model), built once per session."""
     root = tmp_path_factory.mktemp("tiny")
     return {name: (root / name, make_tiny_model(root / name, name)) for name in TINY_CONFIGS}
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generate for one unpadded prompt: the oracle."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    return out[0, len(prompt_ids):].tolist()
+
+
+def run_staggered(engine, arrivals: list[tuple[int, list[int], object]]) -> dict[str, list[int]]:
+    """Add each (step, prompt, params) when the engine reaches that step; run to the end.
+
+    Returns request id -> output token ids.
+    """
+    pending = sorted(enumerate(arrivals), key=lambda x: x[1][0])
+    outputs: dict[str, list[int]] = {}
+    step = 0
+    while pending or engine.has_work():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, params) = pending.pop(0)
+            engine.add_request(prompt, params, request_id=f"r{i}")
+            outputs[f"r{i}"] = []
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+        step += 1
+        assert step < 10_000, "engine did not finish"
+    return outputs
+
+
+class LiveServer:
+    """uvicorn on a loopback port in a thread, around an AsyncEngine."""
+
+    def __init__(self, async_engine):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from server.api import create_app
+
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(async_engine), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+        self.async_engine.start()
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.async_engine.stop()
+
+    def wait_idle(self, timeout: float = 20.0) -> None:
+        import time
+        deadline = time.monotonic() + timeout
+        while self.engine.has_work() or self.async_engine._adds:
+            assert time.monotonic() < deadline, "engine did not go idle"
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def api_model(tmp_path_factory):
+    """A tiny model whose vocabulary is SmolLM2's, so that text prompts work."""
+    path = tmp_path_factory.mktemp("api_model")
+    return path, make_tiny_model(path, "llama_gqa", vocab_size=49152)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(api_model, tokenizer):
+    from server.async_engine import AsyncEngine
+    from server.config import EngineConfig
+    from server.engine import LLMEngine
+    from server.metrics import Metrics
+
+    engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=96, block_size=4,
+                                    max_model_len=128, served_model_name="tiny"), tokenizer=tokenizer)
+    with LiveServer(AsyncEngine(engine, Metrics())) as server:
+        yield server

@@ -1,0 +1,181 @@
+"""The HTTP API on a live loopback server: OpenAI client, streaming, errors, disconnects."""
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import hf_greedy
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def post(server, path, body, **kw):
+    return httpx.post(server.url + path, json=body, timeout=60, **kw)
+
+
+def test_health_and_models(tiny_server, client):
+    assert httpx.get(tiny_server.url + "/health").json() == {"status": "ok"}
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+
+
+def test_greedy_completion_matches_transformers(tiny_server, api_model, tokenizer, client):
+    hf = api_model[1]
+    prompt = [17, 200, 33, 4, 99]
+    want = hf_greedy(hf, prompt, 12)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=0)
+    choice = r.choices[0]
+    assert choice.text == tokenizer.decode(want[: len(want) - (want[-1] == 2)], skip_special_tokens=True)
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == len(want)
+    assert len(choice.logprobs.token_logprobs) == len(want)
+
+
+def test_completion_prompt_forms(tiny_server, client, tokenizer):
+    r = client.completions.create(model="tiny", prompt=["Hello there", "Bye"], max_tokens=3, temperature=0)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    n_prompt = len(tokenizer("Hello there").input_ids) + len(tokenizer("Bye").input_ids)
+    assert r.usage.prompt_tokens == n_prompt
+    r2 = client.completions.create(model="tiny", prompt=[[5, 6], [7, 8, 9]], max_tokens=2, temperature=0)
+    assert len(r2.choices) == 2 and r2.usage.prompt_tokens == 5
+
+
+def test_streaming_equals_non_streaming(tiny_server, client):
+    kw = dict(model="tiny", prompt="Streams and rivers", max_tokens=16, temperature=0.9, seed=7)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+
+
+def test_raw_sse_ends_with_done(tiny_server):
+    with httpx.stream("POST", tiny_server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "x y", "max_tokens": 3, "stream": True}) as r:
+        lines = [l for l in r.iter_lines() if l]
+    assert lines[-1] == "data: [DONE]"
+    assert all(l.startswith("data: ") for l in lines)
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_chat_and_chat_streaming(tiny_server, client):
+    msgs = [{"role": "user", "content": "Say something."}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, seed=1)
+    assert r.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == r.choices[0].message.content
+    assert r.usage.prompt_tokens > 5
+
+
+def test_chat_logprobs(tiny_server, client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+
+
+def test_echo_with_logprobs(tiny_server, tokenizer):
+    prompt = "one two three"
+    body = post(tiny_server, "/v1/completions",
+                {"prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2}).json()
+    choice = body["choices"][0]
+    n_prompt = len(tokenizer(prompt).input_ids)
+    assert choice["text"].startswith(tokenizer.decode(tokenizer(prompt).input_ids))
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == n_prompt + 3
+    assert lp["token_logprobs"][0] is None and all(x <= 0 for x in lp["token_logprobs"][1:])
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+
+
+BAD_REQUESTS = [
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "hi", "max_tokens": 500}, "max_tokens"),
+    ({"prompt": [1, 2, 99999999]}, "prompt"),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "logprobs": 9}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_REQUESTS)
+def test_bad_completion_requests_get_400_naming_the_field(tiny_server, body, param):
+    r = post(tiny_server, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and err["message"]
+
+
+def test_malformed_json_and_bad_chat(tiny_server):
+    r = httpx.post(tiny_server.url + "/v1/completions", content=b'{"prompt": "x",', timeout=10,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "json_invalid"
+    r = post(tiny_server, "/v1/chat/completions", {"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = post(tiny_server, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_unknown_adapter_or_model_is_404(tiny_server, client):
+    for body in ({"prompt": "hi", "adapter": "sql-lora"}, {"prompt": "hi", "model": "no-such-model"}):
+        r = post(tiny_server, "/v1/completions", body)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"adapter": "missing"})
+    # and the server still serves
+    assert client.completions.create(model="tiny", prompt="ok", max_tokens=1).choices
+
+
+def _wait_for(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(tiny_server):
+    engine = tiny_server.engine
+    with httpx.stream("POST", tiny_server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "a b c", "max_tokens": 100, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(l.startswith("data: ") for l in got)
+        assert engine.scheduler.running  # still generating when we hang up
+    _wait_for(lambda: not engine.has_work())
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_disconnect_non_streaming_aborts(tiny_server):
+    engine = tiny_server.engine
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_server.url + "/v1/completions", timeout=0.5,
+                   json={"prompt": "a b c", "max_tokens": 120, "ignore_eos": True, "temperature": 0.5})
+    _wait_for(lambda: not engine.has_work())
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_metrics_exposed(tiny_server, client):
+    client.completions.create(model="tiny", prompt="count me", max_tokens=3)
+    text = httpx.get(tiny_server.url + "/metrics").text
+    for name in ("quiver_time_to_first_token_seconds_bucket", "quiver_inter_token_latency_seconds_bucket",
+                 "quiver_e2e_request_latency_seconds_bucket", "quiver_request_queue_time_seconds_bucket",
+                 "quiver_num_requests_running", "quiver_num_requests_waiting", "quiver_kv_cache_usage_ratio",
+                 "quiver_prompt_tokens_total", "quiver_generation_tokens_total"):
+        assert name in text, name
+    assert 'quiver_generation_tokens_total{adapter="base"}' in text
