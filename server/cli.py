@@ -35,6 +35,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace) -> None:
+    import signal
+    import threading
+
     import uvicorn
 
     from .api import create_app
@@ -44,13 +47,24 @@ def serve(args: argparse.Namespace) -> None:
 
     engine = LLMEngine(engine_config(args))
     async_engine = AsyncEngine(engine, Metrics())
-    async_engine.start()
-    app = create_app(async_engine)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
-    finally:
+    server = uvicorn.Server(uvicorn.Config(create_app(async_engine), host=args.host, port=args.port,
+                                           log_level=args.log_level.lower()))
+    http = threading.Thread(target=server.run, name="quiver-http", daemon=True)
+
+    def shutdown(*_):
+        server.should_exit = True
         async_engine.stop()
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
+    http.start()
+    # the engine loop owns the main thread (see AsyncEngine.run); HTTP lives on its own thread
+    watcher = threading.Thread(target=lambda: (http.join(), async_engine.stop()), daemon=True)
+    watcher.start()
+    async_engine.run()
+    server.should_exit = True
+    http.join(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> None:
