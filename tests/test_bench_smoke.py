@@ -1,0 +1,22 @@
+"""The throughput benchmark runs end to end at tiny sizes and writes sane JSON (no timing asserted)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+
+def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
+    from bench import throughput
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(api_model[0], model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "results"
+    throughput.main(["--model", str(model_dir), "--concurrency", "1", "3", "--new-tokens", "4", "--no-server",
+                     "--out", str(out)])
+    data = json.loads((out / "throughput.json").read_text())
+    assert [r["concurrency"] for r in data["rows"]] == [1, 3]
+    for row in data["rows"]:
+        assert row["quiver_tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
+        assert abs(row["ratio"] - row["quiver_tokens_per_s"] / row["transformers_tokens_per_s"]) < 1e-9
+    assert data["machine"]["cores"] >= 1 and data["threads"] >= 1
