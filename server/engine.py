@@ -126,7 +126,7 @@ class LLMEngine:
         first = seq.first_token_time is None
         if first:
             seq.first_token_time = now
-        seq.last_token_time = now
+        seq.prev_token_time, seq.last_token_time = seq.last_token_time, now
         seq.token_ids.append(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)

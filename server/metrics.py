@@ -47,7 +47,6 @@ class Metrics:
             if out.finished:
                 self.e2e.labels(label).observe(seq.last_token_time - seq.arrival_time)
                 self.requests.labels(label, out.finish_reason).inc()
-            seq.prev_token_time = seq.last_token_time
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
