@@ -152,3 +152,35 @@ def test_smollm2_staggered_greedy_matches_transformers(smollm2_dir, tokenizer):
     with torch.no_grad():
         want = hf(torch.tensor([prompts[0]])).logits[0, -1]
     assert (seen[-1][0] - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_logits_stay_close(dtype, tiny_models, tokenizer):
+    model_dir, hf = tiny_models["llama_gqa"]
+    engine = make_engine(model_dir, tokenizer, block_size=4, num_kv_blocks=64, dtype=dtype)
+    assert engine.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
+    seen = []
+    original = engine.runner.model.logits
+    engine.runner.model.logits = lambda h: seen.append(original(h)) or seen[-1]
+    prompt = random_prompts(5, hf.config.vocab_size, seed=4)[4]
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    engine.step()
+    import copy
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0, -1]
+        hf_half = copy.deepcopy(hf).to(getattr(torch, dtype))
+        theirs = hf_half(torch.tensor([prompt])).logits[0, -1].float()
+    # half precision cannot match fp32 exactly: be no further from it than transformers is
+    ours_err = (seen[-1][0] - want).abs().max().item()
+    assert ours_err <= 2 * (theirs - want).abs().max().item() + 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_smollm2_half_precision_says_paris(dtype, smollm2_dir, tokenizer):
+    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), dtype=dtype, kv_cache_memory_mb=32,
+                                    max_model_len=256), tokenizer=tokenizer)
+    seq = engine.add_request(tokenizer("The capital of France is").input_ids, SamplingParams(max_tokens=4, temperature=0))
+    while engine.has_work():
+        engine.step()
+    assert "Paris" in seq.text
