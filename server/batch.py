@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.meta import LoraMeta, build_lora_meta
+
 from .sequence import Sequence
 
 
@@ -32,9 +34,20 @@ class StepInputs:
     sample_rows: list[int]  # row of each sampled sequence, in logits order (prompt-logprob rows excluded)
     sample_logits_pos: torch.Tensor  # [S] position in logits_index of each sampled row's last token
     prompt_logprob_spans: list[tuple[int, int, int]]  # (row, first logits pos, count)
+    lora: LoraMeta | None = None  # None: no row has a LoRA adapter
 
 
-def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.device | str) -> StepInputs:
+def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.device | str,
+               dora_slots: set[int] = frozenset(), lora_zero_row: int = 0) -> StepInputs:
+    inp = _build(rows, block_size, device)
+    if any(seq.lora_slot >= 0 for seq, _ in rows):
+        lens = torch.tensor([n for _, n in rows])
+        row_slots = torch.tensor([seq.lora_slot for seq, _ in rows])
+        inp.lora = build_lora_meta(torch.repeat_interleave(row_slots, lens), dora_slots, lora_zero_row, device)
+    return inp
+
+
+def _build(rows: list[tuple[Sequence, int]], block_size: int, device: torch.device | str) -> StepInputs:
     n_rows = len(rows)
     ids: list[int] = []
     starts, lens, tables = [], [], []

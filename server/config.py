@@ -19,6 +19,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     num_threads: int | None = None  # None: every core torch sees
     seed: int = 0
+    max_loras: int = 8  # LoRA adapters resident in device slots (and most distinct per step)
+    max_lora_rank: int = 16
+    lora_starvation_steps: int = 32  # a request blocked by --max-loras this long stops others overtaking it
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -26,9 +29,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_mb"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_mb", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_loras < 0:
+            raise ValueError("max_loras must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -7,12 +7,17 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from adapters.errors import AdapterError
+from adapters.lora import load_lora
+
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import append_text, find_stop, releasable_text
 from .model_runner import ModelRunner
 from .model_source import resolve_model
 from .sampling import InvalidParam, SamplingParams
+from .lora_manager import LoraManager
+from .lora_slots import module_shapes
 from .scheduler import Scheduler
 from .sequence import Sequence, TokenLogprob
 
@@ -53,7 +58,9 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_config.vocab_size
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_loras, config.lora_starvation_steps)
+        self.loras = LoraManager(self.runner.lora_slots) if self.runner.lora_slots is not None else None
         eos = set(self.runner.model_config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -63,10 +70,23 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_preemptions = 0
 
+    # ---- adapters --------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        """Read, check and register a PEFT adapter; on any error nothing changes."""
+        if self.loras is None:
+            raise AdapterError("LoRA serving is off (--max-loras 0)")
+        mc = self.runner.model_config
+        adapter = load_lora(name, path, mc.num_layers, module_shapes(mc), self.runner.base_weight,
+                            self.config.max_lora_rank)
+        self.loras.register(adapter)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.loras.adapters) if self.loras is not None else []
+
     # ---- requests --------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
         """Raise InvalidParam / UnknownAdapter for a request that cannot run."""
-        if adapter is not None:
+        if adapter is not None and (self.loras is None or adapter not in self.loras.adapters):
             raise UnknownAdapter(adapter)
         if not prompt_ids:
             raise InvalidParam("prompt", "prompt must not be empty")
@@ -108,6 +128,10 @@ class LLMEngine:
         for seq, _ in batch.rows:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+        if self.loras is not None:
+            slot_of = self.loras.activate({seq.adapter for seq, _ in batch.rows if seq.adapter is not None})
+            for seq, _ in batch.rows:
+                seq.lora_slot = slot_of[seq.adapter] if seq.adapter is not None else -1
         sampled, result = self.runner.step(batch.rows)
         for seq, n in batch.rows:
             seq.num_computed += n

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from kernels import ref
+from kernels.lora import lora_apply
 from .batch import StepInputs
 from .model_config import ModelConfig
 from .rope import apply_rope, rope_table
@@ -61,6 +62,7 @@ class LlamaModel(torch.nn.Module):
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
         self.scale = cfg.head_dim ** -0.5
+        self.lora_slots = None  # LoraSlots, set by the runner
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, model_dir: str | Path) -> None:
@@ -106,19 +108,34 @@ class LlamaModel(torch.nn.Module):
         d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
         x = F.embedding(inp.input_ids, self.embed)
         cos, sin = self.rope_cos[inp.positions], self.rope_sin[inp.positions]
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        lora = inp.lora
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = self._linear(h, layer.qkv, layer.qkv_bias, lora, i, "qkv")
             q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
             q = apply_rope(q.view(t, nh, d), cos, sin)
             k = apply_rope(k.view(t, nkv, d), cos, sin)
             ref.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), inp.slot_mapping)
-            attn = self._attention(q, k_cache, v_cache, inp)
-            x = x + F.linear(attn.view(t, nh * d), layer.o, layer.o_bias)
+            attn = self._attention(q, k_cache, v_cache, inp).view(t, nh * d)
+            x = x + self._linear(attn, layer.o, layer.o_bias, lora, i, "o")
             h = rms_norm(x, layer.post_attn_norm, c.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = self._linear(h, layer.gate_up, layer.gate_up_bias, lora, i, "gate_up").chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, layer.down, layer.down_bias, lora, i, "down")
         return rms_norm(x, self.norm, c.rms_norm_eps)
+
+    def _linear(self, x, weight, bias, lora, layer: int, group: str) -> torch.Tensor:
+        """The base projection, plus each token's own LoRA delta (and DoRA column scale)."""
+        y = F.linear(x, weight, bias)
+        if lora is None:
+            return y
+        buf = self.lora_slots.layers[layer][group]
+        dora = None
+        if lora.dora_index is not None:  # DoRA: y += (g - 1) * (Wx), g per slot and column
+            dora = buf.dora_m1.index_select(0, lora.dora_index) * (y if bias is None else y - bias)
+        lora_apply(x, y, buf.a, buf.b, buf.offsets, lora)
+        if dora is not None:
+            y += dora
+        return y
 
     def _attention(self, q, k_cache, v_cache, inp: StepInputs) -> torch.Tensor:
         out = torch.empty_like(q)

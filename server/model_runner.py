@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .batch import build_step
+from .lora_slots import LoraSlots
 from .config import EngineConfig
 from .model import LlamaModel
 from .model_config import ModelConfig
@@ -50,8 +51,22 @@ class ModelRunner:
         # zeros, not empty: masked keys must still be finite numbers
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(mc.num_layers)]
+        self.lora_slots = None
+        if config.max_loras > 0:
+            self.lora_slots = LoraSlots(mc, config.max_loras, config.max_lora_rank, self.dtype, self.device)
+            self.model.lora_slots = self.lora_slots
         log.info("model loaded: %d layers, KV cache %d blocks x %d tokens, max_model_len %d",
                  mc.num_layers, self.num_blocks, self.block_size, self.max_model_len)
+
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """The base model's [out, in] weight of one projection (a view into the fused tensors)."""
+        mc, lyr = self.model_config, self.model.layers[layer]
+        q, kv, inter = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.intermediate_size
+        views = {"q_proj": lambda: lyr.qkv[:q], "k_proj": lambda: lyr.qkv[q:q + kv],
+                 "v_proj": lambda: lyr.qkv[q + kv:], "o_proj": lambda: lyr.o,
+                 "gate_proj": lambda: lyr.gate_up[:inter], "up_proj": lambda: lyr.gate_up[inter:],
+                 "down_proj": lambda: lyr.down}
+        return views[module]()
 
     def _blocks_for_memory(self, mb: int) -> int:
         mc = self.model_config
@@ -61,7 +76,9 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, rows: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SampleResult | None]:
         """Run one forward pass; record prompt logprobs; return the rows to extend and their samples."""
-        inp = build_step(rows, self.block_size, self.device)
+        slots = self.lora_slots
+        inp = build_step(rows, self.block_size, self.device, slots.dora_slots if slots else frozenset(),
+                         slots.max_loras if slots else 0)
         hidden = self.model(inp, self.kv_caches)
         if inp.logits_index.numel() == 0:
             return [], None

@@ -23,8 +23,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int = 0, starvation_steps: int = 32):
         self.blocks = blocks
+        self.max_loras = max_loras
+        self.starvation_steps = starvation_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -63,15 +66,29 @@ class Scheduler:
         self.running = [s for s in self.running if s.status is Status.RUNNING]
         if batch.preempted:
             return batch
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        # Admit in arrival order. A request whose adapter would exceed --max-loras distinct
+        # adapters waits while later requests for adapters already in the batch go ahead,
+        # until it has waited `starvation_steps`: then nothing overtakes it, the batch's
+        # adapters drain, and it gets the freed slot.
+        active = {s.adapter for s in self.running if s.adapter is not None}
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if seq.adapter is not None and seq.adapter not in active and len(active) >= self.max_loras:
+                seq.blocked_steps += 1
+                if seq.blocked_steps >= self.starvation_steps:
+                    break
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_grow(seq, seq.num_computed + n, reserve=self.admit_reserve):
                 if self.running or batch.rows:
                     break
                 if not self.blocks.can_grow(seq, seq.num_computed + n):
                     break  # cannot happen for a request that passed the length check
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            seq.blocked_steps = 0
+            if seq.adapter is not None:
+                active.add(seq.adapter)
             self.blocks.grow(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -28,6 +28,8 @@ class Sequence:
     params: SamplingParams
     seed: int  # the request's seed, or one drawn for it: sampling noise depends on nothing else
     adapter: str | None = None
+    lora_slot: int = -1  # device slot of the adapter's LoRA weights for the current step
+    blocked_steps: int = 0  # steps spent waiting on --max-loras
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     token_ids: list[int] = field(default_factory=list)

@@ -1,0 +1,146 @@
+"""Load a PEFT LoRA / rsLoRA / DoRA / AdaLoRA checkpoint into per-module (A, s·B) pairs.
+
+Everything that depends only on the adapter is done here, once: the scale s is folded into
+B; AdaLoRA's E is folded into A; DoRA's magnitude becomes a per-output-column factor g
+(so that serving computes y = Wx + b + (g - 1)·Wx + B'(Ax) with B' = g·s·B).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import AdapterError
+from .spec import AdapterSpec, read_spec
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+                  r"(lora_A|lora_B|lora_E|lora_magnitude_vector)(?:\.weight)?$")
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+@dataclass
+class LoraModule:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r], scale (and DoRA's g) folded in
+    dora_scale: torch.Tensor | None = None  # g = m / ||W + sBA||_row, [out]
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    spec: AdapterSpec
+    modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max(m.a.shape[0] for m in self.modules.values())
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted({name for _, name in self.modules}, key=MODULES.index)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.modules.values()
+                   for t in (m.a, m.b, m.dora_scale) if t is not None)
+
+    @property
+    def uses_dora(self) -> bool:
+        return any(m.dora_scale is not None for m in self.modules.values())
+
+
+BaseWeight = Callable[[int, str], torch.Tensor]  # (layer, module) -> W [out, in] of the base model
+
+
+def load_lora(name: str, path: str | Path, num_layers: int, shapes: dict[str, tuple[int, int]],
+              base_weight: BaseWeight, max_rank: int) -> LoraAdapter:
+    """shapes: module -> (out, in) of the base model."""
+    spec = read_spec(path)
+    file = spec.path / WEIGHTS_FILE
+    if not file.is_file():
+        pickled = [p.name for p in spec.path.glob("*.bin")]
+        hint = f" (found {', '.join(pickled)}: pickle checkpoints are not read)" if pickled else ""
+        raise AdapterError(f"{file}: not found{hint}")
+    raw = _read_tensors(file)
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(f"{file}: tensor {key!r} is not a LoRA weight of a decoder-layer projection "
+                               "(LoRA on embeddings, lm_head or other modules is not supported)")
+        layer, module, kind = int(m.group(1)), m.group(3), m.group(4)
+        if module not in MODULES:
+            raise AdapterError(f"{file}: target module {module!r} does not exist in this base model "
+                               f"(supported: {', '.join(MODULES)})")
+        if layer >= num_layers:
+            raise AdapterError(f"{file}: tensor {key!r} targets layer {layer}, the base model has {num_layers}")
+        parts.setdefault((layer, module), {})[kind] = tensor
+    if not parts:
+        raise AdapterError(f"{file}: holds no LoRA weights")
+    adapter = LoraAdapter(name=name, spec=spec)
+    for (layer, module), p in sorted(parts.items()):
+        mod = _module(spec, file, layer, module, p, shapes[module], base_weight, max_rank)
+        if mod is not None:  # AdaLoRA may prune a module to rank 0
+            adapter.modules[(layer, module)] = mod
+    if not adapter.modules:
+        raise AdapterError(f"{file}: every module has rank 0")
+    return adapter
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{file}: cannot be read as safetensors ({exc})") from exc
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected floating point")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{file}: tensor {key!r} contains NaN or Inf")
+    return tensors
+
+
+def _module(spec: AdapterSpec, file: Path, layer: int, module: str, p: dict, shape: tuple[int, int],
+            base_weight: BaseWeight, max_rank: int) -> LoraModule | None:
+    where = f"{file}: layers.{layer}.{module}"
+    if "lora_A" not in p or "lora_B" not in p:
+        raise AdapterError(f"{where}: needs both lora_A and lora_B")
+    a, b = p["lora_A"].float(), p["lora_B"].float()
+    out_f, in_f = shape
+    r = a.shape[0]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
+        raise AdapterError(f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match the base "
+                           f"module [{out_f}, {in_f}] (expected A [r, {in_f}], B [{out_f}, r])")
+    if r > max_rank:
+        raise AdapterError(f"{where}: rank {r} exceeds --max-lora-rank {max_rank}")
+    key = f"model.layers.{layer}.{'self_attn' if module in MODULES[:4] else 'mlp'}.{module}"
+    alpha = spec.alpha_for(key)
+    if spec.peft_type == "ADALORA":
+        e = p.get("lora_E")
+        if e is None or e.shape != (r, 1):
+            raise AdapterError(f"{where}: AdaLoRA needs lora_E of shape [{r}, 1]")
+        a = a * e.float()
+        # PEFT keeps ranknum at init_r when it prunes by rank_pattern; scaling is lora_alpha
+        scale = (alpha if alpha > 0 else float(r)) / (spec.init_r + 1e-5)
+    else:
+        scale = alpha / math.sqrt(r) if spec.use_rslora else alpha / r
+    b = b * scale
+    if r == 0:
+        return None
+    dora = None
+    if spec.use_dora:
+        m = p.get("lora_magnitude_vector")
+        if m is None or m.shape != (out_f,):
+            raise AdapterError(f"{where}: DoRA needs lora_magnitude_vector of shape [{out_f}]")
+        w = base_weight(layer, module).float()
+        norm = torch.linalg.norm(w + b @ a, dim=1)
+        dora = m.float() / norm
+        b = b * dora[:, None]
+    return LoraModule(a=a.contiguous(), b=b.contiguous(), dora_scale=dora)

@@ -1,0 +1,41 @@
+"""Which LoRA adapters are known, and which of them sit in device slots (LRU, pinned while used)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from adapters.lora import LoraAdapter
+
+from .lora_slots import LoraSlots
+
+
+class LoraManager:
+    def __init__(self, slots: LoraSlots):
+        self.slots = slots
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self.free_slots = list(range(slots.max_loras))
+        self.loads = 0
+        self.evictions = 0
+
+    def register(self, adapter: LoraAdapter) -> None:
+        if adapter.name in self.adapters:
+            raise ValueError(f"adapter {adapter.name!r} is already loaded")
+        self.adapters[adapter.name] = adapter
+
+    def activate(self, names: set[str]) -> dict[str, int]:
+        """Put every adapter in `names` in a slot (evicting unused ones, least recently used first)."""
+        if len(names) > self.slots.max_loras:
+            raise RuntimeError(f"{len(names)} adapters in one step exceed --max-loras {self.slots.max_loras}")
+        for name in names:
+            if name in self.slot_of:
+                self.slot_of.move_to_end(name)
+                continue
+            if not self.free_slots:
+                victim = next(n for n in self.slot_of if n not in names)
+                self.free_slots.append(self.slot_of.pop(victim))
+                self.evictions += 1
+            slot = self.free_slots.pop()
+            self.slots.load(slot, self.adapters[name])
+            self.slot_of[name] = slot
+            self.loads += 1
+        return {name: self.slot_of[name] for name in names}

@@ -1,0 +1,69 @@
+"""PEFT adapters with non-zero random weights, saved as `save_pretrained` writes them."""
+from __future__ import annotations
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_variants(num_layers: int) -> dict[str, object]:
+    """Eight adapters of different kinds, ranks and targets."""
+    return {
+        "lora_qv": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "rslora_all7": LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL7),
+        "rank_pattern": LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "down_proj"],
+                                   rank_pattern={"k_proj": 2, f"model.layers.{num_layers - 1}.mlp.down_proj": 12},
+                                   alpha_pattern={"down_proj": 24}),
+        "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "adalora": AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, total_step=10, tinit=1, tfinal=2,
+                                 target_modules=["q_proj", "v_proj", "gate_proj"]),
+        "lora_r1_mlp": LoraConfig(r=1, lora_alpha=2, target_modules=["gate_proj", "up_proj", "down_proj"]),
+        "lora_r16_ko": LoraConfig(r=16, lora_alpha=32, target_modules=["k_proj", "o_proj"]),
+        "dora_mlp": LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["up_proj", "down_proj"]),
+    }
+
+
+def make_adapter(base, path, config, seed: int, scale: float = 0.1) -> None:
+    """Wrap `base` in place, randomise every adapter tensor, save, and unwrap again."""
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_" in name:
+                p.copy_(torch.randn_like(p) * scale)
+    if isinstance(config, AdaLoraConfig):
+        # a pruned rank pattern, as AdaLoRA's rank allocator leaves it after training
+        pattern = {}
+        for name, p in model.named_parameters():
+            if name.endswith("lora_E.default"):
+                key = name.removeprefix("base_model.model.").removesuffix(".default")
+                keep = torch.rand(p.shape[0]) < 0.6
+                keep[0] = True
+                pattern[key] = keep.tolist()
+        model.peft_config["default"].rank_pattern = pattern
+    model.save_pretrained(path)
+    model.unload()
+
+
+def peft_logits(base, path, ids: list[int]) -> torch.Tensor:
+    """PEFT's logits for every position of `ids` with the adapter at `path` (base left as it was)."""
+    model = PeftModel.from_pretrained(base, path).eval()
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].float()
+    finally:
+        model.unload()
+
+
+def peft_greedy(base, path, ids: list[int], n: int) -> list[int]:
+    model = PeftModel.from_pretrained(base, path).eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n, do_sample=False)
+        return out[0, len(ids):].tolist()
+    finally:
+        model.unload()
