@@ -24,6 +24,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds requests that give no seed of their own")
+    p.add_argument("--max-loras", type=int, default=d.max_loras,
+                   help="LoRA adapters held in device slots, and most distinct adapters in one step")
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="largest LoRA rank accepted")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="load a PEFT adapter folder at start (repeatable)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -31,7 +36,18 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed)
+        max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
+        out.append((name, path))
+    return out
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -45,7 +61,10 @@ def serve(args: argparse.Namespace) -> None:
     from .engine import LLMEngine
     from .metrics import Metrics
 
+    adapters = parse_adapters(args.adapter)
     engine = LLMEngine(engine_config(args))
+    for name, path in adapters:
+        engine.load_adapter(name, path)
     async_engine = AsyncEngine(engine, Metrics())
     server = uvicorn.Server(uvicorn.Config(create_app(async_engine), host=args.host, port=args.port,
                                            log_level=args.log_level.lower()))
@@ -81,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             serve(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
         parser.exit(2, f"quiver: error: {exc}\n")
 
 

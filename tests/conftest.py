@@ -155,3 +155,25 @@ def tiny_server(api_model, tokenizer):
                                     max_model_len=128, served_model_name="tiny"), tokenizer=tokenizer)
     with LiveServer(AsyncEngine(engine, Metrics())) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_set(tiny_models, tmp_path_factory):
+    """The eight PEFT adapter variants, saved for the tiny GQA model: (base dir, HF model, name -> dir)."""
+    from peft_fixtures import lora_variants, make_adapter
+
+    base_dir, hf = tiny_models["llama_gqa"]
+    root = tmp_path_factory.mktemp("loras")
+    paths = {}
+    for i, (name, cfg) in enumerate(lora_variants(hf.config.num_hidden_layers).items()):
+        make_adapter(hf, root / name, cfg, seed=100 + i)
+        paths[name] = root / name
+    return base_dir, hf, paths
+
+
+def capture_logits(engine) -> list:
+    """Record the logits of every step the engine runs (one row per sampled sequence)."""
+    seen = []
+    original = engine.runner.model.logits
+    engine.runner.model.logits = lambda h: seen.append(original(h)) or seen[-1]
+    return seen

@@ -24,14 +24,17 @@ def lora_variants(num_layers: int) -> dict[str, object]:
     }
 
 
-def make_adapter(base, path, config, seed: int, scale: float = 0.1) -> None:
-    """Wrap `base` in place, randomise every adapter tensor, save, and unwrap again."""
+def make_adapter(base, path, config, seed: int, scale: float = 0.1, magnitude_noise: float = 0.2) -> None:
+    """Wrap `base` in place, randomise every adapter tensor, save, and unwrap again.
+
+    DoRA magnitudes start at the weight norms; `magnitude_noise` moves them by that relative amount.
+    """
     torch.manual_seed(seed)
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.randn_like(p))
+                p.mul_(1 + magnitude_noise * torch.randn_like(p))
             elif "lora_" in name:
                 p.copy_(torch.randn_like(p) * scale)
     if isinstance(config, AdaLoraConfig):
@@ -39,7 +42,7 @@ def make_adapter(base, path, config, seed: int, scale: float = 0.1) -> None:
         pattern = {}
         for name, p in model.named_parameters():
             if name.endswith("lora_E.default"):
-                key = name.removeprefix("base_model.model.").removesuffix(".default")
+                key = name.removeprefix("base_model.model.")  # as the rank allocator names them
                 keep = torch.rand(p.shape[0]) < 0.6
                 keep[0] = True
                 pattern[key] = keep.tolist()
