@@ -25,8 +25,11 @@ class LoraMeta:
 
 
 def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: int,
-                    device: torch.device | str) -> LoraMeta | None:
-    """None when no token uses an adapter: the fast path skips LoRA work entirely."""
+                    device: torch.device | str, padded: bool | None = None) -> LoraMeta | None:
+    """None when no token uses an adapter: the fast path skips LoRA work entirely.
+
+    `padded` forces the CPU form (tests); by default it is chosen from the step's shape.
+    """
     used = token_slots >= 0
     if not bool(used.any()):
         return None
@@ -41,7 +44,8 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
     n_lora = int(lora_tokens.numel())
     # padding every slot in 0..num_slots-1 to max_len rows lets one bmm serve all adapters;
     # worth it unless the padding would more than double the rows
-    padded = num_slots * max_len <= 2 * n_lora + 16
+    if padded is None:
+        padded = num_slots * max_len <= 2 * n_lora + 16
     pad_index = pad_mask = None
     if padded:
         pad = torch.zeros(num_slots, max_len, dtype=torch.long)

@@ -7,6 +7,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU; the flag must be set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY_CONFIGS = {

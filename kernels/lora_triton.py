@@ -1,0 +1,185 @@
+"""Triton batched-LoRA kernels (the CUDA path); same maths as kernels.lora_ref.
+
+Segmented form (SGMV, for prefill): tokens grouped by adapter, one program per
+(segment, row block, column block), tensor-core dots. Gathered form (BGMV, for decode):
+one program per (token, column block), each token reads its own adapter's weights.
+Both expand kernels cover every slice of a fused projection (q/k/v, gate/up) in one launch:
+each column tile belongs to exactly one slice and reads that slice's rank columns of xa.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .meta import LoraMeta
+
+
+@triton.jit
+def _shrink_sgmv(x_ptr, a_ptr, out_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
+                 K, N, stride_xt, stride_al, stride_an, stride_ot,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    seg, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(seg_starts_ptr + seg)
+    length = tl.load(seg_lens_ptr + seg)
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < length
+    tok = tl.load(seg_index_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        xt = tl.load(x_ptr + tok[:, None] * stride_xt + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_ptr + slot * stride_al + rn[None, :] * stride_an + rk[:, None],
+                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(xt, at, input_precision=PRECISION)
+    tl.store(out_ptr + tok[:, None] * stride_ot + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _expand_sgmv(xa_ptr, b_ptr, y_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
+                 tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R, stride_xat, stride_bl, stride_bn, stride_yt,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    seg, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(seg_starts_ptr + seg)
+    length = tl.load(seg_lens_ptr + seg)
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < length
+    tok = tl.load(seg_index_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+    s = tl.load(tile_slice_ptr + pid_n)
+    rn = tl.load(tile_n0_ptr + pid_n) + tl.arange(0, BLOCK_N)
+    n_mask = rn < tl.load(slice_end_ptr + s)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rr < R
+        xat = tl.load(xa_ptr + tok[:, None] * stride_xat + s * R + rr[None, :],
+                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        bt = tl.load(b_ptr + slot * stride_bl + rn[None, :] * stride_bn + rr[:, None],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(xat, bt, input_precision=PRECISION)
+    mask = m_mask[:, None] & n_mask[None, :]
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + rn[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _shrink_bgmv(x_ptr, a_ptr, out_ptr, slots_ptr, K, N, stride_xt, stride_al, stride_an, stride_ot,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < K
+        xv = tl.load(x_ptr + t * stride_xt + rk, mask=k_mask, other=0.0).to(tl.float32)
+        at = tl.load(a_ptr + tl.maximum(slot, 0) * stride_al + rn[:, None] * stride_an + rk[None, :],
+                     mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(at * xv[None, :], axis=1)
+    acc = tl.where(slot >= 0, acc, 0.0)  # slot -1: no adapter
+    tl.store(out_ptr + t * stride_ot + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _expand_bgmv(xa_ptr, b_ptr, y_ptr, slots_ptr, tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R,
+                 stride_xat, stride_bl, stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    t, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    s = tl.load(tile_slice_ptr + pid_n)
+    rn = tl.load(tile_n0_ptr + pid_n) + tl.arange(0, BLOCK_N)
+    n_mask = rn < tl.load(slice_end_ptr + s)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rr < R
+        xv = tl.load(xa_ptr + t * stride_xat + s * R + rr, mask=r_mask, other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + tl.maximum(slot, 0) * stride_bl + rn[:, None] * stride_bn + rr[None, :],
+                     mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(bt * xv[None, :], axis=1)
+    y_ptrs = y_ptr + t * stride_yt + rn
+    y = tl.load(y_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    y = tl.where(slot >= 0, y + acc, y)  # slot -1: y stays as it is
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+# ---- host side ---------------------------------------------------------------------------------
+
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 32
+
+
+def _precision(t: torch.Tensor) -> str | None:
+    # exact fp32 (no TF32) so that fp32 serving matches PEFT to 1e-4; half types use the default
+    return "ieee" if t.dtype == torch.float32 else None
+
+
+def _block_r(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles(offsets: tuple[int, ...], block_n: int, device: str):
+    """Column tiles of a fused projection, none crossing a slice boundary."""
+    slice_of, start = [], []
+    for s in range(len(offsets) - 1):
+        for n0 in range(offsets[s], offsets[s + 1], block_n):
+            slice_of.append(s)
+            start.append(n0)
+    as_t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return as_t(slice_of), as_t(start), as_t(list(offsets[1:]))
+
+
+def lora_shrink_sgmv(x, a, meta: LoraMeta) -> torch.Tensor:
+    t, k = x.shape
+    n = a.shape[1]
+    out = torch.zeros(t, n, dtype=x.dtype, device=x.device)
+    grid = (meta.seg_slots.numel(), triton.cdiv(meta.max_len, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    _shrink_sgmv[grid](x, a, out, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots, k, n,
+                       x.stride(0), a.stride(0), a.stride(1), out.stride(0),
+                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=_precision(x))
+    return out
+
+
+def lora_expand_sgmv(xa, b, offsets, meta: LoraMeta, y) -> torch.Tensor:
+    rank = b.shape[2]
+    tile_slice, tile_n0, slice_end = _tiles(tuple(offsets), BLOCK_N, str(y.device))
+    grid = (meta.seg_slots.numel(), triton.cdiv(meta.max_len, BLOCK_M), tile_slice.numel())
+    _expand_sgmv[grid](xa, b, y, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots,
+                       tile_slice, tile_n0, slice_end, rank, xa.stride(0), b.stride(0), b.stride(1), y.stride(0),
+                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(rank), PRECISION=_precision(xa))
+    return y
+
+
+def lora_shrink_bgmv(x, a, token_slots) -> torch.Tensor:
+    t, k = x.shape
+    n = a.shape[1]
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    _shrink_bgmv[(t, triton.cdiv(n, BLOCK_N))](x, a, out, token_slots, k, n, x.stride(0), a.stride(0),
+                                              a.stride(1), out.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out
+
+
+def lora_expand_bgmv(xa, b, offsets, token_slots, y) -> torch.Tensor:
+    rank = b.shape[2]
+    tile_slice, tile_n0, slice_end = _tiles(tuple(offsets), BLOCK_N, str(y.device))
+    _expand_bgmv[(y.shape[0], tile_slice.numel())](xa, b, y, token_slots, tile_slice, tile_n0, slice_end, rank,
+                                                  xa.stride(0), b.stride(0), b.stride(1), y.stride(0),
+                                                  BLOCK_N=BLOCK_N, BLOCK_R=_block_r(rank))
+    return y
+
+
+def lora_apply(x, y, a, b, offsets, meta: LoraMeta) -> None:
+    """Segmented kernels when adapters own long runs of tokens (prefill), gathered ones otherwise."""
+    if meta.max_len >= BLOCK_M:
+        lora_expand_sgmv(lora_shrink_sgmv(x, a, meta), b, offsets, meta, y)
+    else:
+        lora_expand_bgmv(lora_shrink_bgmv(x, a, meta.token_slots), b, offsets, meta.token_slots, y)
