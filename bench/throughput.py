@@ -29,11 +29,12 @@ def prompts(n: int) -> list[str]:
     return [f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
 
 
-def run_quiver(engine, tokenizer, texts, new_tokens: int) -> float:
+def run_quiver(engine, tokenizer, texts, new_tokens: int, adapters: list[str | None] | None = None) -> float:
     from server.sampling import SamplingParams
-    for t in texts:
+    for i, t in enumerate(texts):
         engine.add_request(tokenizer(t).input_ids, SamplingParams(max_tokens=new_tokens, temperature=0.0,
-                                                                  ignore_eos=True))
+                                                                  ignore_eos=True),
+                           adapter=adapters[i] if adapters else None)
     t0 = time.perf_counter()
     produced = 0
     while engine.has_work():
@@ -43,13 +44,14 @@ def run_quiver(engine, tokenizer, texts, new_tokens: int) -> float:
     return produced / elapsed
 
 
-def run_transformers(model, tokenizer, texts, new_tokens: int) -> float:
+def run_transformers(model, tokenizer, texts, new_tokens: int, **generate_kw) -> float:
+    """Batched greedy `generate` (PEFT models too: pass adapter_names for a mixed batch)."""
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **generate_kw)
     elapsed = time.perf_counter() - t0
     produced = (out.shape[1] - batch.input_ids.shape[1]) * len(texts)
     assert produced == len(texts) * new_tokens

@@ -1,9 +1,10 @@
 """Batched multi-LoRA in PyTorch: the oracle (per-token maths) and the CPU path.
 
 Shapes for one fused projection with S slices (q/k/v: S = 3; gate/up: 2; o, down: 1):
-  x [T, in], a [L, S*R, in], b [L, out_total, R], slice offsets o_0 = 0 < ... < o_S = out_total.
+  x [T, in], a [L, S*R, in], b [L, R, out_total], slice offsets o_0 = 0 < ... < o_S = out_total.
 lora_shrink:  xa[t] = a[slot[t]] @ x[t]                                     ([T, S*R]; 0 where slot = -1)
-lora_expand:  y[t, o_s:o_{s+1}] += b[slot[t], o_s:o_{s+1}] @ xa[t, s*R:(s+1)*R]   for each slice s
+lora_expand:  y[t, o_s:o_{s+1}] += xa[t, s*R:(s+1)*R] @ b[slot[t], :, o_s:o_{s+1}]   for each slice s
+(b is stored [R, out] so that each slice's columns are read as plain row-major blocks.)
 Ranks below R are zero-padded in a and b, so they contribute exactly nothing.
 """
 from __future__ import annotations
@@ -24,14 +25,14 @@ def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor)
 
 def lora_expand_ref(xa: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...], token_slots: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor:
-    rank = b.shape[2]
+    rank = b.shape[1]
     for slot in token_slots.unique().tolist():
         if slot < 0:
             continue
         rows = (token_slots == slot).nonzero().squeeze(1)
         for s in range(len(offsets) - 1):
             lo, hi = offsets[s], offsets[s + 1]
-            y[rows, lo:hi] += xa[rows, s * rank:(s + 1) * rank] @ b[slot, lo:hi].T
+            y[rows, lo:hi] += xa[rows, s * rank:(s + 1) * rank] @ b[slot, :, lo:hi]
     return y
 
 
@@ -42,18 +43,20 @@ def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.T
     Padded form: one bmm per slice over all slots at once (decode-like steps). Segmented
     form: one matmul pair per adapter segment (prefill-like steps, few long segments).
     """
-    rank = b.shape[2]
+    rank = b.shape[1]
     n_slices = len(offsets) - 1
     if meta.padded:
-        n, m = meta.num_slots, meta.max_len
+        lo, n, m = meta.slot_lo, meta.num_slots, meta.max_len
         xp = x.index_select(0, meta.pad_index).view(n, m, x.shape[1])
-        xa = torch.bmm(xp, a[:n].transpose(1, 2)).mul_(meta.pad_mask)
-        parts = [torch.bmm(xa[..., s * rank:(s + 1) * rank], b[:n, offsets[s]:offsets[s + 1]].transpose(1, 2))
+        xa = torch.bmm(xp, a[lo:lo + n].transpose(1, 2))
+        if meta.pad_mask is not None:
+            xa.mul_(meta.pad_mask)
+        parts = [torch.bmm(xa[..., s * rank:(s + 1) * rank], b[lo:lo + n, :, offsets[s]:offsets[s + 1]])
                  for s in range(n_slices)]
         delta = parts[0] if n_slices == 1 else torch.cat(parts, dim=-1)
         y.index_add_(0, meta.pad_index, delta.view(n * m, -1))
         return
     for slot, rows in meta.segments:
         xa = x.index_select(0, rows) @ a[slot].T
-        parts = [xa[:, s * rank:(s + 1) * rank] @ b[slot, offsets[s]:offsets[s + 1]].T for s in range(n_slices)]
+        parts = [xa[:, s * rank:(s + 1) * rank] @ b[slot, :, offsets[s]:offsets[s + 1]] for s in range(n_slices)]
         y.index_add_(0, rows, parts[0] if n_slices == 1 else torch.cat(parts, dim=-1))

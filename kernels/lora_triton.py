@@ -44,7 +44,7 @@ def _shrink_sgmv(x_ptr, a_ptr, out_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_
 
 @triton.jit
 def _expand_sgmv(xa_ptr, b_ptr, y_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
-                 tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R, stride_xat, stride_bl, stride_bn, stride_yt,
+                 tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R, stride_xat, stride_bl, stride_br, stride_yt,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     seg, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(seg_starts_ptr + seg)
@@ -62,7 +62,7 @@ def _expand_sgmv(xa_ptr, b_ptr, y_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_p
         r_mask = rr < R
         xat = tl.load(xa_ptr + tok[:, None] * stride_xat + s * R + rr[None, :],
                       mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        bt = tl.load(b_ptr + slot * stride_bl + rn[None, :] * stride_bn + rr[:, None],
+        bt = tl.load(b_ptr + slot * stride_bl + rr[:, None] * stride_br + rn[None, :],
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(xat, bt, input_precision=PRECISION)
     mask = m_mask[:, None] & n_mask[None, :]
@@ -92,7 +92,7 @@ def _shrink_bgmv(x_ptr, a_ptr, out_ptr, slots_ptr, K, N, stride_xt, stride_al, s
 
 @triton.jit
 def _expand_bgmv(xa_ptr, b_ptr, y_ptr, slots_ptr, tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R,
-                 stride_xat, stride_bl, stride_bn, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                 stride_xat, stride_bl, stride_br, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     t, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     s = tl.load(tile_slice_ptr + pid_n)
@@ -103,7 +103,7 @@ def _expand_bgmv(xa_ptr, b_ptr, y_ptr, slots_ptr, tile_slice_ptr, tile_n0_ptr, s
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < R
         xv = tl.load(xa_ptr + t * stride_xat + s * R + rr, mask=r_mask, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + tl.maximum(slot, 0) * stride_bl + rn[:, None] * stride_bn + rr[None, :],
+        bt = tl.load(b_ptr + tl.maximum(slot, 0) * stride_bl + rr[None, :] * stride_br + rn[:, None],
                      mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(bt * xv[None, :], axis=1)
     y_ptrs = y_ptr + t * stride_yt + rn
@@ -150,7 +150,7 @@ def lora_shrink_sgmv(x, a, meta: LoraMeta) -> torch.Tensor:
 
 
 def lora_expand_sgmv(xa, b, offsets, meta: LoraMeta, y) -> torch.Tensor:
-    rank = b.shape[2]
+    rank = b.shape[1]
     tile_slice, tile_n0, slice_end = _tiles(tuple(offsets), BLOCK_N, str(y.device))
     grid = (meta.seg_slots.numel(), triton.cdiv(meta.max_len, BLOCK_M), tile_slice.numel())
     _expand_sgmv[grid](xa, b, y, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots,
@@ -169,7 +169,7 @@ def lora_shrink_bgmv(x, a, token_slots) -> torch.Tensor:
 
 
 def lora_expand_bgmv(xa, b, offsets, token_slots, y) -> torch.Tensor:
-    rank = b.shape[2]
+    rank = b.shape[1]
     tile_slice, tile_n0, slice_end = _tiles(tuple(offsets), BLOCK_N, str(y.device))
     _expand_bgmv[(y.shape[0], tile_slice.numel())](xa, b, y, token_slots, tile_slice, tile_n0, slice_end, rank,
                                                   xa.stride(0), b.stride(0), b.stride(1), y.stride(0),

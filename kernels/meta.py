@@ -9,18 +9,19 @@ import torch
 @dataclass
 class LoraMeta:
     token_slots: torch.Tensor  # [T] slot per token, -1 = no adapter
-    num_slots: int  # slots 0..num_slots-1 cover every used slot
+    slot_lo: int  # the padded form covers slots slot_lo .. slot_lo + num_slots - 1
+    num_slots: int
     # segmented form: token indices grouped by slot
     segments: list[tuple[int, torch.Tensor]]  # (slot, token indices)
     seg_index: torch.Tensor  # [T_lora] token indices, sorted by slot
     seg_slots: torch.Tensor  # [S] slot of each segment
     seg_starts: torch.Tensor  # [S] offset of each segment in seg_index
     seg_lens: torch.Tensor  # [S]
-    # padded form (CPU): slot s owns rows s*max_len .. s*max_len+max_len-1
+    # padded form (CPU): slot slot_lo + i owns rows i*max_len .. (i+1)*max_len - 1
     padded: bool
     max_len: int
     pad_index: torch.Tensor | None  # [num_slots * max_len] token index, padding -> 0
-    pad_mask: torch.Tensor | None  # [num_slots, max_len, 1] 1 for real rows, 0 for padding
+    pad_mask: torch.Tensor | None  # [num_slots, max_len, 1] 1 for real rows, 0 for padding (None: no padding)
     dora_index: torch.Tensor | None  # [T] slot per token with -1 -> the zero row, when a DoRA slot is used
 
 
@@ -39,10 +40,11 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
     seg_index = lora_tokens[order]
     seg_slots, seg_lens = torch.unique_consecutive(slots_of[order], return_counts=True)
     seg_starts = torch.cumsum(seg_lens, 0) - seg_lens
-    num_slots = int(seg_slots.max()) + 1
+    slot_lo = int(seg_slots.min())
+    num_slots = int(seg_slots.max()) + 1 - slot_lo
     max_len = int(seg_lens.max())
     n_lora = int(lora_tokens.numel())
-    # padding every slot in 0..num_slots-1 to max_len rows lets one bmm serve all adapters;
+    # padding every slot of the range to max_len rows lets one bmm serve all adapters;
     # worth it unless the padding would more than double the rows
     if padded is None:
         padded = num_slots * max_len <= 2 * n_lora + 16
@@ -51,14 +53,15 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
         pad = torch.zeros(num_slots, max_len, dtype=torch.long)
         mask = torch.zeros(num_slots, max_len, 1)
         for s, start, n in zip(seg_slots.tolist(), seg_starts.tolist(), seg_lens.tolist()):
-            pad[s, :n] = seg_index[start:start + n]
-            mask[s, :n] = 1
-        pad_index, pad_mask = pad.reshape(-1).to(device), mask.to(device)
+            pad[s - slot_lo, :n] = seg_index[start:start + n]
+            mask[s - slot_lo, :n] = 1
+        pad_index = pad.reshape(-1).to(device)
+        pad_mask = None if num_slots * max_len == n_lora else mask.to(device)
     segments = [(s, seg_index[start:start + n].to(device))
                 for s, start, n in zip(seg_slots.tolist(), seg_starts.tolist(), seg_lens.tolist())]
     dora_index = None
     if dora_slots and any(s in dora_slots for s in seg_slots.tolist()):
         dora_index = torch.where(used, token_slots, zero_row).to(device)
     to = lambda t: t.to(device)  # noqa: E731
-    return LoraMeta(to(token_slots), num_slots, segments, to(seg_index), to(seg_slots), to(seg_starts),
+    return LoraMeta(to(token_slots), slot_lo, num_slots, segments, to(seg_index), to(seg_slots), to(seg_starts),
                     to(seg_lens), padded, max_len, pad_index, pad_mask, dora_index)

@@ -27,6 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=d.max_loras,
                    help="LoRA adapters held in device slots, and most distinct adapters in one step")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="largest LoRA rank accepted")
+    p.add_argument("--lora-starvation-steps", type=int, default=d.lora_starvation_steps,
+                   help="steps a request may wait on --max-loras before nothing else overtakes it")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a PEFT adapter folder at start (repeatable)")
 
@@ -37,7 +39,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
-        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps)
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:

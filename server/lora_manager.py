@@ -1,6 +1,7 @@
 """Which LoRA adapters are known, and which of them sit in device slots (LRU, pinned while used)."""
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
 from adapters.lora import LoraAdapter
@@ -13,7 +14,7 @@ class LoraManager:
         self.slots = slots
         self.adapters: dict[str, LoraAdapter] = {}
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
-        self.free_slots = list(range(slots.max_loras))
+        self.free_slots = list(range(slots.max_loras))  # a heap: lowest first keeps used slots compact
         self.loads = 0
         self.evictions = 0
 
@@ -32,9 +33,9 @@ class LoraManager:
                 continue
             if not self.free_slots:
                 victim = next(n for n in self.slot_of if n not in names)
-                self.free_slots.append(self.slot_of.pop(victim))
+                heapq.heappush(self.free_slots, self.slot_of.pop(victim))
                 self.evictions += 1
-            slot = self.free_slots.pop()
+            slot = heapq.heappop(self.free_slots)
             self.slots.load(slot, self.adapters[name])
             self.slot_of[name] = slot
             self.loads += 1

@@ -1,6 +1,6 @@
 """Preallocated device buffers holding the LoRA weights of up to --max-loras adapters.
 
-Per layer and fused projection (qkv, o, gate_up, down): a [L, S*R, in] and b [L, out, R],
+Per layer and fused projection (qkv, o, gate_up, down): a [L, S*R, in] and b [L, R, out],
 slot-major, rank zero-padded to --max-lora-rank, plus DoRA's (g - 1) per output column
 (a last, all-zero row serves tokens with no adapter).
 """
@@ -30,7 +30,7 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 @dataclass
 class GroupBuffers:
     a: torch.Tensor  # [L, S*R, in]
-    b: torch.Tensor  # [L, out_total, R]
+    b: torch.Tensor  # [L, R, out_total]
     offsets: tuple[int, ...]  # slice boundaries along out
     dora_m1: torch.Tensor  # [L + 1, out_total]: g - 1 (0 without DoRA; last row for base tokens)
 
@@ -48,7 +48,7 @@ class LoraSlots:
                 offsets = tuple(sum(outs[:k]) for k in range(len(outs) + 1))
                 groups[g] = GroupBuffers(
                     a=torch.zeros(max_loras, len(mods) * max_rank, in_f, dtype=dtype, device=device),
-                    b=torch.zeros(max_loras, offsets[-1], max_rank, dtype=dtype, device=device),
+                    b=torch.zeros(max_loras, max_rank, offsets[-1], dtype=dtype, device=device),
                     offsets=offsets,
                     dora_m1=torch.zeros(max_loras + 1, offsets[-1], dtype=dtype, device=device))
             self.layers.append(groups)
@@ -77,7 +77,7 @@ class LoraSlots:
             r = m.a.shape[0]
             lo, hi = buf.offsets[s], buf.offsets[s + 1]
             buf.a[slot, s * r_max:s * r_max + r].copy_(m.a)
-            buf.b[slot, lo:hi, :r].copy_(m.b)
+            buf.b[slot, :r, lo:hi].copy_(m.b.T)
             if m.dora_scale is not None:
                 buf.dora_m1[slot, lo:hi].copy_(m.dora_scale - 1)
         if adapter.uses_dora:

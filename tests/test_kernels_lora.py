@@ -13,14 +13,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def per_token(x, a, b, offsets, slots):
     """The definition, one token at a time."""
-    rank = b.shape[2]
+    rank = b.shape[1]
     y = torch.zeros(x.shape[0], offsets[-1], dtype=torch.float64)
     for t, slot in enumerate(slots.tolist()):
         if slot < 0:
             continue
         xa = a[slot].double() @ x[t].double()
         for s in range(len(offsets) - 1):
-            y[t, offsets[s]:offsets[s + 1]] = b[slot, offsets[s]:offsets[s + 1]].double() @ xa[s * rank:(s + 1) * rank]
+            y[t, offsets[s]:offsets[s + 1]] = xa[s * rank:(s + 1) * rank] @ b[slot, :, offsets[s]:offsets[s + 1]].double()
     return y
 
 
@@ -37,12 +37,12 @@ def make_case(n_tokens, popularity, offsets=(0, 40, 56, 72), k=72, rank=16, n_sl
     n_slices = len(offsets) - 1
     slots = POPULARITY[popularity](n_tokens, n_slots - 1, g)  # the last slot is never used
     a = torch.randn(n_slots, n_slices * rank, k, generator=g)
-    b = torch.randn(n_slots, offsets[-1], rank, generator=g)
+    b = torch.randn(n_slots, rank, offsets[-1], generator=g)
     ranks = [1, 5, 16, 7, 16][:n_slots]
     for s, r in enumerate(ranks):  # mixed ranks: zero padding beyond each slot's rank
         for i in range(n_slices):
             a[s, i * rank + r:(i + 1) * rank] = 0
-        b[s, :, r:] = 0
+        b[s, r:] = 0
     x = torch.randn(n_tokens, k, generator=g)
     return x.to(dtype), a.to(dtype), b.to(dtype), offsets, slots
 

@@ -18,13 +18,13 @@ def signatures(p: str, prec):
                            "stride_al": "i32", "stride_an": "i32", "stride_ot": "i32"},
          dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, PRECISION=prec)),
         (lt._expand_sgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, **seg, **tiles, "R": "i32", "stride_xat": "i32",
-                           "stride_bl": "i32", "stride_bn": "i32", "stride_yt": "i32"},
+                           "stride_bl": "i32", "stride_br": "i32", "stride_yt": "i32"},
          dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, PRECISION=prec)),
         (lt._shrink_bgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": p, "slots_ptr": "*i64", "K": "i32", "N": "i32",
                            "stride_xt": "i32", "stride_al": "i32", "stride_an": "i32", "stride_ot": "i32"},
          dict(BLOCK_N=64, BLOCK_K=32)),
         (lt._expand_bgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, "slots_ptr": "*i64", **tiles, "R": "i32",
-                           "stride_xat": "i32", "stride_bl": "i32", "stride_bn": "i32", "stride_yt": "i32"},
+                           "stride_xat": "i32", "stride_bl": "i32", "stride_br": "i32", "stride_yt": "i32"},
          dict(BLOCK_N=64, BLOCK_R=16)),
     ]
 

@@ -1,0 +1,102 @@
+"""Throughput with 1..32 distinct LoRA adapters in a batch of 32 requests (rank 16, all seven
+projections), against Quiver's own base-only throughput and PEFT's mixed-batch
+`generate(adapter_names=...)`, in one process and one run, with one thread count.
+
+    python -m bench adapters [--adapters 1 2 4 8 16 32] [--batch 32] [--new-tokens 64] [--rank 16]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .common import RESULTS, machine, write_json
+from .plot import line_plot
+from .throughput import prompts, run_quiver, run_transformers
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapters(hf, root: Path, n: int, rank: int) -> list[Path]:
+    """n PEFT LoRA adapters with random non-zero weights, saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    paths = []
+    for i in range(n):
+        torch.manual_seed(1000 + i)
+        model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL7))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.02)
+        model.save_pretrained(root / f"adapter{i}")
+        model.unload()
+        paths.append(root / f"adapter{i}")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench adapters")
+    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed-batch generate")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.config import EngineConfig
+    from server.engine import LLMEngine
+
+    n_max = max(args.adapters)
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, max_loras=n_max,
+                                    max_lora_rank=args.rank, max_num_seqs=max(64, args.batch)))
+    threads = torch.get_num_threads()
+    tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
+    texts = prompts(args.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_adapters(hf, Path(tmp), n_max, args.rank)
+        names = [f"adapter{i}" for i in range(n_max)]
+        for name, path in zip(names, paths):
+            engine.load_adapter(name, str(path))
+        peft = None
+        if not args.no_peft:
+            peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=names[0]).eval()
+            for name, path in zip(names[1:], paths[1:]):
+                peft.load_adapter(path, adapter_name=name)
+        run_quiver(engine, tokenizer, texts[:2], 4, names[:2])  # warm-up
+        base = run_quiver(engine, tokenizer, texts, args.new_tokens)
+        print(f"base only: quiver {base:8.1f} tok/s", flush=True)
+        rows = []
+        for k in args.adapters:
+            mix = [names[i % k] for i in range(args.batch)]
+            q = run_quiver(engine, tokenizer, texts, args.new_tokens, mix)
+            row = {"distinct_adapters": k, "quiver_tokens_per_s": q, "quiver_vs_base": q / base}
+            line = f"{k:3d} adapters: quiver {q:8.1f} tok/s ({q / base:4.2f}x base)"
+            if peft is not None:
+                p = run_transformers(peft, tokenizer, texts, args.new_tokens, adapter_names=mix)
+                row.update(peft_tokens_per_s=p, quiver_vs_peft=q / p)
+                line += f"   peft mixed-batch {p:8.1f} tok/s   quiver/peft {q / p:5.2f}x"
+            rows.append(row)
+            print(line, flush=True)
+    result = {"benchmark": "adapters", "model": engine.model_name, "dtype": "float32", "threads": threads,
+              "batch": args.batch, "new_tokens": args.new_tokens, "rank": args.rank, "targets": ALL7,
+              "base_tokens_per_s": base, "machine": machine(), "rows": rows}
+    out_dir = args.out or RESULTS
+    series = {"Quiver": [r["quiver_tokens_per_s"] for r in rows],
+              "Quiver, base model only": [base] * len(rows)}
+    if peft is not None:
+        series["PEFT mixed-batch generate"] = [r["peft_tokens_per_s"] for r in rows]
+    result["plot"] = str(line_plot(out_dir / "adapters.png", args.adapters, series, "distinct adapters in the batch",
+                                   "output tokens/s", f"batch {args.batch}, LoRA r={args.rank} on 7 projections, "
+                                   f"{threads} threads"))
+    print("wrote", write_json("adapters", result, out_dir), "and", result["plot"])
+    return result
