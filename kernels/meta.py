@@ -22,6 +22,7 @@ class LoraMeta:
     max_len: int
     pad_index: torch.Tensor | None  # [num_slots * max_len] token index, padding -> 0
     pad_mask: torch.Tensor | None  # [num_slots, max_len, 1] 1 for real rows, 0 for padding (None: no padding)
+    contiguous_from: int | None  # the padded rows are exactly tokens contiguous_from.. in order: no gather needed
     dora_index: torch.Tensor | None  # [T] slot per token with -1 -> the zero row, when a DoRA slot is used
 
 
@@ -48,15 +49,19 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
     # worth it unless the padding would more than double the rows
     if padded is None:
         padded = num_slots * max_len <= 2 * n_lora + 16
-    pad_index = pad_mask = None
+    pad_index = pad_mask = contiguous_from = None
     if padded:
         pad = torch.zeros(num_slots, max_len, dtype=torch.long)
         mask = torch.zeros(num_slots, max_len, 1)
         for s, start, n in zip(seg_slots.tolist(), seg_starts.tolist(), seg_lens.tolist()):
             pad[s - slot_lo, :n] = seg_index[start:start + n]
             mask[s - slot_lo, :n] = 1
-        pad_index = pad.reshape(-1).to(device)
+        pad_index = pad.reshape(-1)
         pad_mask = None if num_slots * max_len == n_lora else mask.to(device)
+        first = int(pad_index[0])
+        if pad_mask is None and torch.equal(pad_index, torch.arange(first, first + n_lora)):
+            contiguous_from = first
+        pad_index = pad_index.to(device)
     segments = [(s, seg_index[start:start + n].to(device))
                 for s, start, n in zip(seg_slots.tolist(), seg_starts.tolist(), seg_lens.tolist())]
     dora_index = None
@@ -64,4 +69,4 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
         dora_index = torch.where(used, token_slots, zero_row).to(device)
     to = lambda t: t.to(device)  # noqa: E731
     return LoraMeta(to(token_slots), slot_lo, num_slots, segments, to(seg_index), to(seg_slots), to(seg_starts),
-                    to(seg_lens), padded, max_len, pad_index, pad_mask, dora_index)
+                    to(seg_lens), padded, max_len, pad_index, pad_mask, contiguous_from, dora_index)

@@ -77,6 +77,8 @@ class ModelRunner:
     def step(self, rows: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SampleResult | None]:
         """Run one forward pass; record prompt logprobs; return the rows to extend and their samples."""
         slots = self.lora_slots
+        if slots is not None:  # rows grouped by adapter slot: each adapter's tokens are contiguous
+            rows = sorted(rows, key=lambda row: row[0].lora_slot)
         inp = build_step(rows, self.block_size, self.device, slots.dora_slots if slots else frozenset(),
                          slots.max_loras if slots else 0)
         hidden = self.model(inp, self.kv_caches)

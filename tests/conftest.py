@@ -175,9 +175,17 @@ def tiny_lora_set(tiny_models, tmp_path_factory):
     return base_dir, hf, paths
 
 
-def capture_logits(engine) -> list:
-    """Record the logits of every step the engine runs (one row per sampled sequence)."""
-    seen = []
-    original = engine.runner.model.logits
-    engine.runner.model.logits = lambda h: seen.append(original(h)) or seen[-1]
+def capture_logits(engine) -> list[dict]:
+    """Record, for every step the engine runs, request id -> the logits it sampled from
+    (for requests without prompt logprobs, whose logits rows are their sampled rows)."""
+    seen, last = [], []
+    logits, step = engine.runner.model.logits, engine.runner.step
+    engine.runner.model.logits = lambda h: last.append(logits(h)) or last[-1]
+
+    def spy(rows):
+        seqs, result = step(rows)
+        seen.append({s.request_id: last[-1][i] for i, s in enumerate(seqs)})
+        return seqs, result
+
+    engine.runner.step = spy
     return seen

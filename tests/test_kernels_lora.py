@@ -127,3 +127,14 @@ def test_triton_kernels_compile_for_cuda():
                           timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("compiled") == 2 * 2 * 4, done.stdout
+
+
+def test_cpu_path_without_gather_when_rows_are_grouped():
+    """Rows sorted by adapter with equal counts (the usual decode step): the padded layout is a view."""
+    x, a, b, offsets, _ = make_case(32, "uniform")
+    slots = torch.cat([torch.full((4,), -1), torch.arange(28) // 7])  # base rows first, then 4 adapters x 7
+    meta = build_lora_meta(slots, set(), a.shape[0], "cpu")
+    assert meta.padded and meta.contiguous_from == 4
+    y = torch.zeros(32, offsets[-1])
+    lora_apply_cpu(x, y, a, b, offsets, meta)
+    torch.testing.assert_close(y.double(), per_token(x, a, b, offsets, slots), atol=1e-4, rtol=1e-5)

@@ -32,13 +32,13 @@ def check_mixed_batch(engine, hf, paths, vocab, atol=1e-4):
             for p, a in zip(prompts, rows)]
     while engine.has_work():
         engine.step()
-    assert len(seen) == 2 and seen[0].shape[0] == len(rows) and seen[1].shape[0] == len(rows)
+    assert len(seen) == 2 and len(seen[0]) == len(rows) and len(seen[1]) == len(rows)
     with torch.no_grad():
         base_logits = [hf(torch.tensor([s.token_ids[:-1]])).logits[0].float() for s in seqs]
     for r, (name, p, seq) in enumerate(zip(rows, prompts, seqs)):
         ref = base_logits[r] if name is None else peft_logits(hf, paths[name], seq.token_ids[:-1])
         for step, pos in ((0, len(p) - 1), (1, len(p))):
-            err = (seen[step][r] - ref[pos]).abs().max().item()
+            err = (seen[step][seq.request_id] - ref[pos]).abs().max().item()
             assert err <= atol, f"{name or 'base'} step {step}: max abs diff {err}"
         if name is not None:  # the adapter really changes the output, so the comparison means something
             assert (ref[len(p) - 1] - base_logits[r][len(p) - 1]).abs().max().item() > 1e-3, name
