@@ -20,3 +20,21 @@ def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
         assert row["quiver_tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
         assert abs(row["ratio"] - row["quiver_tokens_per_s"] / row["transformers_tokens_per_s"]) < 1e-9
     assert data["machine"]["cores"] >= 1 and data["threads"] >= 1
+
+
+def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
+    from bench import adapters
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(api_model[0], model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "results"
+    adapters.main(["--model", str(model_dir), "--adapters", "1", "2", "--batch", "4", "--new-tokens", "3",
+                   "--rank", "4", "--out", str(out)])
+    data = json.loads((out / "adapters.json").read_text())
+    assert [r["distinct_adapters"] for r in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        for key in ("quiver_tokens_per_s", "quiver_base_tokens_per_s", "peft_tokens_per_s"):
+            assert row[key] > 0
+        assert abs(row["quiver_vs_peft"] - row["quiver_tokens_per_s"] / row["peft_tokens_per_s"]) < 1e-9
+    assert (out / "adapters.png").stat().st_size > 1000
