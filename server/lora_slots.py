@@ -36,10 +36,17 @@ class GroupBuffers:
 
 
 class LoraSlots:
+    """Buffers are allocated with the first adapter, so a server without adapters pays nothing."""
+
     def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device):
+        self.cfg, self.dtype, self.device = cfg, dtype, device
         self.max_loras, self.max_rank = max_loras, max_rank
-        shapes = module_shapes(cfg)
         self.layers: list[dict[str, GroupBuffers]] = []
+        self.dora_slots: set[int] = set()
+
+    def _allocate(self) -> None:
+        cfg, dtype, device, max_loras, max_rank = self.cfg, self.dtype, self.device, self.max_loras, self.max_rank
+        shapes = module_shapes(cfg)
         for _ in range(cfg.num_layers):
             groups = {}
             for g, mods in GROUPS.items():
@@ -52,7 +59,6 @@ class LoraSlots:
                     offsets=offsets,
                     dora_m1=torch.zeros(max_loras + 1, offsets[-1], dtype=dtype, device=device))
             self.layers.append(groups)
-        self.dora_slots: set[int] = set()
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +75,8 @@ class LoraSlots:
 
     @torch.no_grad()
     def load(self, slot: int, adapter: LoraAdapter) -> None:
+        if not self.layers:
+            self._allocate()
         self.clear(slot)
         r_max = self.max_rank
         for (layer, module), m in adapter.modules.items():

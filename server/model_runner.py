@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from .batch import build_step
-from .lora_slots import LoraSlots
 from .config import EngineConfig
+from .lora_slots import LoraSlots
 from .model import LlamaModel
 from .model_config import ModelConfig
 from .sampler import SampleResult, sample, top_logprobs
