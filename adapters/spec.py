@@ -9,6 +9,8 @@ from pathlib import Path
 from .errors import AdapterError
 
 LORA_TYPES = ("LORA", "ADALORA")
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+SUPPORTED_TYPES = LORA_TYPES + PROMPT_TYPES
 
 # Options that change what the adapter computes at inference, with the value that means "off".
 _UNSUPPORTED = {
@@ -44,6 +46,11 @@ class AdapterSpec:
     init_r: int | None = None  # AdaLoRA
 
     @property
+    def family(self) -> str:
+        return "lora" if self.peft_type in LORA_TYPES else ("prefix" if self.peft_type == "PREFIX_TUNING"
+                                                             else "soft_prompt")
+
+    @property
     def config_file(self) -> Path:
         return self.path / "adapter_config.json"
 
@@ -71,9 +78,9 @@ def read_spec(path: str | Path) -> AdapterSpec:
     if not isinstance(cfg, dict):
         raise AdapterError(f"{cfg_file}: expected a JSON object")
     peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type not in LORA_TYPES:
+    if peft_type not in SUPPORTED_TYPES:
         raise AdapterError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not supported "
-                           f"(supported: {', '.join(LORA_TYPES)})")
+                           f"(supported: {', '.join(SUPPORTED_TYPES)})")
     for option, is_off in _UNSUPPORTED.items():
         if option in cfg and not is_off(cfg[option]):
             raise AdapterError(f"{cfg_file}: option {option}={cfg[option]!r} is not supported by Quiver")

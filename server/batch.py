@@ -35,6 +35,8 @@ class StepInputs:
     sample_logits_pos: torch.Tensor  # [S] position in logits_index of each sampled row's last token
     prompt_logprob_spans: list[tuple[int, int, int]]  # (row, first logits pos, count)
     lora: LoraMeta | None = None  # None: no row has a LoRA adapter
+    virtual_index: torch.Tensor | None = None  # [V] tokens whose embedding is a soft-prompt vector
+    virtual_embeds: torch.Tensor | None = None  # [V, hidden]
 
 
 def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.device | str,
@@ -50,29 +52,43 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.
 def _build(rows: list[tuple[Sequence, int]], block_size: int, device: torch.device | str) -> StepInputs:
     n_rows = len(rows)
     ids: list[int] = []
-    starts, lens, tables = [], [], []
+    starts, lens, tables, pos_offs, kv_offs, prefix_lens = [], [], [], [], [], []
+    virtual_index, virtual_embeds, first = [], [], 0
     for seq, n in rows:
         start = seq.num_computed
         ids.extend(seq.token_ids[start:start + n])
         starts.append(start)
         lens.append(n)
         tables.append(seq.block_table)
+        pos_offs.append(seq.prefix_len)
+        kv_offs.append(seq.kv_offset)
+        prefix_lens.append(seq.prefix_len)
+        if start < seq.num_virtual:  # this chunk covers soft-prompt placeholders
+            end = min(start + n, seq.num_virtual)
+            virtual_index.extend(range(first, first + end - start))
+            virtual_embeds.append(seq.soft_prompt[start:end])
+        first += n
     max_blocks = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
     start_t = torch.tensor(starts, dtype=torch.long)
     len_t = torch.tensor(lens, dtype=torch.long)
+    kv_off_t = torch.tensor(kv_offs, dtype=torch.long)
+    prefix_t = torch.tensor(prefix_lens, dtype=torch.long)
     offsets = torch.cumsum(len_t, 0) - len_t
     total = int(len_t.sum())
     row_of = torch.repeat_interleave(torch.arange(n_rows), len_t)
-    positions = start_t[row_of] + torch.arange(total) - offsets[row_of]
-    slots = block_tables[row_of, positions // block_size] * block_size + positions % block_size
+    index = start_t[row_of] + torch.arange(total) - offsets[row_of]  # token index within its sequence
+    positions = index + torch.tensor(pos_offs, dtype=torch.long)[row_of]  # a prefix shifts positions (PEFT)
+    cache_index = index + kv_off_t[row_of]
+    slots = block_tables[row_of, cache_index // block_size] * block_size + cache_index % block_size
 
     groups = []
     decode = [i for i, n in enumerate(lens) if n == 1]
     prefill = [i for i, n in enumerate(lens) if n > 1]
     for members in (decode, prefill):
         if members:
-            groups.append(_attn_group(torch.tensor(members), start_t, len_t, offsets, block_tables, block_size))
+            groups.append(_attn_group(torch.tensor(members), start_t, len_t, offsets, block_tables, block_size,
+                                      kv_off_t, prefix_t))
 
     # Logits: the last token of a row that completes its prompt or decodes; every token of
     # a row that still owes prompt logprobs.
@@ -97,6 +113,11 @@ def _build(rows: list[tuple[Sequence, int]], block_size: int, device: torch.devi
             value = getattr(g, name)
             if value is not None:
                 setattr(g, name, to(value))
+    if virtual_index:
+        virtual = dict(virtual_index=to(torch.tensor(virtual_index, dtype=torch.long)),
+                       virtual_embeds=to(torch.cat(virtual_embeds)))
+    else:
+        virtual = {}
     return StepInputs(
         input_ids=to(torch.tensor(ids, dtype=torch.long)),
         positions=to(positions),
@@ -106,22 +127,27 @@ def _build(rows: list[tuple[Sequence, int]], block_size: int, device: torch.devi
         sample_rows=sample_rows,
         sample_logits_pos=to(torch.tensor(sample_pos, dtype=torch.long)),
         prompt_logprob_spans=spans,
+        **virtual,
     )
 
 
-def _attn_group(members, start_t, len_t, offsets, block_tables, block_size) -> AttnGroup:
+def _attn_group(members, start_t, len_t, offsets, block_tables, block_size, kv_off_t, prefix_t) -> AttnGroup:
     q_lens, starts = len_t[members], start_t[members]
+    kv_off, prefix = kv_off_t[members], prefix_t[members]
     max_q = int(q_lens.max())
-    ctx = starts + q_lens
+    ctx = kv_off + starts + q_lens  # cache entries the row's keys span
     nb = -(-int(ctx.max()) // block_size)
     tables = block_tables[members, :nb]
     steps = torch.arange(max_q)
     valid = steps[None, :] < q_lens[:, None]  # [B, Q]
     query_index = torch.where(valid, offsets[members][:, None] + steps[None, :], 0).reshape(-1)
-    # query i of a row sits at position start + i and sees keys 0..start + i (causal over
-    # its cached context and its own chunk); padded query slots see what the last real one sees
-    q_pos = starts[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
-    allowed = torch.arange(nb * block_size)[None, None, :] <= q_pos[:, :, None]
+    # query i of a row is its token start + i and sees the row's tokens 0..start + i (causal
+    # over its cached context and its own chunk), stored from cache index kv_off on, plus its
+    # adapter's prefix keys 0..prefix-1; padded query slots see what the last real one sees
+    q_idx = starts[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
+    key = torch.arange(nb * block_size)[None, None, :]
+    own = (key >= kv_off[:, None, None]) & (key - kv_off[:, None, None] <= q_idx[:, :, None])
+    allowed = own | (key < prefix[:, None, None])
     bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
     if bool(valid.all()):
         valid_index, token_index = None, query_index

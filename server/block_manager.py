@@ -22,14 +22,19 @@ class BlockManager:
         return 1.0 - len(self._free) / self.num_blocks
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """Extra blocks `seq` needs to hold its first `num_tokens` tokens."""
-        need = -(-num_tokens // self.block_size)
-        return max(need - len(seq.block_table), 0)
+        """Extra blocks `seq` needs to hold its first `num_tokens` tokens (after its shared prefix)."""
+        need = -(-(seq.kv_offset + num_tokens) // self.block_size)
+        have = len(seq.block_table) or len(seq.prefix_blocks)
+        return max(need - have, 0)
 
     def can_grow(self, seq: Sequence, num_tokens: int, reserve: int = 0) -> bool:
         return self.blocks_needed(seq, num_tokens) + reserve <= len(self._free)
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
+        if not seq.block_table and seq.prefix_blocks:  # share the adapter's prefix blocks, read-only
+            for block in seq.prefix_blocks:
+                self._refs[block] += 1
+            seq.block_table = list(seq.prefix_blocks)
         for _ in range(self.blocks_needed(seq, num_tokens)):
             if not self._free:
                 raise RuntimeError("out of KV blocks")
@@ -38,8 +43,23 @@ class BlockManager:
             seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
-        for block in seq.block_table:
+        self.release(seq.block_table)
+        seq.block_table = []
+
+    def allocate_shared(self, n: int) -> list[int]:
+        """Blocks held by their owner (an adapter's prefix) until release()."""
+        if n > len(self._free):
+            raise RuntimeError(f"{n} KV blocks needed, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(n)]
+        for block in blocks:
+            self._refs[block] = 1
+        return blocks
+
+    def release(self, blocks) -> None:
+        for block in blocks:
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 self._free.append(block)
-        seq.block_table = []
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]

@@ -7,8 +7,13 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from adapters.errors import AdapterError
 from adapters.lora import load_lora
+from adapters.prompt import PromptAdapter, load_prompt_adapter
+from adapters.spec import read_spec
+from kernels import ref
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -61,6 +66,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras, config.lora_starvation_steps)
         self.loras = LoraManager(self.runner.lora_slots) if self.runner.lora_slots is not None else None
+        self.prompt_adapters: dict[str, PromptAdapter] = {}
+        self.prefix_blocks: dict[str, tuple[int, ...]] = {}
         eos = set(self.runner.model_config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -72,31 +79,61 @@ class LLMEngine:
 
     # ---- adapters --------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
-        """Read, check and register a PEFT adapter; on any error nothing changes."""
-        if self.loras is None:
-            raise AdapterError("LoRA serving is off (--max-loras 0)")
+        """Read, check and register a PEFT adapter of any supported family; on any error nothing changes."""
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} is already loaded")
         mc = self.runner.model_config
+        if read_spec(path).family != "lora":
+            self._register_prompt(load_prompt_adapter(name, path, mc.num_layers, mc.hidden_size,
+                                                      mc.num_kv_heads, mc.head_dim))
+            return
+        if self.loras is None:
+            raise AdapterError(f"{path}: LoRA serving is off (--max-loras 0)")
         adapter = load_lora(name, path, mc.num_layers, module_shapes(mc), self.runner.base_weight,
                             self.config.max_lora_rank)
         self.loras.register(adapter)
 
+    def _register_prompt(self, adapter: PromptAdapter) -> None:
+        n = adapter.num_virtual
+        if n >= self.max_model_len:
+            raise AdapterError(f"{adapter.spec.path}: {n} virtual tokens leave no room in the context length "
+                               f"of {self.max_model_len}")
+        if adapter.prefix_kv is not None:
+            # the prefix is written once into shared KV blocks that every request of this adapter reads
+            bs = self.blocks.block_size
+            blocks = self.blocks.allocate_shared(-(-n // bs))
+            slots = torch.tensor([blocks[i // bs] * bs + i % bs for i in range(n)], device=self.runner.device)
+            kv = adapter.prefix_kv.to(self.runner.device, self.runner.dtype)
+            for layer, (k_cache, v_cache) in enumerate(self.runner.kv_caches):
+                ref.write_kv(k_cache, v_cache, kv[layer, 0].transpose(0, 1), kv[layer, 1].transpose(0, 1), slots)
+            self.prefix_blocks[adapter.name] = tuple(blocks)
+        self.prompt_adapters[adapter.name] = adapter
+
     def adapter_names(self) -> list[str]:
-        return list(self.loras.adapters) if self.loras is not None else []
+        loras = list(self.loras.adapters) if self.loras is not None else []
+        return loras + list(self.prompt_adapters)
+
+    def adapter_info(self, name: str):
+        """The loaded adapter object (LoraAdapter or PromptAdapter)."""
+        return self.prompt_adapters.get(name) or self.loras.adapters[name]
 
     # ---- requests --------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
         """Raise InvalidParam / UnknownAdapter for a request that cannot run."""
-        if adapter is not None and (self.loras is None or adapter not in self.loras.adapters):
+        if adapter is not None and adapter not in self.prompt_adapters and (
+                self.loras is None or adapter not in self.loras.adapters):
             raise UnknownAdapter(adapter)
         if not prompt_ids:
             raise InvalidParam("prompt", "prompt must not be empty")
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
             raise InvalidParam("prompt", f"token ids must be integers in [0, {self.vocab_size})")
         params.validate(self.vocab_size)
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+        virtual = self.prompt_adapters[adapter].num_virtual if adapter in self.prompt_adapters else 0
+        if virtual + len(prompt_ids) + params.max_tokens > self.max_model_len:
+            extra = f" + the adapter's {virtual} virtual tokens" if virtual else ""
             raise InvalidParam(
-                "max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"the context length of {self.max_model_len} tokens")
+                "max_tokens", f"prompt ({len(prompt_ids)} tokens){extra} + max_tokens ({params.max_tokens}) "
+                f"exceeds the context length of {self.max_model_len} tokens")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                     request_id: str | None = None) -> Sequence:
@@ -105,10 +142,20 @@ class LLMEngine:
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter)
+        seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter, **self._adapter_fields(adapter))
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _adapter_fields(self, adapter: str | None) -> dict:
+        prompt = self.prompt_adapters.get(adapter) if adapter is not None else None
+        if prompt is None:
+            return {"lora_name": adapter}
+        if prompt.soft_prompt is not None:
+            return {"num_virtual": prompt.num_virtual, "soft_prompt": prompt.soft_prompt.to(self.runner.device)}
+        blocks = self.prefix_blocks[adapter]
+        return {"prefix_len": prompt.num_virtual, "kv_offset": len(blocks) * self.blocks.block_size,
+                "prefix_blocks": blocks}
 
     def abort(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
@@ -129,9 +176,9 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         if self.loras is not None:
-            slot_of = self.loras.activate({seq.adapter for seq, _ in batch.rows if seq.adapter is not None})
+            slot_of = self.loras.activate({seq.lora_name for seq, _ in batch.rows if seq.lora_name is not None})
             for seq, _ in batch.rows:
-                seq.lora_slot = slot_of[seq.adapter] if seq.adapter is not None else -1
+                seq.lora_slot = slot_of[seq.lora_name] if seq.lora_name is not None else -1
         sampled, result = self.runner.step(batch.rows)
         for seq, n in batch.rows:
             seq.num_computed += n

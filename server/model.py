@@ -107,6 +107,8 @@ class LlamaModel(torch.nn.Module):
         t = inp.input_ids.shape[0]
         d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
         x = F.embedding(inp.input_ids, self.embed)
+        if inp.virtual_index is not None:
+            x.index_copy_(0, inp.virtual_index, inp.virtual_embeds.to(x.dtype))
         cos, sin = self.rope_cos[inp.positions], self.rope_sin[inp.positions]
         lora = inp.lora
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):

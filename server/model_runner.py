@@ -99,12 +99,13 @@ class ModelRunner:
         preemption) are skipped."""
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)
-        first = len(seq.prompt_logprobs) - 1  # first position still owed
-        lo, hi = max(first, start), min(start + logits.shape[0], seq.num_prompt_tokens - 1)
+        nv = seq.num_virtual  # soft-prompt placeholders come first and have no entries
+        first = nv + len(seq.prompt_logprobs) - 1  # first position still owed
+        lo, hi = max(first, start), min(start + logits.shape[0], nv + seq.num_prompt_tokens - 1)
         if lo >= hi:
             return
         lp = torch.log_softmax(logits[lo - start:hi - start], dim=-1)
-        targets = torch.tensor(seq.prompt_ids[lo + 1:hi + 1], device=lp.device)
+        targets = torch.tensor(seq.token_ids[lo + 1:hi + 1], device=lp.device)
         chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
         for tok, c, top in zip(targets.tolist(), chosen, top_logprobs(lp, seq.params.prompt_logprobs)):
             seq.prompt_logprobs.append(TokenLogprob(tok, c, top))

@@ -70,11 +70,11 @@ class Scheduler:
         # adapters waits while later requests for adapters already in the batch go ahead,
         # until it has waited `starvation_steps`: then nothing overtakes it, the batch's
         # adapters drain, and it gets the freed slot.
-        active = {s.adapter for s in self.running if s.adapter is not None}
+        active = {s.lora_name for s in self.running if s.lora_name is not None}
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if seq.adapter is not None and seq.adapter not in active and len(active) >= self.max_loras:
+            if seq.lora_name is not None and seq.lora_name not in active and len(active) >= self.max_loras:
                 seq.blocked_steps += 1
                 if seq.blocked_steps >= self.starvation_steps:
                     break
@@ -87,8 +87,8 @@ class Scheduler:
                     break  # cannot happen for a request that passed the length check
             self.waiting.remove(seq)
             seq.blocked_steps = 0
-            if seq.adapter is not None:
-                active.add(seq.adapter)
+            if seq.lora_name is not None:
+                active.add(seq.lora_name)
             self.blocks.grow(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)

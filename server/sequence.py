@@ -5,6 +5,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from .sampling import SamplingParams
 
 
@@ -28,7 +30,16 @@ class Sequence:
     params: SamplingParams
     seed: int  # the request's seed, or one drawn for it: sampling noise depends on nothing else
     adapter: str | None = None
+    lora_name: str | None = None  # the adapter, when it is a LoRA (it then needs a device slot)
     lora_slot: int = -1  # device slot of the adapter's LoRA weights for the current step
+    # soft prompt: token_ids start with num_virtual placeholders whose embeddings are soft_prompt
+    num_virtual: int = 0
+    soft_prompt: torch.Tensor | None = None
+    # prefix KV: keys 0..prefix_len-1 of every layer live in shared blocks (prefix_blocks); the
+    # sequence's own tokens start at cache index kv_offset (a block boundary) and position prefix_len
+    prefix_len: int = 0
+    kv_offset: int = 0
+    prefix_blocks: tuple[int, ...] = ()
     blocked_steps: int = 0  # steps spent waiting on --max-loras
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
@@ -51,9 +62,9 @@ class Sequence:
 
     def __post_init__(self) -> None:
         if not self.token_ids:
-            self.token_ids = list(self.prompt_ids)
-        self.prefix_offset = max(len(self.prompt_ids) - 5, 0)
-        self.read_offset = len(self.prompt_ids)
+            self.token_ids = [0] * self.num_virtual + list(self.prompt_ids)
+        self.prefix_offset = self.num_virtual + max(len(self.prompt_ids) - 5, 0)
+        self.read_offset = self.num_virtual + len(self.prompt_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -65,11 +76,11 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
+        return self.token_ids[self.num_virtual + len(self.prompt_ids):]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_ids)
+        return len(self.token_ids) - self.num_virtual - len(self.prompt_ids)
 
     @property
     def finished(self) -> bool:

@@ -189,3 +189,17 @@ def capture_logits(engine) -> list[dict]:
 
     engine.runner.step = spy
     return seen
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_set(tiny_models, tmp_path_factory):
+    """The five prompt-learning variants for the tiny GQA model: (base dir, HF model, name -> dir)."""
+    from peft_fixtures import make_prompt_adapter, prompt_variants
+
+    base_dir, hf = tiny_models["llama_gqa"]
+    root = tmp_path_factory.mktemp("prompts")
+    paths = {}
+    for i, (name, cfg) in enumerate(prompt_variants().items()):
+        make_prompt_adapter(hf, root / name, cfg, seed=500 + i)
+        paths[name] = root / name
+    return base_dir, hf, paths

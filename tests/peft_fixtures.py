@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft import (AdaLoraConfig, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
+                  PromptTuningConfig, TaskType, get_peft_model)
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -22,6 +23,34 @@ def lora_variants(num_layers: int) -> dict[str, object]:
         "lora_r16_ko": LoraConfig(r=16, lora_alpha=32, target_modules=["k_proj", "o_proj"]),
         "dora_mlp": LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["up_proj", "down_proj"]),
     }
+
+
+def prompt_variants() -> dict[str, object]:
+    """The prompt-learning families, with different numbers of virtual tokens."""
+    lm = TaskType.CAUSAL_LM
+    return {
+        "prompt_tuning": PromptTuningConfig(task_type=lm, num_virtual_tokens=5),
+        "ptuning_mlp": PromptEncoderConfig(task_type=lm, num_virtual_tokens=4, encoder_hidden_size=32),
+        "ptuning_lstm": PromptEncoderConfig(task_type=lm, num_virtual_tokens=3, encoder_hidden_size=16,
+                                            encoder_reparameterization_type="LSTM"),
+        "prefix_projection": PrefixTuningConfig(task_type=lm, num_virtual_tokens=6, prefix_projection=True,
+                                                encoder_hidden_size=32),
+        "ptuning_v2": PrefixTuningConfig(task_type=lm, num_virtual_tokens=7),
+    }
+
+
+def is_prompt_learning(config) -> bool:
+    return isinstance(config, (PromptTuningConfig, PromptEncoderConfig, PrefixTuningConfig))
+
+
+def make_prompt_adapter(base, path, config, seed: int, scale: float = 1.0) -> None:
+    """Random prompt encoder (embedding, MLP or LSTM), saved as PEFT saves it: the encoder's output."""
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    model.save_pretrained(path)
 
 
 def make_adapter(base, path, config, seed: int, scale: float = 0.1, magnitude_noise: float = 0.2) -> None:
@@ -51,14 +80,20 @@ def make_adapter(base, path, config, seed: int, scale: float = 0.1, magnitude_no
     model.unload()
 
 
+def _release(model) -> None:
+    if not model.active_peft_config.is_prompt_learning:  # prompt learning leaves the base untouched
+        model.unload()
+
+
 def peft_logits(base, path, ids: list[int]) -> torch.Tensor:
-    """PEFT's logits for every position of `ids` with the adapter at `path` (base left as it was)."""
+    """PEFT's logits for every position of `ids` (virtual tokens dropped) with the adapter at `path`."""
     model = PeftModel.from_pretrained(base, path).eval()
     try:
         with torch.no_grad():
-            return model(torch.tensor([ids])).logits[0].float()
+            return model(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+                         ).logits[0, -len(ids):].float()
     finally:
-        model.unload()
+        _release(model)
 
 
 def peft_greedy(base, path, ids: list[int], n: int) -> list[int]:
@@ -67,6 +102,6 @@ def peft_greedy(base, path, ids: list[int], n: int) -> list[int]:
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=n, do_sample=False)
-        return out[0, len(ids):].tolist()
+        return out[0, -n:].tolist() if out.shape[1] >= n else out[0].tolist()
     finally:
-        model.unload()
+        _release(model)
