@@ -70,3 +70,49 @@ def test_unknown_adapter_is_404_and_server_keeps_serving(lora_server):
     assert r.status_code == 404 and r.json()["error"]["param"] == "adapter"
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "adapter": "dora", "max_tokens": 2})
     assert r.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def prompt_server(api_model, tokenizer, tmp_path_factory):
+    from peft_fixtures import make_prompt_adapter, prompt_variants
+
+    base_dir, hf = api_model
+    root = tmp_path_factory.mktemp("api_prompts")
+    paths = {}
+    for i, (name, cfg) in enumerate(prompt_variants().items()):
+        make_prompt_adapter(hf, root / name, cfg, seed=700 + i)
+        paths[name] = root / name
+    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=128, block_size=4, max_model_len=64,
+                                    served_model_name="tiny"), tokenizer=tokenizer)
+    for name, path in paths.items():
+        engine.load_adapter(name, str(path))
+    with LiveServer(AsyncEngine(engine)) as server:
+        yield server, hf, paths
+
+
+def test_prompt_families_over_http_match_peft_generate(prompt_server, tokenizer):
+    import asyncio
+
+    server, hf, paths = prompt_server
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    prompt = [101, 2020, 333, 47, 5005]
+
+    async def run():
+        return await asyncio.gather(*[client.completions.create(
+            model=name, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+            for name in paths])
+
+    for (name, path), r in zip(paths.items(), asyncio.run(run())):
+        want = peft_greedy(hf, path, prompt, 8)
+        assert r.choices[0].text == tokenizer.decode(want, skip_special_tokens=True), name
+        assert r.usage.prompt_tokens == len(prompt)  # virtual tokens are not prompt tokens
+
+
+def test_prompt_family_over_context_is_a_clear_400(prompt_server):
+    server, _, _ = prompt_server
+    body = {"prompt": [5] * 30, "max_tokens": 30, "adapter": "ptuning_v2"}  # 30 + 30 fits 64, + 7 does not
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 400 and "virtual tokens" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(server.url + "/v1/completions", json={**body, "adapter": None})
+    assert r.status_code == 200
