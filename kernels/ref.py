@@ -16,6 +16,34 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(kv, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
+def attention_bias(q_start: torch.Tensor, q_lens: torch.Tensor, kv_offset: torch.Tensor, prefix_len: torch.Tensor,
+                   max_q: int, num_keys: int) -> torch.Tensor:
+    """[B, max_q, num_keys] additive mask (0 / -inf, float32) for prefix_paged_attention.
+
+    Query i of row b is the row's token q_start + i; it sees the row's own tokens 0..q_start + i,
+    stored from cache index kv_offset on, and the adapter's prefix keys 0..prefix_len - 1.
+    Padded queries (i >= q_lens) see what the row's last real query sees.
+    """
+    steps = torch.arange(max_q, device=q_start.device)
+    q_idx = q_start[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
+    key = torch.arange(num_keys, device=q_start.device)[None, None, :]
+    off = kv_offset[:, None, None]
+    allowed = ((key >= off) & (key - off <= q_idx[:, :, None])) | (key < prefix_len[:, None, None])
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=q_start.device).masked_fill_(~allowed, float("-inf"))
+
+
+def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, kv_offset, prefix_len,
+                           scale: float) -> torch.Tensor:
+    """Attention of each row's queries over its adapter's prefix and its own paged KV (GQA).
+
+    q: [B, Q, H, D]; caches [KV, num_blocks, bs, D]; block_tables [B, NB]; q_start, q_lens,
+    kv_offset, prefix_len: [B] as in attention_bias. Keys of row b are the cache entries its
+    block table lists, in order; the visible ones are given by attention_bias.
+    """
+    bias = attention_bias(q_start, q_lens, kv_offset, prefix_len, q.shape[1], block_tables.shape[1] * k_cache.shape[2])
+    return paged_attention(q, k_cache, v_cache, block_tables, bias, scale)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, attn_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of padded query rows over their own paged KV, with grouped KV heads.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.meta import LoraMeta, build_lora_meta
+from kernels.ref import attention_bias
 
 from .sequence import Sequence
 
@@ -21,7 +22,12 @@ class AttnGroup:
     valid_index: torch.Tensor | None  # padded slots that are real queries (None: all are)
     token_index: torch.Tensor  # [n] token index of each real query, in padded order
     block_tables: torch.Tensor  # [B, NB]
-    attn_bias: torch.Tensor  # [B, Q, NB*block_size] 0 / -inf, float32
+    q_start: torch.Tensor  # [B] token index of each row's first query
+    q_lens: torch.Tensor  # [B]
+    kv_offset: torch.Tensor  # [B] cache index where the row's own tokens begin
+    prefix_len: torch.Tensor  # [B] adapter prefix keys at cache indices 0..prefix_len-1
+    max_q: int
+    attn_bias: torch.Tensor | None  # [B, Q, NB*block_size] 0 / -inf, built once per step for the CPU path
 
 
 @dataclass
@@ -88,7 +94,7 @@ def _build(rows: list[tuple[Sequence, int]], block_size: int, device: torch.devi
     for members in (decode, prefill):
         if members:
             groups.append(_attn_group(torch.tensor(members), start_t, len_t, offsets, block_tables, block_size,
-                                      kv_off_t, prefix_t))
+                                      kv_off_t, prefix_t, with_bias=torch.device(device).type == "cpu"))
 
     # Logits: the last token of a row that completes its prompt or decodes; every token of
     # a row that still owes prompt logprobs.
@@ -109,7 +115,8 @@ def _build(rows: list[tuple[Sequence, int]], block_size: int, device: torch.devi
 
     to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     for g in groups:
-        for name in ("query_index", "valid_index", "token_index", "block_tables", "attn_bias"):
+        for name in ("query_index", "valid_index", "token_index", "block_tables", "attn_bias", "q_start", "q_lens",
+                     "kv_offset", "prefix_len"):
             value = getattr(g, name)
             if value is not None:
                 setattr(g, name, to(value))
@@ -131,27 +138,20 @@ def _build(rows: list[tuple[Sequence, int]], block_size: int, device: torch.devi
     )
 
 
-def _attn_group(members, start_t, len_t, offsets, block_tables, block_size, kv_off_t, prefix_t) -> AttnGroup:
+def _attn_group(members, start_t, len_t, offsets, block_tables, block_size, kv_off_t, prefix_t,
+                with_bias: bool) -> AttnGroup:
     q_lens, starts = len_t[members], start_t[members]
     kv_off, prefix = kv_off_t[members], prefix_t[members]
     max_q = int(q_lens.max())
-    ctx = kv_off + starts + q_lens  # cache entries the row's keys span
-    nb = -(-int(ctx.max()) // block_size)
+    nb = -(-int((kv_off + starts + q_lens).max()) // block_size)  # blocks the rows' keys span
     tables = block_tables[members, :nb]
     steps = torch.arange(max_q)
     valid = steps[None, :] < q_lens[:, None]  # [B, Q]
     query_index = torch.where(valid, offsets[members][:, None] + steps[None, :], 0).reshape(-1)
-    # query i of a row is its token start + i and sees the row's tokens 0..start + i (causal
-    # over its cached context and its own chunk), stored from cache index kv_off on, plus its
-    # adapter's prefix keys 0..prefix-1; padded query slots see what the last real one sees
-    q_idx = starts[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
-    key = torch.arange(nb * block_size)[None, None, :]
-    own = (key >= kv_off[:, None, None]) & (key - kv_off[:, None, None] <= q_idx[:, :, None])
-    allowed = own | (key < prefix[:, None, None])
-    bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
+    bias = attention_bias(starts, q_lens, kv_off, prefix, max_q, nb * block_size) if with_bias else None
     if bool(valid.all()):
         valid_index, token_index = None, query_index
     else:
         valid_index = valid.reshape(-1).nonzero().squeeze(1)
         token_index = query_index[valid_index]
-    return AttnGroup(query_index, valid_index, token_index, tables, bias)
+    return AttnGroup(query_index, valid_index, token_index, tables, starts, q_lens, kv_off, prefix, max_q, bias)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from kernels import ref
+from kernels.attention import prefix_paged_attention
 from kernels.lora import lora_apply
 from .batch import StepInputs
 from .model_config import ModelConfig
@@ -142,9 +143,13 @@ class LlamaModel(torch.nn.Module):
     def _attention(self, q, k_cache, v_cache, inp: StepInputs) -> torch.Tensor:
         out = torch.empty_like(q)
         for grp in inp.attn_groups:
-            b, nq = grp.attn_bias.shape[:2]
+            b, nq = grp.block_tables.shape[0], grp.max_q
             qg = q.index_select(0, grp.query_index).view(b, nq, *q.shape[1:])
-            og = ref.paged_attention(qg, k_cache, v_cache, grp.block_tables, grp.attn_bias, self.scale)
+            if grp.attn_bias is not None:  # CPU: the mask was built once for the step
+                og = ref.paged_attention(qg, k_cache, v_cache, grp.block_tables, grp.attn_bias, self.scale)
+            else:
+                og = prefix_paged_attention(qg, k_cache, v_cache, grp.block_tables, grp.q_start, grp.q_lens,
+                                            grp.kv_offset, grp.prefix_len, self.scale)
             og = og.reshape(b * nq, *q.shape[1:])
             if grp.valid_index is not None:
                 og = og.index_select(0, grp.valid_index)

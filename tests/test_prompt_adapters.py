@@ -135,3 +135,19 @@ def test_preempted_prompt_rows_still_match_peft(tiny_prompt_set, tokenizer):
     assert engine.num_preemptions >= 1
     for i, name in enumerate(names):
         assert got[f"r{i}"] == peft_greedy(hf, paths[name], prompts[i], 12), name
+
+
+def test_mixed_batch_through_the_triton_attention_kernel(tiny_prompt_set, tokenizer, monkeypatch):
+    """The engine's attention path with the Triton kernel (interpreted on CPU) instead of the
+    reference: prefix rows, soft-prompt rows and base rows still equal PEFT."""
+    import server.batch as batch_mod
+    import server.model as model_mod
+    from kernels.attention_triton import prefix_paged_attention as triton_attention
+
+    build = batch_mod._attn_group
+    monkeypatch.setattr(batch_mod, "_attn_group", lambda *a, with_bias: build(*a, with_bias=False))
+    monkeypatch.setattr(model_mod, "prefix_paged_attention", triton_attention)
+    base_dir, hf, paths = tiny_prompt_set
+    engine = engine_for(base_dir, tokenizer)
+    check_mixed(engine, hf, {k: paths[k] for k in ("prompt_tuning", "prefix_projection", "ptuning_v2")},
+                hf.config.vocab_size)

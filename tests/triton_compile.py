@@ -9,6 +9,7 @@ from triton.compiler import ASTSource
 
 
 def signatures(p: str, prec):
+    from kernels import attention_triton as at
     from kernels import lora_triton as lt
 
     seg = {"seg_index_ptr": "*i64", "seg_starts_ptr": "*i64", "seg_lens_ptr": "*i64", "seg_slots_ptr": "*i64"}
@@ -26,6 +27,13 @@ def signatures(p: str, prec):
         (lt._expand_bgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, "slots_ptr": "*i64", **tiles, "R": "i32",
                            "stride_xat": "i32", "stride_bl": "i32", "stride_br": "i32", "stride_yt": "i32"},
          dict(BLOCK_N=64, BLOCK_R=16)),
+        (at._prefix_paged_attention, {
+            "q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "tables_ptr": "*i64", "q_start_ptr": "*i64",
+            "q_lens_ptr": "*i64", "kv_off_ptr": "*i64", "prefix_ptr": "*i64", "scale": "fp32", "GROUP": "i32",
+            "BLOCK_SIZE": "i32", "D": "i32", **{k: "i32" for k in (
+                "stride_qb", "stride_qq", "stride_qh", "stride_kh", "stride_kb", "stride_ks", "stride_tb",
+                "stride_ob", "stride_oq", "stride_oh")}},
+         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=64, PRECISION=prec)),
     ]
 
 
