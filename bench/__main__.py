@@ -5,7 +5,7 @@ import sys
 
 
 def main() -> None:
-    names = {"throughput": "bench.throughput", "adapters": "bench.adapters"}
+    names = {"throughput": "bench.throughput", "adapters": "bench.adapters", "families": "bench.families"}
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         sys.exit(f"usage: python -m bench {{{','.join(names)}}} [options]")
     import importlib

@@ -25,3 +25,26 @@ def line_plot(path: Path, x: list, series: dict[str, list], xlabel: str, ylabel:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, title: str,
+             reference: float | None = None) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    bars = ax.bar(labels, values, color="#4c72b0")
+    for bar, v in zip(bars, values):
+        ax.annotate(f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="#c44e52", linestyle="--", linewidth=1, label="0.8 x base")
+        ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

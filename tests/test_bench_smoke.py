@@ -38,3 +38,21 @@ def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
             assert row[key] > 0
         assert abs(row["quiver_vs_peft"] - row["quiver_tokens_per_s"] / row["peft_tokens_per_s"]) < 1e-9
     assert (out / "adapters.png").stat().st_size > 1000
+
+
+def test_families_bench_smoke(api_model, tokenizer, tmp_path):
+    from bench import families
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(api_model[0], model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "results"
+    families.main(["--model", str(model_dir), "--adapters", "2", "--batch", "5", "--new-tokens", "3",
+                   "--virtual-tokens", "3", "--rank", "4", "--out", str(out)])
+    data = json.loads((out / "families.json").read_text())
+    assert [r["family"] for r in data["rows"]] == ["base", "lora", "prompt_tuning", "p_tuning", "prefix_tuning",
+                                                   "mixed"]
+    for row in data["rows"]:
+        assert row["decode_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
+        assert abs(row["decode_vs_base"] - row["decode_tokens_per_s"] / row["base_decode_tokens_per_s"]) < 1e-9
+    assert (out / "families.png").stat().st_size > 1000
