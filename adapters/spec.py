@@ -66,6 +66,18 @@ def _pattern_key(patterns: dict, key: str) -> str:
     return key
 
 
+def detect_family(path: str | Path) -> str:
+    """"bottleneck" for an AdapterHub bottleneck adapter, else the family of a PEFT checkpoint."""
+    cfg_file = Path(path) / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        cfg = None
+    if isinstance(cfg, dict) and "peft_type" not in cfg and isinstance(cfg.get("config"), dict):
+        return "bottleneck"
+    return read_spec(path).family
+
+
 def read_spec(path: str | Path) -> AdapterSpec:
     path = Path(path)
     cfg_file = path / "adapter_config.json"

@@ -39,6 +39,34 @@ def make_prompt_adapters(hf, root: Path, kind: str, n: int, virtual: int) -> lis
     return paths
 
 
+def make_bottleneck_adapters(hidden: int, num_layers: int, root: Path, n: int, reduction: int = 16) -> list[Path]:
+    """Pfeiffer (seq_bn) adapters after every MLP, in AdapterHub's file layout."""
+    import json
+
+    from safetensors.torch import save_file
+
+    paths = []
+    width = hidden // reduction
+    for i in range(n):
+        g = torch.Generator().manual_seed(3000 + i)
+        tensors = {}
+        for layer in range(num_layers):
+            p = f"model.layers.{layer}.output_adapters.adapters.bn{i}"
+            tensors.update({f"{p}.adapter_down.0.weight": torch.randn(width, hidden, generator=g) * 0.02,
+                            f"{p}.adapter_down.0.bias": torch.zeros(width),
+                            f"{p}.adapter_up.weight": torch.randn(hidden, width, generator=g) * 0.02,
+                            f"{p}.adapter_up.bias": torch.zeros(hidden)})
+        path = root / f"bottleneck{i}"
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({"config": {
+            "architecture": "bottleneck", "original_ln_before": True, "original_ln_after": True,
+            "residual_before_ln": True, "mh_adapter": False, "output_adapter": True, "non_linearity": "relu",
+            "reduction_factor": reduction, "scaling": 1.0}, "hidden_size": hidden, "name": f"bn{i}"}))
+        save_file(tensors, str(path / "adapter.safetensors"))
+        paths.append(path)
+    return paths
+
+
 def run(engine, tokenizer, texts, new_tokens: int, adapters) -> tuple[float, float]:
     """(decode tok/s, end-to-end tok/s)."""
     from server.sampling import SamplingParams
@@ -83,9 +111,14 @@ def main(argv: list[str] | None = None) -> dict:
     families: dict[str, list[str | None]] = {"base": [None] * args.batch}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for kind in ("lora", "prompt_tuning", "p_tuning", "prefix_tuning"):
-            paths = (make_adapters(hf, root, args.adapters, args.rank) if kind == "lora"
-                     else make_prompt_adapters(hf, root, kind, args.adapters, args.virtual_tokens))
+        mc = engine.runner.model_config
+        for kind in ("lora", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck"):
+            if kind == "lora":
+                paths = make_adapters(hf, root, args.adapters, args.rank)
+            elif kind == "bottleneck":
+                paths = make_bottleneck_adapters(mc.hidden_size, mc.num_layers, root, args.adapters)
+            else:
+                paths = make_prompt_adapters(hf, root, kind, args.adapters, args.virtual_tokens)
             names = [f"{kind}{i}" for i in range(len(paths))]
             for name, path in zip(names, paths):
                 engine.load_adapter(name, str(path))

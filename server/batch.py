@@ -41,17 +41,24 @@ class StepInputs:
     sample_logits_pos: torch.Tensor  # [S] position in logits_index of each sampled row's last token
     prompt_logprob_spans: list[tuple[int, int, int]]  # (row, first logits pos, count)
     lora: LoraMeta | None = None  # None: no row has a LoRA adapter
+    bottleneck: LoraMeta | None = None  # grouping of bottleneck-adapter tokens (None: no such row)
+    bottleneck_sum: torch.Tensor | None = None  # [T, 1] 1 where the adapter reads r + o rather than o
     virtual_index: torch.Tensor | None = None  # [V] tokens whose embedding is a soft-prompt vector
     virtual_embeds: torch.Tensor | None = None  # [V, hidden]
 
 
 def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.device | str,
-               dora_slots: set[int] = frozenset(), lora_zero_row: int = 0) -> StepInputs:
+               dora_slots: set[int] = frozenset(), lora_zero_row: int = 0,
+               bottleneck_input_is_sum: torch.Tensor | None = None) -> StepInputs:
     inp = _build(rows, block_size, device)
+    lens = torch.tensor([n for _, n in rows])
     if any(seq.lora_slot >= 0 for seq, _ in rows):
-        lens = torch.tensor([n for _, n in rows])
         row_slots = torch.tensor([seq.lora_slot for seq, _ in rows])
         inp.lora = build_lora_meta(torch.repeat_interleave(row_slots, lens), dora_slots, lora_zero_row, device)
+    if any(seq.bottleneck_slot >= 0 for seq, _ in rows):
+        token_slots = torch.repeat_interleave(torch.tensor([seq.bottleneck_slot for seq, _ in rows]), lens)
+        inp.bottleneck = build_lora_meta(token_slots, set(), 0, device)
+        inp.bottleneck_sum = bottleneck_input_is_sum[token_slots.to(bottleneck_input_is_sum.device)][:, None]
     return inp
 
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.bottleneck import load_bottleneck
 from adapters.errors import AdapterError
 from adapters.lora import load_lora
 from adapters.prompt import PromptAdapter, load_prompt_adapter
-from adapters.spec import read_spec
+from adapters.spec import detect_family
 from kernels import ref
 
 from .block_manager import BlockManager
@@ -68,6 +69,7 @@ class LLMEngine:
         self.loras = LoraManager(self.runner.lora_slots) if self.runner.lora_slots is not None else None
         self.prompt_adapters: dict[str, PromptAdapter] = {}
         self.prefix_blocks: dict[str, tuple[int, ...]] = {}
+        self.bottlenecks: dict = {}  # name -> BottleneckAdapter
         eos = set(self.runner.model_config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -83,7 +85,13 @@ class LLMEngine:
         if name in self.adapter_names():
             raise ValueError(f"adapter {name!r} is already loaded")
         mc = self.runner.model_config
-        if read_spec(path).family != "lora":
+        family = detect_family(path)
+        if family == "bottleneck":
+            adapter = load_bottleneck(name, path, mc.num_layers, mc.hidden_size, mc.model_type)
+            self.runner.bottleneck_slots.register(adapter)
+            self.bottlenecks[name] = adapter
+            return
+        if family != "lora":
             self._register_prompt(load_prompt_adapter(name, path, mc.num_layers, mc.hidden_size,
                                                       mc.num_kv_heads, mc.head_dim))
             return
@@ -111,17 +119,17 @@ class LLMEngine:
 
     def adapter_names(self) -> list[str]:
         loras = list(self.loras.adapters) if self.loras is not None else []
-        return loras + list(self.prompt_adapters)
+        return loras + list(self.prompt_adapters) + list(self.bottlenecks)
 
-    def adapter_info(self, name: str):
-        """The loaded adapter object (LoraAdapter or PromptAdapter)."""
-        return self.prompt_adapters.get(name) or self.loras.adapters[name]
+    def adapter_path(self, name: str):
+        if name in self.bottlenecks:
+            return self.bottlenecks[name].path
+        return (self.prompt_adapters.get(name) or self.loras.adapters[name]).spec.path
 
     # ---- requests --------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
         """Raise InvalidParam / UnknownAdapter for a request that cannot run."""
-        if adapter is not None and adapter not in self.prompt_adapters and (
-                self.loras is None or adapter not in self.loras.adapters):
+        if adapter is not None and adapter not in self.adapter_names():
             raise UnknownAdapter(adapter)
         if not prompt_ids:
             raise InvalidParam("prompt", "prompt must not be empty")
@@ -148,6 +156,8 @@ class LLMEngine:
         return seq
 
     def _adapter_fields(self, adapter: str | None) -> dict:
+        if adapter in self.bottlenecks:
+            return {"bottleneck_slot": self.runner.bottleneck_slots.slot_of(adapter)}
         prompt = self.prompt_adapters.get(adapter) if adapter is not None else None
         if prompt is None:
             return {"lora_name": adapter}

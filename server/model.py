@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from kernels import ref
 from kernels.attention import prefix_paged_attention
+from kernels.bottleneck_ref import bottleneck_apply_cpu
 from kernels.lora import lora_apply
 from .batch import StepInputs
 from .model_config import ModelConfig
@@ -64,6 +65,7 @@ class LlamaModel(torch.nn.Module):
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
         self.scale = cfg.head_dim ** -0.5
         self.lora_slots = None  # LoraSlots, set by the runner
+        self.bottleneck_slots = None  # BottleneckSlots, set by the runner
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, model_dir: str | Path) -> None:
@@ -120,11 +122,21 @@ class LlamaModel(torch.nn.Module):
             k = apply_rope(k.view(t, nkv, d), cos, sin)
             ref.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), inp.slot_mapping)
             attn = self._attention(q, k_cache, v_cache, inp).view(t, nh * d)
-            x = x + self._linear(attn, layer.o, layer.o_bias, lora, i, "o")
+            x = self._residual(x, self._linear(attn, layer.o, layer.o_bias, lora, i, "o"), inp, i, "attn")
             h = rms_norm(x, layer.post_attn_norm, c.rms_norm_eps)
             gate, up = self._linear(h, layer.gate_up, layer.gate_up_bias, lora, i, "gate_up").chunk(2, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, layer.down, layer.down_bias, lora, i, "down")
+            x = self._residual(x, self._linear(F.silu(gate) * up, layer.down, layer.down_bias, lora, i, "down"),
+                               inp, i, "mlp")
         return rms_norm(x, self.norm, c.rms_norm_eps)
+
+    def _residual(self, r, o, inp: StepInputs, layer: int, loc: str) -> torch.Tensor:
+        """r + o, plus each bottleneck row's s * up(act(down(z))), z = r + o or o per adapter."""
+        y = r + o
+        if inp.bottleneck is not None:
+            down, down_b, up, up_b = self.bottleneck_slots.layers[layer][loc]
+            z = torch.addcmul(o, inp.bottleneck_sum, r)
+            bottleneck_apply_cpu(z, y, down, down_b, up, up_b, self.bottleneck_slots.activations, inp.bottleneck)
+        return y
 
     def _linear(self, x, weight, bias, lora, layer: int, group: str) -> torch.Tensor:
         """The base projection, plus each token's own LoRA delta (and DoRA column scale)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .batch import build_step
+from .bottleneck_slots import BottleneckSlots
 from .config import EngineConfig
 from .lora_slots import LoraSlots
 from .model import LlamaModel
@@ -55,6 +56,8 @@ class ModelRunner:
         if config.max_loras > 0:
             self.lora_slots = LoraSlots(mc, config.max_loras, config.max_lora_rank, self.dtype, self.device)
             self.model.lora_slots = self.lora_slots
+        self.bottleneck_slots = BottleneckSlots(mc.num_layers, mc.hidden_size, self.dtype, self.device)
+        self.model.bottleneck_slots = self.bottleneck_slots
         log.info("model loaded: %d layers, KV cache %d blocks x %d tokens, max_model_len %d",
                  mc.num_layers, self.num_blocks, self.block_size, self.max_model_len)
 
@@ -77,10 +80,10 @@ class ModelRunner:
     def step(self, rows: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SampleResult | None]:
         """Run one forward pass; record prompt logprobs; return the rows to extend and their samples."""
         slots = self.lora_slots
-        if slots is not None:  # rows grouped by adapter slot: each adapter's tokens are contiguous
-            rows = sorted(rows, key=lambda row: row[0].lora_slot)
+        # rows grouped by adapter: each adapter's tokens are contiguous
+        rows = sorted(rows, key=lambda row: (row[0].lora_slot, row[0].bottleneck_slot))
         inp = build_step(rows, self.block_size, self.device, slots.dora_slots if slots else frozenset(),
-                         slots.max_loras if slots else 0)
+                         slots.max_loras if slots else 0, self.bottleneck_slots.input_is_sum)
         hidden = self.model(inp, self.kv_caches)
         if inp.logits_index.numel() == 0:
             return [], None

@@ -32,6 +32,7 @@ class Sequence:
     adapter: str | None = None
     lora_name: str | None = None  # the adapter, when it is a LoRA (it then needs a device slot)
     lora_slot: int = -1  # device slot of the adapter's LoRA weights for the current step
+    bottleneck_slot: int = -1  # index of the adapter among the loaded bottleneck adapters
     # soft prompt: token_ids start with num_virtual placeholders whose embeddings are soft_prompt
     num_virtual: int = 0
     soft_prompt: torch.Tensor | None = None

@@ -51,7 +51,7 @@ def test_families_bench_smoke(api_model, tokenizer, tmp_path):
                    "--virtual-tokens", "3", "--rank", "4", "--out", str(out)])
     data = json.loads((out / "families.json").read_text())
     assert [r["family"] for r in data["rows"]] == ["base", "lora", "prompt_tuning", "p_tuning", "prefix_tuning",
-                                                   "mixed"]
+                                                   "bottleneck", "mixed"]
     for row in data["rows"]:
         assert row["decode_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
         assert abs(row["decode_vs_base"] - row["decode_tokens_per_s"] / row["base_decode_tokens_per_s"]) < 1e-9
