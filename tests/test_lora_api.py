@@ -5,6 +5,7 @@ import httpx
 import openai
 import pytest
 from conftest import LiveServer
+import torch
 from peft_fixtures import lora_variants, make_adapter, peft_greedy
 
 from server.async_engine import AsyncEngine
@@ -74,6 +75,8 @@ def test_unknown_adapter_is_404_and_server_keeps_serving(lora_server):
 
 @pytest.fixture(scope="module")
 def prompt_server(api_model, tokenizer, tmp_path_factory):
+    """Every prompt family, two LoRA adapters and a bottleneck adapter on one server."""
+    from bottleneck_ref import SEQ_BN, make_bottleneck
     from peft_fixtures import make_prompt_adapter, prompt_variants
 
     base_dir, hf = api_model
@@ -82,6 +85,12 @@ def prompt_server(api_model, tokenizer, tmp_path_factory):
     for i, (name, cfg) in enumerate(prompt_variants().items()):
         make_prompt_adapter(hf, root / name, cfg, seed=700 + i)
         paths[name] = root / name
+    variants = lora_variants(hf.config.num_hidden_layers)
+    for i, name in enumerate(("lora_qv", "dora")):
+        make_adapter(hf, root / name, variants[name], seed=750 + i, scale=0.3)
+        paths[name] = root / name
+    make_bottleneck(hf, root / "bottleneck", "bottleneck", SEQ_BN, seed=760)
+    paths["bottleneck"] = root / "bottleneck"
     engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=128, block_size=4, max_model_len=64,
                                     served_model_name="tiny"), tokenizer=tokenizer)
     for name, path in paths.items():
@@ -90,19 +99,27 @@ def prompt_server(api_model, tokenizer, tmp_path_factory):
         yield server, hf, paths
 
 
-def test_prompt_families_over_http_match_peft_generate(prompt_server, tokenizer):
+def test_every_family_over_http_matches_peft_generate(prompt_server, tokenizer):
+    """All families and a base request at once: each PEFT adapter's greedy text equals PEFT's."""
     import asyncio
 
     server, hf, paths = prompt_server
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     prompt = [101, 2020, 333, 47, 5005]
+    names = [*paths, "tiny"]
 
     async def run():
         return await asyncio.gather(*[client.completions.create(
             model=name, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
-            for name in paths])
+            for name in names])
 
-    for (name, path), r in zip(paths.items(), asyncio.run(run())):
+    results = dict(zip(names, asyncio.run(run())))
+    base = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    assert results["tiny"].choices[0].text == tokenizer.decode(base, skip_special_tokens=True)
+    for name, path in paths.items():
+        if name == "bottleneck":  # checked against its reference module in test_bottleneck.py
+            continue
+        r = results[name]
         want = peft_greedy(hf, path, prompt, 8)
         assert r.choices[0].text == tokenizer.decode(want, skip_special_tokens=True), name
         assert r.usage.prompt_tokens == len(prompt)  # virtual tokens are not prompt tokens

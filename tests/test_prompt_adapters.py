@@ -65,6 +65,10 @@ def test_every_family_matches_peft_on_smollm2(smollm2_dir, tokenizer, tmp_path):
         # PEFT's own fp32 logits 2e-4 from a float64 run (ours 1.6e-4), beyond any 1e-4 comparison
         make_prompt_adapter(hf, tmp_path / name, cfg, seed=600 + i, scale=0.2)
         paths[name] = tmp_path / name
+    from peft_fixtures import lora_variants, make_adapter
+    for i, name in enumerate(("lora_qv", "rslora_all7")):  # LoRA rows in the same batch
+        make_adapter(hf, tmp_path / name, lora_variants(hf.config.num_hidden_layers)[name], seed=650 + i, scale=0.05)
+        paths[name] = tmp_path / name
     engine = engine_for(smollm2_dir, tokenizer, block_size=16, num_kv_blocks=64, max_model_len=256)
     check_mixed(engine, hf, paths, hf.config.vocab_size)
 
