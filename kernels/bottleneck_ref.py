@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .meta import LoraMeta
+from .meta import LoraMeta, add_padded_rows, padded_rows
 
 ACTIVATIONS = {
     "relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh,
@@ -33,18 +33,12 @@ def _activate(h: torch.Tensor, acts: list[str]) -> torch.Tensor:
 
 def bottleneck_apply_cpu(z, y, down, down_b, up, up_b, acts: list[str], meta: LoraMeta) -> None:
     if meta.padded:
-        lo, n, m = meta.slot_lo, meta.num_slots, meta.max_len
-        start = meta.contiguous_from
-        zp = z[start:start + n * m].view(n, m, -1) if start is not None else \
-            z.index_select(0, meta.pad_index).view(n, m, -1)
-        h = torch.baddbmm(down_b[lo:lo + n, None, :], zp, down[lo:lo + n].transpose(1, 2))
+        lo, n = meta.slot_lo, meta.num_slots
+        h = torch.baddbmm(down_b[lo:lo + n, None, :], padded_rows(z, meta), down[lo:lo + n].transpose(1, 2))
         d = torch.baddbmm(up_b[lo:lo + n, None, :], _activate(h, acts[lo:lo + n]), up[lo:lo + n])
-        if meta.pad_mask is not None:
+        if meta.pad_mask is not None:  # biases make padding rows non-zero
             d.mul_(meta.pad_mask)
-        if start is not None:
-            y[start:start + n * m] += d.view(n * m, -1)
-        else:
-            y.index_add_(0, meta.pad_index, d.view(n * m, -1))
+        add_padded_rows(y, d, meta)
         return
     for slot, rows in meta.segments:
         h = torch.addmm(down_b[slot], z.index_select(0, rows), down[slot].T)

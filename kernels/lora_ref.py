@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .meta import LoraMeta
+from .meta import LoraMeta, add_padded_rows, padded_rows
 
 
 def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -46,22 +46,13 @@ def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.T
     rank = b.shape[1]
     n_slices = len(offsets) - 1
     if meta.padded:
-        lo, n, m = meta.slot_lo, meta.num_slots, meta.max_len
-        start = meta.contiguous_from
-        if start is not None:  # rows sorted by adapter, equal counts: the padded layout is a view
-            xp = x[start:start + n * m].view(n, m, x.shape[1])
-        else:
-            xp = x.index_select(0, meta.pad_index).view(n, m, x.shape[1])
-        xa = torch.bmm(xp, a[lo:lo + n].transpose(1, 2))
+        lo, n = meta.slot_lo, meta.num_slots
+        xa = torch.bmm(padded_rows(x, meta), a[lo:lo + n].transpose(1, 2))
         if meta.pad_mask is not None:
             xa.mul_(meta.pad_mask)
         parts = [torch.bmm(xa[..., s * rank:(s + 1) * rank], b[lo:lo + n, :, offsets[s]:offsets[s + 1]])
                  for s in range(n_slices)]
-        delta = parts[0] if n_slices == 1 else torch.cat(parts, dim=-1)
-        if start is not None:
-            y[start:start + n * m] += delta.view(n * m, -1)
-        else:
-            y.index_add_(0, meta.pad_index, delta.view(n * m, -1))
+        add_padded_rows(y, parts[0] if n_slices == 1 else torch.cat(parts, dim=-1), meta)
         return
     for slot, rows in meta.segments:
         xa = x.index_select(0, rows) @ a[slot].T

@@ -26,6 +26,24 @@ class LoraMeta:
     dora_index: torch.Tensor | None  # [T] slot per token with -1 -> the zero row, when a DoRA slot is used
 
 
+def padded_rows(x: torch.Tensor, meta: LoraMeta) -> torch.Tensor:
+    """x [T, d] -> [num_slots, max_len, d] in the padded form's row order (a view when possible)."""
+    n, m, start = meta.num_slots, meta.max_len, meta.contiguous_from
+    if start is not None:
+        return x[start:start + n * m].view(n, m, x.shape[1])
+    return x.index_select(0, meta.pad_index).view(n, m, x.shape[1])
+
+
+def add_padded_rows(y: torch.Tensor, delta: torch.Tensor, meta: LoraMeta) -> None:
+    """y[token] += delta row for every real padded row (padding rows must already be zero)."""
+    rows = delta.view(meta.num_slots * meta.max_len, -1)
+    start = meta.contiguous_from
+    if start is not None:
+        y[start:start + rows.shape[0]] += rows
+    else:
+        y.index_add_(0, meta.pad_index, rows)
+
+
 def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: int,
                     device: torch.device | str, padded: bool | None = None) -> LoraMeta | None:
     """None when no token uses an adapter: the fast path skips LoRA work entirely.

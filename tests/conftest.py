@@ -203,3 +203,59 @@ def tiny_prompt_set(tiny_models, tmp_path_factory):
         make_prompt_adapter(hf, root / name, cfg, seed=500 + i)
         paths[name] = root / name
     return base_dir, hf, paths
+
+
+def check_mixed_batch(engine, hf, paths: dict, vocab: int, custom: dict | None = None, atol: float = 1e-4,
+                      fp64_arbiter: bool = False):
+    """Load every adapter in `paths` (name -> folder); base rows and one row per adapter prefill in
+    one step and decode in the next. Each step's logits must equal the oracle's: transformers for
+    base rows, PEFT for adapters, or custom[name] = (reference(ids) -> logits, tolerance).
+
+    fp64_arbiter: where PEFT's fp32 logits and ours differ by more than atol, the same PEFT
+    computation in float64 decides: ours must then be no further from it than PEFT's fp32 is
+    (on a 30-layer model, fp32 rounding alone can move PEFT ~1e-4 from the exact value)."""
+    import copy
+
+    from peft_fixtures import peft_logits
+    exact_model = []
+
+    custom = custom or {}
+    for name, path in paths.items():
+        engine.load_adapter(name, str(path))
+    seen = capture_logits(engine)
+    rows = [None, *paths, None]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (2 + 2 * i,), generator=g).tolist() for i in range(len(rows))]
+    from server.sampling import SamplingParams
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), adapter=a)
+            for p, a in zip(prompts, rows)]
+    while engine.has_work():
+        engine.step()
+    assert len(seen) == 2 and all(len(s) == len(rows) for s in seen)
+    for name, p, seq in zip(rows, prompts, seqs):
+        ids = p + seq.output_ids[:1]
+        with torch.no_grad():
+            base = hf(torch.tensor([ids])).logits[0].float()
+        tol = atol
+        if name is None:
+            ref = base
+        elif name in custom:
+            ref, tol = custom[name][0](ids), custom[name][1]
+        else:
+            ref = peft_logits(hf, paths[name], ids)
+        for step, pos in ((0, len(p) - 1), (1, len(p))):
+            ours = seen[step][seq.request_id]
+            err = (ours - ref[pos]).abs().max().item()
+            if err > tol and fp64_arbiter and name is not None and name not in custom:
+                if not exact_model:
+                    exact_model.append(copy.deepcopy(hf).double())
+                exact = peft_logits(exact_model[0], paths[name], ids, dtype=torch.float64)[pos]
+                ours_err = (ours.double() - exact).abs().max().item()
+                peft_err = (ref[pos].double() - exact).abs().max().item()
+                assert ours_err <= max(tol, peft_err), \
+                    f"{name} step {step}: {err} from PEFT fp32; float64 says ours {ours_err}, PEFT fp32 {peft_err}"
+                continue
+            assert err <= tol, f"{name or 'base'} step {step}: max abs diff {err}"
+        if name is not None:  # the adapter really changes the output, so the comparison means something
+            assert (ref[len(p) - 1] - base[len(p) - 1]).abs().max().item() > 1e-3, name
+        assert seq.num_output_tokens == 2

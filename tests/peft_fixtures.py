@@ -85,13 +85,13 @@ def _release(model) -> None:
         model.unload()
 
 
-def peft_logits(base, path, ids: list[int]) -> torch.Tensor:
+def peft_logits(base, path, ids: list[int], dtype=torch.float32) -> torch.Tensor:
     """PEFT's logits for every position of `ids` (virtual tokens dropped) with the adapter at `path`."""
     model = PeftModel.from_pretrained(base, path).eval()
     try:
         with torch.no_grad():
             return model(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
-                         ).logits[0, -len(ids):].float()
+                         ).logits[0, -len(ids):].to(dtype)
     finally:
         _release(model)
 

@@ -5,12 +5,17 @@ import json
 import shutil
 
 
-def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
-    from bench import throughput
-
+def _model_with_tokenizer(api_model, tokenizer, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(api_model[0], model_dir)
     tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
+    from bench import throughput
+
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"
     throughput.main(["--model", str(model_dir), "--concurrency", "1", "3", "--new-tokens", "4", "--no-server",
                      "--out", str(out)])
@@ -25,9 +30,7 @@ def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
 def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
     from bench import adapters
 
-    model_dir = tmp_path / "model"
-    shutil.copytree(api_model[0], model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"
     adapters.main(["--model", str(model_dir), "--adapters", "1", "2", "--batch", "4", "--new-tokens", "3",
                    "--rank", "4", "--out", str(out)])
@@ -43,9 +46,7 @@ def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
 def test_families_bench_smoke(api_model, tokenizer, tmp_path):
     from bench import families
 
-    model_dir = tmp_path / "model"
-    shutil.copytree(api_model[0], model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"
     families.main(["--model", str(model_dir), "--adapters", "2", "--batch", "5", "--new-tokens", "3",
                    "--virtual-tokens", "3", "--rank", "4", "--out", str(out)])

@@ -8,13 +8,11 @@ import shutil
 import pytest
 import torch
 from bottleneck_ref import DOUBLE_SEQ_BN, SEQ_BN, make_bottleneck, reference_logits
-from conftest import capture_logits
-from peft_fixtures import peft_logits
+from conftest import check_mixed_batch
 
 from adapters.errors import AdapterError
 from server.config import EngineConfig
 from server.engine import LLMEngine
-from server.sampling import SamplingParams
 
 VARIANTS = {
     "pfeiffer": SEQ_BN,
@@ -35,35 +33,12 @@ def test_bottlenecks_match_reference_in_a_mixed_batch(bottlenecks, tiny_lora_set
     base_dir, hf, lora_paths = tiny_lora_set
     _, _, prompt_paths = tiny_prompt_set
     engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4), tokenizer=tokenizer)
-    for name, (path, _) in bottlenecks.items():
-        engine.load_adapter(name, str(path))
     others = {"dora": lora_paths["dora"], "ptuning_v2": prompt_paths["ptuning_v2"],
               "prompt_tuning": prompt_paths["prompt_tuning"]}
-    for name, path in others.items():
-        engine.load_adapter(name, str(path))
-    seen = capture_logits(engine)
-    rows = [None, *bottlenecks, *others, "pfeiffer", None]
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 512, (3 + 2 * i,), generator=g).tolist() for i in range(len(rows))]
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), adapter=a)
-            for p, a in zip(prompts, rows)]
-    while engine.has_work():
-        engine.step()
-    for name, p, seq in zip(rows, prompts, seqs):
-        ids = p + seq.output_ids[:1]
-        with torch.no_grad():
-            base = hf(torch.tensor([ids])).logits[0].float()
-        if name in bottlenecks:
-            ref, atol = reference_logits(hf, bottlenecks[name][1], ids), 1e-5
-        elif name in others:
-            ref, atol = peft_logits(hf, others[name], ids), 1e-4
-        else:
-            ref, atol = base, 1e-4
-        for step, pos in ((0, len(p) - 1), (1, len(p))):
-            err = (seen[step][seq.request_id] - ref[pos]).abs().max().item()
-            assert err <= atol, f"{name or 'base'} step {step}: max abs diff {err}"
-        if name in bottlenecks:
-            assert (ref[len(p) - 1] - base[len(p) - 1]).abs().max().item() > 1e-3, name
+    custom = {name: (lambda ids, mods=mods: reference_logits(hf, mods, ids), 1e-5)
+              for name, (_, mods) in bottlenecks.items()}
+    check_mixed_batch(engine, hf, {**{n: p for n, (p, _) in bottlenecks.items()}, **others},
+                      hf.config.vocab_size, custom=custom)
     assert set(engine.adapter_names()) == set(bottlenecks) | set(others)
 
 

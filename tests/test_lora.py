@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import capture_logits, run_staggered
-from peft_fixtures import lora_variants, make_adapter, peft_greedy, peft_logits
+from conftest import check_mixed_batch, run_staggered
+from peft_fixtures import lora_variants, make_adapter, peft_greedy
 
 from adapters.errors import AdapterError
 from server.config import EngineConfig
@@ -18,31 +18,6 @@ def lora_engine(model_dir, tokenizer, **kw) -> LLMEngine:
     kw.setdefault("num_kv_blocks", 256)
     kw.setdefault("block_size", 4)
     return LLMEngine(EngineConfig(model=str(model_dir), **kw), tokenizer=tokenizer)
-
-
-def check_mixed_batch(engine, hf, paths, vocab, atol=1e-4):
-    """Base rows and one row per adapter prefill in one step and decode in the next; compare both."""
-    for name, path in paths.items():
-        engine.load_adapter(name, str(path))
-    seen = capture_logits(engine)
-    rows = [None, *paths, None]
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, vocab, (2 + 3 * i,), generator=g).tolist() for i in range(len(rows))]
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), adapter=a)
-            for p, a in zip(prompts, rows)]
-    while engine.has_work():
-        engine.step()
-    assert len(seen) == 2 and len(seen[0]) == len(rows) and len(seen[1]) == len(rows)
-    with torch.no_grad():
-        base_logits = [hf(torch.tensor([s.token_ids[:-1]])).logits[0].float() for s in seqs]
-    for r, (name, p, seq) in enumerate(zip(rows, prompts, seqs)):
-        ref = base_logits[r] if name is None else peft_logits(hf, paths[name], seq.token_ids[:-1])
-        for step, pos in ((0, len(p) - 1), (1, len(p))):
-            err = (seen[step][seq.request_id] - ref[pos]).abs().max().item()
-            assert err <= atol, f"{name or 'base'} step {step}: max abs diff {err}"
-        if name is not None:  # the adapter really changes the output, so the comparison means something
-            assert (ref[len(p) - 1] - base_logits[r][len(p) - 1]).abs().max().item() > 1e-3, name
-    assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
 def test_every_variant_matches_peft_in_one_mixed_batch(tiny_lora_set, tokenizer):
@@ -63,7 +38,7 @@ def test_every_variant_matches_peft_on_smollm2(smollm2_dir, tokenizer, tmp_path)
         make_adapter(hf, tmp_path / name, cfg, seed=200 + i, scale=0.05, magnitude_noise=0.05)
         paths[name] = tmp_path / name
     engine = lora_engine(smollm2_dir, tokenizer, max_loras=8, max_model_len=256, block_size=16, num_kv_blocks=64)
-    check_mixed_batch(engine, hf, paths, hf.config.vocab_size)
+    check_mixed_batch(engine, hf, paths, hf.config.vocab_size, fp64_arbiter=True)
 
 
 def test_more_adapters_than_slots_all_match_and_stay_within_limit(tiny_lora_set, tokenizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import capture_logits, run_staggered
+from conftest import check_mixed_batch, run_staggered
 from peft_fixtures import make_prompt_adapter, peft_greedy, peft_logits, prompt_variants
 
 from server.config import EngineConfig
@@ -18,38 +18,12 @@ def engine_for(model_dir, tokenizer, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model_dir), **kw), tokenizer=tokenizer)
 
 
-def check_mixed(engine, hf, paths, vocab, atol=1e-4):
-    """Base rows, and a row for every adapter in `paths`, prefill in one step and decode in the next."""
-    for name, path in paths.items():
-        engine.load_adapter(name, str(path))
-    seen = capture_logits(engine)
-    rows = [None, *paths, None]
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, vocab, (2 + 2 * i,), generator=g).tolist() for i in range(len(rows))]
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), adapter=a)
-            for p, a in zip(prompts, rows)]
-    while engine.has_work():
-        engine.step()
-    assert len(seen) == 2 and all(len(s) == len(rows) for s in seen)
-    for name, p, seq in zip(rows, prompts, seqs):
-        ids = p + seq.output_ids[:1]
-        with torch.no_grad():
-            base = hf(torch.tensor([ids])).logits[0].float()
-        ref = base if name is None else peft_logits(hf, paths[name], ids)
-        for step, pos in ((0, len(p) - 1), (1, len(p))):
-            err = (seen[step][seq.request_id] - ref[pos]).abs().max().item()
-            assert err <= atol, f"{name or 'base'} step {step}: max abs diff {err}"
-        if name is not None:
-            assert (ref[len(p) - 1] - base[len(p) - 1]).abs().max().item() > 1e-3, name
-        assert seq.num_output_tokens == 2
-
-
 def test_every_family_matches_peft_in_one_mixed_batch(tiny_prompt_set, tiny_lora_set, tokenizer):
     base_dir, hf, prompt_paths = tiny_prompt_set
     _, _, lora_paths = tiny_lora_set
     paths = {**prompt_paths, "dora": lora_paths["dora"], "rslora_all7": lora_paths["rslora_all7"]}
     engine = engine_for(base_dir, tokenizer)
-    check_mixed(engine, hf, paths, hf.config.vocab_size)
+    check_mixed_batch(engine, hf, paths, hf.config.vocab_size)
     held = sum(len(b) for b in engine.prefix_blocks.values())
     assert engine.blocks.num_free == engine.blocks.num_blocks - held
 
@@ -70,7 +44,7 @@ def test_every_family_matches_peft_on_smollm2(smollm2_dir, tokenizer, tmp_path):
         make_adapter(hf, tmp_path / name, lora_variants(hf.config.num_hidden_layers)[name], seed=650 + i, scale=0.05)
         paths[name] = tmp_path / name
     engine = engine_for(smollm2_dir, tokenizer, block_size=16, num_kv_blocks=64, max_model_len=256)
-    check_mixed(engine, hf, paths, hf.config.vocab_size)
+    check_mixed_batch(engine, hf, paths, hf.config.vocab_size, fp64_arbiter=True)
 
 
 def test_requests_share_one_copy_of_a_prefix(tiny_prompt_set, tokenizer):
@@ -153,5 +127,5 @@ def test_mixed_batch_through_the_triton_attention_kernel(tiny_prompt_set, tokeni
     monkeypatch.setattr(model_mod, "prefix_paged_attention", triton_attention)
     base_dir, hf, paths = tiny_prompt_set
     engine = engine_for(base_dir, tokenizer)
-    check_mixed(engine, hf, {k: paths[k] for k in ("prompt_tuning", "prefix_projection", "ptuning_v2")},
+    check_mixed_batch(engine, hf, {k: paths[k] for k in ("prompt_tuning", "prefix_projection", "ptuning_v2")},
                 hf.config.vocab_size)
