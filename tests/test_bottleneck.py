@@ -33,8 +33,7 @@ def test_bottlenecks_match_reference_in_a_mixed_batch(bottlenecks, tiny_lora_set
     base_dir, hf, lora_paths = tiny_lora_set
     _, _, prompt_paths = tiny_prompt_set
     engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4), tokenizer=tokenizer)
-    others = {"dora": lora_paths["dora"], "ptuning_v2": prompt_paths["ptuning_v2"],
-              "prompt_tuning": prompt_paths["prompt_tuning"]}
+    others = {"dora": lora_paths["dora"], "rslora_all7": lora_paths["rslora_all7"], **prompt_paths}  # every family
     custom = {name: (lambda ids, mods=mods: reference_logits(hf, mods, ids), 1e-5)
               for name, (_, mods) in bottlenecks.items()}
     check_mixed_batch(engine, hf, {**{n: p for n, (p, _) in bottlenecks.items()}, **others},
