@@ -109,6 +109,9 @@ class LLMEngine:
         if adapter.prefix_kv is not None:
             # the prefix is written once into shared KV blocks that every request of this adapter reads
             bs = self.blocks.block_size
+            if -(-n // bs) > self.blocks.num_free:
+                raise AdapterError(f"{adapter.spec.path}: its {n}-token prefix needs {-(-n // bs)} KV blocks, "
+                                   f"{self.blocks.num_free} are free")
             blocks = self.blocks.allocate_shared(-(-n // bs))
             slots = torch.tensor([blocks[i // bs] * bs + i % bs for i in range(n)], device=self.runner.device)
             kv = adapter.prefix_kv.to(self.runner.device, self.runner.dtype)
