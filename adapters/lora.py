@@ -37,6 +37,8 @@ class LoraAdapter:
     spec: AdapterSpec
     modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)
 
+    family = "lora"
+
     @property
     def rank(self) -> int:
         return max(m.a.shape[0] for m in self.modules.values())

@@ -69,7 +69,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None) -> FastAPI:
         base = {"id": core.model_name, "object": "model", "created": created, "owned_by": "quiver",
                 "root": str(core.model_dir), "parent": None, "max_model_len": core.max_model_len}
         adapters = [{"id": name, "object": "model", "created": created, "owned_by": "quiver",
-                     "root": str(core.adapter_path(name)), "parent": core.model_name,
+                     "root": core.adapter_info(name)["path"], "parent": core.model_name,
                      "max_model_len": core.max_model_len} for name in core.adapter_names()]
         return {"object": "list", "data": [base, *adapters]}
 

@@ -14,16 +14,26 @@ class BottleneckSlots:
         self.layers: list[dict[str, tuple[torch.Tensor, ...]]] = []
         self.activations: list[str] = []
         self.input_is_sum = torch.zeros(1, device=device)  # per slot, plus 0 for base rows (last)
+        self._index: dict[str, int] = {}
 
     def slot_of(self, name: str) -> int:
-        return next(i for i, a in enumerate(self.adapters) if a.name == name)
+        return self._index[name]
 
     def register(self, adapter: BottleneckAdapter) -> int:
         self.adapters.append(adapter)
         self._stack()
         return len(self.adapters) - 1
 
+    def unregister(self, name: str) -> None:
+        self.adapters = [a for a in self.adapters if a.name != name]
+        self._stack()
+
     def _stack(self) -> None:
+        self._index = {a.name: i for i, a in enumerate(self.adapters)}
+        if not self.adapters:
+            self.layers, self.activations = [], []
+            self.input_is_sum = torch.zeros(1, device=self.device, dtype=self.dtype)
+            return
         n, h = len(self.adapters), self.hidden
         width = max(a.width for a in self.adapters)
         layers = []

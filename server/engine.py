@@ -36,6 +36,16 @@ class UnknownAdapter(LookupError):
         self.name = name
 
 
+class AdapterExists(ValueError):
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} is already loaded")
+
+
+class AdapterInUse(RuntimeError):
+    def __init__(self, name: str, users: int):
+        super().__init__(f"adapter {name!r} is in use by {users} request(s); unload it when they have finished")
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -70,6 +80,7 @@ class LLMEngine:
         self.prompt_adapters: dict[str, PromptAdapter] = {}
         self.prefix_blocks: dict[str, tuple[int, ...]] = {}
         self.bottlenecks: dict = {}  # name -> BottleneckAdapter
+        self.requests_served: dict[str, int] = {}
         eos = set(self.runner.model_config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -81,25 +92,67 @@ class LLMEngine:
 
     # ---- adapters --------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
-        """Read, check and register a PEFT adapter of any supported family; on any error nothing changes."""
-        if name in self.adapter_names():
-            raise ValueError(f"adapter {name!r} is already loaded")
+        """Read, check and register an adapter of any supported family; on any error nothing changes."""
+        self.register_adapter(self.read_adapter(name, path))
+
+    def read_adapter(self, name: str, path: str):
+        """Parse and check an adapter folder into host memory. Touches no engine state, so it may
+        run on any thread while the engine keeps stepping."""
         mc = self.runner.model_config
         family = detect_family(path)
         if family == "bottleneck":
-            adapter = load_bottleneck(name, path, mc.num_layers, mc.hidden_size, mc.model_type)
-            self.runner.bottleneck_slots.register(adapter)
-            self.bottlenecks[name] = adapter
-            return
+            return load_bottleneck(name, path, mc.num_layers, mc.hidden_size, mc.model_type)
         if family != "lora":
-            self._register_prompt(load_prompt_adapter(name, path, mc.num_layers, mc.hidden_size,
-                                                      mc.num_kv_heads, mc.head_dim))
-            return
+            return load_prompt_adapter(name, path, mc.num_layers, mc.hidden_size, mc.num_kv_heads, mc.head_dim)
         if self.loras is None:
             raise AdapterError(f"{path}: LoRA serving is off (--max-loras 0)")
-        adapter = load_lora(name, path, mc.num_layers, module_shapes(mc), self.runner.base_weight,
-                            self.config.max_lora_rank)
-        self.loras.register(adapter)
+        return load_lora(name, path, mc.num_layers, module_shapes(mc), self.runner.base_weight,
+                         self.config.max_lora_rank)
+
+    def register_adapter(self, adapter) -> None:
+        """Make a read adapter usable (engine thread, between steps)."""
+        if adapter.name in self.adapter_names():
+            raise AdapterExists(adapter.name)
+        if isinstance(adapter, PromptAdapter):
+            self._register_prompt(adapter)
+        elif adapter.family == "bottleneck":
+            self.runner.bottleneck_slots.register(adapter)
+            self.bottlenecks[adapter.name] = adapter
+        else:
+            self.loras.register(adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter and free its memory; refused (AdapterInUse) while a request uses it."""
+        if name not in self.adapter_names():
+            raise UnknownAdapter(name)
+        users = sum(1 for seq in self.seqs.values() if seq.adapter == name)
+        if users:
+            raise AdapterInUse(name, users)
+        if name in self.bottlenecks:
+            self.runner.bottleneck_slots.unregister(name)
+            del self.bottlenecks[name]
+        elif name in self.prompt_adapters:
+            del self.prompt_adapters[name]
+            self.blocks.release(self.prefix_blocks.pop(name, ()))
+        else:
+            self.loras.unregister(name)
+        self.requests_served.pop(name, None)
+
+    def adapter_info(self, name: str) -> dict:
+        if name in self.bottlenecks:
+            a = self.bottlenecks[name]
+            return {"name": name, "family": "bottleneck", "width": a.width, "path": str(a.path), "bytes": a.nbytes,
+                    "tier": "device", "requests_served": self.requests_served.get(name, 0)}
+        if name in self.prompt_adapters:
+            a = self.prompt_adapters[name]
+            return {"name": name, "family": a.family, "peft_type": a.spec.peft_type, "virtual_tokens": a.num_virtual,
+                    "path": str(a.spec.path), "bytes": a.nbytes, "tier": "device",
+                    "requests_served": self.requests_served.get(name, 0)}
+        a = self.loras.adapters[name]
+        return {"name": name, "family": "lora", "peft_type": a.spec.peft_type, "rank": a.rank,
+                "target_modules": a.targets, "dora": a.uses_dora, "path": str(a.spec.path), "bytes": a.nbytes,
+                "tier": "device" if name in self.loras.slot_of else "cpu",
+                "requests_served": self.requests_served.get(name, 0)}
 
     def _register_prompt(self, adapter: PromptAdapter) -> None:
         n = adapter.num_virtual
@@ -124,10 +177,6 @@ class LLMEngine:
         loras = list(self.loras.adapters) if self.loras is not None else []
         return loras + list(self.prompt_adapters) + list(self.bottlenecks)
 
-    def adapter_path(self, name: str):
-        if name in self.bottlenecks:
-            return self.bottlenecks[name].path
-        return (self.prompt_adapters.get(name) or self.loras.adapters[name]).spec.path
 
     # ---- requests --------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
@@ -156,11 +205,13 @@ class LLMEngine:
         seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter, **self._adapter_fields(adapter))
         self.seqs[rid] = seq
         self.scheduler.add(seq)
+        if adapter is not None:
+            self.requests_served[adapter] = self.requests_served.get(adapter, 0) + 1
         return seq
 
     def _adapter_fields(self, adapter: str | None) -> dict:
         if adapter in self.bottlenecks:
-            return {"bottleneck_slot": self.runner.bottleneck_slots.slot_of(adapter)}
+            return {"bottleneck_name": adapter}
         prompt = self.prompt_adapters.get(adapter) if adapter is not None else None
         if prompt is None:
             return {"lora_name": adapter}
@@ -192,6 +243,10 @@ class LLMEngine:
             slot_of = self.loras.activate({seq.lora_name for seq, _ in batch.rows if seq.lora_name is not None})
             for seq, _ in batch.rows:
                 seq.lora_slot = slot_of[seq.lora_name] if seq.lora_name is not None else -1
+        if self.bottlenecks:
+            slot_of = self.runner.bottleneck_slots.slot_of
+            for seq, _ in batch.rows:
+                seq.bottleneck_slot = slot_of(seq.bottleneck_name) if seq.bottleneck_name is not None else -1
         sampled, result = self.runner.step(batch.rows)
         for seq, n in batch.rows:
             seq.num_computed += n

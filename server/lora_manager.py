@@ -23,6 +23,14 @@ class LoraManager:
             raise ValueError(f"adapter {adapter.name!r} is already loaded")
         self.adapters[adapter.name] = adapter
 
+    def unregister(self, name: str) -> None:
+        """Forget an adapter (not in use); its slot is cleared and becomes free."""
+        del self.adapters[name]
+        slot = self.slot_of.pop(name, None)
+        if slot is not None:
+            self.slots.clear(slot)
+            heapq.heappush(self.free_slots, slot)
+
     def activate(self, names: set[str]) -> dict[str, int]:
         """Put every adapter in `names` in a slot (evicting unused ones, least recently used first)."""
         if len(names) > self.slots.max_loras:

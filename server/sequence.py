@@ -32,7 +32,8 @@ class Sequence:
     adapter: str | None = None
     lora_name: str | None = None  # the adapter, when it is a LoRA (it then needs a device slot)
     lora_slot: int = -1  # device slot of the adapter's LoRA weights for the current step
-    bottleneck_slot: int = -1  # index of the adapter among the loaded bottleneck adapters
+    bottleneck_name: str | None = None  # the adapter, when it is a bottleneck adapter
+    bottleneck_slot: int = -1  # its index among the loaded bottleneck adapters, for the current step
     # soft prompt: token_ids start with num_virtual placeholders whose embeddings are soft_prompt
     num_virtual: int = 0
     soft_prompt: torch.Tensor | None = None

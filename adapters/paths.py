@@ -1,0 +1,37 @@
+"""Adapter names and paths from untrusted requests: names are plain identifiers, paths must
+resolve (symlinks included) inside the allowed root."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import AdapterError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class InvalidName(AdapterError):
+    pass
+
+
+class PathNotAllowed(AdapterError):
+    pass
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise InvalidName(f"adapter name {name!r} is not allowed: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+                          "starting with a letter or digit")
+    return name
+
+
+def resolve_path(path: str, root: str | Path) -> Path:
+    """The adapter folder `path` (absolute, or relative to root), which must lie inside root."""
+    root = Path(root).resolve()
+    candidate = Path(path)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise PathNotAllowed(f"adapter path {path!r} resolves outside the adapter root {str(root)!r}")
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"adapter path {path!r} is not a folder")
+    return resolved
