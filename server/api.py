@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,8 +13,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.errors import AdapterError
+from adapters.paths import InvalidName, PathNotAllowed
+
+from .adapter_api import add_adapter_routes
 from .async_engine import AsyncEngine, EngineError
-from .engine import RequestOutput, UnknownAdapter
+from .engine import AdapterExists, AdapterInUse, RequestOutput, UnknownAdapter
 from .metrics import Metrics
 from .openai_format import LogprobFormatter, error, merge_completion_logprobs, new_id, now, usage
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -23,7 +28,7 @@ log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25
 
 
-def create_app(engine: AsyncEngine, metrics: Metrics | None = None) -> FastAPI:
+def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root: str | Path | None = None) -> FastAPI:
     app = FastAPI(title="Quiver", version="0.1.0")
     core = engine.engine
     tok = core.tokenizer
@@ -49,6 +54,30 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None) -> FastAPI:
     async def _unknown(_, exc: UnknownAdapter):
         return error(404, str(exc), param="adapter", code="model_not_found")
 
+    @app.exception_handler(InvalidName)
+    async def _bad_name(_, exc: InvalidName):
+        return error(400, str(exc), param="name", code="invalid_adapter_name")
+
+    @app.exception_handler(PathNotAllowed)
+    async def _bad_path(_, exc: PathNotAllowed):
+        return error(400, str(exc), param="path", code="path_not_allowed")
+
+    @app.exception_handler(FileNotFoundError)
+    async def _no_path(_, exc: FileNotFoundError):
+        return error(404, str(exc), param="path", code="adapter_path_not_found")
+
+    @app.exception_handler(AdapterError)
+    async def _bad_adapter(_, exc: AdapterError):
+        return error(422, str(exc), param="path", code="invalid_adapter")
+
+    @app.exception_handler(AdapterExists)
+    async def _exists(_, exc: AdapterExists):
+        return error(409, str(exc), param="name", code="adapter_exists")
+
+    @app.exception_handler(AdapterInUse)
+    async def _in_use(_, exc: AdapterInUse):
+        return error(409, str(exc), param="name", code="adapter_in_use")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc: StarletteHTTPException):
         return error(exc.status_code, str(exc.detail), type_="invalid_request_error")
@@ -57,6 +86,8 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None) -> FastAPI:
     async def _internal(_, exc: Exception):
         log.exception("unhandled error")
         return error(500, f"internal error: {exc}", type_="internal_error")
+
+    add_adapter_routes(app, engine, Path(adapter_root or Path.cwd()))
 
     # ---- plain routes ----------------------------------------------------------------------
     @app.get("/health")

@@ -7,10 +7,11 @@ adds and aborts are queued under a lock and applied between steps; outputs go ba
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .engine import LLMEngine, RequestOutput
 from .metrics import Metrics
@@ -31,6 +32,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._adds: list[tuple] = []
         self._aborts: list[str] = []
+        self._commands: list[tuple[Callable, concurrent.futures.Future]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -83,6 +85,22 @@ class AsyncEngine:
             if not finished:
                 self.abort(rid)
 
+    async def call(self, fn: Callable):
+        """Run fn(engine) on the engine thread between two steps; return its result or raise its error."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._commands.append((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    async def load_adapter(self, name: str, path: str) -> dict:
+        """Read the adapter on a worker thread (the batch keeps decoding), then register it between steps."""
+        adapter = await asyncio.to_thread(self.engine.read_adapter, name, path)
+        return await self.call(lambda engine: (engine.register_adapter(adapter), engine.adapter_info(name))[1])
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.call(lambda engine: engine.unload_adapter(name))
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
@@ -114,6 +132,12 @@ class AsyncEngine:
         with self._lock:
             adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, []
+            commands, self._commands = self._commands, []
+        for fn, future in commands:
+            try:
+                future.set_result(fn(self.engine))
+            except Exception as exc:  # handed to the caller; the engine is as it was
+                future.set_exception(exc)
         for rid in aborts:
             self.engine.abort(rid)
         for prompt_ids, params, adapter, rid in adds:

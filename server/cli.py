@@ -31,6 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="steps a request may wait on --max-loras before nothing else overtakes it")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a PEFT adapter folder at start (repeatable)")
+    p.add_argument("--adapter-root", default=None,
+                   help="folder that adapters loaded through the API must lie in (default: the working directory)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -68,7 +70,8 @@ def serve(args: argparse.Namespace) -> None:
     for name, path in adapters:
         engine.load_adapter(name, path)
     async_engine = AsyncEngine(engine, Metrics())
-    server = uvicorn.Server(uvicorn.Config(create_app(async_engine), host=args.host, port=args.port,
+    server = uvicorn.Server(uvicorn.Config(create_app(async_engine, adapter_root=args.adapter_root),
+                                           host=args.host, port=args.port,
                                            log_level=args.log_level.lower()))
     http = threading.Thread(target=server.run, name="quiver-http", daemon=True)
 

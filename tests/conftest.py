@@ -100,7 +100,7 @@ def run_staggered(engine, arrivals: list[tuple[int, list[int], object]]) -> dict
 class LiveServer:
     """uvicorn on a loopback port in a thread, around an AsyncEngine."""
 
-    def __init__(self, async_engine):
+    def __init__(self, async_engine, adapter_root=None):
         import socket
         import threading
 
@@ -114,8 +114,8 @@ class LiveServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(async_engine), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(create_app(async_engine, adapter_root=adapter_root),
+                                                    host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):

@@ -1,0 +1,58 @@
+"""Adapter management routes: load, unload and list while serving (plus vLLM's aliases)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
+
+from adapters.paths import check_name, resolve_path
+
+from .async_engine import AsyncEngine
+
+
+class LoadAdapter(BaseModel):
+    name: str
+    path: str
+
+
+class VllmLoadLora(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class VllmUnloadLora(BaseModel):
+    lora_name: str
+
+
+def add_adapter_routes(app: FastAPI, engine: AsyncEngine, root: Path) -> None:
+    """Paths are resolved inside `root`; reading happens off the engine loop, registration between steps."""
+
+    async def load(name: str, path: str) -> dict:
+        check_name(name)
+        return await engine.load_adapter(name, str(resolve_path(path, root)))
+
+    @app.post("/v1/adapters")
+    async def add_adapter(req: LoadAdapter):
+        return await load(req.name, req.path)
+
+    @app.delete("/v1/adapters/{name}")
+    async def remove_adapter(name: str):
+        await engine.unload_adapter(name)
+        return {"name": name, "unloaded": True}
+
+    @app.get("/v1/adapters")
+    async def list_adapters():
+        data = await engine.call(lambda core: [core.adapter_info(n) for n in core.adapter_names()])
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load(req: VllmLoadLora):
+        await load(req.lora_name, req.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload(req: VllmUnloadLora):
+        await engine.unload_adapter(req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
