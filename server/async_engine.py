@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -95,11 +96,18 @@ class AsyncEngine:
 
     async def load_adapter(self, name: str, path: str) -> dict:
         """Read the adapter on a worker thread (the batch keeps decoding), then register it between steps."""
+        t0 = time.monotonic()
         adapter = await asyncio.to_thread(self.engine.read_adapter, name, path)
-        return await self.call(lambda engine: (engine.register_adapter(adapter), engine.adapter_info(name))[1])
+        info = await self.call(lambda engine: (engine.register_adapter(adapter), engine.adapter_info(name))[1])
+        if self.metrics is not None:
+            self.metrics.adapter_loads.labels(info["family"]).inc()
+            self.metrics.adapter_load_seconds.labels(info["family"]).observe(time.monotonic() - t0)
+        return info
 
     async def unload_adapter(self, name: str) -> None:
-        await self.call(lambda engine: engine.unload_adapter(name))
+        family = await self.call(lambda engine: (engine.adapter_info(name)["family"], engine.unload_adapter(name))[0])
+        if self.metrics is not None:
+            self.metrics.adapter_unloads.labels(family).inc()
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -25,12 +25,27 @@ class Metrics:
         self.requests = Counter("quiver_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
         self.preemptions = Counter("quiver_preemptions", "Requests preempted for recompute", registry=r)
         self._preemptions_seen = 0
+        self.adapter_loads = Counter("quiver_adapter_loads", "Adapters loaded through the API", ["family"], registry=r)
+        self.adapter_unloads = Counter("quiver_adapter_unloads", "Adapters unloaded", ["family"], registry=r)
+        self.adapter_load_seconds = Histogram("quiver_adapter_load_seconds", "Request to adapter usable",
+                                              ["family"], buckets=LATENCY_BUCKETS, registry=r)
+        self.slot_evictions = Counter("quiver_adapter_evictions", "Adapters moved out of a tier to make room",
+                                      ["tier"], registry=r)
+        self.resident = Gauge("quiver_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
+        self._evictions_seen = 0
 
     def observe_step(self, engine, outputs) -> None:
         sched = engine.scheduler
         self.running.set(len(sched.running))
         self.waiting.set(len(sched.waiting))
         self.kv_usage.set(engine.blocks.usage)
+        if engine.loras is not None:
+            self.resident.labels("device").set(len(engine.loras.slot_of) + len(engine.prompt_adapters)
+                                               + len(engine.bottlenecks))
+            self.resident.labels("cpu").set(len(engine.loras.adapters) - len(engine.loras.slot_of))
+            if engine.loras.evictions > self._evictions_seen:
+                self.slot_evictions.labels("device").inc(engine.loras.evictions - self._evictions_seen)
+                self._evictions_seen = engine.loras.evictions
         if engine.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(engine.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = engine.num_preemptions

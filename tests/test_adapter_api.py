@@ -33,7 +33,8 @@ def hot(api_model, tokenizer, tmp_path_factory):
     make_bottleneck(hf, root / "bottleneck", "bottleneck", SEQ_BN, seed=904)
     engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4, max_model_len=128,
                                     served_model_name="tiny", max_loras=2, max_lora_rank=8), tokenizer=tokenizer)
-    with LiveServer(AsyncEngine(engine), adapter_root=root) as server:
+    from server.metrics import Metrics
+    with LiveServer(AsyncEngine(engine, Metrics()), adapter_root=root) as server:
         yield server, hf, root
 
 
@@ -217,3 +218,16 @@ def test_hot_load_does_not_stall_running_streams(hot, tokenizer):
     assert max(during, default=0) <= 5 * usual + 1.0, (max(during), usual)
     for name in ("run_lora_qv", "run_ptuning_v2", "newcomer"):
         assert httpx.delete(server.url + f"/v1/adapters/{name}").status_code == 200
+
+
+def test_adapter_metrics(hot):
+    server, _, _ = hot
+    assert post(server, "/v1/adapters", {"name": "m1", "path": "lora_qv"}).status_code == 200
+    assert complete(server, "m1").status_code == 200
+    assert httpx.delete(server.url + "/v1/adapters/m1").status_code == 200
+    text = httpx.get(server.url + "/metrics").text
+    assert 'quiver_adapter_loads_total{family="lora"}' in text
+    assert 'quiver_adapter_unloads_total{family="lora"}' in text
+    assert 'quiver_adapter_load_seconds_count{family="lora"}' in text
+    assert 'quiver_generation_tokens_total{adapter="m1"} 6.0' in text
+    assert "quiver_adapters_resident" in text
