@@ -57,3 +57,22 @@ def test_families_bench_smoke(api_model, tokenizer, tmp_path):
         assert row["decode_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
         assert abs(row["decode_vs_base"] - row["decode_tokens_per_s"] / row["base_decode_tokens_per_s"]) < 1e-9
     assert (out / "families.png").stat().st_size > 1000
+
+
+def test_hotload_bench_smoke(api_model, tokenizer, tmp_path):
+    import socket
+
+    from bench import hotload
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
+    out = tmp_path / "results"
+    hotload.main(["--model", str(model_dir), "--repeats", "2", "--rank", "4", "--virtual-tokens", "3",
+                  "--port", str(port), "--out", str(out)])
+    data = json.loads((out / "hotload.json").read_text())
+    assert [r["adapter"] for r in data["rows"]] == ["lora", "prefix"]
+    for row in data["rows"]:
+        assert len(row["all_ms"]) == 2 and all(v > 0 for v in row["all_ms"])
+        assert row["max_ms"] >= row["median_ms"] > 0
