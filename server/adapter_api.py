@@ -44,7 +44,7 @@ def add_adapter_routes(app: FastAPI, engine: AsyncEngine, root: Path) -> None:
 
     @app.get("/v1/adapters")
     async def list_adapters():
-        data = await engine.call(lambda core: [core.adapter_info(n) for n in core.adapter_names()])
+        data = await engine.call(lambda core: [core.adapter_info(n) for n in core.known_names()])
         return {"object": "list", "data": data}
 
     @app.post("/v1/load_lora_adapter")

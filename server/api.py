@@ -101,7 +101,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
                 "root": str(core.model_dir), "parent": None, "max_model_len": core.max_model_len}
         adapters = [{"id": name, "object": "model", "created": created, "owned_by": "quiver",
                      "root": core.adapter_info(name)["path"], "parent": core.model_name,
-                     "max_model_len": core.max_model_len} for name in core.adapter_names()]
+                     "max_model_len": core.max_model_len} for name in core.known_names()]
         return {"object": "list", "data": [base, *adapters]}
 
     @app.get("/metrics")
@@ -162,7 +162,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
                         totals[i] = [out.num_prompt_tokens, out.num_output_tokens]
                         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
                         yield _sse(body([choice]))
-                except EngineError as exc:
+                except (EngineError, LookupError, ValueError) as exc:  # incl. an adapter that failed to load
                     yield _sse(_error_body(str(exc)))
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse(body([], usage(sum(t[0] for t in totals), sum(t[1] for t in totals))))
@@ -226,7 +226,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
                         lp = fmt.chat(out.new_logprobs) if req.logprobs else None
                         delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                         yield _sse(chunk(delta, out.finish_reason, lp))
-                except EngineError as exc:
+                except (EngineError, LookupError, ValueError) as exc:  # incl. an adapter that failed to load
                     yield _sse(_error_body(str(exc)))
                 if last is not None and req.stream_options and req.stream_options.include_usage:
                     yield _sse(chunk({}, use=usage(last.num_prompt_tokens, last.num_output_tokens), choices=False))

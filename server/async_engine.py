@@ -34,6 +34,7 @@ class AsyncEngine:
         self._adds: list[tuple] = []
         self._aborts: list[str] = []
         self._commands: list[tuple[Callable, concurrent.futures.Future]] = []
+        self._parked: dict[str, list[tuple]] = {}  # adapter on disk -> adds waiting for it to be read
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -148,13 +149,58 @@ class AsyncEngine:
                 future.set_exception(exc)
         for rid in aborts:
             self.engine.abort(rid)
-        for prompt_ids, params, adapter, rid in adds:
-            if rid in aborts:
+        for add in adds:
+            if add[3] in aborts:
                 continue
-            try:
-                self.engine.add_request(prompt_ids, params, adapter, request_id=rid)
-            except Exception as exc:  # checked before queueing, so only a race gets here
-                self._deliver(rid, exc, last=True)
+            adapter = add[2]
+            if adapter is not None and not self.engine.is_resident(adapter) and adapter in self.engine.known:
+                self._park(add)  # known, but on disk: read it off this thread first
+            else:
+                self._add(add)
+
+    def _add(self, add: tuple) -> None:
+        prompt_ids, params, adapter, rid = add
+        with self._lock:
+            if rid not in self._streams:  # aborted while it waited
+                return
+        try:
+            self.engine.add_request(prompt_ids, params, adapter, request_id=rid)
+        except Exception as exc:  # checked before queueing, so only a race gets here
+            self._deliver(rid, exc, last=True)
+
+    def _park(self, add: tuple) -> None:
+        name = add[2]
+        first = name not in self._parked
+        self._parked.setdefault(name, []).append(add)
+        if first:
+            path = self.engine.known[name]
+            threading.Thread(target=self._read_parked, args=(name, path), daemon=True).start()
+
+    def _read_parked(self, name: str, path: str) -> None:
+        """Worker thread: read the adapter, then finish on the engine thread between steps."""
+        t0 = time.monotonic()
+        try:
+            adapter = self.engine.read_adapter(name, path)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+            adapter = exc
+
+        def finish(engine):
+            parked = self._parked.pop(name, [])
+            if isinstance(adapter, Exception):
+                for add in parked:
+                    self._deliver(add[3], adapter, last=True)
+                return
+            if not engine.is_resident(name):
+                engine.register_adapter(adapter, keep=frozenset(self._parked))
+                if self.metrics is not None:
+                    self.metrics.adapter_loads.labels(adapter.family).inc()
+                    self.metrics.adapter_load_seconds.labels(adapter.family).observe(time.monotonic() - t0)
+            for add in parked:
+                self._add(add)
+
+        with self._lock:
+            self._commands.append((finish, concurrent.futures.Future()))
+        self._wake.set()
 
     def _deliver(self, rid: str, item, last: bool) -> None:
         with self._lock:

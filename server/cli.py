@@ -31,8 +31,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="steps a request may wait on --max-loras before nothing else overtakes it")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a PEFT adapter folder at start (repeatable)")
+    p.add_argument("--adapter-dir", default=None,
+                   help="every adapter folder in DIR is known by its name at start and read on first use")
     p.add_argument("--adapter-root", default=None,
-                   help="folder that adapters loaded through the API must lie in (default: the working directory)")
+                   help="folder that adapters loaded through the API must lie in "
+                        "(default: --adapter-dir, else the working directory)")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="LoRA adapters kept in host memory (default: no limit); beyond, the least recently used "
+                        "idle one goes back to disk and is read again on its next use")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -41,7 +47,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
-        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps)
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
+        max_cpu_loras=args.max_cpu_loras)
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
@@ -69,8 +76,11 @@ def serve(args: argparse.Namespace) -> None:
     engine = LLMEngine(engine_config(args))
     for name, path in adapters:
         engine.load_adapter(name, path)
+    if args.adapter_dir:
+        engine.add_adapter_dir(args.adapter_dir)
     async_engine = AsyncEngine(engine, Metrics())
-    server = uvicorn.Server(uvicorn.Config(create_app(async_engine, adapter_root=args.adapter_root),
+    root = args.adapter_root or args.adapter_dir
+    server = uvicorn.Server(uvicorn.Config(create_app(async_engine, adapter_root=root),
                                            host=args.host, port=args.port,
                                            log_level=args.log_level.lower()))
     http = threading.Thread(target=server.run, name="quiver-http", daemon=True)

@@ -22,6 +22,7 @@ class EngineConfig:
     max_loras: int = 8  # LoRA adapters resident in device slots (and most distinct per step)
     max_lora_rank: int = 16
     lora_starvation_steps: int = 32  # a request blocked by --max-loras this long stops others overtaking it
+    max_cpu_loras: int | None = None  # LoRA adapters kept in host memory; beyond, the LRU unused one goes back to disk
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -32,6 +33,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_mb", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < max(1, self.max_loras):
+            raise ValueError("max_cpu_loras must be >= max_loras (the CPU tier holds every adapter in a slot)")
         if self.max_loras < 0:
             raise ValueError("max_loras must be >= 0")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

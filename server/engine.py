@@ -6,6 +6,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -81,6 +82,8 @@ class LLMEngine:
         self.prefix_blocks: dict[str, tuple[int, ...]] = {}
         self.bottlenecks: dict = {}  # name -> BottleneckAdapter
         self.requests_served: dict[str, int] = {}
+        self.known: dict[str, str] = {}  # name -> folder, for adapters that can be (re)read from disk
+        self.cpu_evictions = 0
         eos = set(self.runner.model_config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -109,10 +112,13 @@ class LLMEngine:
         return load_lora(name, path, mc.num_layers, module_shapes(mc), self.runner.base_weight,
                          self.config.max_lora_rank)
 
-    def register_adapter(self, adapter) -> None:
-        """Make a read adapter usable (engine thread, between steps)."""
+    def register_adapter(self, adapter, keep: frozenset[str] = frozenset()) -> None:
+        """Make a read adapter usable (engine thread, between steps). Beyond --max-cpu-loras, the least
+        recently used LoRA adapter that no request uses (nor any in `keep`) goes back to disk."""
         if adapter.name in self.adapter_names():
             raise AdapterExists(adapter.name)
+        path = adapter.path if adapter.family == "bottleneck" else adapter.spec.path
+        self.known[adapter.name] = str(path)
         if isinstance(adapter, PromptAdapter):
             self._register_prompt(adapter)
         elif adapter.family == "bottleneck":
@@ -120,10 +126,28 @@ class LLMEngine:
             self.bottlenecks[adapter.name] = adapter
         else:
             self.loras.register(adapter)
+            self._trim_cpu_tier(keep | {adapter.name})
+
+    def _trim_cpu_tier(self, keep: set[str]) -> None:
+        limit = self.config.max_cpu_loras
+        if limit is None:
+            return
+        in_use = {seq.adapter for seq in self.seqs.values()} | keep
+        while len(self.loras.adapters) > limit:
+            victims = [n for n in self.loras.lru_order() if n not in in_use]
+            if not victims:
+                return  # everything is in use: over the limit until requests finish
+            self.loras.unregister(victims[0])
+            self.cpu_evictions += 1
+
+    def is_resident(self, name: str) -> bool:
+        return name in self.adapter_names()
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter and free its memory; refused (AdapterInUse) while a request uses it."""
         if name not in self.adapter_names():
+            if self.known.pop(name, None) is not None:  # known but on disk: nothing else to free
+                return
             raise UnknownAdapter(name)
         users = sum(1 for seq in self.seqs.values() if seq.adapter == name)
         if users:
@@ -137,8 +161,12 @@ class LLMEngine:
         else:
             self.loras.unregister(name)
         self.requests_served.pop(name, None)
+        self.known.pop(name, None)
 
     def adapter_info(self, name: str) -> dict:
+        if not self.is_resident(name):
+            return {"name": name, "path": self.known[name], "tier": "disk",
+                    "requests_served": self.requests_served.get(name, 0)}
         if name in self.bottlenecks:
             a = self.bottlenecks[name]
             return {"name": name, "family": "bottleneck", "width": a.width, "path": str(a.path), "bytes": a.nbytes,
@@ -173,6 +201,10 @@ class LLMEngine:
             self.prefix_blocks[adapter.name] = tuple(blocks)
         self.prompt_adapters[adapter.name] = adapter
 
+    def known_names(self) -> list[str]:
+        """Every adapter a request may name: resident ones and those on disk."""
+        return list(dict.fromkeys(self.adapter_names() + list(self.known)))
+
     def adapter_names(self) -> list[str]:
         loras = list(self.loras.adapters) if self.loras is not None else []
         return loras + list(self.prompt_adapters) + list(self.bottlenecks)
@@ -181,7 +213,7 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
         """Raise InvalidParam / UnknownAdapter for a request that cannot run."""
-        if adapter is not None and adapter not in self.adapter_names():
+        if adapter is not None and adapter not in self.adapter_names() and adapter not in self.known:
             raise UnknownAdapter(adapter)
         if not prompt_ids:
             raise InvalidParam("prompt", "prompt must not be empty")
@@ -208,6 +240,23 @@ class LLMEngine:
         if adapter is not None:
             self.requests_served[adapter] = self.requests_served.get(adapter, 0) + 1
         return seq
+
+    def add_adapter_dir(self, folder: str) -> list[str]:
+        """Make every adapter folder in `folder` known by its folder name; each is read on first use."""
+        from adapters.paths import InvalidName, check_name
+
+        added = []
+        for sub in sorted(Path(folder).iterdir()):
+            if not (sub / "adapter_config.json").is_file():
+                continue
+            try:
+                check_name(sub.name)
+            except InvalidName as exc:
+                log.warning("skipping %s: %s", sub, exc)
+                continue
+            self.known.setdefault(sub.name, str(sub.resolve()))
+            added.append(sub.name)
+        return added
 
     def _adapter_fields(self, adapter: str | None) -> dict:
         if adapter in self.bottlenecks:
@@ -259,6 +308,9 @@ class LLMEngine:
             if result.logprobs is not None and seq.params.logprobs is not None:
                 logprob = TokenLogprob(result.tokens[i], result.logprobs[i], result.top[i][:seq.params.logprobs])
             outputs.append(self._append_token(seq, result.tokens[i], logprob, now))
+        if self.loras is not None and self.config.max_cpu_loras is not None \
+                and len(self.loras.adapters) > self.config.max_cpu_loras:
+            self._trim_cpu_tier(set())  # adapters that were all busy when read may be idle now
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:

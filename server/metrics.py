@@ -33,6 +33,7 @@ class Metrics:
                                       ["tier"], registry=r)
         self.resident = Gauge("quiver_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
         self._evictions_seen = 0
+        self._cpu_evictions_seen = 0
 
     def observe_step(self, engine, outputs) -> None:
         sched = engine.scheduler
@@ -43,6 +44,10 @@ class Metrics:
             self.resident.labels("device").set(len(engine.loras.slot_of) + len(engine.prompt_adapters)
                                                + len(engine.bottlenecks))
             self.resident.labels("cpu").set(len(engine.loras.adapters) - len(engine.loras.slot_of))
+            self.resident.labels("disk").set(len(engine.known) - len(engine.adapter_names()))
+            if engine.cpu_evictions > self._cpu_evictions_seen:
+                self.slot_evictions.labels("cpu").inc(engine.cpu_evictions - self._cpu_evictions_seen)
+                self._cpu_evictions_seen = engine.cpu_evictions
             if engine.loras.evictions > self._evictions_seen:
                 self.slot_evictions.labels("device").inc(engine.loras.evictions - self._evictions_seen)
                 self._evictions_seen = engine.loras.evictions

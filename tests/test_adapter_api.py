@@ -272,3 +272,43 @@ def test_unload_and_reload_100_times_keeps_memory_flat(smollm2_dir, tokenizer, t
     grown = proc.memory_info().rss - before
     assert grown < size, f"RSS grew {grown / 2**20:.1f} MiB over 100 cycles; one adapter is {size / 2**20:.1f} MiB"
     assert engine.adapter_names() == [] and not engine.loras.slot_of
+
+
+def test_tiers_round_robin_six_adapters_over_two_slots_and_three_in_memory(api_model, tokenizer, tmp_path):
+    """--adapter-dir with 6 LoRA adapters (none read at start), --max-loras 2, --max-cpu-loras 3:
+    concurrent round-robin requests all succeed with PEFT's outputs while adapters move between
+    disk, host memory and device slots."""
+    from server.metrics import Metrics
+
+    base_dir, hf = api_model
+    variants = lora_variants(hf.config.num_hidden_layers)
+    kinds = ["lora_qv", "rslora_all7", "dora", "adalora", "lora_r1_mlp", "dora_mlp"]
+    for i, kind in enumerate(kinds):
+        make_adapter(hf, tmp_path / f"a{i}", variants[kind], seed=970 + i, scale=0.3)
+    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4, max_model_len=128,
+                                    served_model_name="tiny", max_loras=2, max_cpu_loras=3), tokenizer=tokenizer)
+    assert engine.add_adapter_dir(str(tmp_path)) == [f"a{i}" for i in range(6)]
+    assert engine.adapter_names() == []  # nothing read yet
+    metrics = Metrics()
+    with LiveServer(AsyncEngine(engine, metrics), adapter_root=tmp_path) as server:
+        tiers = {a["name"]: a["tier"] for a in httpx.get(server.url + "/v1/adapters").json()["data"]}
+        assert set(tiers.values()) == {"disk"}
+
+        async def run():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+                return await asyncio.gather(*[c.post("/v1/completions", json={
+                    "model": f"a{i % 6}", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+                    for i in range(18)])
+
+        results = asyncio.run(run())
+        assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+        for i, r in enumerate(results):
+            want = tokenizer.decode(peft_greedy(hf, tmp_path / f"a{i % 6}", PROMPT, 5), skip_special_tokens=True)
+            assert r.json()["choices"][0]["text"] == want, i
+        assert len(engine.loras.adapters) <= 3 and len(engine.loras.slot_of) <= 2
+        text = httpx.get(server.url + "/metrics").text
+        assert 'quiver_adapter_evictions_total{tier="device"}' in text
+        assert 'quiver_adapter_evictions_total{tier="cpu"}' in text
+        assert engine.cpu_evictions > 0 and engine.loras.evictions > 0
+        tiers = {a["name"]: a["tier"] for a in httpx.get(server.url + "/v1/adapters").json()["data"]}
+        assert sorted(tiers) == [f"a{i}" for i in range(6)] and "disk" in tiers.values()
