@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterError
-from .lora import _read_tensors
+from .weights import read_weights
 
 WEIGHTS_FILE = "adapter.safetensors"
+PICKLE_FILE = "pytorch_adapter.bin"
 LOCATIONS = {"attention_adapters": "attn", "output_adapters": "mlp"}
 ACTIVATIONS = ("relu", "swish", "silu", "gelu", "gelu_new", "tanh", "leakyrelu")
 _KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.([^.]+)\."
@@ -61,7 +62,8 @@ class BottleneckAdapter:
                    for t in (m.down, m.down_bias, m.up, m.up_bias))
 
 
-def load_bottleneck(name: str, path: str | Path, num_layers: int, hidden: int, model_type: str) -> BottleneckAdapter:
+def load_bottleneck(name: str, path: str | Path, num_layers: int, hidden: int, model_type: str,
+                    allow_pickle: bool = False, max_bytes: int | None = None) -> BottleneckAdapter:
     path = Path(path)
     cfg_file = path / "adapter_config.json"
     try:
@@ -84,13 +86,9 @@ def load_bottleneck(name: str, path: str | Path, num_layers: int, hidden: int, m
     scaling = cfg.get("scaling", 1.0)
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise AdapterError(f"{cfg_file}: option scaling={scaling!r} is not supported (a number only)")
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        pickled = [p.name for p in path.glob("*.bin")]
-        hint = f" (found {', '.join(pickled)}: pickle checkpoints are not read)" if pickled else ""
-        raise AdapterError(f"{file}: not found{hint}")
+    tensors, file = read_weights(path, WEIGHTS_FILE, PICKLE_FILE, allow_pickle, max_bytes)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in _read_tensors(file).items():
+    for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise AdapterError(f"{file}: tensor {key!r} is not a bottleneck adapter weight")

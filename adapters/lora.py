@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from .errors import AdapterError
 from .spec import AdapterSpec, read_spec
+from .weights import read_weights
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(lora_A|lora_B|lora_E|lora_magnitude_vector)(?:\.weight)?$")
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
 
 
 @dataclass
@@ -61,15 +61,11 @@ BaseWeight = Callable[[int, str], torch.Tensor]  # (layer, module) -> W [out, in
 
 
 def load_lora(name: str, path: str | Path, num_layers: int, shapes: dict[str, tuple[int, int]],
-              base_weight: BaseWeight, max_rank: int) -> LoraAdapter:
+              base_weight: BaseWeight, max_rank: int, allow_pickle: bool = False,
+              max_bytes: int | None = None) -> LoraAdapter:
     """shapes: module -> (out, in) of the base model."""
     spec = read_spec(path)
-    file = spec.path / WEIGHTS_FILE
-    if not file.is_file():
-        pickled = [p.name for p in spec.path.glob("*.bin")]
-        hint = f" (found {', '.join(pickled)}: pickle checkpoints are not read)" if pickled else ""
-        raise AdapterError(f"{file}: not found{hint}")
-    raw = _read_tensors(file)
+    raw, file = read_weights(spec.path, WEIGHTS_FILE, PICKLE_FILE, allow_pickle, max_bytes)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         m = _KEY.match(key)
@@ -93,20 +89,6 @@ def load_lora(name: str, path: str | Path, num_layers: int, shapes: dict[str, tu
     if not adapter.modules:
         raise AdapterError(f"{file}: every module has rank 0")
     return adapter
-
-
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterError(f"{file}: cannot be read as safetensors ({exc})") from exc
-    for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise AdapterError(f"{file}: tensor {key!r} has dtype {t.dtype}, expected floating point")
-        if not torch.isfinite(t).all():
-            raise AdapterError(f"{file}: tensor {key!r} contains NaN or Inf")
-    return tensors
 
 
 def _module(spec: AdapterSpec, file: Path, layer: int, module: str, p: dict, shape: tuple[int, int],

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterError
-from .lora import WEIGHTS_FILE, _read_tensors
+from .lora import PICKLE_FILE, WEIGHTS_FILE
 from .spec import AdapterSpec, read_spec
+from .weights import read_weights
 
 
 @dataclass
@@ -36,15 +37,13 @@ class PromptAdapter:
 
 
 def load_prompt_adapter(name: str, path: str | Path, num_layers: int, hidden: int, kv_heads: int,
-                        head_dim: int) -> PromptAdapter:
+                        head_dim: int, allow_pickle: bool = False, max_bytes: int | None = None) -> PromptAdapter:
     spec = read_spec(path)
-    cfg, file = spec.config, spec.path / WEIGHTS_FILE
-    if not file.is_file():
-        raise AdapterError(f"{file}: not found (pickle checkpoints are not read)")
+    cfg = spec.config
     if int(cfg.get("num_transformer_submodules") or 1) != 1:
         raise AdapterError(f"{spec.config_file}: num_transformer_submodules="
                            f"{cfg.get('num_transformer_submodules')} (encoder-decoder) is not supported")
-    tensors = _read_tensors(file)
+    tensors, file = read_weights(spec.path, WEIGHTS_FILE, PICKLE_FILE, allow_pickle, max_bytes)
     if set(tensors) != {"prompt_embeddings"}:
         raise AdapterError(f"{file}: expected exactly one tensor 'prompt_embeddings' as PEFT saves it, "
                            f"found {sorted(tensors)[:5]}")

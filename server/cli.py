@@ -36,6 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-root", default=None,
                    help="folder that adapters loaded through the API must lie in "
                         "(default: --adapter-dir, else the working directory)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickle adapter files (adapter_model.bin), with torch.load(weights_only=True)")
+    p.add_argument("--max-adapter-mb", type=int, default=d.max_adapter_mb, help="largest adapter weight file read")
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="LoRA adapters kept in host memory (default: no limit); beyond, the least recently used "
                         "idle one goes back to disk and is read again on its next use")
@@ -48,7 +51,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
-        max_cpu_loras=args.max_cpu_loras)
+        max_cpu_loras=args.max_cpu_loras, allow_pickle=args.allow_pickle, max_adapter_mb=args.max_adapter_mb)
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:

@@ -23,6 +23,8 @@ class EngineConfig:
     max_lora_rank: int = 16
     lora_starvation_steps: int = 32  # a request blocked by --max-loras this long stops others overtaking it
     max_cpu_loras: int | None = None  # LoRA adapters kept in host memory; beyond, the LRU unused one goes back to disk
+    allow_pickle: bool = False  # read adapter_model.bin / pytorch_adapter.bin (torch.load with weights_only)
+    max_adapter_mb: int = 2048  # larger adapter weight files are refused
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:

@@ -101,16 +101,18 @@ class LLMEngine:
     def read_adapter(self, name: str, path: str):
         """Parse and check an adapter folder into host memory. Touches no engine state, so it may
         run on any thread while the engine keeps stepping."""
-        mc = self.runner.model_config
+        mc, c = self.runner.model_config, self.config
+        files = dict(allow_pickle=c.allow_pickle, max_bytes=c.max_adapter_mb * 2**20)
         family = detect_family(path)
         if family == "bottleneck":
-            return load_bottleneck(name, path, mc.num_layers, mc.hidden_size, mc.model_type)
+            return load_bottleneck(name, path, mc.num_layers, mc.hidden_size, mc.model_type, **files)
         if family != "lora":
-            return load_prompt_adapter(name, path, mc.num_layers, mc.hidden_size, mc.num_kv_heads, mc.head_dim)
+            return load_prompt_adapter(name, path, mc.num_layers, mc.hidden_size, mc.num_kv_heads, mc.head_dim,
+                                       **files)
         if self.loras is None:
             raise AdapterError(f"{path}: LoRA serving is off (--max-loras 0)")
-        return load_lora(name, path, mc.num_layers, module_shapes(mc), self.runner.base_weight,
-                         self.config.max_lora_rank)
+        return load_lora(name, path, mc.num_layers, module_shapes(mc), self.runner.base_weight, c.max_lora_rank,
+                         **files)
 
     def register_adapter(self, adapter, keep: frozenset[str] = frozenset()) -> None:
         """Make a read adapter usable (engine thread, between steps). Beyond --max-cpu-loras, the least

@@ -165,3 +165,22 @@ def test_rank_over_limit_is_refused(tiny_lora_set, tokenizer):
     with pytest.raises(AdapterError, match="rank 16 exceeds --max-lora-rank 8"):
         engine.load_adapter("big", str(paths["lora_r16_ko"]))
     assert engine.adapter_names() == []
+
+
+def test_pickle_only_with_allow_pickle_and_size_limit(tiny_lora_set, tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    base_dir, _, paths = tiny_lora_set
+    pickled = _copy(paths, tmp_path)
+    st = pickled / "adapter_model.safetensors"
+    torch.save(load_file(str(st)), pickled / "adapter_model.bin")
+    st.unlink()
+    with pytest.raises(AdapterError, match="--allow-pickle"):
+        lora_engine(base_dir, tokenizer).load_adapter("p", str(pickled))
+    engine = lora_engine(base_dir, tokenizer, allow_pickle=True)
+    engine.load_adapter("p", str(pickled))
+    engine.load_adapter("s", str(paths["lora_qv"]))
+    pa, sa = engine.loras.adapters["p"], engine.loras.adapters["s"]
+    assert all(torch.equal(pa.modules[k].b, sa.modules[k].b) for k in sa.modules)
+    with pytest.raises(AdapterError, match="size limit"):
+        lora_engine(base_dir, tokenizer, max_adapter_mb=0).load_adapter("s", str(paths["lora_qv"]))
