@@ -7,7 +7,6 @@ prefix adapter; median and max of several loads, each under a fresh name.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, machine, write_json
+from .common import machine, write_json
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

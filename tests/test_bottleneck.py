@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from bottleneck_ref import DOUBLE_SEQ_BN, SEQ_BN, make_bottleneck, reference_logits
 from conftest import check_mixed_batch
 

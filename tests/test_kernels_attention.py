@@ -18,7 +18,7 @@ def make_case(heads, kv_heads, rows, block_size=4, d=16, num_blocks=40, seed=0):
     k_cache = torch.full((kv_heads, num_blocks, block_size, d), float("nan"))
     v_cache = torch.full_like(k_cache, float("nan"))
     free = list(range(num_blocks))
-    tables, meta, seqs = [], [], []
+    tables, meta = [], []
     prefix_blocks = {}
     for q_len, cached, prefix in rows:
         if prefix and prefix not in prefix_blocks:  # rows with the same prefix length share it
