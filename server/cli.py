@@ -104,9 +104,31 @@ def serve(args: argparse.Namespace) -> None:
     http.join(timeout=30)
 
 
+def merge(args: argparse.Namespace) -> None:
+    import torch
+
+    from adapters.merge import merge_adapters
+
+    from .model_source import resolve_model
+
+    weights = args.weight or [1.0] * len(args.adapter)
+    if len(weights) != len(args.adapter):
+        raise ValueError("give one --weight per --adapter, or none")
+    model_dir, _ = resolve_model(args.model)
+    out = merge_adapters(model_dir, list(zip(args.adapter, weights)), args.out, getattr(torch, args.dtype),
+                         progress=True)
+    print(f"merged model written to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="quiver", description="Quiver: many task adapters over one base model")
     sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="fold LoRA-family adapters into the base weights, offline")
+    m.add_argument("--model", default=None, help="base model directory or .gguf (default: the embedded SmolLM2)")
+    m.add_argument("--adapter", action="append", required=True, help="PEFT adapter folder (repeatable)")
+    m.add_argument("--weight", action="append", type=float, help="weight of each --adapter, in order (default 1)")
+    m.add_argument("--out", required=True, help="output directory (a plain HF model)")
+    m.add_argument("--dtype", choices=DTYPES, default="float32")
     p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -118,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             serve(args)
+        elif args.command == "merge":
+            merge(args)
     except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
         parser.exit(2, f"quiver: error: {exc}\n")
 

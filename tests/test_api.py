@@ -149,7 +149,19 @@ def _wait_for(cond, timeout=20.0):
         time.sleep(0.02)
 
 
-def test_disconnect_mid_stream_aborts_and_frees_blocks(tiny_server):
+@pytest.fixture
+def slow_steps(tiny_server, monkeypatch):
+    """Each engine step takes at least 20 ms, so a long request is still running when the client leaves."""
+    step = tiny_server.engine.step
+
+    def slow():
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(tiny_server.engine, "step", slow)
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(tiny_server, slow_steps):
     engine = tiny_server.engine
     with httpx.stream("POST", tiny_server.url + "/v1/completions", timeout=60,
                       json={"prompt": "a b c", "max_tokens": 100, "stream": True, "ignore_eos": True}) as r:
@@ -161,7 +173,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(tiny_server):
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
-def test_disconnect_non_streaming_aborts(tiny_server):
+def test_disconnect_non_streaming_aborts(tiny_server, slow_steps):
     engine = tiny_server.engine
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(tiny_server.url + "/v1/completions", timeout=0.5,
