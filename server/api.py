@@ -27,6 +27,17 @@ from .sampling import InvalidParam
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25
 
+# exception -> (HTTP status, the request field it names, OpenAI-style code)
+ERROR_STATUS = {
+    UnknownAdapter: (404, "adapter", "model_not_found"),
+    InvalidName: (400, "name", "invalid_adapter_name"),
+    PathNotAllowed: (400, "path", "path_not_allowed"),
+    FileNotFoundError: (404, "path", "adapter_path_not_found"),
+    AdapterError: (422, "path", "invalid_adapter"),
+    AdapterExists: (409, "name", "adapter_exists"),
+    AdapterInUse: (409, "name", "adapter_in_use"),
+}
+
 
 def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root: str | Path | None = None) -> FastAPI:
     app = FastAPI(title="Quiver", version="0.1.0")
@@ -50,33 +61,13 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
     async def _bad_param(_, exc: InvalidParam):
         return error(400, str(exc), param=exc.param)
 
-    @app.exception_handler(UnknownAdapter)
-    async def _unknown(_, exc: UnknownAdapter):
-        return error(404, str(exc), param="adapter", code="model_not_found")
+    def status_handler(status: int, param: str, code: str):
+        async def handle(_, exc: Exception):
+            return error(status, str(exc), param=param, code=code)
+        return handle
 
-    @app.exception_handler(InvalidName)
-    async def _bad_name(_, exc: InvalidName):
-        return error(400, str(exc), param="name", code="invalid_adapter_name")
-
-    @app.exception_handler(PathNotAllowed)
-    async def _bad_path(_, exc: PathNotAllowed):
-        return error(400, str(exc), param="path", code="path_not_allowed")
-
-    @app.exception_handler(FileNotFoundError)
-    async def _no_path(_, exc: FileNotFoundError):
-        return error(404, str(exc), param="path", code="adapter_path_not_found")
-
-    @app.exception_handler(AdapterError)
-    async def _bad_adapter(_, exc: AdapterError):
-        return error(422, str(exc), param="path", code="invalid_adapter")
-
-    @app.exception_handler(AdapterExists)
-    async def _exists(_, exc: AdapterExists):
-        return error(409, str(exc), param="name", code="adapter_exists")
-
-    @app.exception_handler(AdapterInUse)
-    async def _in_use(_, exc: AdapterInUse):
-        return error(409, str(exc), param="name", code="adapter_in_use")
+    for exc_type, spec in ERROR_STATUS.items():
+        app.add_exception_handler(exc_type, status_handler(*spec))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc: StarletteHTTPException):
