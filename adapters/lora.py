@@ -29,6 +29,7 @@ class LoraModule:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r], scale (and DoRA's g) folded in
     dora_scale: torch.Tensor | None = None  # g = m / ||W + sBA||_row, [out]
+    scale: float = 1.0  # the s folded into b, kept for combinations that weigh raw B (adapters/combine.py)
 
 
 @dataclass
@@ -127,4 +128,4 @@ def _module(spec: AdapterSpec, file: Path, layer: int, module: str, p: dict, sha
         norm = torch.linalg.norm(w + b @ a, dim=1)
         dora = m.float() / norm
         b = b * dora[:, None]
-    return LoraModule(a=a.contiguous(), b=b.contiguous(), dora_scale=dora)
+    return LoraModule(a=a.contiguous(), b=b.contiguous(), dora_scale=dora, scale=scale)

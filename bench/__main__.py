@@ -5,7 +5,8 @@ import sys
 
 
 def main() -> None:
-    names = {"throughput": "bench.throughput", "adapters": "bench.adapters", "families": "bench.families",
+    names = {"latency": "bench.latency", "adapters": "bench.adapters", "peft": "bench.peft",
+             "serving": "bench.serving", "throughput": "bench.throughput", "families": "bench.families",
              "hotload": "bench.hotload"}
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         sys.exit(f"usage: python -m bench {{{','.join(names)}}} [options]")

@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from adapters.combine import METHODS
+
 from .config import DTYPES, EngineConfig
 
 
@@ -107,17 +109,23 @@ def serve(args: argparse.Namespace) -> None:
 def merge(args: argparse.Namespace) -> None:
     import torch
 
-    from adapters.merge import merge_adapters
-
+    from .merge import check_merge, merge_adapters
     from .model_source import resolve_model
 
     weights = args.weight or [1.0] * len(args.adapter)
     if len(weights) != len(args.adapter):
         raise ValueError("give one --weight per --adapter, or none")
     model_dir, _ = resolve_model(args.model)
-    out = merge_adapters(model_dir, list(zip(args.adapter, weights)), args.out, getattr(torch, args.dtype),
-                         progress=True)
+    adapters = list(zip(args.adapter, weights))
+    how = dict(combination=args.combination, density=args.density, majority_sign=args.majority_sign, seed=args.seed)
+    out = merge_adapters(model_dir, adapters, args.out, getattr(torch, args.dtype), progress=True, **how)
     print(f"merged model written to {out}")
+    if args.check:
+        diff = check_merge(model_dir, out, adapters, args.dtype, **how)
+        tol = args.check_tol if args.check_tol is not None else (1e-3 if args.dtype == "float32" else 0.5)
+        print(f"check: max |logit difference|, merged vs served unmerged, {diff:.3g} (tolerance {tol:g})")
+        if not diff <= tol:
+            sys.exit(f"quiver: error: the merged model differs from the unmerged adapter by {diff:.3g}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,6 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--weight", action="append", type=float, help="weight of each --adapter, in order (default 1)")
     m.add_argument("--out", required=True, help="output directory (a plain HF model)")
     m.add_argument("--dtype", choices=DTYPES, default="float32")
+    m.add_argument("--combination", choices=METHODS, default="cat",
+                   help="how several adapters combine (PEFT's add_weighted_adapter): cat is the exact weighted "
+                        "sum; linear, ties, dare_linear, dare_ties, magnitude_prune work on A and B entry by entry")
+    m.add_argument("--density", type=float, default=None, help="fraction of entries kept by ties, dare, magnitude_prune")
+    m.add_argument("--majority-sign", choices=["total", "frequency"], default="total", help="ties' sign election")
+    m.add_argument("--seed", type=int, default=0, help="seeds dare's random drops")
+    m.add_argument("--check", action="store_true",
+                   help="afterwards, compare the merged model's logits with the base serving the adapters unmerged")
+    m.add_argument("--check-tol", type=float, default=None,
+                   help="largest logit difference --check accepts (default 1e-3 in float32, 0.5 in 16-bit)")
     p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
