@@ -1,17 +1,25 @@
-"""python -m bench <name> [...]: run one benchmark."""
+"""python -m bench <name> [...] (or quiver bench <name> [...]): run one benchmark."""
 from __future__ import annotations
 
+import importlib
 import sys
 
-
-def main() -> None:
-    names = {"latency": "bench.latency", "adapters": "bench.adapters", "peft": "bench.peft",
-             "serving": "bench.serving", "throughput": "bench.throughput", "families": "bench.families",
-             "hotload": "bench.hotload"}
-    if len(sys.argv) < 2 or sys.argv[1] not in names:
-        sys.exit(f"usage: python -m bench {{{','.join(names)}}} [options]")
-    import importlib
-    importlib.import_module(names[sys.argv[1]]).main(sys.argv[2:])
+BENCHMARKS = {"latency": "merged vs unmerged vs base: TTFT and time per output token at 1, 8, 32 concurrent",
+              "adapters": "throughput against the number of distinct LoRA adapters in a batch",
+              "peft": "the multi-adapter workloads through PEFT (per-adapter and mixed-batch generate)",
+              "serving": "HTTP load generator: Poisson arrivals over uniform or Zipf-drawn adapters",
+              "throughput": "tokens/s against transformers' generate at several concurrency levels",
+              "families": "decode throughput of each adapter family against the base model",
+              "hotload": "from POST /v1/adapters to the first token of the new adapter"}
 
 
-main()
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in BENCHMARKS:
+        lines = "\n".join(f"  {name:11s} {what}" for name, what in BENCHMARKS.items())
+        sys.exit(f"usage: python -m bench NAME [options]   (NAME --help for its options)\n{lines}")
+    importlib.import_module(f"bench.{argv[0]}").main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

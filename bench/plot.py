@@ -5,21 +5,30 @@ from pathlib import Path
 
 
 def line_plot(path: Path, x: list, series: dict[str, list], xlabel: str, ylabel: str, title: str) -> Path:
+    return line_plots(path, x, xlabel, [(title, ylabel, series)])
+
+
+def line_plots(path: Path, x: list, xlabel: str, panels: list[tuple[str, str, dict[str, list]]],
+               suptitle: str | None = None) -> Path:
+    """One panel per (title, ylabel, series), side by side, x on a log2 axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for label, ys in series.items():
-        ax.plot(x, ys, marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(x, [str(v) for v in x])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes[0], panels):
+        for label, ys in series.items():
+            ax.plot(x, ys, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if suptitle:
+        fig.suptitle(suptitle)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -6,6 +6,10 @@ lora_shrink:  xa[t] = a[slot[t]] @ x[t]                                     ([T,
 lora_expand:  y[t, o_s:o_{s+1}] += xa[t, s*R:(s+1)*R] @ b[slot[t], :, o_s:o_{s+1}]   for each slice s
 (b is stored [R, out] so that each slice's columns are read as plain row-major blocks.)
 Ranks below R are zero-padded in a and b, so they contribute exactly nothing.
+
+The CPU path keeps b block-diagonal instead, [L, S*R, out_total] (see block_diagonal): the
+expand of every slice is then one matmul, y += xa @ b[slot], and tiny decode steps pay for two
+matmuls per projection rather than 1 + S.
 """
 from __future__ import annotations
 
@@ -36,25 +40,37 @@ def lora_expand_ref(xa: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...],
     return y
 
 
-def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   offsets: tuple[int, ...], meta: LoraMeta) -> None:
-    """y += the LoRA delta of every token, as lora_expand(lora_shrink(x)) defines it.
+def block_diagonal(b: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
+    """[L, R, out] -> [L, S*R, out]: slice s's rank rows moved to rows s*R.., zeros elsewhere."""
+    n_slices, rank = len(offsets) - 1, b.shape[1]
+    out = b.new_zeros(b.shape[0], n_slices * rank, b.shape[2])
+    for s in range(n_slices):
+        lo, hi = offsets[s], offsets[s + 1]
+        out[:, s * rank:(s + 1) * rank, lo:hi] = b[:, :, lo:hi]
+    return out
 
-    Padded form: one bmm per slice over all slots at once (decode-like steps). Segmented
-    form: one matmul pair per adapter segment (prefill-like steps, few long segments).
+
+def lora_apply_cpu(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: LoraMeta) -> None:
+    """y += the LoRA delta of every token, b block-diagonal ([L, S*R, out]).
+
+    Padded form: one bmm pair over all slots at once (decode-like steps), added in place when
+    the rows are contiguous. Segmented form: one matmul pair per adapter segment (prefill-like
+    steps, few long segments).
     """
-    rank = b.shape[1]
-    n_slices = len(offsets) - 1
     if meta.padded:
-        lo, n = meta.slot_lo, meta.num_slots
+        lo, n, m = meta.slot_lo, meta.num_slots, meta.max_len
+        if meta.contiguous_from is not None:  # no padding, no gather: accumulate straight into y
+            rows = slice(meta.contiguous_from, meta.contiguous_from + n * m)
+            if n == 1:
+                y[rows].addmm_(x[rows] @ a[lo].T, b[lo])
+            else:
+                y[rows].view(n, m, -1).baddbmm_(torch.bmm(x[rows].view(n, m, -1), a[lo:lo + n].transpose(1, 2)),
+                                                b[lo:lo + n])
+            return
         xa = torch.bmm(padded_rows(x, meta), a[lo:lo + n].transpose(1, 2))
         if meta.pad_mask is not None:
             xa.mul_(meta.pad_mask)
-        parts = [torch.bmm(xa[..., s * rank:(s + 1) * rank], b[lo:lo + n, :, offsets[s]:offsets[s + 1]])
-                 for s in range(n_slices)]
-        add_padded_rows(y, parts[0] if n_slices == 1 else torch.cat(parts, dim=-1), meta)
+        add_padded_rows(y, torch.bmm(xa, b[lo:lo + n]), meta)
         return
     for slot, rows in meta.segments:
-        xa = x.index_select(0, rows) @ a[slot].T
-        parts = [xa[:, s * rank:(s + 1) * rank] @ b[slot, :, offsets[s]:offsets[s + 1]] for s in range(n_slices)]
-        y.index_add_(0, rows, parts[0] if n_slices == 1 else torch.cat(parts, dim=-1))
+        y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].T) @ b[slot])

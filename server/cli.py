@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="afterwards, compare the merged model's logits with the base serving the adapters unmerged")
     m.add_argument("--check-tol", type=float, default=None,
                    help="largest logit difference --check accepts (default 1e-3 in float32, 0.5 in 16-bit)")
+    b = sub.add_parser("bench", help="run a benchmark (python -m bench NAME ...)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
             serve(args)
         elif args.command == "merge":
             merge(args)
+        elif args.command == "bench":
+            from bench.__main__ import main as bench
+            bench(args.bench_args)
     except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
         parser.exit(2, f"quiver: error: {exc}\n")
 

@@ -2,7 +2,8 @@
 
 Per layer and fused projection (qkv, o, gate_up, down): a [L, S*R, in] and b [L, R, out],
 slot-major, rank zero-padded to --max-lora-rank, plus DoRA's (g - 1) per output column
-(a last, all-zero row serves tokens with no adapter).
+(a last, all-zero row serves tokens with no adapter). On CPU b is block-diagonal,
+[L, S*R, out] (kernels/lora_ref.py says why).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 @dataclass
 class GroupBuffers:
     a: torch.Tensor  # [L, S*R, in]
-    b: torch.Tensor  # [L, R, out_total]
+    b: torch.Tensor  # [L, R, out_total]; on CPU [L, S*R, out_total], block-diagonal
     offsets: tuple[int, ...]  # slice boundaries along out
     dora_m1: torch.Tensor  # [L + 1, out_total]: g - 1 (0 without DoRA; last row for base tokens)
 
@@ -43,6 +44,7 @@ class LoraSlots:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.layers: list[dict[str, GroupBuffers]] = []
         self.dora_slots: set[int] = set()
+        self.block_diagonal = torch.device(device).type == "cpu"
 
     def _allocate(self) -> None:
         cfg, dtype, device, max_loras, max_rank = self.cfg, self.dtype, self.device, self.max_loras, self.max_rank
@@ -55,7 +57,8 @@ class LoraSlots:
                 offsets = tuple(sum(outs[:k]) for k in range(len(outs) + 1))
                 groups[g] = GroupBuffers(
                     a=torch.zeros(max_loras, len(mods) * max_rank, in_f, dtype=dtype, device=device),
-                    b=torch.zeros(max_loras, max_rank, offsets[-1], dtype=dtype, device=device),
+                    b=torch.zeros(max_loras, (len(mods) if self.block_diagonal else 1) * max_rank, offsets[-1],
+                                  dtype=dtype, device=device),
                     offsets=offsets,
                     dora_m1=torch.zeros(max_loras + 1, offsets[-1], dtype=dtype, device=device))
             self.layers.append(groups)
@@ -85,7 +88,8 @@ class LoraSlots:
             r = m.a.shape[0]
             lo, hi = buf.offsets[s], buf.offsets[s + 1]
             buf.a[slot, s * r_max:s * r_max + r].copy_(m.a)
-            buf.b[slot, :r, lo:hi].copy_(m.b.T)
+            row = s * r_max if self.block_diagonal else 0
+            buf.b[slot, row:row + r, lo:hi].copy_(m.b.T)
             if m.dora_scale is not None:
                 buf.dora_m1[slot, lo:hi].copy_(m.dora_scale - 1)
         if adapter.uses_dora:

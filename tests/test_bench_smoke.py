@@ -76,3 +76,22 @@ def test_hotload_bench_smoke(api_model, tokenizer, tmp_path):
     for row in data["rows"]:
         assert len(row["all_ms"]) == 2 and all(v > 0 for v in row["all_ms"])
         assert row["max_ms"] >= row["median_ms"] > 0
+
+
+def test_latency_bench_smoke(api_model, tokenizer, tmp_path):
+    from bench import latency
+
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
+    out = tmp_path / "results"
+    latency.main(["--model", str(model_dir), "--concurrency", "1", "3", "--prompt-tokens", "8", "--new-tokens", "4",
+                  "--repeats", "2", "--rank", "4", "--out", str(out)])
+    data = json.loads((out / "latency.json").read_text())
+    assert [r["concurrency"] for r in data["rows"]] == [1, 3]
+    for row in data["rows"]:
+        for variant in ("base", "merged", "unmerged"):
+            x = row[variant]
+            assert 0 < x["ttft_median_ms"] <= x["ttft_p90_ms"] and 0 < x["tpot_median_ms"] <= x["tpot_p90_ms"]
+        assert abs(row["unmerged_vs_merged_tpot"] - row["unmerged"]["tpot_median_ms"]
+                   / row["merged"]["tpot_median_ms"]) < 1e-9
+    assert data["repeats"] == 2 and data["machine"]["cores"] >= 1
+    assert (out / "latency.png").stat().st_size > 1000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora_ref import lora_apply_cpu, lora_expand_ref, lora_shrink_ref
+from kernels.lora_ref import block_diagonal, lora_apply_cpu, lora_expand_ref, lora_shrink_ref
 from kernels.meta import build_lora_meta
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +62,7 @@ def test_reference_and_cpu_path_match_definition(n_tokens, popularity):
             assert (slots < 0).all()
             return
         y = torch.zeros(n_tokens, offsets[-1])
-        lora_apply_cpu(x, y, a, b, offsets, meta)
+        lora_apply_cpu(x, y, a, block_diagonal(b, offsets), meta)
         torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-5)
 
 
@@ -120,5 +120,5 @@ def test_cpu_path_without_gather_when_rows_are_grouped():
     meta = build_lora_meta(slots, set(), a.shape[0], "cpu")
     assert meta.padded and meta.contiguous_from == 4
     y = torch.zeros(32, offsets[-1])
-    lora_apply_cpu(x, y, a, b, offsets, meta)
+    lora_apply_cpu(x, y, a, block_diagonal(b, offsets), meta)
     torch.testing.assert_close(y.double(), per_token(x, a, b, offsets, slots), atol=1e-4, rtol=1e-5)

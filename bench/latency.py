@@ -1,0 +1,142 @@
+"""Latency of one adapter served merged (`quiver merge`), unmerged (a LoRA slot) and of the bare
+base model: time to first token (TTFT) and time per output token (TPOT) at 1, 8 and 32
+concurrent requests (prompt 128 tokens, 128 new tokens), median and p90 over every request of
+every repeat, all three variants measured in turn in one process, one run, one thread count.
+
+    python -m bench latency [--concurrency 1 8 32] [--repeats 3] [--rank 16] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .adapters import ALL7, make_adapters
+from .common import RESULTS, machine, write_json
+from .plot import line_plots
+from .throughput import prompts
+
+VARIANTS = ("base", "merged", "unmerged")
+
+
+def prompt_ids(tokenizer, n: int, length: int) -> list[list[int]]:
+    """n distinct prompts of exactly `length` tokens."""
+    out = []
+    for text in prompts(n):
+        ids = tokenizer(text).input_ids
+        while len(ids) < length:
+            ids += tokenizer(" " + text).input_ids
+        out.append(ids[:length])
+    return out
+
+
+def run_once(engine, ids: list[list[int]], new_tokens: int, adapter: str | None) -> tuple[list, list]:
+    """All requests arrive together; per request: TTFT and mean time per output token after the first."""
+    from server.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    first, last = {}, {}
+    for i, p in enumerate(ids):
+        engine.add_request(p, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True),
+                           adapter=adapter, request_id=f"r{i}")
+    while engine.has_work():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            first.setdefault(out.request_id, now)
+            last[out.request_id] = now
+    ttft = [first[r] - t0 for r in first]
+    tpot = [(last[r] - first[r]) / (new_tokens - 1) for r in first]
+    return ttft, tpot
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench latency")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.config import EngineConfig
+    from server.engine import LLMEngine
+    from server.merge import merge_adapters
+    from server.model_source import resolve_model
+
+    model_dir, model_name = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = {(v, c): {"ttft": [], "tpot": []} for v in VARIANTS for c in args.concurrency}
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        (adapter,) = make_adapters(hf, Path(tmp), 1, args.rank)
+        del hf
+        merged_dir = merge_adapters(model_dir, [(adapter, 1.0)], Path(tmp) / "merged")
+
+        def engine(model):
+            return LLMEngine(EngineConfig(model=str(model), num_threads=args.threads, max_loras=1,
+                                          max_lora_rank=args.rank, max_num_seqs=max(64, max(args.concurrency))),
+                             tokenizer=tokenizer)
+
+        base, merged = engine(model_dir), engine(merged_dir)
+        base.load_adapter("adapter", str(adapter))
+        runs = {"base": (base, None), "merged": (merged, None), "unmerged": (base, "adapter")}
+        warm = prompt_ids(tokenizer, 2, 16)
+        for eng, name in runs.values():
+            run_once(eng, warm, 4, name)
+        for r in range(args.repeats):
+            for c in args.concurrency:
+                ids = prompt_ids(tokenizer, c, args.prompt_tokens)
+                order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # no variant always goes first
+                for v in order:
+                    eng, name = runs[v]
+                    ttft, tpot = run_once(eng, ids, args.new_tokens, name)
+                    samples[(v, c)]["ttft"] += ttft
+                    samples[(v, c)]["tpot"] += tpot
+                print(f"repeat {r + 1}/{args.repeats}, concurrency {c} done", flush=True)
+    threads = torch.get_num_threads()
+    rows = []
+    for c in args.concurrency:
+        row = {"concurrency": c}
+        for v in VARIANTS:
+            s = samples[(v, c)]
+            row[v] = {f"{k}_{stat}_ms": 1e3 * f(s[k]) for k in ("ttft", "tpot")
+                      for stat, f in (("median", statistics.median), ("p90", lambda x: percentile(x, .9)))}
+            row[v]["decode_tokens_per_s"] = 1e3 * c / row[v]["tpot_median_ms"]
+        for v in ("unmerged", "base"):
+            row[f"{v}_vs_merged_tpot"] = row[v]["tpot_median_ms"] / row["merged"]["tpot_median_ms"]
+            row[f"{v}_vs_merged_ttft"] = row[v]["ttft_median_ms"] / row["merged"]["ttft_median_ms"]
+        rows.append(row)
+    print(f"{'conc':>4} {'variant':9} {'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9} {'TPOT p90':>9}   (ms)")
+    for row in rows:
+        for v in VARIANTS:
+            x = row[v]
+            print(f"{row['concurrency']:4d} {v:9} {x['ttft_median_ms']:9.1f} {x['ttft_p90_ms']:9.1f} "
+                  f"{x['tpot_median_ms']:9.2f} {x['tpot_p90_ms']:9.2f}")
+        print(f"     unmerged / merged: TPOT {row['unmerged_vs_merged_tpot']:.3f}x, "
+              f"TTFT {row['unmerged_vs_merged_ttft']:.3f}x;  base / merged: TPOT {row['base_vs_merged_tpot']:.3f}x")
+    result = {"benchmark": "latency", "model": model_name, "dtype": "float32", "threads": threads,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "rank": args.rank, "targets": ALL7, "machine": machine(), "rows": rows}
+    out_dir = args.out or RESULTS
+    conc = [r["concurrency"] for r in rows]
+    result["plot"] = str(line_plots(out_dir / "latency.png", conc, "concurrent requests", [
+        ("time per output token", "ms (median)", {v: [r[v]["tpot_median_ms"] for r in rows] for v in VARIANTS}),
+        ("time to first token", "ms (median)", {v: [r[v]["ttft_median_ms"] for r in rows] for v in VARIANTS})],
+        f"one LoRA r={args.rank} on 7 projections: merged vs unmerged vs base, {threads} threads"))
+    print("wrote", write_json("latency", result, out_dir), "and", result["plot"])
+    return result
