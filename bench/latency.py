@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
         base, merged = engine(model_dir), engine(merged_dir)
         base.load_adapter("adapter", str(adapter))
         runs = {"base": (base, None), "merged": (merged, None), "unmerged": (base, "adapter")}
-        warm = prompt_ids(tokenizer, 2, 16)
-        for eng, name in runs.values():
-            run_once(eng, warm, 4, name)
+        warm = prompt_ids(tokenizer, max(args.concurrency), args.prompt_tokens)
+        for eng, name in runs.values():  # at full size: the first big step of an engine pays for its memory
+            run_once(eng, warm, 2, name)
         for r in range(args.repeats):
             for c in args.concurrency:
                 ids = prompt_ids(tokenizer, c, args.prompt_tokens)

@@ -23,6 +23,7 @@ from adapters.spec import detect_family
 
 from .lora_slots import module_shapes
 from .model_config import ModelConfig
+from .model_source import CONVERTED_MARK
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 CHECK_PROMPTS = ("The capital of France is", "def fibonacci(n):",
@@ -112,7 +113,8 @@ def _write(model_dir: Path, out: Path, tensors: dict, dtype: torch.dtype, note: 
     tmp.mkdir(parents=True)
     try:
         for item in model_dir.iterdir():  # config, tokenizer, generation config...
-            if item.is_file() and item.name not in WEIGHT_FILES and item.suffix != ".safetensors":
+            if item.is_file() and item.name not in WEIGHT_FILES and item.suffix != ".safetensors" \
+                    and item.name != CONVERTED_MARK:
                 shutil.copy2(item, tmp / item.name)
         save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -135,12 +137,17 @@ def check_merge(model_dir: str | Path, merged_dir: str | Path, adapters: list[tu
     from .config import EngineConfig
     from .engine import LLMEngine
 
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    ids = [tokenizer(p).input_ids if isinstance(p, str) else p for p in prompts]
+
     def engine(model, max_rank=1):
         return LLMEngine(EngineConfig(model=str(model), dtype=dtype, max_lora_rank=max_rank, max_loras=1,
-                                      kv_cache_memory_mb=32), tokenizer=tokenizer)
+                                      max_model_len=max(map(len, ids)) + 1, kv_cache_memory_mb=64),
+                         tokenizer=tokenizer)
 
     merged = engine(merged_dir)
-    ids = [merged.tokenizer(p).input_ids if isinstance(p, str) else p for p in prompts]
     theirs = _final_logits(merged, ids)
     del merged
     model_dir = Path(model_dir)

