@@ -1,7 +1,8 @@
 """Latency of one adapter served merged (`quiver merge`), unmerged (a LoRA slot) and of the bare
-base model: time to first token (TTFT) and time per output token (TPOT) at 1, 8 and 32
-concurrent requests (prompt 128 tokens, 128 new tokens), median and p90 over every request of
-every repeat, all three variants measured in turn in one process, one run, one thread count.
+base model: time to first token (TTFT), time per output token (TPOT, per request) and
+inter-token latency (ITL, per token) at 1, 8 and 32 concurrent requests (prompt 128 tokens, 128
+new tokens), median and p90 over every request of every repeat (at concurrency c < 4, 4 // c
+rounds per repeat), all three variants in turn in one process, one run, one thread count.
 
     python -m bench latency [--concurrency 1 8 32] [--repeats 3] [--rank 16] [--threads N]
 """
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from server.config import DTYPES, EngineConfig
 
 from .adapters import ALL7, make_adapters
 from .common import RESULTS, machine, write_json
@@ -34,12 +37,13 @@ def prompt_ids(tokenizer, n: int, length: int) -> list[list[int]]:
     return out
 
 
-def run_once(engine, ids: list[list[int]], new_tokens: int, adapter: str | None) -> tuple[list, list]:
-    """All requests arrive together; per request: TTFT and mean time per output token after the first."""
+def run_once(engine, ids: list[list[int]], new_tokens: int, adapter: str | None) -> dict[str, list[float]]:
+    """All requests arrive together. Per request: TTFT and TPOT (mean time per output token after
+    the first); per token after the first: ITL (its gap to the previous one)."""
     from server.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    first, last = {}, {}
+    times: dict[str, list[float]] = {}
     for i, p in enumerate(ids):
         engine.add_request(p, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True),
                            adapter=adapter, request_id=f"r{i}")
@@ -47,11 +51,10 @@ def run_once(engine, ids: list[list[int]], new_tokens: int, adapter: str | None)
         outputs = engine.step()
         now = time.perf_counter()
         for out in outputs:
-            first.setdefault(out.request_id, now)
-            last[out.request_id] = now
-    ttft = [first[r] - t0 for r in first]
-    tpot = [(last[r] - first[r]) / (new_tokens - 1) for r in first]
-    return ttft, tpot
+            times.setdefault(out.request_id, []).append(now)
+    return {"ttft": [t[0] - t0 for t in times.values()],
+            "tpot": [(t[-1] - t[0]) / (len(t) - 1) for t in times.values()],
+            "itl": [b - a for t in times.values() for a, b in zip(t, t[1:])]}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -68,27 +71,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="of the engines and the merged model")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.config import EngineConfig
     from server.engine import LLMEngine
     from server.merge import merge_adapters
     from server.model_source import resolve_model
 
     model_dir, model_name = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = {(v, c): {"ttft": [], "tpot": []} for v in VARIANTS for c in args.concurrency}
+    samples = {(v, c): {"ttft": [], "tpot": [], "itl": []} for v in VARIANTS for c in args.concurrency}
     with tempfile.TemporaryDirectory() as tmp:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         (adapter,) = make_adapters(hf, Path(tmp), 1, args.rank)
         del hf
-        merged_dir = merge_adapters(model_dir, [(adapter, 1.0)], Path(tmp) / "merged")
+        merged_dir = merge_adapters(model_dir, [(adapter, 1.0)], Path(tmp) / "merged", getattr(torch, args.dtype))
 
         def engine(model):
-            return LLMEngine(EngineConfig(model=str(model), num_threads=args.threads, max_loras=1,
+            return LLMEngine(EngineConfig(model=str(model), num_threads=args.threads, device=args.device,
+                                          dtype=args.dtype, max_loras=1,
                                           max_lora_rank=args.rank, max_num_seqs=max(64, max(args.concurrency))),
                              tokenizer=tokenizer)
 
@@ -102,11 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
             for c in args.concurrency:
                 ids = prompt_ids(tokenizer, c, args.prompt_tokens)
                 order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # no variant always goes first
-                for v in order:
-                    eng, name = runs[v]
-                    ttft, tpot = run_once(eng, ids, args.new_tokens, name)
-                    samples[(v, c)]["ttft"] += ttft
-                    samples[(v, c)]["tpot"] += tpot
+                for _ in range(max(1, 4 // c)):  # a few more samples where a run has few requests
+                    for v in order:
+                        eng, name = runs[v]
+                        for key, values in run_once(eng, ids, args.new_tokens, name).items():
+                            samples[(v, c)][key] += values
                 print(f"repeat {r + 1}/{args.repeats}, concurrency {c} done", flush=True)
     threads = torch.get_num_threads()
     rows = []
@@ -114,22 +119,24 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"concurrency": c}
         for v in VARIANTS:
             s = samples[(v, c)]
-            row[v] = {f"{k}_{stat}_ms": 1e3 * f(s[k]) for k in ("ttft", "tpot")
+            row[v] = {f"{k}_{stat}_ms": 1e3 * f(s[k]) for k in ("ttft", "tpot", "itl")
                       for stat, f in (("median", statistics.median), ("p90", lambda x: percentile(x, .9)))}
             row[v]["decode_tokens_per_s"] = 1e3 * c / row[v]["tpot_median_ms"]
         for v in ("unmerged", "base"):
-            row[f"{v}_vs_merged_tpot"] = row[v]["tpot_median_ms"] / row["merged"]["tpot_median_ms"]
-            row[f"{v}_vs_merged_ttft"] = row[v]["ttft_median_ms"] / row["merged"]["ttft_median_ms"]
+            for k in ("tpot", "itl", "ttft"):
+                row[f"{v}_vs_merged_{k}"] = row[v][f"{k}_median_ms"] / row["merged"][f"{k}_median_ms"]
         rows.append(row)
-    print(f"{'conc':>4} {'variant':9} {'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9} {'TPOT p90':>9}   (ms)")
+    heads = " ".join(f"{k:>8} {p}" for k in ("TTFT", "TPOT", "ITL") for p in ("p50", "p90"))
+    print(f"{'conc':>4} {'variant':9} {heads}   (ms)")
     for row in rows:
         for v in VARIANTS:
-            x = row[v]
-            print(f"{row['concurrency']:4d} {v:9} {x['ttft_median_ms']:9.1f} {x['ttft_p90_ms']:9.1f} "
-                  f"{x['tpot_median_ms']:9.2f} {x['tpot_p90_ms']:9.2f}")
-        print(f"     unmerged / merged: TPOT {row['unmerged_vs_merged_tpot']:.3f}x, "
-              f"TTFT {row['unmerged_vs_merged_ttft']:.3f}x;  base / merged: TPOT {row['base_vs_merged_tpot']:.3f}x")
-    result = {"benchmark": "latency", "model": model_name, "dtype": "float32", "threads": threads,
+            print(f"{row['concurrency']:4d} {v:9} " + " ".join(f"{row[v][f'{k}_{p}_ms']:12.2f}" for k in
+                                                               ("ttft", "tpot", "itl") for p in ("median", "p90")))
+        print("     unmerged / merged: " + ", ".join(f"{k.upper()} {row[f'unmerged_vs_merged_{k}']:.3f}x"
+                                                     for k in ("tpot", "itl", "ttft"))
+              + f";  base / merged: TPOT {row['base_vs_merged_tpot']:.3f}x")
+    result = {"benchmark": "latency", "model": model_name, "device": args.device, "dtype": args.dtype,
+              "threads": threads,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "rank": args.rank, "targets": ALL7, "machine": machine(), "rows": rows}
     out_dir = args.out or RESULTS

@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
         peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=names[0]).eval()
         for name, path in zip(names[1:], paths[1:]):
             peft.load_adapter(path, adapter_name=name)
-        # warm-up, each engine and each PEFT path
-        warm_names = [names[i % n_max] for i in range(2)]
-        run_quiver(engine, tokenizer, texts[:2], 4, warm_names)
-        run_transformers(peft, tokenizer, texts[:2], 4, adapter_names=warm_names)
-        run_peft_per_adapter(peft, tokenizer, texts[:2], 4, warm_names)
+        # warm-up of every path at full batch size (a first big batch pays for its memory)
+        warm_names = [names[i % n_max] for i in range(args.batch)]
+        run_quiver(engine, tokenizer, texts, 4, warm_names)
+        run_transformers(peft, tokenizer, texts, 4, adapter_names=warm_names)
+        run_peft_per_adapter(peft, tokenizer, texts, 4, warm_names)
         rows = []
         print(f"{'adapters':>8}  {'quiver':>9}  {'peft mixed':>10}  {'peft per-adapter':>16}  "
               f"{'vs mixed':>8}  {'vs per-adapter':>14}   (output tokens/s)", flush=True)

@@ -24,6 +24,7 @@ class LoraMeta:
     pad_mask: torch.Tensor | None  # [num_slots, max_len, 1] 1 for real rows, 0 for padding (None: no padding)
     contiguous_from: int | None  # the padded rows are exactly tokens contiguous_from.. in order: no gather needed
     dora_index: torch.Tensor | None  # [T] slot per token with -1 -> the zero row, when a DoRA slot is used
+    single_slot: int | None = None  # every token of the step uses this one slot
 
 
 def padded_rows(x: torch.Tensor, meta: LoraMeta) -> torch.Tensor:
@@ -86,5 +87,6 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
     if dora_slots and any(s in dora_slots for s in seg_slots.tolist()):
         dora_index = torch.where(used, token_slots, zero_row).to(device)
     to = lambda t: t.to(device)  # noqa: E731
+    single = slot_lo if num_slots == 1 and n_lora == token_slots.numel() else None
     return LoraMeta(to(token_slots), slot_lo, num_slots, segments, to(seg_index), to(seg_slots), to(seg_starts),
-                    to(seg_lens), padded, max_len, pad_index, pad_mask, contiguous_from, dora_index)
+                    to(seg_lens), padded, max_len, pad_index, pad_mask, contiguous_from, dora_index, single)

@@ -34,6 +34,8 @@ class GroupBuffers:
     b: torch.Tensor  # [L, R, out_total]; on CPU [L, S*R, out_total], block-diagonal
     offsets: tuple[int, ...]  # slice boundaries along out
     dora_m1: torch.Tensor  # [L + 1, out_total]: g - 1 (0 without DoRA; last row for base tokens)
+    slot_views: list[tuple[torch.Tensor, torch.Tensor]]  # CPU: (a[slot].T, b[slot]) made once, for
+    # steps whose tokens all use one adapter (two matmuls, no per-call view ops)
 
 
 class LoraSlots:
@@ -55,12 +57,12 @@ class LoraSlots:
                 outs = [shapes[m][0] for m in mods]
                 in_f = shapes[mods[0]][1]
                 offsets = tuple(sum(outs[:k]) for k in range(len(outs) + 1))
-                groups[g] = GroupBuffers(
-                    a=torch.zeros(max_loras, len(mods) * max_rank, in_f, dtype=dtype, device=device),
-                    b=torch.zeros(max_loras, (len(mods) if self.block_diagonal else 1) * max_rank, offsets[-1],
-                                  dtype=dtype, device=device),
-                    offsets=offsets,
-                    dora_m1=torch.zeros(max_loras + 1, offsets[-1], dtype=dtype, device=device))
+                a = torch.zeros(max_loras, len(mods) * max_rank, in_f, dtype=dtype, device=device)
+                b = torch.zeros(max_loras, (len(mods) if self.block_diagonal else 1) * max_rank, offsets[-1],
+                                dtype=dtype, device=device)
+                views = [(a[s].T, b[s]) for s in range(max_loras)] if self.block_diagonal else []
+                groups[g] = GroupBuffers(a=a, b=b, offsets=offsets, slot_views=views,
+                                         dora_m1=torch.zeros(max_loras + 1, offsets[-1], dtype=dtype, device=device))
             self.layers.append(groups)
 
     @property

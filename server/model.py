@@ -147,7 +147,11 @@ class LlamaModel(torch.nn.Module):
         dora = None
         if lora.dora_index is not None:  # DoRA: y += (g - 1) * (Wx), g per slot and column
             dora = buf.dora_m1.index_select(0, lora.dora_index) * (y if bias is None else y - bias)
-        lora_apply(x, y, buf.a, buf.b, buf.offsets, lora)
+        if lora.single_slot is not None and buf.slot_views:  # CPU, one adapter for all: y += (x A^T) B
+            a_t, b = buf.slot_views[lora.single_slot]
+            y.addmm_(torch.mm(x, a_t), b)
+        else:
+            lora_apply(x, y, buf.a, buf.b, buf.offsets, lora)
         if dora is not None:
             y += dora
         return y
