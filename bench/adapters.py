@@ -37,42 +37,60 @@ def make_adapters(hf, root: Path, n: int, rank: int) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench adapters")
-    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
-    ap.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed-batch generate")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-
+def quiver_and_peft(args, root: Path, n: int, with_peft: bool = True):
+    """Quiver's engine and PEFT's model (or None) holding the same n random adapters adapter0..,
+    with one thread count: (engine, tokenizer, peft, names)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from server.config import EngineConfig
     from server.engine import LLMEngine
 
-    n_max = max(args.adapters)
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, max_loras=n_max,
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device, max_loras=n,
                                     max_lora_rank=args.rank, max_num_seqs=max(64, args.batch)))
-    threads = torch.get_num_threads()
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).to(args.device).eval()
+    paths = make_adapters(hf, root, n, args.rank)
+    names = [p.name for p in paths]
+    for name, path in zip(names, paths):
+        engine.load_adapter(name, str(path))
+    peft = None
+    if with_peft:
+        peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=names[0]).eval()
+        for name, path in zip(names[1:], paths[1:]):
+            peft.load_adapter(path, adapter_name=name)
+    return engine, tokenizer, peft, names
+
+
+def describe(name: str, args, engine, threads: int) -> dict:
+    """The fields every multi-adapter benchmark's JSON starts with."""
+    return {"benchmark": name, "model": engine.model_name, "device": args.device, "dtype": "float32",
+            "threads": threads, "batch": args.batch, "new_tokens": args.new_tokens, "rank": args.rank,
+            "targets": ALL7, "machine": machine()}
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: all cores)")
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N], for Quiver and PEFT alike")
+    ap.add_argument("--out", type=Path, default=None)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench adapters")
+    ap.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed-batch generate")
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+
     texts = prompts(args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_adapters(hf, Path(tmp), n_max, args.rank)
-        names = [f"adapter{i}" for i in range(n_max)]
-        for name, path in zip(names, paths):
-            engine.load_adapter(name, str(path))
-        peft = None
-        if not args.no_peft:
-            peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=names[0]).eval()
-            for name, path in zip(names[1:], paths[1:]):
-                peft.load_adapter(path, adapter_name=name)
-        run_quiver(engine, tokenizer, texts[:2], 4, names[:2])  # warm-up
+        engine, tokenizer, peft, names = quiver_and_peft(args, Path(tmp), max(args.adapters), not args.no_peft)
+        threads = torch.get_num_threads()
+        run_quiver(engine, tokenizer, texts, 4, [names[i % len(names)] for i in range(args.batch)])  # warm-up
         rows = []
         for k in args.adapters:
             mix = [names[i % k] for i in range(args.batch)]
@@ -89,9 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                 line += f"   peft mixed-batch {p:8.1f} tok/s   quiver/peft {q / p:5.2f}x"
             rows.append(row)
             print(line, flush=True)
-    result = {"benchmark": "adapters", "model": engine.model_name, "dtype": "float32", "threads": threads,
-              "batch": args.batch, "new_tokens": args.new_tokens, "rank": args.rank, "targets": ALL7,
-              "machine": machine(), "rows": rows}
+    result = describe("adapters", args, engine, threads) | {"rows": rows}
     out_dir = args.out or RESULTS
     series = {"Quiver": [r["quiver_tokens_per_s"] for r in rows],
               "Quiver, base model only": [r["quiver_base_tokens_per_s"] for r in rows]}

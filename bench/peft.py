@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ALL7, make_adapters
-from .common import RESULTS, machine, write_json
+from .adapters import add_common_args, describe, quiver_and_peft
+from .common import RESULTS, write_json
 from .plot import line_plot
 from .throughput import prompts, run_quiver, run_transformers
 
@@ -38,37 +38,15 @@ def run_peft_per_adapter(peft, tokenizer, texts: list[str], new_tokens: int, mix
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench peft")
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8], help="distinct adapter counts")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: all cores)")
-    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
-    ap.add_argument("--out", type=Path, default=None)
+    add_common_args(ap)
     args = ap.parse_args(argv)
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from server.config import EngineConfig
-    from server.engine import LLMEngine
-
-    n_max = max(args.adapters)
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, max_loras=n_max,
-                                    max_lora_rank=args.rank, max_num_seqs=max(64, args.batch)))
-    threads = torch.get_num_threads()
-    tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
     texts = prompts(args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_adapters(hf, Path(tmp), n_max, args.rank)
-        names = [f"adapter{i}" for i in range(n_max)]
-        for name, path in zip(names, paths):
-            engine.load_adapter(name, str(path))
-        peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=names[0]).eval()
-        for name, path in zip(names[1:], paths[1:]):
-            peft.load_adapter(path, adapter_name=name)
+        engine, tokenizer, peft, names = quiver_and_peft(args, Path(tmp), max(args.adapters))
+        threads = torch.get_num_threads()
         # warm-up of every path at full batch size (a first big batch pays for its memory)
-        warm_names = [names[i % n_max] for i in range(args.batch)]
+        warm_names = [names[i % len(names)] for i in range(args.batch)]
         run_quiver(engine, tokenizer, texts, 4, warm_names)
         run_transformers(peft, tokenizer, texts, 4, adapter_names=warm_names)
         run_peft_per_adapter(peft, tokenizer, texts, 4, warm_names)
@@ -84,9 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "peft_per_adapter_tokens_per_s": per, "quiver_vs_peft_mixed": q / mixed,
                          "quiver_vs_peft_per_adapter": q / per})
             print(f"{k:8d}  {q:9.1f}  {mixed:10.1f}  {per:16.1f}  {q / mixed:7.2f}x  {q / per:13.2f}x", flush=True)
-    result = {"benchmark": "peft", "model": engine.model_name, "dtype": "float32", "threads": threads,
-              "batch": args.batch, "new_tokens": args.new_tokens, "rank": args.rank, "targets": ALL7,
-              "machine": machine(), "rows": rows}
+    result = describe("peft", args, engine, threads) | {"rows": rows}
     out_dir = args.out or RESULTS
     series = {"Quiver, one continuous batch": [r["quiver_tokens_per_s"] for r in rows],
               "PEFT mixed-batch generate(adapter_names=...)": [r["peft_mixed_tokens_per_s"] for r in rows],

@@ -172,7 +172,8 @@ def print_table(s: dict) -> None:
     print(f"{'latency (ms)':14s}{'mean':>10s}{'p50':>10s}{'p90':>10s}{'p99':>10s}")
     for key, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL"), ("e2e_ms", "end-to-end")):
         row = s[key]
-        cells = "".join(f"{row[k]:10.1f}" if row[k] is not None else f"{'-':>10s}" for k in ("mean", "p50", "p90", "p99"))
+        cells = "".join(f"{row[k]:10.1f}" if row[k] is not None else f"{'-':>10s}"
+                        for k in ("mean", "p50", "p90", "p99"))
         print(f"{label:14s}{cells}")
     print("requests per adapter: " + ", ".join(f"{k} {v}" for k, v in s["per_adapter"].items()), flush=True)
 

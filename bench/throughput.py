@@ -47,7 +47,7 @@ def run_quiver(engine, tokenizer, texts, new_tokens: int, adapters: list[str | N
 def run_transformers(model, tokenizer, texts, new_tokens: int, **generate_kw) -> float:
     """Batched greedy `generate` (PEFT models too: pass adapter_names for a mixed batch)."""
     tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    batch = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: all cores)")
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N], for both engines")
     ap.add_argument("--no-server", action="store_true", help="skip the `quiver serve` RSS measurement")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -117,10 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     from server.config import EngineConfig
     from server.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads))
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device))
     threads = torch.get_num_threads()
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).to(args.device).eval()
     run_quiver(engine, tokenizer, prompts(2), 4)  # warm-up both
     run_transformers(hf, tokenizer, prompts(2), 4)
     rows = []
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"concurrency": c, "quiver_tokens_per_s": q, "transformers_tokens_per_s": h, "ratio": q / h})
         print(f"concurrency {c:3d}: quiver {q:8.1f} tok/s   transformers {h:8.1f} tok/s   ratio {q / h:5.2f}x",
               flush=True)
-    result = {"benchmark": "throughput", "model": engine.model_name, "dtype": "float32", "threads": threads,
+    result = {"benchmark": "throughput", "model": engine.model_name, "device": args.device, "dtype": "float32",
+              "threads": threads,
               "new_tokens": args.new_tokens, "machine": machine(), "rows": rows}
     if not args.no_server:
         del hf, engine

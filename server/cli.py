@@ -140,14 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--combination", choices=METHODS, default="cat",
                    help="how several adapters combine (PEFT's add_weighted_adapter): cat is the exact weighted "
                         "sum; linear, ties, dare_linear, dare_ties, magnitude_prune work on A and B entry by entry")
-    m.add_argument("--density", type=float, default=None, help="fraction of entries kept by ties, dare, magnitude_prune")
+    m.add_argument("--density", type=float, default=None,
+                   help="fraction of entries kept by ties, dare, magnitude_prune")
     m.add_argument("--majority-sign", choices=["total", "frequency"], default="total", help="ties' sign election")
     m.add_argument("--seed", type=int, default=0, help="seeds dare's random drops")
     m.add_argument("--check", action="store_true",
                    help="afterwards, compare the merged model's logits with the base serving the adapters unmerged")
     m.add_argument("--check-tol", type=float, default=None,
-                   help="largest logit difference --check accepts (default 1e-3 in float32; 1.0 in 16-bit, where the merged "
-                        "weights are rounded once and unmerged serving rounds W and the adapter apart)")
+                   help="largest logit difference --check accepts (default 1e-3 in float32; 1.0 in 16-bit, where "
+                        "the merged weights are rounded once and unmerged serving rounds W and the adapter apart)")
     b = sub.add_parser("bench", help="run a benchmark (python -m bench NAME ...)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
