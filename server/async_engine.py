@@ -25,10 +25,17 @@ class EngineError(RuntimeError):
     pass
 
 
+class RequestTimeout(EngineError):
+    def __init__(self, seconds: float):
+        super().__init__(f"the request ran past the server's time limit ({seconds:g} s) and was stopped")
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None):
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, request_timeout: float | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.request_timeout = request_timeout  # seconds from arrival to the last token; None: no limit
+        self.draining = False  # set on SIGTERM: new generation requests are refused, running ones finish
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._adds: list[tuple] = []
@@ -64,6 +71,11 @@ class AsyncEngine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def num_waiting(self) -> int:
+        """Requests queued and not yet running (read from the HTTP thread; a snapshot is enough)."""
+        parked = sum(len(v) for v in list(self._parked.values()))
+        return len(self._adds) + parked + len(self.engine.scheduler.waiting)
+
     # ---- requests --------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -76,9 +88,17 @@ class AsyncEngine:
             self._adds.append((prompt_ids, params, adapter, rid))
         self._wake.set()
         finished = False
+        loop = asyncio.get_running_loop()
+        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
         try:
             while not finished:
-                out = await queue.get()
+                if deadline is None:
+                    out = await queue.get()
+                else:
+                    try:
+                        out = await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0))
+                    except asyncio.TimeoutError:
+                        raise RequestTimeout(self.request_timeout) from None
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished

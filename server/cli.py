@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from adapters.combine import METHODS
@@ -66,6 +67,23 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--api-key", default=os.environ.get("QUIVER_API_KEY"),
+                   help="every /v1 route and /metrics need 'Authorization: Bearer KEY' (env QUIVER_API_KEY)")
+    p.add_argument("--admin-key", default=os.environ.get("QUIVER_ADMIN_KEY"),
+                   help="key for adapter management routes, instead of --api-key (env QUIVER_ADMIN_KEY)")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="refuse new generation requests with 503 + Retry-After while this many wait")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take from arrival to its last token (504 / an error event)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before the server exits")
+
+
 def serve(args: argparse.Namespace) -> None:
     import signal
     import threading
@@ -75,30 +93,39 @@ def serve(args: argparse.Namespace) -> None:
     from .api import create_app
     from .async_engine import AsyncEngine
     from .engine import LLMEngine
+    from .guard import Guard, install
     from .metrics import Metrics
 
+    log = logging.getLogger(__name__)
     adapters = parse_adapters(args.adapter)
     engine = LLMEngine(engine_config(args))
     for name, path in adapters:
         engine.load_adapter(name, path)
     if args.adapter_dir:
         engine.add_adapter_dir(args.adapter_dir)
-    async_engine = AsyncEngine(engine, Metrics())
-    root = args.adapter_root or args.adapter_dir
-    server = uvicorn.Server(uvicorn.Config(create_app(async_engine, adapter_root=root),
-                                           host=args.host, port=args.port,
-                                           log_level=args.log_level.lower()))
+    async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
+    app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir)
+    install(app, async_engine, Guard(api_key=args.api_key, admin_key=args.admin_key,
+                                     metrics_public=args.metrics_public, max_waiting=args.max_waiting))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                                           timeout_graceful_shutdown=args.shutdown_grace))
     http = threading.Thread(target=server.run, name="quiver-http", daemon=True)
 
-    def shutdown(*_):
+    def shutdown(signum, _):
+        if async_engine.draining:  # a second signal: stop now
+            server.force_exit = True
+            async_engine.stop()
+            return
+        log.info("%s: draining (up to %g s), then exiting", signal.Signals(signum).name, args.shutdown_grace)
+        async_engine.draining = True  # new requests get 503; uvicorn stops listening and waits for the rest
         server.should_exit = True
-        async_engine.stop()
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
+    log.info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
     http.start()
-    # the engine loop owns the main thread (see AsyncEngine.run); HTTP lives on its own thread
+    # the engine loop owns the main thread (see AsyncEngine.run); HTTP lives on its own thread and,
+    # once it has drained and ended, stops the engine
     watcher = threading.Thread(target=lambda: (http.join(), async_engine.stop()), daemon=True)
     watcher.start()
     async_engine.run()
@@ -153,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
     add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_serve_args(p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

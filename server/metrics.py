@@ -24,6 +24,8 @@ class Metrics:
         self.generation_tokens = Counter("quiver_generation_tokens", "Tokens generated", ["adapter"], registry=r)
         self.requests = Counter("quiver_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
         self.preemptions = Counter("quiver_preemptions", "Requests preempted for recompute", registry=r)
+        self.rejected = Counter("quiver_requests_rejected", "Requests refused before queueing (503)", ["reason"],
+                                registry=r)
         self._preemptions_seen = 0
         self.adapter_loads = Counter("quiver_adapter_loads", "Adapters loaded through the API", ["family"], registry=r)
         self.adapter_unloads = Counter("quiver_adapter_unloads", "Adapters unloaded", ["family"], registry=r)

@@ -100,13 +100,14 @@ def run_staggered(engine, arrivals: list[tuple[int, list[int], object]]) -> dict
 class LiveServer:
     """uvicorn on a loopback port in a thread, around an AsyncEngine."""
 
-    def __init__(self, async_engine, adapter_root=None):
+    def __init__(self, async_engine, adapter_root=None, guard=None):
         import socket
         import threading
 
         import uvicorn
 
         from server.api import create_app
+        from server.guard import install
 
         self.async_engine = async_engine
         self.engine = async_engine.engine
@@ -114,8 +115,10 @@ class LiveServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(async_engine, adapter_root=adapter_root),
-                                                    host="127.0.0.1", port=self.port, log_level="warning"))
+        app = create_app(async_engine, adapter_root=adapter_root)
+        if guard is not None:
+            install(app, async_engine, guard)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):

@@ -1,0 +1,175 @@
+"""What an operator relies on: API keys, backpressure, time limits and the SIGTERM drain."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import LiveServer
+
+from server.guard import Guard
+
+USER, ADMIN = "user-key-123", "admin-key-456"
+
+
+def make_server(api_model, tokenizer, guard: Guard, request_timeout=None) -> LiveServer:
+    from server.async_engine import AsyncEngine
+    from server.config import EngineConfig
+    from server.engine import LLMEngine
+    from server.metrics import Metrics
+
+    engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=96, block_size=4, max_model_len=128,
+                                    served_model_name="tiny"), tokenizer=tokenizer)
+    return LiveServer(AsyncEngine(engine, Metrics(), request_timeout=request_timeout), guard=guard)
+
+
+@pytest.fixture(scope="module")
+def guarded(api_model, tokenizer):
+    with make_server(api_model, tokenizer, Guard(api_key=USER, admin_key=ADMIN, max_waiting=2)) as server:
+        yield server
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def pause(server) -> threading.Event:
+    """Hold the engine thread between two steps until the returned event is set."""
+    entered, gate = threading.Event(), threading.Event()
+    with server.async_engine._lock:
+        server.async_engine._commands.append((lambda _: (entered.set(), gate.wait(30)),
+                                              concurrent.futures.Future()))
+    server.async_engine._wake.set()
+    assert entered.wait(10)
+    return gate
+
+
+def wait_for(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_api_key_guards_every_v1_route_and_metrics(guarded):
+    body = {"prompt": "hi", "max_tokens": 2}
+    for headers in ({}, bearer("wrong"), {"Authorization": USER}):  # no key, a wrong key, no Bearer scheme
+        r = httpx.post(guarded.url + "/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert httpx.get(guarded.url + "/v1/models", headers=headers).status_code == 401
+        assert httpx.get(guarded.url + "/metrics", headers=headers).status_code == 401
+    assert httpx.get(guarded.url + "/health").status_code == 200
+    for key in (USER, ADMIN):
+        assert httpx.post(guarded.url + "/v1/completions", json=body, headers=bearer(key)).status_code == 200
+        assert httpx.get(guarded.url + "/metrics", headers=bearer(key)).status_code == 200
+
+
+def test_adapter_management_needs_the_admin_key(guarded):
+    assert httpx.get(guarded.url + "/v1/adapters", headers=bearer(USER)).status_code == 401
+    r = httpx.post(guarded.url + "/v1/load_lora_adapter", headers=bearer(USER),
+                   json={"lora_name": "x", "lora_path": "/nonexistent"})
+    assert r.status_code == 401
+    assert httpx.get(guarded.url + "/v1/adapters", headers=bearer(ADMIN)).status_code == 200
+
+
+def test_openai_client_with_key(guarded):
+    from openai import AuthenticationError, OpenAI
+
+    ok = OpenAI(base_url=guarded.url + "/v1", api_key=USER)
+    assert ok.completions.create(model="tiny", prompt="hello", max_tokens=2).usage.completion_tokens == 2
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=guarded.url + "/v1", api_key="nope").completions.create(model="tiny", prompt="x", max_tokens=1)
+
+
+def test_past_max_waiting_503_with_retry_after_and_nothing_lost(guarded):
+    gate = pause(guarded)
+    body = {"prompt": "a b c", "max_tokens": 3, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            queued = [pool.submit(httpx.post, guarded.url + "/v1/completions", json=body, headers=bearer(USER),
+                                  timeout=60) for _ in range(2)]
+            wait_for(lambda: guarded.async_engine.num_waiting() == 2)
+            r = httpx.post(guarded.url + "/v1/chat/completions", headers=bearer(USER),
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["code"] == "overloaded"
+        finally:
+            gate.set()
+        assert [f.result().status_code for f in queued] == [200, 200]  # the queued ones still complete
+    metrics = httpx.get(guarded.url + "/metrics", headers=bearer(USER)).text
+    assert 'quiver_requests_rejected_total{reason="overloaded"} 1.0' in metrics
+    assert httpx.post(guarded.url + "/v1/completions", json=body, headers=bearer(USER)).status_code == 200
+
+
+def test_request_timeout_504_and_frees_everything(api_model, tokenizer):
+    with make_server(api_model, tokenizer, Guard(), request_timeout=0.3) as server:
+        engine = server.engine
+        gate = pause(server)
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "a b", "max_tokens": 5}, timeout=30)
+            assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+            assert 0.3 <= time.monotonic() - t0 < 5
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                              json={"prompt": "a b", "max_tokens": 5, "stream": True}) as s:
+                lines = [line for line in s.iter_lines() if line]
+            assert "time limit" in lines[0] and lines[-1] == "data: [DONE]"
+        finally:
+            gate.set()
+        wait_for(lambda: not engine.has_work() and not server.async_engine._adds)
+        assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.seqs
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "a b", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200  # a request within the limit is served as before
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(api_model, tokenizer, tmp_path):
+    import socket
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(api_model[0], model_dir)
+    tokenizer.save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(Path(sys.executable).parent / "quiver"), "serve", "--model", str(model_dir), "--port", str(port),
+           "--max-model-len", "256", "--num-kv-blocks", "64", "--log-level", "WARNING", "--shutdown-grace", "60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {
+        "QUIVER_API_KEY": USER})
+    try:
+        wait_for(lambda: _healthy(url), timeout=120)
+        chunks = []
+        with httpx.stream("POST", url + "/v1/completions", headers=bearer(USER), timeout=60,
+                          json={"prompt": "a b c", "max_tokens": 200, "ignore_eos": True, "stream": True}) as s:
+            lines = s.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    chunks.append(line)
+                    break
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(httpx.HTTPError):  # no longer accepting
+                httpx.post(url + "/v1/completions", headers=bearer(USER), json={"prompt": "x"}, timeout=5)
+            chunks += [line for line in lines if line.startswith("data: ")]
+        assert chunks[-1] == "data: [DONE]" and len(chunks) == 201  # every token of the in-flight request
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _healthy(url) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
