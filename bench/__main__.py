@@ -10,7 +10,8 @@ BENCHMARKS = {"latency": "merged vs unmerged vs base: TTFT and time per output t
               "serving": "HTTP load generator: Poisson arrivals over uniform or Zipf-drawn adapters",
               "throughput": "tokens/s against transformers' generate at several concurrency levels",
               "families": "decode throughput of each adapter family against the base model",
-              "hotload": "from POST /v1/adapters to the first token of the new adapter"}
+              "hotload": "from POST /v1/adapters to the first token of the new adapter",
+              "load": "sustained closed-loop streaming load over mixed adapter families, with leak and output checks"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,476 @@
+"""Load test: a bounded, closed-loop soak of an in-process server on loopback.
+
+N client tasks (one shared httpx connection pool) each send streaming /v1/completions back to back
+(greedy, ignore_eos, max_tokens drawn from [max_tokens/2, max_tokens] by a seeded RNG) for a fixed
+time, spread over the base model and 8 adapters of mixed families: 3 LoRA (r=8, all seven
+projections), 1 prompt tuning, 1 p-tuning, 2 prefix tuning, 1 bottleneck, all generated from the
+base model into a temporary folder. The server is the real FastAPI app under uvicorn in a thread,
+around an AsyncEngine whose loop runs on its own thread.
+
+It measures requests/s, output tokens/s, TTFT / time-per-output-token / end-to-end percentiles and
+the process RSS (sampled every second), and checks, failing (AssertionError) otherwise:
+  - zero errors: every request answers 200, streams no error event, ends with [DONE], and produces
+    exactly its max_tokens tokens with finish_reason "length";
+  - no leaks: once idle, no request is left in the engine, every KV block is free except the ones
+    the prefix adapters hold (each held by its adapter alone), every adapter unloads (none is still
+    pinned by a request), and then every block is free and no LoRA slot is occupied;
+  - reference outputs: a seeded sample of completed requests covering every adapter is re-run
+    alone, after the load, and must produce the same text;
+  - flat RSS: at the end at most max(10%, 64 MiB) above the RSS after warm-up (25% of the duration).
+
+    python -m bench load [--clients 64] [--duration 240] [--model DIR] [--max-tokens 32] [--out DIR]
+                         [--reference-sample 16] [--seed 0] [--kv-cache-mb MB] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import random
+import socket
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .common import RESULTS, machine, write_json
+from .serving import BASE, make_prompt, percentiles
+
+# the adapter mix: family -> how many
+PLAN = {"lora": 3, "prompt_tuning": 1, "p_tuning": 1, "prefix_tuning": 2, "bottleneck": 1}
+PROMPT_TOKENS = (6, 10, 16, 24, 32, 48)  # approximate prompt lengths of the prompt list
+WARM_UP_FRACTION = 0.25
+RSS_TOLERANCE = (0.10, 64 * 2**20)  # relative, absolute: the larger one applies
+MiB = 2**20
+
+
+# ---- the server ------------------------------------------------------------------------------------
+class LoopbackServer:
+    """The HTTP app under uvicorn on a free loopback port, in a daemon thread; the engine loop on its own."""
+
+    def __init__(self, async_engine):
+        import uvicorn
+
+        from server.api import create_app
+
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(async_engine), host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False, timeout_keep_alive=60)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="quiver-http", daemon=True)
+
+    def __enter__(self):
+        self.async_engine.start()
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the loopback server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.async_engine.stop()
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.engine.has_work() or self.async_engine.num_waiting():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the engine did not go idle within {timeout:g} s")
+            time.sleep(0.02)
+
+    def on_engine(self, fn):
+        """Run fn(engine) on the engine thread between two steps; its result, or its exception."""
+        return asyncio.run(self.async_engine.call(fn))
+
+
+def build_adapters(engine, root: Path, rank: int, virtual: int) -> dict[str, str]:
+    """Generate the PLAN's adapters from the base model into `root` and load them: name -> family."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import make_adapters
+    from .families import make_bottleneck_adapters, make_prompt_adapters
+
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
+    mc = engine.runner.model_config
+    families: dict[str, str] = {}
+    for kind, n in PLAN.items():
+        if kind == "lora":
+            paths = make_adapters(hf, root, n, rank)
+        elif kind == "bottleneck":
+            paths = make_bottleneck_adapters(mc.hidden_size, mc.num_layers, root, n)
+        else:
+            paths = make_prompt_adapters(hf, root, kind, n, virtual)
+        for i, path in enumerate(paths):
+            name = f"{kind}{i}"
+            engine.load_adapter(name, str(path))
+            families[name] = kind
+    del hf
+    gc.collect()
+    return families
+
+
+# ---- the clients -----------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Record:
+    client: int
+    model: str  # adapter name, or BASE
+    prompt: int  # index into the prompt list
+    max_tokens: int
+    sent_s: float  # since the start of the load
+    end_s: float = 0.0
+    ttft_s: float | None = None
+    tokens: int = 0
+    status: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""
+
+
+async def stream_one(client, url: str, payload: dict, rec: Record, t_start: float,
+                     chunks: list[str] | None = None) -> Record:
+    """Send one streaming completion; fill in `rec` (and the per-token texts into `chunks`, if given)."""
+    import httpx
+
+    t0 = time.perf_counter()
+    parts: list[str] = []
+    done = False
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=payload) as resp:
+            rec.status = resp.status_code
+            if resp.status_code != 200:
+                rec.error = f"HTTP {resp.status_code}: " + (await resp.aread()).decode(errors="replace")[:300]
+            else:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        done = True
+                        continue
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        rec.error = "error event: " + str(data["error"].get("message", data["error"]))[:300]
+                    for choice in data.get("choices") or ():
+                        if rec.ttft_s is None:
+                            rec.ttft_s = time.perf_counter() - t0
+                        rec.tokens += 1
+                        parts.append(choice.get("text") or "")
+                        if choice.get("finish_reason"):
+                            rec.finish_reason = choice["finish_reason"]
+    except (httpx.HTTPError, ValueError) as exc:  # a failed request is a result, not a crash of the load
+        rec.error = f"{type(exc).__name__}: {exc}"[:300]
+    rec.end_s = time.perf_counter() - t_start
+    rec.text = "".join(parts)
+    if chunks is not None:
+        chunks.extend(parts)
+    if rec.error is None:
+        if not done:
+            rec.error = "the stream ended without [DONE]"
+        elif rec.tokens != rec.max_tokens or rec.finish_reason != "length":
+            rec.error = f"{rec.tokens} tokens (finish_reason {rec.finish_reason}), expected {rec.max_tokens} (length)"
+    return rec
+
+
+def payload_for(model: str, base_name: str, prompt: str, max_tokens: int) -> dict:
+    return {"model": base_name if model == BASE else model, "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+
+
+async def client_loop(i: int, client, url: str, base_name: str, models: list[str], prompts: list[str],
+                      max_tokens: int, rng: random.Random, t_start: float, deadline: float,
+                      records: list[Record]) -> None:
+    """Closed loop: the next request as soon as the previous one has finished, until the deadline."""
+    lo = max(1, max_tokens // 2)
+    while time.perf_counter() < deadline:
+        model, prompt, n = rng.choice(models), rng.randrange(len(prompts)), rng.randint(lo, max_tokens)
+        rec = Record(i, model, prompt, n, time.perf_counter() - t_start)
+        records.append(await stream_one(client, url, payload_for(model, base_name, prompts[prompt], n), rec, t_start))
+
+
+async def run_load(url: str, base_name: str, models: list[str], prompts: list[str], args,
+                   t_start: float) -> list[Record]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    records: list[Record] = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=30.0), limits=limits) as client:
+        deadline = t_start + args.duration
+        await asyncio.gather(*(client_loop(i, client, url, base_name, models, prompts, args.max_tokens,
+                                           random.Random(f"{args.seed}:{i}"), t_start, deadline, records)
+                               for i in range(args.clients)))
+    return records
+
+
+class RssSampler:
+    """The process RSS every `interval` seconds on a daemon thread: [(seconds since t0, bytes)]."""
+
+    def __init__(self, t0: float, interval: float = 1.0):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.t0, self.interval = t0, interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def sample(self) -> tuple[float, int]:
+        s = (time.perf_counter() - self.t0, self._proc.memory_info().rss)
+        self.samples.append(s)
+        return s
+
+    def _run(self) -> None:
+        self.sample()
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.sample()
+
+
+# ---- the checks ------------------------------------------------------------------------------------
+def kv_state(engine) -> dict:
+    """Engine thread: what is still held once idle."""
+    prefix = [b for blocks in engine.prefix_blocks.values() for b in blocks]
+    users = Counter(seq.adapter for seq in engine.seqs.values() if seq.adapter is not None)
+    return {"seqs": len(engine.seqs), "running": len(engine.scheduler.running),
+            "waiting": len(engine.scheduler.waiting), "blocks_total": engine.blocks.num_blocks,
+            "blocks_free": engine.blocks.num_free, "prefix_blocks": len(prefix),
+            "prefix_block_refcounts": sorted(Counter(engine.blocks.refcount(b) for b in prefix).items()),
+            "adapter_users": dict(users),
+            "lora_slots_used": len(engine.loras.slot_of) if engine.loras is not None else 0,
+            "adapters": engine.adapter_names()}
+
+
+def leak_failures(state: dict, unload_errors: dict[str, str], final: dict) -> list[str]:
+    out = []
+    if state["seqs"] or state["running"] or state["waiting"]:
+        out.append(f"requests left in the engine when idle: {state['seqs']} seqs, {state['running']} running, "
+                   f"{state['waiting']} waiting")
+    if state["adapter_users"]:
+        out.append(f"adapters still pinned by requests: {state['adapter_users']}")
+    expected = state["blocks_total"] - state["prefix_blocks"]
+    if state["blocks_free"] != expected:
+        out.append(f"KV blocks leaked: {state['blocks_free']} free after the load, expected {expected} "
+                   f"({state['blocks_total']} less {state['prefix_blocks']} held by prefix adapters)")
+    if any(ref != 1 for ref, _ in state["prefix_block_refcounts"]):
+        out.append(f"prefix blocks still shared with requests: refcounts {state['prefix_block_refcounts']}")
+    for name, err in unload_errors.items():
+        out.append(f"unloading {name} failed: {err}")
+    if final["blocks_free"] != final["blocks_total"]:
+        out.append(f"KV blocks leaked: {final['blocks_free']} of {final['blocks_total']} free after unloading "
+                   "every adapter")
+    if final["adapters"] or final["lora_slots_used"]:
+        out.append(f"after unloading: adapters {final['adapters']}, {final['lora_slots_used']} LoRA slots used")
+    return out
+
+
+def pick_reference(records: list[Record], k: int, rng: random.Random) -> list[Record]:
+    """Up to k completed requests, round-robin over the models (each model's in seeded random order)."""
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        if r.error is None:
+            groups.setdefault(r.model, []).append(r)
+    order = sorted(groups)
+    rng.shuffle(order)
+    for name in order:
+        rng.shuffle(groups[name])
+    out: list[Record] = []
+    while len(out) < k and any(groups.values()):
+        for name in order:
+            if groups[name] and len(out) < k:
+                out.append(groups[name].pop())
+    return out
+
+
+async def run_reference(url: str, base_name: str, prompts: list[str], sample: list[Record]) -> list[dict]:
+    """Each sampled request again, alone (one at a time), greedy: its text must equal the load's."""
+    import httpx
+
+    rows = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=30.0)) as client:
+        for r in sample:
+            ref = Record(-1, r.model, r.prompt, r.max_tokens, 0.0)
+            chunks: list[str] = []
+            t0 = time.perf_counter()
+            await stream_one(client, url, payload_for(r.model, base_name, prompts[r.prompt], r.max_tokens), ref,
+                             t0, chunks)
+            agreed = 0  # reference tokens whose text, in order, is a prefix of the load's text
+            acc = ""
+            for c in chunks:
+                acc += c
+                if not r.text.startswith(acc):
+                    break
+                agreed += 1
+            rows.append({"model": r.model, "prompt": r.prompt, "max_tokens": r.max_tokens, "error": ref.error,
+                         "match": ref.error is None and ref.text == r.text, "tokens_agreed": agreed,
+                         "load_text": r.text, "reference_text": ref.text})
+    return rows
+
+
+# ---- the report ------------------------------------------------------------------------------------
+def _ms(xs) -> dict:
+    return percentiles([1000 * x for x in xs])
+
+
+def rss_summary(samples: list[tuple[float, int]], duration: float) -> dict:
+    warm_at = WARM_UP_FRACTION * duration
+    after = [s for s in samples if s[0] >= warm_at] or samples[-1:]
+    warm_t, warm = after[0]
+    end_t, end = samples[-1]
+    limit = warm + max(RSS_TOLERANCE[0] * warm, RSS_TOLERANCE[1])
+    return {"start_mib": samples[0][1] / MiB, "after_warm_up_mib": warm / MiB, "after_warm_up_at_s": warm_t,
+            "end_mib": end / MiB, "end_at_s": end_t, "max_after_warm_up_mib": max(s[1] for s in after) / MiB,
+            "limit_mib": limit / MiB, "flat": end <= limit,
+            "series": [[round(t, 2), round(b / MiB, 1)] for t, b in samples]}
+
+
+def summarize(records: list[Record], wall: float, families: dict[str, str]) -> dict:
+    ok = [r for r in records if r.error is None]
+    tokens = sum(r.tokens for r in ok)
+    tpot = [(r.end_s - r.sent_s - r.ttft_s) / (r.tokens - 1) for r in ok if r.tokens > 1 and r.ttft_s is not None]
+    errors = Counter(r.error for r in records if r.error is not None)
+    return {"requests": len(records), "completed": len(ok), "errors": len(records) - len(ok),
+            "error_kinds": dict(errors.most_common(10)), "wall_s": wall,
+            "requests_per_s": len(ok) / wall if wall > 0 else 0.0, "output_tokens": tokens,
+            "output_tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "ttft_ms": _ms([r.ttft_s for r in ok if r.ttft_s is not None]), "tpot_ms": _ms(tpot),
+            "e2e_ms": _ms([r.end_s - r.sent_s for r in ok]),
+            "per_family": dict(sorted(Counter(families.get(r.model, BASE) for r in records).items())),
+            "per_adapter": dict(sorted(Counter(r.model for r in records).items()))}
+
+
+def print_table(res: dict) -> None:
+    mix = ", ".join(f"{n} {k}" for k, n in PLAN.items())
+    print(f"load: {res['clients']} clients x {res['duration']:g} s over {sum(PLAN.values())} adapters ({mix}) "
+          f"+ base, max_tokens {res['max_tokens']}")
+    print(f"requests {res['requests']}  completed {res['completed']}  errors {res['errors']}  "
+          f"wall {res['wall_s']:.1f} s")
+    print(f"throughput {res['requests_per_s']:.2f} req/s   {res['output_tokens_per_s']:.1f} output tok/s")
+    print(f"{'latency (ms)':14s}{'mean':>10s}{'p50':>10s}{'p90':>10s}{'p99':>10s}")
+    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "per token"), ("e2e_ms", "end-to-end")):
+        row = res[key]
+        cells = "".join(f"{row[k]:10.1f}" if row[k] is not None else f"{'-':>10s}"
+                        for k in ("mean", "p50", "p90", "p99"))
+        print(f"{label:14s}{cells}")
+    rss = res["rss"]
+    print(f"RSS MiB: start {rss['start_mib']:.0f}, after warm-up ({rss['after_warm_up_at_s']:.0f} s) "
+          f"{rss['after_warm_up_mib']:.0f}, end {rss['end_mib']:.0f}, max {rss['max_after_warm_up_mib']:.0f} "
+          f"(limit {rss['limit_mib']:.0f}): {'flat' if rss['flat'] else 'GROWING'}")
+    kv = res["kv_after_load"]
+    print(f"KV blocks: {kv['blocks_free']}/{kv['blocks_total']} free when idle ({kv['prefix_blocks']} held by "
+          f"prefix adapters); {res['blocks_free_after']}/{kv['blocks_total']} after unloading every adapter")
+    print(f"reference: {res['reference_checked']} requests re-run alone, {res['reference_mismatches']} mismatches")
+    print("requests per family: " + ", ".join(f"{k} {v}" for k, v in res["per_family"].items()))
+    for f in res["failures"]:
+        print("FAILED:", f)
+    print("load test", "passed" if not res["failures"] else "FAILED", flush=True)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench load")
+    ap.add_argument("--clients", type=int, default=64, help="concurrent streaming clients (closed loop)")
+    ap.add_argument("--duration", type=float, default=240.0, help="seconds during which clients send requests")
+    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="each request asks for [max/2, max] tokens")
+    ap.add_argument("--reference-sample", type=int, default=16, help="requests re-run alone and compared")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    ap.add_argument("--virtual-tokens", type=int, default=8, help="of the prompt-learning adapters")
+    ap.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size (default: the engine's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1:
+        ap.error("--clients, --duration and --max-tokens must be positive")
+
+    from server.async_engine import AsyncEngine
+    from server.config import EngineConfig
+    from server.engine import LLMEngine
+    from server.metrics import Metrics
+
+    config = EngineConfig(model=args.model, num_threads=args.threads, max_loras=max(8, PLAN["lora"]),
+                          max_lora_rank=args.rank, max_num_seqs=max(64, args.clients),
+                          **({"kv_cache_memory_mb": args.kv_cache_mb} if args.kv_cache_mb else {}))
+    engine = LLMEngine(config)
+    prompts = [make_prompt(i, n) for i, n in enumerate(PROMPT_TOKENS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        families = build_adapters(engine, Path(tmp), args.rank, args.virtual_tokens)
+    models = [BASE, *families]
+    base_name = engine.model_name
+    failures: list[str] = []
+
+    with LoopbackServer(AsyncEngine(engine, Metrics())) as srv:
+        from .serving import warm_up
+        warm_up(srv.url)
+        srv.wait_idle()
+        print(f"load: {args.clients} clients for {args.duration:g} s against {srv.url} ...", flush=True)
+        t_start = time.perf_counter()
+        with RssSampler(t_start) as rss:
+            records = asyncio.run(run_load(srv.url, base_name, models, prompts, args, t_start))
+        wall = max((r.end_s for r in records), default=time.perf_counter() - t_start)
+        srv.wait_idle()
+        kv_after_load = srv.on_engine(kv_state)
+
+        sample = pick_reference(records, args.reference_sample, random.Random(args.seed))
+        reference = asyncio.run(run_reference(srv.url, base_name, prompts, sample))
+        srv.wait_idle()
+
+        unload_errors: dict[str, str] = {}
+        for name in families:
+            try:
+                asyncio.run(srv.async_engine.unload_adapter(name))
+            except Exception as exc:  # noqa: BLE001 - AdapterInUse above all: a pinned adapter is a leak
+                unload_errors[name] = f"{type(exc).__name__}: {exc}"
+        kv_final = srv.on_engine(kv_state)
+
+    summary = summarize(records, wall, families)
+    rss_info = rss_summary(rss.samples, args.duration)
+    mismatches = [row for row in reference if not row["match"]]
+    if summary["errors"]:
+        failures.append(f"{summary['errors']} of {summary['requests']} requests failed: {summary['error_kinds']}")
+    if not summary["completed"]:
+        failures.append("no request completed")
+    failures += leak_failures(kv_after_load, unload_errors, kv_final)
+    if mismatches:
+        worst = min(mismatches, key=lambda row: row["tokens_agreed"])
+        failures.append(f"{len(mismatches)} of {len(reference)} reference outputs differ from the load's "
+                        f"(fewest tokens agreed: {worst['tokens_agreed']} of {worst['max_tokens']}, {worst['model']})")
+    if not rss_info["flat"]:
+        failures.append(f"RSS grew from {rss_info['after_warm_up_mib']:.0f} MiB after warm-up to "
+                        f"{rss_info['end_mib']:.0f} MiB (limit {rss_info['limit_mib']:.0f})")
+
+    result = {"benchmark": "load", "model": engine.model_name, "clients": args.clients, "duration": args.duration,
+              "max_tokens": args.max_tokens, "seed": args.seed, "adapters": families,
+              "prompts": prompts, "machine": machine(), **summary,
+              "rss_mib": {"after_warm_up": rss_info["after_warm_up_mib"], "end": rss_info["end_mib"]},
+              "rss_flat": rss_info["flat"], "rss": rss_info,
+              "kv_after_load": kv_after_load, "kv_after_unload": kv_final, "unload_errors": unload_errors,
+              "blocks_free_after": kv_final["blocks_free"], "blocks_total": kv_final["blocks_total"],
+              "reference_checked": len(reference), "reference_mismatches": len(mismatches),
+              "reference_models": sorted({row["model"] for row in reference}), "reference": reference,
+              "failures": failures, "passed": not failures,
+              "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "requests_sample": [asdict(r) for r in records[:20]]}
+    print_table(result)
+    print("wrote", write_json("load", result, args.out or RESULTS), flush=True)
+    if failures:
+        raise AssertionError("load test failed:\n  " + "\n  ".join(failures))
+    return result
