@@ -29,9 +29,15 @@ def resolve_path(path: str, root: str | Path) -> Path:
     """The adapter folder `path` (absolute, or relative to root), which must lie inside root."""
     root = Path(root).resolve()
     candidate = Path(path)
-    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if not resolved.is_relative_to(root):
-        raise PathNotAllowed(f"adapter path {path!r} resolves outside the adapter root {str(root)!r}")
-    if not resolved.is_dir():
+    try:
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not resolved.is_relative_to(root):
+            raise PathNotAllowed(f"adapter path {path!r} resolves outside the adapter root {str(root)!r}")
+        is_dir = resolved.is_dir()
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system, ...
+        if isinstance(exc, PathNotAllowed):
+            raise
+        raise PathNotAllowed(f"adapter path {path!r} is not a usable path: {exc}") from None
+    if not is_dir:
         raise FileNotFoundError(f"adapter path {path!r} is not a folder")
     return resolved

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterError
 from adapters.paths import InvalidName, PathNotAllowed
 
+from . import openapi_doc as doc
 from .adapter_api import add_adapter_routes
 from .async_engine import AsyncEngine, EngineError
 from .engine import AdapterExists, AdapterInUse, RequestOutput, UnknownAdapter
@@ -37,10 +38,15 @@ ERROR_STATUS = {
     AdapterExists: (409, "name", "adapter_exists"),
     AdapterInUse: (409, "name", "adapter_in_use"),
 }
+# what /v1/completions and /v1/chat/completions may answer besides 200 (422: an adapter on disk that fails
+# to read on first use; 499: the client left before a non-streaming answer; 401/503/504: auth, backpressure
+# and timeouts in front of the routes)
+GENERATION_ERRORS = (400, 401, 404, 422, 499, 503, 504)
 
 
 def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root: str | Path | None = None) -> FastAPI:
     app = FastAPI(title="Quiver", version="0.1.0")
+    doc.install(app)
     core = engine.engine
     tok = core.tokenizer
     fmt = LogprobFormatter(tok)
@@ -70,8 +76,11 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
         app.add_exception_handler(exc_type, status_handler(*spec))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail), type_="invalid_request_error")
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names only the first route on the path
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.url.path))}
+        return error(exc.status_code, str(exc.detail), type_="invalid_request_error", headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):
@@ -81,11 +90,11 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
     add_adapter_routes(app, engine, Path(adapter_root or Path.cwd()))
 
     # ---- plain routes ----------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", responses=doc.responses(ok=doc.ok(doc.Health)))
     async def health():
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=doc.responses(401, ok=doc.ok(doc.ModelList)))
     async def models():
         created = now()
         base = {"id": core.model_name, "object": "model", "created": created, "owned_by": "quiver",
@@ -95,7 +104,8 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
                      "max_model_len": core.max_model_len} for name in core.known_names()]
         return {"object": "list", "data": [base, *adapters]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses=doc.responses(401, ok=doc.ok(description="Prometheus text exposition format")))
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -111,7 +121,8 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
             raise InvalidParam("n", "only n=1 is supported")
 
     # ---- completions -----------------------------------------------------------------------
-    @app.post("/v1/completions")
+    @app.post("/v1/completions",
+              responses=doc.responses(*GENERATION_ERRORS, ok=doc.ok(doc.Completion, stream=doc.CompletionChunk)))
     async def completions(req: CompletionRequest, request: Request):
         check_n(req)
         adapter = adapter_of(req)
@@ -181,7 +192,9 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
         return body(choices, usage(n_prompt, n_out))
 
     # ---- chat ------------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
+    chat_ok = doc.ok(doc.ChatCompletion, stream=doc.ChatCompletionChunk)
+
+    @app.post("/v1/chat/completions", responses=doc.responses(*GENERATION_ERRORS, ok=chat_ok))
     async def chat(req: ChatCompletionRequest, request: Request):
         check_n(req)
         adapter = adapter_of(req)
@@ -191,7 +204,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
                                                return_dict=False))
         except Exception as exc:
             raise InvalidParam("messages", f"the chat template cannot render these messages: {exc}") from exc
-        max_tokens = req.max_completion_tokens or req.max_tokens
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = max(core.max_model_len - len(ids), 1)
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -238,6 +251,16 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
     return app
 
 
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route serves at `path`."""
+    methods: set[str] = set()
+    for route in app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path) and getattr(route, "methods", None):
+            methods |= route.methods
+    return sorted(methods)
+
+
 def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -247,6 +270,12 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
         prompt = [prompt]
     out = []
     for p in prompt:
+        if isinstance(p, str):
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON's "\ud800": the tokenizer takes only valid text
+                raise InvalidParam("prompt", f"prompt is not valid Unicode text: {exc.reason} "
+                                             f"at position {exc.start}") from None
         ids = tokenizer(p).input_ids if isinstance(p, str) else list(p)
         if not ids:
             raise InvalidParam("prompt", "prompt must not be empty")

@@ -126,8 +126,13 @@ class AsyncEngine:
         return info
 
     async def unload_adapter(self, name: str) -> None:
-        family = await self.call(lambda engine: (engine.adapter_info(name)["family"], engine.unload_adapter(name))[0])
-        if self.metrics is not None:
+        def unload(engine) -> str | None:
+            family = engine.adapter_info(name)["family"] if engine.is_resident(name) else None  # None: on disk
+            engine.unload_adapter(name)  # UnknownAdapter for a name it does not know
+            return family
+
+        family = await self.call(unload)
+        if self.metrics is not None and family is not None:
             self.metrics.adapter_unloads.labels(family).inc()
 
     def abort(self, request_id: str) -> None:
