@@ -18,7 +18,7 @@ from adapters.paths import InvalidName, PathNotAllowed
 
 from . import openapi_doc as doc
 from .adapter_api import add_adapter_routes
-from .async_engine import AsyncEngine, EngineError
+from .async_engine import AsyncEngine, EngineError, RequestTimeout
 from .engine import AdapterExists, AdapterInUse, RequestOutput, UnknownAdapter
 from .metrics import Metrics
 from .openai_format import LogprobFormatter, error, merge_completion_logprobs, new_id, now, usage
@@ -165,7 +165,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
                         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
                         yield _sse(body([choice]))
                 except (EngineError, LookupError, ValueError) as exc:  # incl. an adapter that failed to load
-                    yield _sse(_error_body(str(exc)))
+                    yield _sse(_error_body(exc))
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse(body([], usage(sum(t[0] for t in totals), sum(t[1] for t in totals))))
                 yield "data: [DONE]\n\n"
@@ -231,7 +231,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
                         delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                         yield _sse(chunk(delta, out.finish_reason, lp))
                 except (EngineError, LookupError, ValueError) as exc:  # incl. an adapter that failed to load
-                    yield _sse(_error_body(str(exc)))
+                    yield _sse(_error_body(exc))
                 if last is not None and req.stream_options and req.stream_options.include_usage:
                     yield _sse(chunk({}, use=usage(last.num_prompt_tokens, last.num_output_tokens), choices=False))
                 yield "data: [DONE]\n\n"
@@ -283,8 +283,11 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
     return out
 
 
-def _error_body(message: str) -> dict:
-    return {"error": {"message": message, "type": "internal_error", "param": None, "code": None}}
+def _error_body(exc: Exception) -> dict:
+    """The error event that ends a stream whose status line has already gone out."""
+    if isinstance(exc, RequestTimeout):
+        return {"error": {"message": str(exc), "type": "server_error", "param": None, "code": "request_timeout"}}
+    return {"error": {"message": str(exc), "type": "internal_error", "param": None, "code": None}}
 
 
 def _sse(obj) -> str:

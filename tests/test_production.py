@@ -122,7 +122,8 @@ def test_request_timeout_504_and_frees_everything(api_model, tokenizer):
             with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
                               json={"prompt": "a b", "max_tokens": 5, "stream": True}) as s:
                 lines = [line for line in s.iter_lines() if line]
-            assert "time limit" in lines[0] and lines[-1] == "data: [DONE]"
+            assert '"code": "request_timeout"' in lines[0] and "time limit" in lines[0]
+            assert lines[-1] == "data: [DONE]"
         finally:
             gate.set()
         wait_for(lambda: not engine.has_work() and not server.async_engine._adds)
