@@ -1,9 +1,14 @@
-"""What every benchmark records next to its numbers: the machine and the versions."""
+"""What the benchmarks share: the machine and versions they record, where results go, and an
+in-process server on loopback (the tests use it too)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
+import socket
+import threading
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,3 +37,53 @@ def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+class LoopbackServer:
+    """The HTTP app under uvicorn on a free loopback port, in a daemon thread; the engine loop on its own."""
+
+    def __init__(self, async_engine, adapter_root=None, guard=None):
+        import uvicorn
+
+        from server.api import create_app
+        from server.guard import install
+
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(async_engine, adapter_root=adapter_root)
+        if guard is not None:
+            install(app, async_engine, guard)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
+                                timeout_keep_alive=60)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="quiver-http", daemon=True)
+
+    def __enter__(self):
+        self.async_engine.start()
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the loopback server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.async_engine.stop()
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.engine.has_work() or self.async_engine.num_waiting():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the engine did not go idle within {timeout:g} s")
+            time.sleep(0.02)
+
+    def on_engine(self, fn):
+        """Run fn(engine) on the engine thread between two steps; its result, or its exception."""
+        return asyncio.run(self.async_engine.call(fn))

@@ -28,7 +28,6 @@ import asyncio
 import gc
 import json
 import random
-import socket
 import tempfile
 import threading
 import time
@@ -36,8 +35,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .common import RESULTS, machine, write_json
-from .serving import BASE, make_prompt, percentiles
+from .common import RESULTS, LoopbackServer, machine, write_json
+from .serving import BASE, make_prompt, percentiles, print_latency
 
 # the adapter mix: family -> how many
 PLAN = {"lora": 3, "prompt_tuning": 1, "p_tuning": 1, "prefix_tuning": 2, "bottleneck": 1}
@@ -45,53 +44,6 @@ PROMPT_TOKENS = (6, 10, 16, 24, 32, 48)  # approximate prompt lengths of the pro
 WARM_UP_FRACTION = 0.25
 RSS_TOLERANCE = (0.10, 64 * 2**20)  # relative, absolute: the larger one applies
 MiB = 2**20
-
-
-# ---- the server ------------------------------------------------------------------------------------
-class LoopbackServer:
-    """The HTTP app under uvicorn on a free loopback port, in a daemon thread; the engine loop on its own."""
-
-    def __init__(self, async_engine):
-        import uvicorn
-
-        from server.api import create_app
-
-        self.async_engine = async_engine
-        self.engine = async_engine.engine
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(async_engine), host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, timeout_keep_alive=60)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="quiver-http", daemon=True)
-
-    def __enter__(self):
-        self.async_engine.start()
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the loopback server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.async_engine.stop()
-
-    def wait_idle(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.engine.has_work() or self.async_engine.num_waiting():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the engine did not go idle within {timeout:g} s")
-            time.sleep(0.02)
-
-    def on_engine(self, fn):
-        """Run fn(engine) on the engine thread between two steps; its result, or its exception."""
-        return asyncio.run(self.async_engine.call(fn))
 
 
 def build_adapters(engine, root: Path, rank: int, virtual: int) -> dict[str, str]:
@@ -363,12 +315,7 @@ def print_table(res: dict) -> None:
     print(f"requests {res['requests']}  completed {res['completed']}  errors {res['errors']}  "
           f"wall {res['wall_s']:.1f} s")
     print(f"throughput {res['requests_per_s']:.2f} req/s   {res['output_tokens_per_s']:.1f} output tok/s")
-    print(f"{'latency (ms)':14s}{'mean':>10s}{'p50':>10s}{'p90':>10s}{'p99':>10s}")
-    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "per token"), ("e2e_ms", "end-to-end")):
-        row = res[key]
-        cells = "".join(f"{row[k]:10.1f}" if row[k] is not None else f"{'-':>10s}"
-                        for k in ("mean", "p50", "p90", "p99"))
-        print(f"{label:14s}{cells}")
+    print_latency(res, (("ttft_ms", "TTFT"), ("tpot_ms", "per token"), ("e2e_ms", "end-to-end")))
     rss = res["rss"]
     print(f"RSS MiB: start {rss['start_mib']:.0f}, after warm-up ({rss['after_warm_up_at_s']:.0f} s) "
           f"{rss['after_warm_up_mib']:.0f}, end {rss['end_mib']:.0f}, max {rss['max_after_warm_up_mib']:.0f} "

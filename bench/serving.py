@@ -164,17 +164,21 @@ def summarize(records: list[dict], duration: float) -> dict:
             "per_adapter": dict(sorted(Counter(r["adapter"] for r in records).items()))}
 
 
+def print_latency(s: dict, rows: tuple[tuple[str, str], ...]) -> None:
+    """One line of mean/p50/p90/p99 per (key, label) of `percentiles()` results in s."""
+    print(f"{'latency (ms)':14s}{'mean':>10s}{'p50':>10s}{'p90':>10s}{'p99':>10s}")
+    for key, label in rows:
+        cells = "".join(f"{s[key][k]:10.1f}" if s[key][k] is not None else f"{'-':>10s}"
+                        for k in ("mean", "p50", "p90", "p99"))
+        print(f"{label:14s}{cells}")
+
+
 def print_table(s: dict) -> None:
     print(f"requests {s['requests']}  completed {s['completed']}  errors {s['errors']}  "
           f"duration {s['duration_s']:.2f} s")
     print(f"request throughput {s['request_throughput']:.3f} req/s   "
           f"output token throughput {s['output_token_throughput']:.1f} tok/s")
-    print(f"{'latency (ms)':14s}{'mean':>10s}{'p50':>10s}{'p90':>10s}{'p99':>10s}")
-    for key, label in (("ttft_ms", "TTFT"), ("itl_ms", "ITL"), ("e2e_ms", "end-to-end")):
-        row = s[key]
-        cells = "".join(f"{row[k]:10.1f}" if row[k] is not None else f"{'-':>10s}"
-                        for k in ("mean", "p50", "p90", "p99"))
-        print(f"{label:14s}{cells}")
+    print_latency(s, (("ttft_ms", "TTFT"), ("itl_ms", "ITL"), ("e2e_ms", "end-to-end")))
     print("requests per adapter: " + ", ".join(f"{k} {v}" for k, v in s["per_adapter"].items()), flush=True)
 
 

@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on CPU; the flag must be set before they are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.common import LoopbackServer as LiveServer  # noqa: E402 (after the environment is set)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -95,53 +97,6 @@ def run_staggered(engine, arrivals: list[tuple[int, list[int], object]]) -> dict
         step += 1
         assert step < 10_000, "engine did not finish"
     return outputs
-
-
-class LiveServer:
-    """uvicorn on a loopback port in a thread, around an AsyncEngine."""
-
-    def __init__(self, async_engine, adapter_root=None, guard=None):
-        import socket
-        import threading
-
-        import uvicorn
-
-        from server.api import create_app
-        from server.guard import install
-
-        self.async_engine = async_engine
-        self.engine = async_engine.engine
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(async_engine, adapter_root=adapter_root)
-        if guard is not None:
-            install(app, async_engine, guard)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        import time
-        self.async_engine.start()
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.async_engine.stop()
-
-    def wait_idle(self, timeout: float = 20.0) -> None:
-        import time
-        deadline = time.monotonic() + timeout
-        while self.engine.has_work() or self.async_engine._adds:
-            assert time.monotonic() < deadline, "engine did not go idle"
-            time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")
