@@ -18,16 +18,22 @@ from .meta import LoraMeta
 
 
 @triton.jit
+def _segment_rows(seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M: tl.constexpr):
+    """This program's adapter slot, and the token rows (with their mask) of its tile of the segment."""
+    seg, pid_m = tl.program_id(0), tl.program_id(1)
+    start = tl.load(seg_starts_ptr + seg)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = rm < tl.load(seg_lens_ptr + seg)
+    tok = tl.load(seg_index_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+    return tl.load(seg_slots_ptr + seg).to(tl.int64), tok, m_mask
+
+
+@triton.jit
 def _shrink_sgmv(x_ptr, a_ptr, out_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
                  K, N, stride_xt, stride_al, stride_an, stride_ot,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    seg, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(seg_starts_ptr + seg)
-    length = tl.load(seg_lens_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = rm < length
-    tok = tl.load(seg_index_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+    pid_n = tl.program_id(2)
+    slot, tok, m_mask = _segment_rows(seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -46,13 +52,8 @@ def _shrink_sgmv(x_ptr, a_ptr, out_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_
 def _expand_sgmv(xa_ptr, b_ptr, y_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
                  tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R, stride_xat, stride_bl, stride_br, stride_yt,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    seg, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(seg_starts_ptr + seg)
-    length = tl.load(seg_lens_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = rm < length
-    tok = tl.load(seg_index_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+    pid_n = tl.program_id(2)
+    slot, tok, m_mask = _segment_rows(seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
     s = tl.load(tile_slice_ptr + pid_n)
     rn = tl.load(tile_n0_ptr + pid_n) + tl.arange(0, BLOCK_N)
     n_mask = rn < tl.load(slice_end_ptr + s)
