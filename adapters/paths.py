@@ -31,13 +31,11 @@ def resolve_path(path: str, root: str | Path) -> Path:
     candidate = Path(path)
     try:
         resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        if not resolved.is_relative_to(root):
-            raise PathNotAllowed(f"adapter path {path!r} resolves outside the adapter root {str(root)!r}")
         is_dir = resolved.is_dir()
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system, ...
-        if isinstance(exc, PathNotAllowed):
-            raise
         raise PathNotAllowed(f"adapter path {path!r} is not a usable path: {exc}") from None
+    if not resolved.is_relative_to(root):
+        raise PathNotAllowed(f"adapter path {path!r} resolves outside the adapter root {str(root)!r}")
     if not is_dir:
         raise FileNotFoundError(f"adapter path {path!r} is not a folder")
     return resolved
