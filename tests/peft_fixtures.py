@@ -96,12 +96,40 @@ def peft_logits(base, path, ids: list[int], dtype=torch.float32) -> torch.Tensor
         _release(model)
 
 
-def peft_greedy(base, path, ids: list[int], n: int) -> list[int]:
+def forward_greedy(model, ids: list[int], n: int, eos_token_id: int | None = None) -> list[int]:
+    """Greedy tokens from a loop over `model`'s forward, the whole sequence recomputed every step.
+
+    The oracle for generated text: it is the computation an adapter was trained with, and unlike
+    PEFT's `generate` it does not depend on how a transformers release threads caches through
+    prompt learning. Stops after `eos_token_id` (kept in the output, as `generate` keeps it)."""
+    seq, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits
+            token = int(logits[0, -1].argmax())
+            seq.append(token)
+            out.append(token)
+            if token == eos_token_id:
+                break
+    return out
+
+
+def peft_greedy(base, path, ids: list[int], n: int, eos_token_id: int | None = None) -> list[int]:
+    """PEFT's greedy continuation of `ids` with the adapter at `path`, through its forward."""
+    model = PeftModel.from_pretrained(base, path).eval()
+    try:
+        return forward_greedy(model, ids, n, eos_token_id)
+    finally:
+        _release(model)
+
+
+def peft_generate(base, path, ids: list[int], n: int) -> list[int]:
+    """PEFT's own greedy `generate`, stopping at EOS: only to check the forward-loop oracle against it."""
     model = PeftModel.from_pretrained(base, path).eval()
     try:
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=n, do_sample=False)
-        return out[0, -n:].tolist() if out.shape[1] >= n else out[0].tolist()
+        return out[0, len(ids):].tolist()
     finally:
         _release(model)

@@ -1,4 +1,4 @@
-"""LoRA adapters through the HTTP API: routing, listing, and greedy output equal to PEFT's generate."""
+"""LoRA adapters through the HTTP API: routing, listing, and greedy output equal to PEFT's."""
 from __future__ import annotations
 
 import httpx
@@ -39,7 +39,7 @@ def test_models_lists_adapters_with_parent(lora_server):
     assert {m["id"]: m["parent"] for m in data[1:]} == {name: "tiny" for name in paths}
 
 
-def test_greedy_over_http_matches_peft_generate(lora_server, tokenizer):
+def test_greedy_over_http_matches_peft(lora_server, tokenizer):
     server, hf, paths = lora_server
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     prompt = [101, 2020, 333, 47, 5005, 606]
@@ -99,7 +99,7 @@ def prompt_server(api_model, tokenizer, tmp_path_factory):
         yield server, hf, paths
 
 
-def test_every_family_over_http_matches_peft_generate(prompt_server, tokenizer):
+def test_every_family_over_http_matches_peft(prompt_server, tokenizer):
     """All families and a base request at once: each PEFT adapter's greedy text equals PEFT's."""
     import asyncio
 
