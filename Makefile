@@ -53,7 +53,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pytest -q -m 'not slow' --ignore=tests/test_lock.py $(PYTEST_ARGS)
 
 bench: venv
-	$(PY) -m bench throughput
+	$(PY) -m quiver.bench throughput
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .quiver-cache

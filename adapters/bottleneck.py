@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
-from .weights import read_weights
+from quiver.adapters.errors import AdapterError
+from quiver.adapters.weights import read_weights
 
 WEIGHTS_FILE = "adapter.safetensors"
 PICKLE_FILE = "pytorch_adapter.bin"

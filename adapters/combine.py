@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from .errors import AdapterError
-from .lora import MODULES, LoraAdapter, LoraModule
+from quiver.adapters.errors import AdapterError
+from quiver.adapters.lora import MODULES, LoraAdapter, LoraModule
 
 METHODS = ("cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 Key = tuple[int, str]

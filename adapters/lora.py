@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from .errors import AdapterError
-from .spec import AdapterSpec, read_spec
-from .weights import read_weights
+from quiver.adapters.errors import AdapterError
+from quiver.adapters.spec import AdapterSpec, read_spec
+from quiver.adapters.weights import read_weights
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."

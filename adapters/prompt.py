@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
-from .lora import PICKLE_FILE, WEIGHTS_FILE
-from .spec import AdapterSpec, read_spec
-from .weights import read_weights
+from quiver.adapters.errors import AdapterError
+from quiver.adapters.lora import PICKLE_FILE, WEIGHTS_FILE
+from quiver.adapters.spec import AdapterSpec, read_spec
+from quiver.adapters.weights import read_weights
 
 
 @dataclass

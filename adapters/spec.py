@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AdapterError
+from quiver.adapters.errors import AdapterError
 
 LORA_TYPES = ("LORA", "ADALORA")
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import AdapterError
+from quiver.adapters.errors import AdapterError
 
 
 def read_weights(folder: Path, safetensors_name: str, pickle_name: str, allow_pickle: bool = False,

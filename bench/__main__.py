@@ -1,4 +1,4 @@
-"""python -m bench <name> [...] (or quiver bench <name> [...]): run one benchmark."""
+"""python -m quiver.bench <name> [...] (or quiver bench <name> [...]): run one benchmark."""
 from __future__ import annotations
 
 import importlib
@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in BENCHMARKS:
         lines = "\n".join(f"  {name:11s} {what}" for name, what in BENCHMARKS.items())
-        sys.exit(f"usage: python -m bench NAME [options]   (NAME --help for its options)\n{lines}")
-    importlib.import_module(f"bench.{argv[0]}").main(argv[1:])
+        sys.exit(f"usage: quiver bench NAME [options]   (NAME --help for its options)\n{lines}")
+    importlib.import_module(f"quiver.bench.{argv[0]}").main(argv[1:])
 
 
 if __name__ == "__main__":

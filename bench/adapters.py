@@ -2,7 +2,7 @@
 projections), against Quiver's own base-only throughput and PEFT's mixed-batch
 `generate(adapter_names=...)`, in one process and one run, with one thread count.
 
-    python -m bench adapters [--adapters 1 2 4 8 16 32] [--batch 32] [--new-tokens 64] [--rank 16]
+    quiver bench adapters [--adapters 1 2 4 8 16 32] [--batch 32] [--new-tokens 64] [--rank 16]
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS, machine, write_json
-from .plot import line_plot
-from .throughput import prompts, run_quiver, run_transformers
+from quiver.bench.common import RESULTS, machine, write_json
+from quiver.bench.plot import line_plot
+from quiver.bench.throughput import prompts, run_quiver, run_transformers
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,8 +43,8 @@ def quiver_and_peft(args, root: Path, n: int, with_peft: bool = True):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.config import EngineConfig
-    from server.engine import LLMEngine
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device, max_loras=n,
                                     max_lora_rank=args.rank, max_num_seqs=max(64, args.batch)))
@@ -80,7 +80,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench adapters")
+    ap = argparse.ArgumentParser(prog="quiver bench adapters")
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed-batch generate")
     add_common_args(ap)

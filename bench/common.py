@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BASE = "base"  # label of requests that name no adapter
 
 
 def machine() -> dict:
@@ -45,8 +46,8 @@ class LoopbackServer:
     def __init__(self, async_engine, adapter_root=None, guard=None):
         import uvicorn
 
-        from server.api import create_app
-        from server.guard import install
+        from quiver.server.http.app import create_app
+        from quiver.server.http.guard import install
 
         self.async_engine = async_engine
         self.engine = async_engine.engine
@@ -87,3 +88,18 @@ class LoopbackServer:
     def on_engine(self, fn):
         """Run fn(engine) on the engine thread between two steps; its result, or its exception."""
         return asyncio.run(self.async_engine.call(fn))
+
+
+def percentiles(values: list[float]) -> dict:
+    """p50/p90/p99 (linear interpolation, as numpy) and mean; None when there are no values."""
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    xs = sorted(values)
+
+    def q(p: float) -> float:
+        pos = p / 100 * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return {"p50": q(50), "p90": q(90), "p99": q(99), "mean": sum(xs) / len(xs)}

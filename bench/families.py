@@ -1,7 +1,7 @@
 """Cost of each adapter family against the base model at batch 32, in one run: decode
 throughput (output tokens/s once every row has its first token) and end-to-end throughput.
 
-    python -m bench families [--batch 32] [--new-tokens 64] [--adapters 8] [--virtual-tokens 20]
+    quiver bench families [--batch 32] [--new-tokens 64] [--adapters 8] [--virtual-tokens 20]
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import make_adapters
-from .common import RESULTS, machine, write_json
-from .plot import bar_plot
-from .throughput import prompts
+from quiver.bench.adapters import make_adapters
+from quiver.bench.common import RESULTS, machine, write_json
+from quiver.bench.plot import bar_plot
+from quiver.bench.throughput import prompts
 
 
 def make_prompt_adapters(hf, root: Path, kind: str, n: int, virtual: int) -> list[Path]:
@@ -69,7 +69,7 @@ def make_bottleneck_adapters(hidden: int, num_layers: int, root: Path, n: int, r
 
 def run(engine, tokenizer, texts, new_tokens: int, adapters) -> tuple[float, float]:
     """(decode tok/s, end-to-end tok/s)."""
-    from server.sampling import SamplingParams
+    from quiver.server.engine.sampling import SamplingParams
 
     seqs = [engine.add_request(tokenizer(t).input_ids, SamplingParams(max_tokens=new_tokens, temperature=0.0,
                                                                       ignore_eos=True), adapter=adapters[i])
@@ -86,7 +86,7 @@ def run(engine, tokenizer, texts, new_tokens: int, adapters) -> tuple[float, flo
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench families")
+    ap = argparse.ArgumentParser(prog="quiver bench families")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters per family")
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.config import EngineConfig
-    from server.engine import LLMEngine
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, max_loras=args.adapters,
                                     max_lora_rank=args.rank, max_num_seqs=max(64, args.batch)))

@@ -2,7 +2,7 @@
 adapter, against a running `quiver serve`, for a LoRA (r=16, all seven projections) and a
 prefix adapter; median and max of several loads, each under a fresh name.
 
-    python -m bench hotload [--repeats 5] [--model DIR]
+    quiver bench hotload [--repeats 5] [--model DIR]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .common import machine, write_json
+from quiver.bench.common import machine, write_json
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -52,7 +52,7 @@ def first_token_after_load(client, url: str, name: str, path: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench hotload")
+    ap = argparse.ArgumentParser(prog="quiver bench hotload")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--virtual-tokens", type=int, default=20)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import httpx
 
-    from server.model_source import resolve_model
+    from quiver.server.model.checkpoint import resolve_model
 
     model_dir, model_name = resolve_model(args.model)
     url = f"http://127.0.0.1:{args.port}"

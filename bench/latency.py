@@ -4,7 +4,7 @@ inter-token latency (ITL, per token) at 1, 8 and 32 concurrent requests (prompt 
 new tokens), median and p90 over every request of every repeat (at concurrency c < 4, 4 // c
 rounds per repeat), all three variants in turn in one process, one run, one thread count.
 
-    python -m bench latency [--concurrency 1 8 32] [--repeats 3] [--rank 16] [--threads N]
+    quiver bench latency [--concurrency 1 8 32] [--repeats 3] [--rank 16] [--threads N]
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from server.config import DTYPES, EngineConfig
+from quiver.server.engine.config import DTYPES, EngineConfig
 
-from .adapters import ALL7, make_adapters
-from .common import RESULTS, machine, write_json
-from .plot import line_plots
-from .throughput import prompts
+from quiver.bench.adapters import ALL7, make_adapters
+from quiver.bench.common import RESULTS, machine, write_json
+from quiver.bench.plot import line_plots
+from quiver.bench.throughput import prompts
 
 VARIANTS = ("base", "merged", "unmerged")
 
@@ -40,7 +40,7 @@ def prompt_ids(tokenizer, n: int, length: int) -> list[list[int]]:
 def run_once(engine, ids: list[list[int]], new_tokens: int, adapter: str | None) -> dict[str, list[float]]:
     """All requests arrive together. Per request: TTFT and TPOT (mean time per output token after
     the first); per token after the first: ITL (its gap to the previous one)."""
-    from server.sampling import SamplingParams
+    from quiver.server.engine.sampling import SamplingParams
 
     t0 = time.perf_counter()
     times: dict[str, list[float]] = {}
@@ -63,7 +63,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench latency")
+    ap = argparse.ArgumentParser(prog="quiver bench latency")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.engine import LLMEngine
-    from server.merge import merge_adapters
-    from server.model_source import resolve_model
+    from quiver.server.engine.llm_engine import LLMEngine
+    from quiver.server.merge import merge_adapters
+    from quiver.server.model.checkpoint import resolve_model
 
     model_dir, model_name = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -18,7 +18,7 @@ the process RSS (sampled every second), and checks, failing (AssertionError) oth
     alone, after the load, and must produce the same text;
   - flat RSS: at the end at most max(10%, 64 MiB) above the RSS after warm-up (25% of the duration).
 
-    python -m bench load [--clients 64] [--duration 240] [--model DIR] [--max-tokens 32] [--out DIR]
+    quiver bench load [--clients 64] [--duration 240] [--model DIR] [--max-tokens 32] [--out DIR]
                          [--reference-sample 16] [--seed 0] [--kv-cache-mb MB] [--threads N]
 """
 from __future__ import annotations
@@ -26,17 +26,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import random
 import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from .common import RESULTS, LoopbackServer, machine, write_json
-from .serving import BASE, make_prompt, percentiles, print_latency
+from quiver.bench.common import BASE, RESULTS, LoopbackServer, machine, percentiles, write_json
+from quiver.bench.load_clients import Record, pick_reference, run_load, run_reference
+from quiver.bench.serving import make_prompt, print_latency
 
 # the adapter mix: family -> how many
 PLAN = {"lora": 3, "prompt_tuning": 1, "p_tuning": 1, "prefix_tuning": 2, "bottleneck": 1}
@@ -51,8 +51,8 @@ def build_adapters(engine, root: Path, rank: int, virtual: int) -> dict[str, str
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapters import make_adapters
-    from .families import make_bottleneck_adapters, make_prompt_adapters
+    from quiver.bench.adapters import make_adapters
+    from quiver.bench.families import make_bottleneck_adapters, make_prompt_adapters
 
     hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
     mc = engine.runner.model_config
@@ -71,97 +71,6 @@ def build_adapters(engine, root: Path, rank: int, virtual: int) -> dict[str, str
     del hf
     gc.collect()
     return families
-
-
-# ---- the clients -----------------------------------------------------------------------------------
-@dataclass(slots=True)
-class Record:
-    client: int
-    model: str  # adapter name, or BASE
-    prompt: int  # index into the prompt list
-    max_tokens: int
-    sent_s: float  # since the start of the load
-    end_s: float = 0.0
-    ttft_s: float | None = None
-    tokens: int = 0
-    status: int | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    text: str = ""
-
-
-async def stream_one(client, url: str, payload: dict, rec: Record, t_start: float,
-                     chunks: list[str] | None = None) -> Record:
-    """Send one streaming completion; fill in `rec` (and the per-token texts into `chunks`, if given)."""
-    import httpx
-
-    t0 = time.perf_counter()
-    parts: list[str] = []
-    done = False
-    try:
-        async with client.stream("POST", f"{url}/v1/completions", json=payload) as resp:
-            rec.status = resp.status_code
-            if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: " + (await resp.aread()).decode(errors="replace")[:300]
-            else:
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        done = True
-                        continue
-                    data = json.loads(line[6:])
-                    if "error" in data:
-                        rec.error = "error event: " + str(data["error"].get("message", data["error"]))[:300]
-                    for choice in data.get("choices") or ():
-                        if rec.ttft_s is None:
-                            rec.ttft_s = time.perf_counter() - t0
-                        rec.tokens += 1
-                        parts.append(choice.get("text") or "")
-                        if choice.get("finish_reason"):
-                            rec.finish_reason = choice["finish_reason"]
-    except (httpx.HTTPError, ValueError) as exc:  # a failed request is a result, not a crash of the load
-        rec.error = f"{type(exc).__name__}: {exc}"[:300]
-    rec.end_s = time.perf_counter() - t_start
-    rec.text = "".join(parts)
-    if chunks is not None:
-        chunks.extend(parts)
-    if rec.error is None:
-        if not done:
-            rec.error = "the stream ended without [DONE]"
-        elif rec.tokens != rec.max_tokens or rec.finish_reason != "length":
-            rec.error = f"{rec.tokens} tokens (finish_reason {rec.finish_reason}), expected {rec.max_tokens} (length)"
-    return rec
-
-
-def payload_for(model: str, base_name: str, prompt: str, max_tokens: int) -> dict:
-    return {"model": base_name if model == BASE else model, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}
-
-
-async def client_loop(i: int, client, url: str, base_name: str, models: list[str], prompts: list[str],
-                      max_tokens: int, rng: random.Random, t_start: float, deadline: float,
-                      records: list[Record]) -> None:
-    """Closed loop: the next request as soon as the previous one has finished, until the deadline."""
-    lo = max(1, max_tokens // 2)
-    while time.perf_counter() < deadline:
-        model, prompt, n = rng.choice(models), rng.randrange(len(prompts)), rng.randint(lo, max_tokens)
-        rec = Record(i, model, prompt, n, time.perf_counter() - t_start)
-        records.append(await stream_one(client, url, payload_for(model, base_name, prompts[prompt], n), rec, t_start))
-
-
-async def run_load(url: str, base_name: str, models: list[str], prompts: list[str], args,
-                   t_start: float) -> list[Record]:
-    import httpx
-
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-    records: list[Record] = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=30.0), limits=limits) as client:
-        deadline = t_start + args.duration
-        await asyncio.gather(*(client_loop(i, client, url, base_name, models, prompts, args.max_tokens,
-                                           random.Random(f"{args.seed}:{i}"), t_start, deadline, records)
-                               for i in range(args.clients)))
-    return records
 
 
 class RssSampler:
@@ -199,15 +108,16 @@ class RssSampler:
 # ---- the checks ------------------------------------------------------------------------------------
 def kv_state(engine) -> dict:
     """Engine thread: what is still held once idle."""
-    prefix = [b for blocks in engine.prefix_blocks.values() for b in blocks]
+    registry = engine.registry
+    prefix = [b for blocks in registry.by_kind["prefix"].prefix_blocks.values() for b in blocks]
     users = Counter(seq.adapter for seq in engine.seqs.values() if seq.adapter is not None)
     return {"seqs": len(engine.seqs), "running": len(engine.scheduler.running),
             "waiting": len(engine.scheduler.waiting), "blocks_total": engine.blocks.num_blocks,
             "blocks_free": engine.blocks.num_free, "prefix_blocks": len(prefix),
             "prefix_block_refcounts": sorted(Counter(engine.blocks.refcount(b) for b in prefix).items()),
-            "adapter_users": dict(users),
-            "lora_slots_used": len(engine.loras.slot_of) if engine.loras is not None else 0,
-            "adapters": engine.adapter_names()}
+            "adapter_users": dict(users), "adapter_pins": dict(registry.pins),
+            "lora_slots_used": sum(len(s.slot_of) for s in registry.device.values()),
+            "adapters": registry.names()}
 
 
 def leak_failures(state: dict, unload_errors: dict[str, str], final: dict) -> list[str]:
@@ -215,8 +125,8 @@ def leak_failures(state: dict, unload_errors: dict[str, str], final: dict) -> li
     if state["seqs"] or state["running"] or state["waiting"]:
         out.append(f"requests left in the engine when idle: {state['seqs']} seqs, {state['running']} running, "
                    f"{state['waiting']} waiting")
-    if state["adapter_users"]:
-        out.append(f"adapters still pinned by requests: {state['adapter_users']}")
+    if state["adapter_users"] or state["adapter_pins"]:
+        out.append(f"adapters still used or pinned by requests: {state['adapter_users']}, pins {state['adapter_pins']}")
     expected = state["blocks_total"] - state["prefix_blocks"]
     if state["blocks_free"] != expected:
         out.append(f"KV blocks leaked: {state['blocks_free']} free after the load, expected {expected} "
@@ -231,49 +141,6 @@ def leak_failures(state: dict, unload_errors: dict[str, str], final: dict) -> li
     if final["adapters"] or final["lora_slots_used"]:
         out.append(f"after unloading: adapters {final['adapters']}, {final['lora_slots_used']} LoRA slots used")
     return out
-
-
-def pick_reference(records: list[Record], k: int, rng: random.Random) -> list[Record]:
-    """Up to k completed requests, round-robin over the models (each model's in seeded random order)."""
-    groups: dict[str, list[Record]] = {}
-    for r in records:
-        if r.error is None:
-            groups.setdefault(r.model, []).append(r)
-    order = sorted(groups)
-    rng.shuffle(order)
-    for name in order:
-        rng.shuffle(groups[name])
-    out: list[Record] = []
-    while len(out) < k and any(groups.values()):
-        for name in order:
-            if groups[name] and len(out) < k:
-                out.append(groups[name].pop())
-    return out
-
-
-async def run_reference(url: str, base_name: str, prompts: list[str], sample: list[Record]) -> list[dict]:
-    """Each sampled request again, alone (one at a time), greedy: its text must equal the load's."""
-    import httpx
-
-    rows = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=30.0)) as client:
-        for r in sample:
-            ref = Record(-1, r.model, r.prompt, r.max_tokens, 0.0)
-            chunks: list[str] = []
-            t0 = time.perf_counter()
-            await stream_one(client, url, payload_for(r.model, base_name, prompts[r.prompt], r.max_tokens), ref,
-                             t0, chunks)
-            agreed = 0  # reference tokens whose text, in order, is a prefix of the load's text
-            acc = ""
-            for c in chunks:
-                acc += c
-                if not r.text.startswith(acc):
-                    break
-                agreed += 1
-            rows.append({"model": r.model, "prompt": r.prompt, "max_tokens": r.max_tokens, "error": ref.error,
-                         "match": ref.error is None and ref.text == r.text, "tokens_agreed": agreed,
-                         "load_text": r.text, "reference_text": ref.text})
-    return rows
 
 
 # ---- the report ------------------------------------------------------------------------------------
@@ -332,7 +199,7 @@ def print_table(res: dict) -> None:
 
 # ---- the run ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench load")
+    ap = argparse.ArgumentParser(prog="quiver bench load")
     ap.add_argument("--clients", type=int, default=64, help="concurrent streaming clients (closed loop)")
     ap.add_argument("--duration", type=float, default=240.0, help="seconds during which clients send requests")
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
@@ -348,10 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1:
         ap.error("--clients, --duration and --max-tokens must be positive")
 
-    from server.async_engine import AsyncEngine
-    from server.config import EngineConfig
-    from server.engine import LLMEngine
-    from server.metrics import Metrics
+    from quiver.server.engine.async_engine import AsyncEngine
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
+    from quiver.server.engine.metrics import Metrics
 
     config = EngineConfig(model=args.model, num_threads=args.threads, max_loras=max(8, PLAN["lora"]),
                           max_lora_rank=args.rank, max_num_seqs=max(64, args.clients),
@@ -365,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     failures: list[str] = []
 
     with LoopbackServer(AsyncEngine(engine, Metrics())) as srv:
-        from .serving import warm_up
+        from quiver.bench.serving import warm_up
         warm_up(srv.url)
         srv.wait_idle()
         print(f"load: {args.clients} clients for {args.duration:g} s against {srv.url} ...", flush=True)

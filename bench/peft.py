@@ -5,7 +5,7 @@ Quiver's engine (all rows in one continuous batch), of PEFT's mixed-batch
 `set_adapter` then one batched `generate` per group, one group after another; total tokens over
 total time), in one process and one run, with one thread count.
 
-    python -m bench peft [--adapters 1 8] [--batch 32] [--new-tokens 64] [--rank 16] [--threads N]
+    quiver bench peft [--adapters 1 8] [--batch 32] [--new-tokens 64] [--rank 16] [--threads N]
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import add_common_args, describe, quiver_and_peft
-from .common import RESULTS, write_json
-from .plot import line_plot
-from .throughput import prompts, run_quiver, run_transformers
+from quiver.bench.adapters import add_common_args, describe, quiver_and_peft
+from quiver.bench.common import RESULTS, write_json
+from quiver.bench.plot import line_plot
+from quiver.bench.throughput import prompts, run_quiver, run_transformers
 
 
 def run_peft_per_adapter(peft, tokenizer, texts: list[str], new_tokens: int, mix: list[str]) -> float:
@@ -36,7 +36,7 @@ def run_peft_per_adapter(peft, tokenizer, texts: list[str], new_tokens: int, mix
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench peft")
+    ap = argparse.ArgumentParser(prog="quiver bench peft")
     ap.add_argument("--adapters", type=int, nargs="+", default=[1, 8], help="distinct adapter counts")
     add_common_args(ap)
     args = ap.parse_args(argv)

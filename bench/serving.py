@@ -3,7 +3,7 @@ times (each at its time, whether or not earlier ones finished) over N LoRA adapt
 projections) picked uniformly or by a Zipf law, against `quiver serve`. Reports time to first token,
 inter-token latency and end-to-end latency percentiles, request and output-token throughput.
 
-    python -m bench serving [--adapters 8] [--rate 2] [--requests 64] [--distribution uniform|zipf]
+    quiver bench serving [--adapters 8] [--rate 2] [--requests 64] [--distribution uniform|zipf]
                             [--max-tokens 64] [--prompt-tokens 32] [--url URL --adapter-names a b]
 """
 from __future__ import annotations
@@ -20,10 +20,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .common import RESULTS, machine, write_json
-from .throughput import prompts
+from quiver.bench.common import BASE, RESULTS, machine, percentiles, write_json
+from quiver.bench.throughput import prompts
 
-BASE = "base"  # label of requests that name no adapter
 
 
 # ---- the schedule (pure, seeded) ---------------------------------------------------------------
@@ -62,21 +61,6 @@ def make_prompt(i: int, tokens: int) -> str:
     text = prompts(i + 1)[i]
     filler = max(0, tokens - (len(text.split()) + 2))
     return text + " again" * filler
-
-
-def percentiles(values: list[float]) -> dict:
-    """p50/p90/p99 (linear interpolation, as numpy) and mean; None when there are no values."""
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    xs = sorted(values)
-
-    def q(p: float) -> float:
-        pos = p / 100 * (len(xs) - 1)
-        lo = int(pos)
-        hi = min(lo + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-    return {"p50": q(50), "p90": q(90), "p99": q(99), "mean": sum(xs) / len(xs)}
 
 
 # ---- the load ------------------------------------------------------------------------------------
@@ -214,7 +198,7 @@ def write_adapters(model_dir: Path, root: Path, n: int, rank: int) -> dict[str, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .adapters import make_adapters
+    from quiver.bench.adapters import make_adapters
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     paths = make_adapters(hf, root, n, rank)
@@ -267,7 +251,7 @@ def measure(args, url: str, names: list[str]) -> tuple[list[dict], float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench serving")
+    ap = argparse.ArgumentParser(prog="quiver bench serving")
     ap.add_argument("--url", default=None, help="a running server to load (default: start `quiver serve`)")
     ap.add_argument("--adapter-names", nargs="*", default=[], help="with --url: adapters to spread requests over")
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
@@ -290,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         records, duration = measure(args, url, names)
         model = served_model(url)
     else:
-        from server.model_source import resolve_model
+        from quiver.server.model.checkpoint import resolve_model
 
         model_dir, model = resolve_model(args.model)
         url = f"http://127.0.0.1:{args.port}"

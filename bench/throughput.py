@@ -2,7 +2,7 @@
 batched `generate` on the same prompts, in one process and one run, plus the peak RSS of a
 `quiver serve` process under the largest load.
 
-    python -m bench throughput [--concurrency 1 4 16 32] [--new-tokens 64] [--threads N]
+    quiver bench throughput [--concurrency 1 4 16 32] [--new-tokens 64] [--threads N]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .common import machine, write_json
+from quiver.bench.common import machine, write_json
 
 TOPICS = ["the history of Rome", "how rain forms", "a recipe for bread", "the rules of chess", "black holes",
           "the French revolution", "photosynthesis", "learning a language", "the moon landing", "volcanoes",
@@ -30,7 +30,7 @@ def prompts(n: int) -> list[str]:
 
 
 def run_quiver(engine, tokenizer, texts, new_tokens: int, adapters: list[str | None] | None = None) -> float:
-    from server.sampling import SamplingParams
+    from quiver.server.engine.sampling import SamplingParams
     for i, t in enumerate(texts):
         engine.add_request(tokenizer(t).input_ids, SamplingParams(max_tokens=new_tokens, temperature=0.0,
                                                                   ignore_eos=True),
@@ -103,7 +103,7 @@ def server_peak_rss(concurrency: int, new_tokens: int, threads: int | None) -> d
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench throughput")
+    ap = argparse.ArgumentParser(prog="quiver bench throughput")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: all cores)")
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.config import EngineConfig
-    from server.engine import LLMEngine
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device))
     threads = torch.get_num_threads()

@@ -1,5 +1,5 @@
 """Triton paged attention with per-row adapter prefixes (GQA); same maths as
-kernels.ref.prefix_paged_attention.
+kernels.torch_ops.prefix_paged_attention.
 
 One program per (row, KV head, block of query rows). The query rows of a program are
 (query position, head of the KV group) pairs, so a decode step of a GQA model fills a tile
@@ -69,6 +69,12 @@ BLOCK_M, BLOCK_N = 16, 32
 def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, kv_offset, prefix_len, scale):
     b, nq, h, d = q.shape
     kv, _, bs, _ = k_cache.shape
+    # the layout the kernel assumes (it indexes raw pointers)
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == d and h % kv == 0, (q.shape, k_cache.shape)
+    assert q.stride(3) == k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride(), "contiguous head dims"
+    assert block_tables.shape[0] == b and block_tables.stride(1) == 1, block_tables.shape
+    assert all(t.shape == (b,) for t in (q_start, q_lens, kv_offset, prefix_len)), "one entry per row"
+    assert q.dtype == k_cache.dtype == v_cache.dtype and q.device == k_cache.device == block_tables.device
     group = h // kv
     out = torch.zeros_like(q)
     grid = (b, kv, triton.cdiv(nq * group, BLOCK_M))

@@ -1,4 +1,4 @@
-"""Triton batched-LoRA kernels (the CUDA path); same maths as kernels.lora_ref.
+"""Triton batched-LoRA kernels (the CUDA path); the maths of kernels.torch_ops.lora_shrink_ref / lora_expand_ref.
 
 Segmented form (SGMV, for prefill): tokens grouped by adapter, one program per
 (segment, row block, column block), tensor-core dots. Gathered form (BGMV, for decode):
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .meta import LoraMeta
+from quiver.kernels.meta import LoraMeta
 
 
 @triton.jit
@@ -178,8 +178,20 @@ def lora_expand_bgmv(xa, b, offsets, token_slots, y) -> torch.Tensor:
     return y
 
 
+def _check(x, y, a, b, offsets, meta: LoraMeta) -> None:
+    """The layout the kernels assume (they index raw pointers): fail loudly instead of reading wrong memory."""
+    t, k = x.shape
+    assert y.shape == (t, offsets[-1]) and a.dim() == 3 and b.dim() == 3, (x.shape, y.shape, a.shape, b.shape)
+    assert a.shape[2] == k and b.shape[0] == a.shape[0] and b.shape[2] == offsets[-1], (a.shape, b.shape, offsets)
+    assert a.shape[1] == (len(offsets) - 1) * b.shape[1], "a holds S*R rows for S slices of rank R"
+    assert x.stride(1) == y.stride(1) == a.stride(2) == b.stride(2) == 1, "the last dimension must be contiguous"
+    assert x.dtype == y.dtype == a.dtype == b.dtype and x.device == y.device == a.device == b.device
+    assert meta.token_slots.dtype == meta.seg_index.dtype == torch.int64 and meta.token_slots.shape == (t,)
+
+
 def lora_apply(x, y, a, b, offsets, meta: LoraMeta) -> None:
     """Segmented kernels when adapters own long runs of tokens (prefill), gathered ones otherwise."""
+    _check(x, y, a, b, offsets, meta)
     if meta.max_len >= BLOCK_M:
         lora_expand_sgmv(lora_shrink_sgmv(x, a, meta), b, offsets, meta, y)
     else:

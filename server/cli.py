@@ -6,9 +6,9 @@ import logging
 import os
 import sys
 
-from adapters.combine import METHODS
+from quiver.adapters.combine import METHODS
 
-from .config import DTYPES, EngineConfig
+from quiver.server.engine.config import DTYPES, EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -90,11 +90,11 @@ def serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from .api import create_app
-    from .async_engine import AsyncEngine
-    from .engine import LLMEngine
-    from .guard import Guard, install
-    from .metrics import Metrics
+    from quiver.server.http.app import create_app
+    from quiver.server.engine.async_engine import AsyncEngine
+    from quiver.server.engine.llm_engine import LLMEngine
+    from quiver.server.http.guard import Guard, install
+    from quiver.server.engine.metrics import Metrics
 
     log = logging.getLogger(__name__)
     adapters = parse_adapters(args.adapter)
@@ -102,7 +102,7 @@ def serve(args: argparse.Namespace) -> None:
     for name, path in adapters:
         engine.load_adapter(name, path)
     if args.adapter_dir:
-        engine.add_adapter_dir(args.adapter_dir)
+        engine.registry.add_dir(args.adapter_dir)
     async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
     app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir)
     install(app, async_engine, Guard(api_key=args.api_key, admin_key=args.admin_key,
@@ -136,8 +136,8 @@ def serve(args: argparse.Namespace) -> None:
 def merge(args: argparse.Namespace) -> None:
     import torch
 
-    from .merge import check_merge, merge_adapters
-    from .model_source import resolve_model
+    from quiver.server.merge import check_merge, merge_adapters
+    from quiver.server.model.checkpoint import resolve_model
 
     weights = args.weight or [1.0] * len(args.adapter)
     if len(weights) != len(args.adapter):
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--check-tol", type=float, default=None,
                    help="largest logit difference --check accepts (default 1e-3 in float32; 1.0 in 16-bit, where "
                         "the merged weights are rounded once and unmerged serving rounds W and the adapter apart)")
-    b = sub.add_parser("bench", help="run a benchmark (python -m bench NAME ...)", add_help=False)
+    b = sub.add_parser("bench", help="run a benchmark (python -m quiver.bench NAME ...)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
     add_engine_args(p)
@@ -189,9 +189,8 @@ def main(argv: list[str] | None = None) -> None:
             serve(args)
         elif args.command == "merge":
             merge(args)
-        elif args.command == "bench":
-            from bench.__main__ import main as bench
-            bench(args.bench_args)
+        elif args.command == "bench":  # a separate program: the server does not depend on the benchmarks
+            os.execv(sys.executable, [sys.executable, "-m", "quiver.bench", *args.bench_args])
     except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
         parser.exit(2, f"quiver: error: {exc}\n")
 

@@ -10,20 +10,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapters.combine import combine
-from adapters.errors import AdapterError
-from adapters.lora import LoraAdapter, load_lora
-from adapters.spec import detect_family
+from quiver.adapters.combine import combine
+from quiver.adapters.errors import AdapterError
+from quiver.adapters.lora import LoraAdapter, load_lora
+from quiver.adapters.spec import detect_family
 
-from .lora_slots import module_shapes
-from .model_config import ModelConfig
-from .model_source import CONVERTED_MARK
+from quiver.server.model.checkpoint import CONVERTED_MARK
+from quiver.server.model.config import ModelConfig
+from quiver.server.model.layout import module_shapes
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 CHECK_PROMPTS = ("The capital of France is", "def fibonacci(n):",
@@ -134,8 +135,9 @@ def check_merge(model_dir: str | Path, merged_dir: str | Path, adapters: list[tu
                 **combination) -> float:
     """Max |logit difference| between the merged model and the base serving the same combination
     unmerged (read again through the engine's own adapter loader), at the last position of each prompt."""
-    from .config import EngineConfig
-    from .engine import LLMEngine
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
+    from quiver.server.families.registry import ReadAdapter
 
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -155,18 +157,19 @@ def check_merge(model_dir: str | Path, merged_dir: str | Path, adapters: list[tu
     mix = combined_adapter("unmerged", adapters, mc.num_layers, module_shapes(mc), lambda l, m: weights[_key(l, m)],
                            **combination)
     base = engine(model_dir, max_rank=mix.rank)
-    base.register_adapter(mix)
+    lora = base.registry.by_kind["lora"]
+    base.registry.register(ReadAdapter(mix, lora, "lora", str(mix.spec.path), time.monotonic()))
     ours = _final_logits(base, ids, "unmerged")
     return max((a - b).abs().max().item() for a, b in zip(ours, theirs))
 
 
 def _final_logits(engine, prompts: list[list[int]], adapter: str | None = None) -> list[torch.Tensor]:
     """The logits each prompt's first output token is drawn from, through the engine's own step."""
-    from .sampling import SamplingParams
+    from quiver.server.engine.sampling import SamplingParams
 
-    model, seen = engine.runner.model, []
-    logits = model.logits
-    model.logits = lambda h: seen.append(logits(h)) or seen[-1]
+    seen = []
+    observe = lambda inp, logits: seen.append(logits)  # noqa: E731
+    engine.runner.observers.append(observe)
     try:
         out = []
         for i, ids in enumerate(prompts):
@@ -177,4 +180,4 @@ def _final_logits(engine, prompts: list[list[int]], adapter: str | None = None) 
             out.append(seen[-1][0].float())
         return out
     finally:
-        del model.logits
+        engine.runner.observers.remove(observe)

@@ -1,7 +1,7 @@
 """A reference for AdapterHub bottleneck adapters on a transformers Llama model, written from
 the library's dataflow (pre_forward / forward / post_forward of its `Adapter`; Llama passes no
-layer norm), and a writer for checkpoints in the library's format. The library itself cannot be
-imported next to this project (both are called `adapters`)."""
+layer norm), and a writer for checkpoints in the library's format. The library itself is not a test
+dependency: its releases pin transformers 4.x (adapters 1.3.0: transformers ~= 4.57.6), older than Quiver's."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama-family models on disk, the embedded SmolLM2, engines."""
+"""Shared fixtures: tiny random Llama-family models on disk, the embedded SmolLM2, adapter sets,
+a live server. Helpers the tests call are in helpers.py."""
 from __future__ import annotations
 
 import os
@@ -11,50 +12,15 @@ if not torch.cuda.is_available():
     # Triton kernels run in the interpreter on CPU; the flag must be set before they are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import LoopbackServer as LiveServer  # noqa: E402 (after the environment is set)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TINY_CONFIGS = {
-    # GQA, tied embeddings
-    "llama_gqa": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    # MHA, odd sizes, untied
-    "llama_mha_odd": dict(model_type="llama", hidden_size=60, intermediate_size=77, num_hidden_layers=3,
-                          num_attention_heads=5, num_key_value_heads=5, tie_word_embeddings=False),
-    # MQA with llama3 rope scaling and a large theta
-    "llama_mqa_rope3": dict(model_type="llama", hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=3, num_key_value_heads=1, rope_theta=500000.0,
-                            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                              high_freq_factor=4.0, original_max_position_embeddings=64)),
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                    num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=4096),
-}
-
-
-def make_tiny_model(path, name: str, vocab_size: int = 512, seed: int = 0):
-    """Save a random model of the named tiny config under `path`; return the HF model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = dict(TINY_CONFIGS[name])
-    model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=256,
-                               initializer_range=0.2, bos_token_id=1, eos_token_id=2, **spec)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # norms away from 1 and biases away from 0, so loading them is tested
-        for name_, p in model.named_parameters():
-            if "norm" in name_ or name_.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return model
+from helpers import TINY_CONFIGS, LiveServer, make_tiny_model  # noqa: E402 (after the environment is set)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from server.model_source import resolve_model
+    from quiver.server.model.checkpoint import resolve_model
     return resolve_model(None)[0]
 
 
@@ -71,34 +37,6 @@ def tiny_models(tmp_path_factory):
     return {name: (root / name, make_tiny_model(root / name, name)) for name in TINY_CONFIGS}
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' own greedy generate for one unpadded prompt: the oracle."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
-    return out[0, len(prompt_ids):].tolist()
-
-
-def run_staggered(engine, arrivals: list[tuple[int, list[int], object]]) -> dict[str, list[int]]:
-    """Add each (step, prompt, params) when the engine reaches that step; run to the end.
-
-    Returns request id -> output token ids.
-    """
-    pending = sorted(enumerate(arrivals), key=lambda x: x[1][0])
-    outputs: dict[str, list[int]] = {}
-    step = 0
-    while pending or engine.has_work():
-        while pending and pending[0][1][0] <= step:
-            i, (_, prompt, params) = pending.pop(0)
-            engine.add_request(prompt, params, request_id=f"r{i}")
-            outputs[f"r{i}"] = []
-        for out in engine.step():
-            outputs[out.request_id].extend(out.new_token_ids)
-        step += 1
-        assert step < 10_000, "engine did not finish"
-    return outputs
-
-
 @pytest.fixture(scope="session")
 def api_model(tmp_path_factory):
     """A tiny model whose vocabulary is SmolLM2's, so that text prompts work."""
@@ -108,10 +46,10 @@ def api_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_server(api_model, tokenizer):
-    from server.async_engine import AsyncEngine
-    from server.config import EngineConfig
-    from server.engine import LLMEngine
-    from server.metrics import Metrics
+    from quiver.server.engine.async_engine import AsyncEngine
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
+    from quiver.server.engine.metrics import Metrics
 
     engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=96, block_size=4,
                                     max_model_len=128, served_model_name="tiny"), tokenizer=tokenizer)
@@ -133,22 +71,6 @@ def tiny_lora_set(tiny_models, tmp_path_factory):
     return base_dir, hf, paths
 
 
-def capture_logits(engine) -> list[dict]:
-    """Record, for every step the engine runs, request id -> the logits it sampled from
-    (for requests without prompt logprobs, whose logits rows are their sampled rows)."""
-    seen, last = [], []
-    logits, step = engine.runner.model.logits, engine.runner.step
-    engine.runner.model.logits = lambda h: last.append(logits(h)) or last[-1]
-
-    def spy(rows):
-        seqs, result = step(rows)
-        seen.append({s.request_id: last[-1][i] for i, s in enumerate(seqs)})
-        return seqs, result
-
-    engine.runner.step = spy
-    return seen
-
-
 @pytest.fixture(scope="session")
 def tiny_prompt_set(tiny_models, tmp_path_factory):
     """The five prompt-learning variants for the tiny GQA model: (base dir, HF model, name -> dir)."""
@@ -161,59 +83,3 @@ def tiny_prompt_set(tiny_models, tmp_path_factory):
         make_prompt_adapter(hf, root / name, cfg, seed=500 + i)
         paths[name] = root / name
     return base_dir, hf, paths
-
-
-def check_mixed_batch(engine, hf, paths: dict, vocab: int, custom: dict | None = None, atol: float = 1e-4,
-                      fp64_arbiter: bool = False):
-    """Load every adapter in `paths` (name -> folder); base rows and one row per adapter prefill in
-    one step and decode in the next. Each step's logits must equal the oracle's: transformers for
-    base rows, PEFT for adapters, or custom[name] = (reference(ids) -> logits, tolerance).
-
-    fp64_arbiter: where PEFT's fp32 logits and ours differ by more than atol, the same PEFT
-    computation in float64 decides: ours must then be no further from it than PEFT's fp32 is
-    (on a 30-layer model, fp32 rounding alone can move PEFT ~1e-4 from the exact value)."""
-    import copy
-
-    from peft_fixtures import peft_logits
-    exact_model = []
-
-    custom = custom or {}
-    for name, path in paths.items():
-        engine.load_adapter(name, str(path))
-    seen = capture_logits(engine)
-    rows = [None, *paths, None]
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, vocab, (2 + 2 * i,), generator=g).tolist() for i in range(len(rows))]
-    from server.sampling import SamplingParams
-    seqs = [engine.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), adapter=a)
-            for p, a in zip(prompts, rows)]
-    while engine.has_work():
-        engine.step()
-    assert len(seen) == 2 and all(len(s) == len(rows) for s in seen)
-    for name, p, seq in zip(rows, prompts, seqs):
-        ids = p + seq.output_ids[:1]
-        with torch.no_grad():
-            base = hf(torch.tensor([ids])).logits[0].float()
-        tol = atol
-        if name is None:
-            ref = base
-        elif name in custom:
-            ref, tol = custom[name][0](ids), custom[name][1]
-        else:
-            ref = peft_logits(hf, paths[name], ids)
-        for step, pos in ((0, len(p) - 1), (1, len(p))):
-            ours = seen[step][seq.request_id]
-            err = (ours - ref[pos]).abs().max().item()
-            if err > tol and fp64_arbiter and name is not None and name not in custom:
-                if not exact_model:
-                    exact_model.append(copy.deepcopy(hf).double())
-                exact = peft_logits(exact_model[0], paths[name], ids, dtype=torch.float64)[pos]
-                ours_err = (ours.double() - exact).abs().max().item()
-                peft_err = (ref[pos].double() - exact).abs().max().item()
-                assert ours_err <= max(tol, peft_err), \
-                    f"{name} step {step}: {err} from PEFT fp32; float64 says ours {ours_err}, PEFT fp32 {peft_err}"
-                continue
-            assert err <= tol, f"{name or 'base'} step {step}: max abs diff {err}"
-        if name is not None:  # the adapter really changes the output, so the comparison means something
-            assert (ref[len(p) - 1] - base[len(p) - 1]).abs().max().item() > 1e-3, name
-        assert seq.num_output_tokens == 2

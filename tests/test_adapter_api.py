@@ -11,12 +11,12 @@ import httpx
 import pytest
 import torch
 from bottleneck_ref import SEQ_BN, make_bottleneck
-from conftest import LiveServer
+from helpers import LiveServer
 from peft_fixtures import lora_variants, make_adapter, make_prompt_adapter, peft_greedy, prompt_variants
 
-from server.async_engine import AsyncEngine
-from server.config import EngineConfig
-from server.engine import LLMEngine
+from quiver.server.engine.async_engine import AsyncEngine
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine
 
 PROMPT = [101, 2020, 333, 47, 5005]
 
@@ -33,7 +33,7 @@ def hot(api_model, tokenizer, tmp_path_factory):
     make_bottleneck(hf, root / "bottleneck", "bottleneck", SEQ_BN, seed=904)
     engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4, max_model_len=128,
                                     served_model_name="tiny", max_loras=2, max_lora_rank=8), tokenizer=tokenizer)
-    from server.metrics import Metrics
+    from quiver.server.engine.metrics import Metrics
     with LiveServer(AsyncEngine(engine, Metrics()), adapter_root=root) as server:
         yield server, hf, root
 
@@ -74,7 +74,8 @@ def test_load_use_list_and_unload_every_family(hot, tokenizer):
         r = complete(server, name)
         assert r.status_code == 404, name
     assert names(server) == [] and engine.blocks.num_free == free0
-    assert engine.loras.free_slots and not engine.loras.slot_of  # slots given back
+    slots = engine.registry.device_slots("lora")
+    assert len(slots.free) == 2 and not slots.slot_of  # slots given back
 
 
 def test_vllm_aliases(hot):
@@ -245,7 +246,7 @@ def test_unload_and_reload_100_times_keeps_memory_flat(smollm2_dir, tokenizer, t
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from server.sampling import SamplingParams
+    from quiver.server.engine.sampling import SamplingParams
 
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     make_adapter(hf, tmp_path / "big", LoraConfig(r=16, lora_alpha=16, target_modules=[
@@ -265,7 +266,7 @@ def test_unload_and_reload_100_times_keeps_memory_flat(smollm2_dir, tokenizer, t
     for _ in range(5):  # warm-up: slot buffers, allocator pools
         cycle()
     gc.collect()
-    modules = engine.read_adapter("big", str(tmp_path / "big")).modules.values()
+    modules = engine.registry.read("big", str(tmp_path / "big")).adapter.modules.values()
     size = sum(t.numel() * t.element_size() for m in modules for t in (m.a, m.b))
     before = proc.memory_info().rss
     for _ in range(100):
@@ -273,14 +274,14 @@ def test_unload_and_reload_100_times_keeps_memory_flat(smollm2_dir, tokenizer, t
     gc.collect()
     grown = proc.memory_info().rss - before
     assert grown < size, f"RSS grew {grown / 2**20:.1f} MiB over 100 cycles; one adapter is {size / 2**20:.1f} MiB"
-    assert engine.adapter_names() == [] and not engine.loras.slot_of
+    assert engine.adapter_names() == [] and not engine.registry.device_slots("lora").slot_of
 
 
 def test_tiers_round_robin_six_adapters_over_two_slots_and_three_in_memory(api_model, tokenizer, tmp_path):
     """--adapter-dir with 6 LoRA adapters (none read at start), --max-loras 2, --max-cpu-loras 3:
     concurrent round-robin requests all succeed with PEFT's outputs while adapters move between
     disk, host memory and device slots."""
-    from server.metrics import Metrics
+    from quiver.server.engine.metrics import Metrics
 
     base_dir, hf = api_model
     variants = lora_variants(hf.config.num_hidden_layers)
@@ -289,7 +290,7 @@ def test_tiers_round_robin_six_adapters_over_two_slots_and_three_in_memory(api_m
         make_adapter(hf, tmp_path / f"a{i}", variants[kind], seed=970 + i, scale=0.3)
     engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4, max_model_len=128,
                                     served_model_name="tiny", max_loras=2, max_cpu_loras=3), tokenizer=tokenizer)
-    assert engine.add_adapter_dir(str(tmp_path)) == [f"a{i}" for i in range(6)]
+    assert engine.registry.add_dir(str(tmp_path)) == [f"a{i}" for i in range(6)]
     assert engine.adapter_names() == []  # nothing read yet
     metrics = Metrics()
     with LiveServer(AsyncEngine(engine, metrics), adapter_root=tmp_path) as server:
@@ -307,10 +308,12 @@ def test_tiers_round_robin_six_adapters_over_two_slots_and_three_in_memory(api_m
         for i, r in enumerate(results):
             want = tokenizer.decode(peft_greedy(hf, tmp_path / f"a{i % 6}", PROMPT, 5), skip_special_tokens=True)
             assert r.json()["choices"][0]["text"] == want, i
-        assert len(engine.loras.adapters) <= 3 and len(engine.loras.slot_of) <= 2
+        tiers = engine.registry.resident()
+        assert tiers["device"] + tiers["cpu"] <= 3 and tiers["device"] <= 2
         text = httpx.get(server.url + "/metrics").text
         assert 'quiver_adapter_evictions_total{tier="device"}' in text
         assert 'quiver_adapter_evictions_total{tier="cpu"}' in text
-        assert engine.cpu_evictions > 0 and engine.loras.evictions > 0
+        evictions = engine.stats().adapter_evictions
+        assert evictions["cpu"] > 0 and evictions["device"] > 0
         tiers = {a["name"]: a["tier"] for a in httpx.get(server.url + "/v1/adapters").json()["data"]}
         assert sorted(tiers) == [f"a{i}" for i in range(6)] and "disk" in tiers.values()

@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import hf_greedy
+from helpers import hf_greedy
 
 
 @pytest.fixture(scope="module")

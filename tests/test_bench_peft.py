@@ -8,7 +8,7 @@ from test_bench_smoke import _model_with_tokenizer
 
 
 def test_peft_bench_smoke(api_model, tokenizer, tmp_path):
-    from bench import peft
+    from quiver.bench import peft
 
     model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def test_poisson_arrivals_mean_gap():
-    from bench.serving import arrival_times
+    from quiver.bench.serving import arrival_times
 
     times = arrival_times(random.Random(0), 20_000, rate=4.0)
     assert all(b > a for a, b in itertools.pairwise(times))
@@ -35,7 +35,7 @@ def test_poisson_arrivals_mean_gap():
 
 
 def test_adapter_choice_distributions():
-    from bench.serving import choose_adapters, zipf_weights
+    from quiver.bench.serving import choose_adapters, zipf_weights
 
     names = [f"a{i}" for i in range(8)]
     w = zipf_weights(8, 1.1)
@@ -53,7 +53,7 @@ def test_adapter_choice_distributions():
 
 
 def test_percentiles():
-    from bench.serving import percentiles
+    from quiver.bench.common import percentiles
 
     p = percentiles([float(x) for x in range(1, 101)])
     assert p["p50"] == 50.5 and abs(p["p90"] - 90.1) < 1e-9 and abs(p["p99"] - 99.01) < 1e-9 and p["mean"] == 50.5
@@ -75,7 +75,7 @@ def _check(data, out, n, names):
 
 
 def test_serving_bench_smoke(api_model, tokenizer, tmp_path):
-    from bench import serving
+    from quiver.bench import serving
 
     model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"
@@ -88,7 +88,7 @@ def test_serving_bench_smoke(api_model, tokenizer, tmp_path):
 
 
 def test_serving_bench_url(tiny_server, tmp_path):
-    from bench import serving
+    from quiver.bench import serving
 
     out = tmp_path / "results"
     serving.main(["--url", tiny_server.url, "--requests", "4", "--rate", "inf", "--max-tokens", "3",

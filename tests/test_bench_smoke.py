@@ -13,7 +13,7 @@ def _model_with_tokenizer(api_model, tokenizer, tmp_path):
 
 
 def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
-    from bench import throughput
+    from quiver.bench import throughput
 
     model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"
@@ -28,7 +28,7 @@ def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
 
 
 def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
-    from bench import adapters
+    from quiver.bench import adapters
 
     model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"
@@ -44,7 +44,7 @@ def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
 
 
 def test_families_bench_smoke(api_model, tokenizer, tmp_path):
-    from bench import families
+    from quiver.bench import families
 
     model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"
@@ -62,7 +62,7 @@ def test_families_bench_smoke(api_model, tokenizer, tmp_path):
 def test_hotload_bench_smoke(api_model, tokenizer, tmp_path):
     import socket
 
-    from bench import hotload
+    from quiver.bench import hotload
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,7 +79,7 @@ def test_hotload_bench_smoke(api_model, tokenizer, tmp_path):
 
 
 def test_latency_bench_smoke(api_model, tokenizer, tmp_path):
-    from bench import latency
+    from quiver.bench import latency
 
     model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"

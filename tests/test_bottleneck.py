@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 from bottleneck_ref import DOUBLE_SEQ_BN, SEQ_BN, make_bottleneck, reference_logits
-from conftest import check_mixed_batch
+from helpers import check_mixed_batch
 
-from adapters.errors import AdapterError
-from server.config import EngineConfig
-from server.engine import LLMEngine
+from quiver.adapters.errors import AdapterError
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine
 
 VARIANTS = {
     "pfeiffer": SEQ_BN,

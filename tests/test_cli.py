@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from server.cli import add_engine_args, engine_config, main, parse_adapters
+from quiver.server.cli import add_engine_args, engine_config, main, parse_adapters
 
 
 def test_flags_reach_engine_config():

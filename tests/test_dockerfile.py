@@ -80,7 +80,7 @@ def test_hadolint_reports_nothing():
 
 def parse_serve(argv: list[str], monkeypatch):
     """Run the real `quiver` main on argv, stopping where it would start serving; return the parsed args."""
-    from server import cli
+    from quiver.server import cli
 
     seen = []
     monkeypatch.setattr(cli, "serve", seen.append)
@@ -90,10 +90,10 @@ def parse_serve(argv: list[str], monkeypatch):
 
 
 def test_entrypoint_and_cmd_are_a_valid_quiver_serve(dockerfile, monkeypatch):
-    from server.cli import engine_config
+    from quiver.server.cli import engine_config
 
     entry, cmd = exec_form(only(dockerfile, "ENTRYPOINT")), exec_form(only(dockerfile, "CMD"))
-    assert entry[0] == "quiver" and pyproject()["project"]["scripts"]["quiver"] == "server.cli:main"
+    assert entry[0] == "quiver" and pyproject()["project"]["scripts"]["quiver"] == "quiver.server.cli:main"
     args = parse_serve(entry[1:] + cmd, monkeypatch)
     assert args.command == "serve"
     assert (args.host, args.port, args.device) == ("0.0.0.0", 8000, "cuda")
@@ -184,8 +184,8 @@ def test_base_image_copies_and_ports(dockerfile):
 
     # everything the package build needs is copied, and not hidden by .dockerignore
     copied = {w for c in dockerfile["COPY"] for w in c.split()[:-1]}
-    include = pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
-    needed = {"pyproject.toml", pyproject()["project"]["readme"]} | {p.rstrip("*") for p in include}
+    folders = pyproject()["tool"]["setuptools"]["package-dir"].values()
+    needed = {"pyproject.toml", pyproject()["project"]["readme"]} | set(folders)
     assert needed <= copied, needed - copied
     ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()}
     assert not (copied & ignored) and {".venv", ".git"} <= ignored

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, capture_logits, hf_greedy, run_staggered
+from helpers import TINY_CONFIGS, capture_logits, hf_greedy, run_staggered
 
-from server.config import EngineConfig
-from server.engine import LLMEngine
-from server.sampling import SamplingParams
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine
+from quiver.server.engine.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=False)
 
@@ -101,8 +101,8 @@ def test_abort_and_preempt_return_every_block(tiny_models, tokenizer):
 
 
 def test_request_validation(tiny_models, tokenizer):
-    from server.engine import UnknownAdapter
-    from server.sampling import InvalidParam
+    from quiver.server.engine.llm_engine import UnknownAdapter
+    from quiver.server.engine.sampling import InvalidParam
 
     engine = make_engine(tiny_models["llama_gqa"][0], tokenizer, max_model_len=32, num_kv_blocks=8)
     with pytest.raises(InvalidParam) as e:

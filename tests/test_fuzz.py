@@ -19,11 +19,11 @@ MAX_EXAMPLES = 20  # per operation, in schemathesis' fuzzing phase (its examples
 
 @pytest.fixture(scope="module")
 def fuzz_app(api_model, tokenizer, tmp_path_factory):
-    from server.api import create_app
-    from server.async_engine import AsyncEngine
-    from server.config import EngineConfig
-    from server.engine import LLMEngine
-    from server.metrics import Metrics
+    from quiver.server.http.app import create_app
+    from quiver.server.engine.async_engine import AsyncEngine
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
+    from quiver.server.engine.metrics import Metrics
 
     # a 64-token context bounds every generation, so a fuzzed request costs milliseconds
     engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=64, block_size=4, max_model_len=64,
@@ -107,10 +107,10 @@ def test_405_allows_every_method_of_the_path(fuzz_app):
 def test_unloading_an_adapter_known_only_on_disk(fuzz_app, tmp_path):
     from fastapi.testclient import TestClient
 
-    core = fuzz_app.state.engine.engine
-    core.known["on-disk"] = str(tmp_path)  # as --adapter-dir or the CPU tier's eviction leave one
+    registry = fuzz_app.state.engine.engine.registry
+    registry.known["on-disk"] = str(tmp_path)  # as --adapter-dir or the CPU tier's eviction leave one
     r = TestClient(fuzz_app).delete("/v1/adapters/on-disk")  # KeyError 'family': 500
-    assert r.status_code == 200 and "on-disk" not in core.known
+    assert r.status_code == 200 and "on-disk" not in registry.known
 
 
 def test_guard_refusals_match_the_document(fuzz_app, api_schema, tmp_path):
@@ -125,8 +125,8 @@ def test_guard_refusals_match_the_document(fuzz_app, api_schema, tmp_path):
         status_code_conformance,
     )
 
-    from server.api import create_app
-    from server.guard import Guard, install
+    from quiver.server.http.app import create_app
+    from quiver.server.http.guard import Guard, install
 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_headers_conformance, response_schema_conformance]

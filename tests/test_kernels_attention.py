@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels.ref import prefix_paged_attention
+from quiver.kernels.torch_ops import prefix_paged_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -91,7 +91,7 @@ def test_reference_matches_definition(shape, kind):
 @pytest.mark.parametrize("kind", list(ROWS))
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_triton_kernel_matches_reference(shape, kind, block_size):
-    from kernels.attention_triton import prefix_paged_attention as triton_attention
+    from quiver.kernels.attention_triton import prefix_paged_attention as triton_attention
 
     q, kc, vc, bt, (start, lens, off, prefix) = make_case(*SHAPES[shape], ROWS[kind], block_size=block_size,
                                                         num_blocks=24, seed=block_size)

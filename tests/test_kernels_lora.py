@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora_ref import block_diagonal, lora_apply_cpu, lora_expand_ref, lora_shrink_ref
-from kernels.meta import build_lora_meta
+from quiver.kernels.torch_ops import block_diagonal, lora_apply, lora_expand_ref, lora_shrink_ref
+from quiver.kernels.meta import build_lora_meta
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,7 +62,7 @@ def test_reference_and_cpu_path_match_definition(n_tokens, popularity):
             assert (slots < 0).all()
             return
         y = torch.zeros(n_tokens, offsets[-1])
-        lora_apply_cpu(x, y, a, block_diagonal(b, offsets), meta)
+        lora_apply(x, y, a, block_diagonal(b, offsets), meta)
         torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-5)
 
 
@@ -78,7 +78,7 @@ def _nan_fill_unused(a, b, slots):
 @pytest.mark.parametrize("form", ["sgmv", "bgmv"])
 @pytest.mark.parametrize("n_tokens,popularity", CASES)
 def test_triton_kernels_match_reference(form, n_tokens, popularity):
-    from kernels import lora_triton as lt
+    from quiver.kernels import lora_triton as lt
 
     x, a, b, offsets, slots = make_case(n_tokens, popularity, seed=n_tokens)
     want = per_token(x, a, b, offsets, slots)
@@ -100,7 +100,7 @@ def test_triton_kernels_match_reference(form, n_tokens, popularity):
 
 
 def test_triton_dispatch_uses_both_forms():
-    from kernels import lora_triton as lt
+    from quiver.kernels import lora_triton as lt
 
     calls = []
     for n_tokens, popularity in ((40, "single"), (6, "uniform")):
@@ -120,5 +120,5 @@ def test_cpu_path_without_gather_when_rows_are_grouped():
     meta = build_lora_meta(slots, set(), a.shape[0], "cpu")
     assert meta.padded and meta.contiguous_from == 4
     y = torch.zeros(32, offsets[-1])
-    lora_apply_cpu(x, y, a, block_diagonal(b, offsets), meta)
+    lora_apply(x, y, a, block_diagonal(b, offsets), meta)
     torch.testing.assert_close(y.double(), per_token(x, a, b, offsets, slots), atol=1e-4, rtol=1e-5)

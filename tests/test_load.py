@@ -9,7 +9,7 @@ from test_bench_smoke import _model_with_tokenizer
 
 
 def run_load(api_model, tokenizer, tmp_path, clients: int, duration: float, sample: int) -> dict:
-    from bench import load
+    from quiver.bench import load
 
     model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
     out = tmp_path / "results"

@@ -5,13 +5,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import check_mixed_batch, run_staggered
+from helpers import check_mixed_batch, run_staggered
 from peft_fixtures import lora_variants, make_adapter, peft_greedy
 
-from adapters.errors import AdapterError
-from server.config import EngineConfig
-from server.engine import LLMEngine, UnknownAdapter
-from server.sampling import SamplingParams
+from quiver.adapters.errors import AdapterError
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine, UnknownAdapter
+from quiver.server.engine.sampling import SamplingParams
 
 
 def lora_engine(model_dir, tokenizer, **kw) -> LLMEngine:
@@ -46,9 +46,8 @@ def test_more_adapters_than_slots_all_match_and_stay_within_limit(tiny_lora_set,
     engine = lora_engine(base_dir, tokenizer, max_loras=2, max_num_seqs=6)
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
-    per_step = []
-    activate = engine.loras.activate
-    engine.loras.activate = lambda names: per_step.append(set(names)) or activate(names)
+    per_step = []  # the LoRA adapters of each step
+    engine.runner.observers.append(lambda inp, _: per_step.append({seq.slot_adapter for seq, _ in inp.rows.rows} - {None}))
     names = list(paths)
     g = torch.Generator().manual_seed(5)
     arrivals = [(i // 3, torch.randint(3, 512, (4 + i % 5,), generator=g).tolist(),
@@ -59,7 +58,7 @@ def test_more_adapters_than_slots_all_match_and_stay_within_limit(tiny_lora_set,
         p, params, adapter=adapters[int(request_id[1:])], request_id=request_id)
     got = run_staggered(engine, arrivals)
     assert max(len(s) for s in per_step) <= 2
-    assert engine.loras.evictions > 0
+    assert engine.stats().adapter_evictions["device"] > 0
     for i, (_, prompt, _) in enumerate(arrivals):
         want = peft_greedy(hf, paths[adapters[i]], prompt, 5) if adapters[i] else \
             hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0, len(prompt):].tolist()
@@ -180,7 +179,17 @@ def test_pickle_only_with_allow_pickle_and_size_limit(tiny_lora_set, tokenizer, 
     engine = lora_engine(base_dir, tokenizer, allow_pickle=True)
     engine.load_adapter("p", str(pickled))
     engine.load_adapter("s", str(paths["lora_qv"]))
-    pa, sa = engine.loras.adapters["p"], engine.loras.adapters["s"]
+    held = engine.registry.by_kind["lora"].adapters
+    pa, sa = held["p"], held["s"]
     assert all(torch.equal(pa.modules[k].b, sa.modules[k].b) for k in sa.modules)
     with pytest.raises(AdapterError, match="size limit"):
         lora_engine(base_dir, tokenizer, max_adapter_mb=0).load_adapter("s", str(paths["lora_qv"]))
+
+
+def test_mixed_batch_through_the_triton_lora_kernels(tiny_lora_set, tokenizer):
+    """The engine with the Triton ops (interpreted on CPU): their slot layout ([L, R, out] B, not the
+    CPU's block-diagonal one) written by the LoRA family and read by SGMV/BGMV, against PEFT."""
+    base_dir, hf, paths = tiny_lora_set
+    engine = lora_engine(base_dir, tokenizer, kernels="triton")
+    assert engine.runner.ops.name == "triton"
+    check_mixed_batch(engine, hf, {k: paths[k] for k in ("rank_pattern", "dora")}, hf.config.vocab_size)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import LiveServer
+from helpers import LiveServer
 import torch
 from peft_fixtures import lora_variants, make_adapter, peft_greedy
 
-from server.async_engine import AsyncEngine
-from server.config import EngineConfig
-from server.engine import LLMEngine
+from quiver.server.engine.async_engine import AsyncEngine
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine
 
 NAMES = ("lora_qv", "rslora_all7", "dora", "adalora")
 

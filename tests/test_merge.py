@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import capture_logits
+from helpers import capture_logits
 
-from adapters.errors import AdapterError
-from server.merge import check_merge, merge_adapters
-from server.config import EngineConfig
-from server.engine import LLMEngine
-from server.sampling import SamplingParams
+from quiver.adapters.errors import AdapterError
+from quiver.server.merge import check_merge, merge_adapters
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine
+from quiver.server.engine.sampling import SamplingParams
 
 PROMPT = [17, 200, 33, 4, 99, 123, 7]
 
@@ -131,7 +131,7 @@ def test_prompt_family_merge_is_refused_and_writes_nothing(tiny_prompt_set, tmp_
 def test_merge_cli(api_model, tokenizer, tmp_path, capsys):
     from peft_fixtures import lora_variants, make_adapter
 
-    from server.cli import main
+    from quiver.server.cli import main
 
     model_dir = tmp_path / "base"  # SmolLM2's vocabulary and tokenizer, as --check prompts with text
     shutil.copytree(api_model[0], model_dir)

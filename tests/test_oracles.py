@@ -2,7 +2,7 @@
 here, by name, rather than as a mystery in a Quiver test."""
 from __future__ import annotations
 
-from conftest import hf_greedy
+from helpers import hf_greedy
 from peft_fixtures import forward_greedy, peft_generate, peft_greedy
 
 PROMPT = [101, 202, 303, 44, 5]

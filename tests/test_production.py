@@ -13,18 +13,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LiveServer
+from helpers import LiveServer
 
-from server.guard import Guard
+from quiver.server.http.guard import Guard
 
 USER, ADMIN = "user-key-123", "admin-key-456"
 
 
 def make_server(api_model, tokenizer, guard: Guard, request_timeout=None) -> LiveServer:
-    from server.async_engine import AsyncEngine
-    from server.config import EngineConfig
-    from server.engine import LLMEngine
-    from server.metrics import Metrics
+    from quiver.server.engine.async_engine import AsyncEngine
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
+    from quiver.server.engine.metrics import Metrics
 
     engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=96, block_size=4, max_model_len=128,
                                     served_model_name="tiny"), tokenizer=tokenizer)
@@ -44,10 +44,7 @@ def bearer(key):
 def pause(server) -> threading.Event:
     """Hold the engine thread between two steps until the returned event is set."""
     entered, gate = threading.Event(), threading.Event()
-    with server.async_engine._lock:
-        server.async_engine._commands.append((lambda _: (entered.set(), gate.wait(30)),
-                                              concurrent.futures.Future()))
-    server.async_engine._wake.set()
+    server.async_engine.submit(lambda _: (entered.set(), gate.wait(30)))
     assert entered.wait(10)
     return gate
 
@@ -126,7 +123,7 @@ def test_request_timeout_504_and_frees_everything(api_model, tokenizer):
             assert lines[-1] == "data: [DONE]"
         finally:
             gate.set()
-        wait_for(lambda: not engine.has_work() and not server.async_engine._adds)
+        wait_for(lambda: not engine.has_work() and not server.async_engine.num_waiting())
         assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.seqs
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "a b", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200  # a request within the limit is served as before

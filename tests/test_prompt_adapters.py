@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import check_mixed_batch, run_staggered
+from helpers import check_mixed_batch, run_staggered
 from peft_fixtures import make_prompt_adapter, peft_greedy, peft_logits, prompt_variants
 
-from server.config import EngineConfig
-from server.engine import LLMEngine
-from server.sampling import InvalidParam, SamplingParams
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine
+from quiver.server.engine.sampling import InvalidParam, SamplingParams
 
 
 def engine_for(model_dir, tokenizer, **kw) -> LLMEngine:
@@ -24,7 +24,7 @@ def test_every_family_matches_peft_in_one_mixed_batch(tiny_prompt_set, tiny_lora
     paths = {**prompt_paths, "dora": lora_paths["dora"], "rslora_all7": lora_paths["rslora_all7"]}
     engine = engine_for(base_dir, tokenizer)
     check_mixed_batch(engine, hf, paths, hf.config.vocab_size)
-    held = sum(len(b) for b in engine.prefix_blocks.values())
+    held = sum(len(b) for b in engine.registry.by_kind["prefix"].prefix_blocks.values())
     assert engine.blocks.num_free == engine.blocks.num_blocks - held
 
 
@@ -52,7 +52,7 @@ def test_requests_share_one_copy_of_a_prefix(tiny_prompt_set, tokenizer):
     engine = engine_for(base_dir, tokenizer, num_kv_blocks=64)
     free0 = engine.blocks.num_free
     engine.load_adapter("v2", str(paths["ptuning_v2"]))  # 7 virtual tokens: 2 blocks of 4
-    prefix = engine.prefix_blocks["v2"]
+    prefix = engine.registry.by_kind["prefix"].prefix_blocks["v2"]
     assert len(prefix) == 2 and engine.blocks.num_free == free0 - 2
     a = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0), adapter="v2")
     b = engine.add_request([8, 9, 10, 11, 12], SamplingParams(max_tokens=3, temperature=0), adapter="v2")
@@ -115,17 +115,11 @@ def test_preempted_prompt_rows_still_match_peft(tiny_prompt_set, tokenizer):
         assert got[f"r{i}"] == peft_greedy(hf, paths[name], prompts[i], 12), name
 
 
-def test_mixed_batch_through_the_triton_attention_kernel(tiny_prompt_set, tokenizer, monkeypatch):
-    """The engine's attention path with the Triton kernel (interpreted on CPU) instead of the
-    reference: prefix rows, soft-prompt rows and base rows still equal PEFT."""
-    import server.batch as batch_mod
-    import server.model as model_mod
-    from kernels.attention_triton import prefix_paged_attention as triton_attention
-
-    build = batch_mod._attn_group
-    monkeypatch.setattr(batch_mod, "_attn_group", lambda *a, with_bias: build(*a, with_bias=False))
-    monkeypatch.setattr(model_mod, "prefix_paged_attention", triton_attention)
+def test_mixed_batch_through_the_triton_attention_kernel(tiny_prompt_set, tokenizer):
+    """The engine with the Triton kernels (interpreted on CPU) instead of the torch ops: prefix
+    rows, soft-prompt rows and base rows still equal PEFT."""
     base_dir, hf, paths = tiny_prompt_set
-    engine = engine_for(base_dir, tokenizer)
+    engine = engine_for(base_dir, tokenizer, kernels="triton")
+    assert engine.runner.ops.name == "triton"
     check_mixed_batch(engine, hf, {k: paths[k] for k in ("prompt_tuning", "prefix_projection", "ptuning_v2")},
-                hf.config.vocab_size)
+                      hf.config.vocab_size)

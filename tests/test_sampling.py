@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
-from conftest import run_staggered
+from helpers import run_staggered
 
-from server.config import EngineConfig
-from server.engine import LLMEngine
-from server.sampler import filter_top_k_top_p, hashed_uniform, sample
-from server.sampling import InvalidParam, SamplingParams
-from server.sequence import Sequence
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine
+from quiver.server.engine.sampler import filter_top_k_top_p, hashed_uniform, sample
+from quiver.server.engine.sampling import InvalidParam, SamplingParams
+from quiver.server.engine.sequence import Sequence
 
 
 @pytest.fixture(scope="module")

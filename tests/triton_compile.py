@@ -9,8 +9,8 @@ from triton.compiler import ASTSource
 
 
 def signatures(p: str, prec):
-    from kernels import attention_triton as at
-    from kernels import lora_triton as lt
+    from quiver.kernels import attention_triton as at
+    from quiver.kernels import lora_triton as lt
 
     seg = {"seg_index_ptr": "*i64", "seg_starts_ptr": "*i64", "seg_lens_ptr": "*i64", "seg_slots_ptr": "*i64"}
     tiles = {"tile_slice_ptr": "*i32", "tile_n0_ptr": "*i32", "slice_end_ptr": "*i32"}

@@ -1,0 +1,186 @@
+"""Every kernel op in plain PyTorch: the CPU path, and the oracle for the Triton kernels.
+
+kernels.ops says which op is which and chooses between these and the Triton ops once per device.
+
+Batched multi-LoRA, for one fused projection with S slices (q/k/v: S = 3; gate/up: 2; o, down: 1):
+  x [T, in], a [L, S*R, in], b [L, R, out_total], slice offsets o_0 = 0 < ... < o_S = out_total.
+lora_shrink:  xa[t] = a[slot[t]] @ x[t]                                     ([T, S*R]; 0 where slot = -1)
+lora_expand:  y[t, o_s:o_{s+1}] += xa[t, s*R:(s+1)*R] @ b[slot[t], :, o_s:o_{s+1}]   for each slice s
+(b is stored [R, out] so that each slice's columns are read as plain row-major blocks.)
+Ranks below R are zero-padded in a and b, so they contribute exactly nothing.
+The CPU path keeps b block-diagonal instead, [L, S*R, out_total] (see block_diagonal): the
+expand of every slice is then one matmul, y += xa @ b[slot], and tiny decode steps pay for two
+matmuls per projection rather than 1 + S.
+
+Batched bottleneck adapters: for each token t with adapter slot s = slot[t] >= 0,
+  y[t] += up[s]^T act_s(down[s] z[t] + down_b[s]) + up_b[s]
+with down [L, m, hidden], down_b [L, m], up [L, m, hidden] (stored [m, out] like LoRA's b),
+up_b [L, hidden], and act_s the slot's non-linearity. Grouping comes from the same per-step
+metadata as LoRA (kernels.meta), so each step runs one bmm pair for all adapters.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quiver.kernels.meta import LoraMeta, add_padded_rows, padded_rows
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values in the paged cache.
+
+    k_cache, v_cache: [KV, num_blocks, block_size, D]; k, v: [T, KV, D]; slot_mapping: [T]
+    with slot = block * block_size + offset. Afterwards k_cache[:, s // bs, s % bs] = k[t].
+    """
+    kv, nb, bs, d = k_cache.shape
+    k_cache.view(kv, nb * bs, d).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(kv, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def attention_bias(q_start: torch.Tensor, q_lens: torch.Tensor, kv_offset: torch.Tensor, prefix_len: torch.Tensor,
+                   max_q: int, num_keys: int) -> torch.Tensor:
+    """[B, max_q, num_keys] additive mask (0 / -inf, float32) for prefix_paged_attention.
+
+    Query i of row b is the row's token q_start + i; it sees the row's own tokens 0..q_start + i,
+    stored from cache index kv_offset on, and the adapter's prefix keys 0..prefix_len - 1.
+    Padded queries (i >= q_lens) see what the row's last real query sees.
+    """
+    steps = torch.arange(max_q, device=q_start.device)
+    q_idx = q_start[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
+    key = torch.arange(num_keys, device=q_start.device)[None, None, :]
+    off = kv_offset[:, None, None]
+    allowed = ((key >= off) & (key - off <= q_idx[:, :, None])) | (key < prefix_len[:, None, None])
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=q_start.device).masked_fill_(~allowed, float("-inf"))
+
+
+def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, kv_offset, prefix_len,
+                           scale: float) -> torch.Tensor:
+    """Attention of each row's queries over its adapter's prefix and its own paged KV (GQA).
+
+    q: [B, Q, H, D]; caches [KV, num_blocks, bs, D]; block_tables [B, NB]; q_start, q_lens,
+    kv_offset, prefix_len: [B] as in attention_bias. Keys of row b are the cache entries its
+    block table lists, in order; the visible ones are given by attention_bias.
+    """
+    bias = attention_bias(q_start, q_lens, kv_offset, prefix_len, q.shape[1], block_tables.shape[1] * k_cache.shape[2])
+    return paged_attention(q, k_cache, v_cache, block_tables, bias, scale)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, attn_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of padded query rows over their own paged KV, with grouped KV heads.
+
+    q: [B, Q, H, D]; k_cache, v_cache: [KV, num_blocks, bs, D]; block_tables: [B, NB];
+    attn_bias: [B, Q, L] additive (0 or -inf), L = NB * bs. With g = H // KV,
+    K_b = concat over n of k_cache[:, block_tables[b, n]] (so key j of row b is K_b[:, j]) and
+    out[b, i, h] = softmax_j(scale * q[b, i, h] . K_b[h // g, j] + attn_bias[b, i, j]) @ V_b[h // g].
+    The softmax runs in float32. Returns [B, Q, H, D].
+    """
+    b, nq, h, d = q.shape
+    kv, _, bs, _ = k_cache.shape
+    g = h // kv
+    length = block_tables.shape[1] * bs
+    flat = block_tables.reshape(-1)
+    keys = k_cache.index_select(1, flat).view(kv, b, length, d)
+    values = v_cache.index_select(1, flat).view(kv, b, length, d)
+    qh = q.view(b, nq, kv, g, d).permute(2, 0, 1, 3, 4).reshape(kv, b, nq * g, d)
+    scores = torch.matmul(qh, keys.transpose(-1, -2)).view(kv, b, nq, g, length)
+    scores = scores.float().mul_(scale).add_(attn_bias[None, :, :, None, :])
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kv, b, nq * g, length)
+    out = torch.matmul(probs, values)  # [KV, B, Q*g, D]
+    return out.view(kv, b, nq, g, d).permute(1, 2, 0, 3, 4).reshape(b, nq, h, d)
+
+
+# ---- batched LoRA ---------------------------------------------------------------------------
+
+
+def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], a.shape[1], dtype=x.dtype, device=x.device)
+    for slot in token_slots.unique().tolist():
+        if slot >= 0:
+            rows = (token_slots == slot).nonzero().squeeze(1)
+            out[rows] = x[rows] @ a[slot].T
+    return out
+
+
+def lora_expand_ref(xa: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...], token_slots: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor:
+    rank = b.shape[1]
+    for slot in token_slots.unique().tolist():
+        if slot < 0:
+            continue
+        rows = (token_slots == slot).nonzero().squeeze(1)
+        for s in range(len(offsets) - 1):
+            lo, hi = offsets[s], offsets[s + 1]
+            y[rows, lo:hi] += xa[rows, s * rank:(s + 1) * rank] @ b[slot, :, lo:hi]
+    return y
+
+
+def block_diagonal(b: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
+    """[L, R, out] -> [L, S*R, out]: slice s's rank rows moved to rows s*R.., zeros elsewhere."""
+    n_slices, rank = len(offsets) - 1, b.shape[1]
+    out = b.new_zeros(b.shape[0], n_slices * rank, b.shape[2])
+    for s in range(n_slices):
+        lo, hi = offsets[s], offsets[s + 1]
+        out[:, s * rank:(s + 1) * rank, lo:hi] = b[:, :, lo:hi]
+    return out
+
+
+def lora_apply(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: LoraMeta) -> None:
+    """y += the LoRA delta of every token, b block-diagonal ([L, S*R, out]).
+
+    Padded form: one bmm pair over all slots at once (decode-like steps), added in place when
+    the rows are contiguous. Segmented form: one matmul pair per adapter segment (prefill-like
+    steps, few long segments).
+    """
+    if meta.padded:
+        lo, n, m = meta.slot_lo, meta.num_slots, meta.max_len
+        if meta.contiguous_from is not None:  # no padding, no gather: accumulate straight into y
+            rows = slice(meta.contiguous_from, meta.contiguous_from + n * m)
+            if n == 1:
+                y[rows].addmm_(x[rows] @ a[lo].T, b[lo])
+            else:
+                y[rows].view(n, m, -1).baddbmm_(torch.bmm(x[rows].view(n, m, -1), a[lo:lo + n].transpose(1, 2)),
+                                                b[lo:lo + n])
+            return
+        xa = torch.bmm(padded_rows(x, meta), a[lo:lo + n].transpose(1, 2))
+        if meta.pad_mask is not None:
+            xa.mul_(meta.pad_mask)
+        add_padded_rows(y, torch.bmm(xa, b[lo:lo + n]), meta)
+        return
+    for slot, rows in meta.segments:
+        y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].T) @ b[slot])
+
+
+# ---- batched bottleneck adapters ------------------------------------------------------------
+
+ACTIVATIONS = {
+    "relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu": F.gelu, "tanh": torch.tanh,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "leakyrelu": F.leaky_relu,
+}
+
+
+def _activate(h: torch.Tensor, acts: list[str]) -> torch.Tensor:
+    """h: [n, rows, m], slot i of the n uses acts[i]."""
+    kinds = set(acts)
+    if len(kinds) == 1:
+        return ACTIVATIONS[acts[0]](h)
+    out = torch.empty_like(h)
+    for kind in kinds:
+        idx = torch.tensor([i for i, a in enumerate(acts) if a == kind], device=h.device)
+        out[idx] = ACTIVATIONS[kind](h[idx])
+    return out
+
+
+def bottleneck_apply(z, y, down, down_b, up, up_b, acts: list[str], meta: LoraMeta) -> None:
+    if meta.padded:
+        lo, n = meta.slot_lo, meta.num_slots
+        h = torch.baddbmm(down_b[lo:lo + n, None, :], padded_rows(z, meta), down[lo:lo + n].transpose(1, 2))
+        d = torch.baddbmm(up_b[lo:lo + n, None, :], _activate(h, acts[lo:lo + n]), up[lo:lo + n])
+        if meta.pad_mask is not None:  # biases make padding rows non-zero
+            d.mul_(meta.pad_mask)
+        add_padded_rows(y, d, meta)
+        return
+    for slot, rows in meta.segments:
+        h = torch.addmm(down_b[slot], z.index_select(0, rows), down[slot].T)
+        y.index_add_(0, rows, torch.addmm(up_b[slot], ACTIVATIONS[acts[slot]](h), up[slot]))

@@ -1,0 +1,214 @@
+"""Runs the engine loop on its own thread and hands outputs to asyncio, per request.
+
+The HTTP event loop never waits on a forward step, and the engine never waits on HTTP:
+adds and aborts are queued under a lock and applied between steps; outputs go back with
+`call_soon_threadsafe` into each request's asyncio queue. This is the HTTP layer's only door
+into the engine: what it needs is here, as methods or as read-only facts fixed at start.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from quiver.server.engine.llm_engine import LLMEngine, RequestOutput
+from quiver.server.engine.metrics import Metrics
+from quiver.server.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class RequestTimeout(EngineError):
+    def __init__(self, seconds: float):
+        super().__init__(f"the request ran past the server's time limit ({seconds:g} s) and was stopped")
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, metrics: Metrics | None = None, request_timeout: float | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self.request_timeout = request_timeout  # seconds from arrival to the last token; None: no limit
+        self.draining = False  # set on SIGTERM: new generation requests are refused, running ones finish
+        # facts fixed at start, safe to read from any thread
+        self.model_name, self.model_dir = engine.model_name, engine.model_dir
+        self.max_model_len, self.tokenizer = engine.max_model_len, engine.tokenizer
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        engine.registry.on_ready = self._wake.set  # a parked adapter has been read
+        self._adds: list[tuple] = []
+        self._aborts: list[str] = []
+        self._commands: list[tuple[Callable, concurrent.futures.Future]] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run the engine loop in the calling thread until stop().
+
+        `quiver serve` calls this on the main thread and serves HTTP from another: on CPU,
+        torch's OpenMP matmuls measured ~25% slower when issued from a non-main thread.
+        """
+        self._stop = False
+        self._run()
+
+    def start(self) -> None:
+        """Run the engine loop on a background thread (tests, embedding)."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="quiver-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def num_waiting(self) -> int:
+        """Requests queued and not yet running (read from the HTTP thread; a snapshot is enough)."""
+        return len(self._adds) + self.engine.num_waiting()
+
+    # ---- requests --------------------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        """Raise InvalidParam / UnknownAdapter now, before a response starts (a snapshot check;
+        the engine checks again when it takes the request)."""
+        self.engine.check_request(prompt_ids, params, adapter)
+
+    def known_adapters(self) -> dict[str, str]:
+        """Adapters a request may name, resident or on disk, with their folders (a snapshot)."""
+        return dict(self.engine.registry.known)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield outputs until the request finishes; abandoning the iterator aborts it."""
+        self.check_request(prompt_ids, params, adapter)
+        rid = request_id or uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._streams[rid] = (asyncio.get_running_loop(), queue)
+            self._adds.append((prompt_ids, params, adapter, rid))
+        self._wake.set()
+        finished = False
+        loop = asyncio.get_running_loop()
+        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
+        try:
+            while not finished:
+                if deadline is None:
+                    out = await queue.get()
+                else:
+                    try:
+                        out = await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0))
+                    except asyncio.TimeoutError:
+                        raise RequestTimeout(self.request_timeout) from None
+                if isinstance(out, BaseException):
+                    raise out
+                if out.error is not None:
+                    finished = True
+                    raise out.error
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def submit(self, fn: Callable) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread between two steps; the future holds its result or error."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._commands.append((fn, future))
+        self._wake.set()
+        return future
+
+    async def call(self, fn: Callable):
+        """submit(fn), awaited."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    async def load_adapter(self, name: str, path: str) -> dict:
+        """Read the adapter on a worker thread (the batch keeps decoding), then register it between steps."""
+        read = await asyncio.to_thread(self.engine.registry.read, name, path)
+        return await self.call(lambda engine: (engine.registry.register(read), engine.registry.info(name))[1])
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.call(lambda engine: engine.registry.unregister(name))
+
+    async def list_adapters(self) -> list[dict]:
+        return await self.call(lambda engine: [engine.registry.info(n) for n in engine.registry.known_names()])
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop:
+            self._apply_pending()
+            if not engine.has_work():
+                self._observe()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # keep serving: fail what was running, free everything
+                log.exception("engine step failed")
+                self._fail_all(EngineError(f"internal engine error: {exc}"))
+                continue
+            self.steps += 1
+            self._observe(outputs)
+            for out in outputs:
+                self._deliver(out.request_id, out, last=out.finished)
+
+    def _observe(self, outputs: list[RequestOutput] | None = None) -> None:
+        """Metrics from the engine's stats and events (after a step: outputs; when idle: None)."""
+        if self.metrics is not None:
+            self.metrics.observe_events(self.engine.take_events())
+            if outputs is not None:
+                self.metrics.observe_step(self.engine.stats(), outputs)
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+            commands, self._commands = self._commands, []
+        for fn, future in commands:
+            try:
+                future.set_result(fn(self.engine))
+            except Exception as exc:  # handed to the caller; the engine is as it was
+                future.set_exception(exc)
+        for rid in aborts:
+            self.engine.abort(rid)
+        for prompt_ids, params, adapter, rid in adds:
+            with self._lock:
+                if rid not in self._streams:  # aborted while it waited
+                    continue
+            try:
+                self.engine.add_request(prompt_ids, params, adapter, request_id=rid)
+            except Exception as exc:  # checked before queueing, so only a race gets here
+                self._deliver(rid, exc, last=True)
+
+    def _deliver(self, rid: str, item, last: bool) -> None:
+        with self._lock:
+            target = self._streams.pop(rid, None) if last else self._streams.get(rid)
+        if target is not None:
+            loop, queue = target
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq in self.engine.fail_all():
+            self._deliver(seq.request_id, exc, last=True)

@@ -1,0 +1,42 @@
+"""Incremental detokenization and stop-string handling for one sequence."""
+from __future__ import annotations
+
+from quiver.server.engine.sequence import Sequence
+
+
+def append_text(tokenizer, seq: Sequence) -> None:
+    """Extend seq.text with the text of its newest token(s).
+
+    Decodes a short window before the new tokens so that multi-token characters and
+    leading-space rules come out as in a full decode; waits while the window ends in an
+    incomplete UTF-8 character.
+    """
+    ids = seq.token_ids
+    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        seq.text += full[len(prefix):]
+        seq.prefix_offset = seq.read_offset
+        seq.read_offset = len(ids)
+
+
+def find_stop(seq: Sequence, new_from: int) -> int | None:
+    """Index in seq.text where the first stop string begins, looking only where new text could complete one."""
+    best = None
+    for stop in seq.params.stop:
+        idx = seq.text.find(stop, max(0, new_from - len(stop) + 1))
+        if idx != -1 and (best is None or idx < best):
+            best = idx
+    return best
+
+
+def releasable_text(seq: Sequence) -> str:
+    """New text safe to send: all of it when finished, else all but what could start a stop string."""
+    end = len(seq.text)
+    if not seq.finished and seq.params.stop:
+        end -= max(len(s) for s in seq.params.stop) - 1
+    if end <= seq.emitted_chars:
+        return ""
+    out = seq.text[seq.emitted_chars:end]
+    seq.emitted_chars = end
+    return out

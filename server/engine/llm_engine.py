@@ -1,0 +1,254 @@
+"""The synchronous engine: add requests, abort them, step the batch forward, report stats.
+
+Adapters are the registry's (families.registry): the engine pins a request's adapter while the
+request lives, binds it when the adapter is resident (or parks the request while it is read from
+disk), and asks the registry for each step's slots and hooks.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from quiver.server.engine.block_manager import BlockManager
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.detokenizer import append_text, find_stop, releasable_text
+from quiver.server.engine.model_runner import ModelRunner
+from quiver.server.engine.sampling import InvalidParam, SamplingParams
+from quiver.server.engine.scheduler import Scheduler
+from quiver.server.engine.sequence import Sequence, Status, TokenLogprob
+from quiver.server.families.bottleneck import BottleneckFamily
+from quiver.server.families.lora import LoraFamily
+from quiver.server.families.prompt import PromptFamily
+from quiver.server.families.registry import AdapterEvent, AdapterRegistry, UnknownAdapter
+from quiver.server.model.checkpoint import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output only
+    seq: Sequence | None = None  # for timing metrics; read-only to consumers
+    error: Exception | None = None  # the request failed (e.g. its adapter could not be read)
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    preemptions: int  # so far
+    adapters_resident: dict[str, int]  # tier -> adapters
+    adapter_evictions: dict[str, int]  # tier -> adapters moved out of it so far
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        self.config = config
+        model_dir, default_name = resolve_model(config.model)
+        self.model_dir = model_dir
+        self.model_name = config.served_model_name or default_name
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config, model_dir)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.model_config.vocab_size
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_loras, config.lora_starvation_steps)
+        self.registry = AdapterRegistry(self._families(), config.max_cpu_loras)
+        eos = set(self.runner.model_config.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.seqs: dict[str, Sequence] = {}
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        self.num_preemptions = 0
+
+    def _families(self) -> list:
+        c, r = self.config, self.runner
+        files = dict(allow_pickle=c.allow_pickle, max_bytes=c.max_adapter_mb * 2**20)
+        return [PromptFamily(r.model_config, r.ops, self.blocks, r.kv_caches, r.max_model_len, r.dtype, r.device, files),
+                BottleneckFamily(r.model_config, r.ops, r.dtype, r.device, files),
+                LoraFamily(r.model, r.ops, c.max_loras, c.max_lora_rank, files)]
+
+    # ---- adapters (the registry's; these are the common calls) -----------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        """Read, check and register an adapter of any supported family; on any error nothing changes."""
+        self.registry.register(self.registry.read(name, path))
+
+    def unload_adapter(self, name: str) -> None:
+        self.registry.unregister(name)
+
+    def adapter_names(self) -> list[str]:
+        return self.registry.names()
+
+    # ---- requests --------------------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        """Raise InvalidParam / UnknownAdapter for a request that cannot run."""
+        if adapter is not None and adapter not in self.registry.known:
+            raise UnknownAdapter(adapter)
+        if not prompt_ids:
+            raise InvalidParam("prompt", "prompt must not be empty")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise InvalidParam("prompt", f"token ids must be integers in [0, {self.vocab_size})")
+        params.validate(self.vocab_size)
+        self._check_length(len(prompt_ids), params.max_tokens, self.registry.virtual_tokens(adapter))
+
+    def _check_length(self, prompt: int, max_tokens: int, virtual: int) -> None:
+        if virtual + prompt + max_tokens > self.max_model_len:
+            extra = f" + the adapter's {virtual} virtual tokens" if virtual else ""
+            raise InvalidParam(
+                "max_tokens", f"prompt ({prompt} tokens){extra} + max_tokens ({max_tokens}) "
+                f"exceeds the context length of {self.max_model_len} tokens")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                    request_id: str | None = None) -> Sequence:
+        """Queue a request. One naming an adapter on disk is parked until a worker has read it."""
+        self.check_request(prompt_ids, params, adapter)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        resident = adapter is None or self.registry.is_resident(adapter)
+        binding = self.registry.bind(adapter) if adapter is not None and resident else None
+        seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter, binding=binding)
+        self.seqs[rid] = seq
+        if adapter is not None:
+            self.registry.pin(adapter)
+        if resident:
+            self.scheduler.add(seq)
+        else:
+            seq.status = Status.PARKED
+            self.registry.park(adapter, seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self._retire(seq, "abort")
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        """Finish a request wherever it is: its blocks and its adapter pin go back."""
+        if seq.status is Status.PARKED:
+            self.registry.unpark(seq)
+        if not seq.finished:
+            self.scheduler.finish(seq, reason)
+            if seq.adapter is not None:
+                self.registry.unpin(seq.adapter)
+        self.seqs.pop(seq.request_id, None)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or self.registry.has_ready()
+
+    def num_waiting(self) -> int:
+        """Requests queued and not yet running, parked ones included."""
+        return len(self.scheduler.waiting) + self.registry.num_parked()
+
+    # ---- stepping --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = self._unpark()
+        batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
+        if not batch:
+            return outputs
+        now = time.monotonic()
+        for seq, _ in batch.rows:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        self.registry.begin_step([seq.binding for seq, _ in batch.rows if seq.binding is not None])
+        sampled, result = self.runner.step(batch.rows, self.registry.step_hooks)
+        for seq, n in batch.rows:
+            seq.num_computed += n
+        if result is None:
+            return outputs
+        now = time.monotonic()
+        for i, seq in enumerate(sampled):
+            logprob = None
+            if result.logprobs is not None and seq.params.logprobs is not None:
+                logprob = TokenLogprob(result.tokens[i], result.logprobs[i], result.top[i][:seq.params.logprobs])
+            outputs.append(self._append_token(seq, result.tokens[i], logprob, now))
+        self.registry.trim()
+        return outputs
+
+    def _unpark(self) -> list[RequestOutput]:
+        """Requests whose adapter has been read join the queue; those whose read failed end with its error."""
+        failed = []
+        for seqs, error in self.registry.take_ready():
+            for seq in seqs:
+                if error is None:
+                    seq.bind(self.registry.bind(seq.adapter))
+                    try:  # the adapter's virtual tokens are known only now
+                        self._check_length(seq.num_prompt_tokens, seq.params.max_tokens, seq.num_virtual)
+                    except InvalidParam as exc:
+                        error = exc
+                if error is None:
+                    self.scheduler.add(seq)
+                    continue
+                self._retire(seq, "error")
+                failed.append(RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error",
+                                            seq=seq, error=error))
+        return failed
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        first = seq.first_token_time is None
+        if first:
+            seq.first_token_time = now
+        seq.prev_token_time, seq.last_token_time = seq.last_token_time, now
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        p = seq.params
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        else:
+            before = len(seq.text)
+            append_text(self.tokenizer, seq)
+            if p.stop and len(seq.text) > before:
+                idx = find_stop(seq, before)
+                if idx is not None:
+                    seq.text = seq.text[:idx]
+                    reason = "stop"
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self._retire(seq, reason)
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=[token], new_text=releasable_text(seq),
+            new_logprobs=[logprob] if logprob is not None else [], finished=seq.finished,
+            finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            prompt_logprobs=seq.prompt_logprobs if first and p.prompt_logprobs is not None else None, seq=seq)
+
+    def fail_all(self, reason: str = "error") -> list[Sequence]:
+        """Retire every request (after an internal error) so that all blocks and pins return."""
+        failed = list(self.seqs.values())
+        for seq in failed:
+            self._retire(seq, reason)
+        return failed
+
+    # ---- observability ---------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           kv_usage=self.blocks.usage, preemptions=self.num_preemptions,
+                           adapters_resident=self.registry.resident(),
+                           adapter_evictions=self.registry.evictions())
+
+    def take_events(self) -> list[AdapterEvent]:
+        """Adapter loads and unloads since the last call."""
+        return self.registry.take_events()

@@ -1,0 +1,82 @@
+"""Prometheus metrics; per-request figures carry an `adapter` label ("base" for none)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram("quiver_time_to_first_token_seconds", "Time to first token", ["adapter"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("quiver_inter_token_latency_seconds", "Time between output tokens", ["adapter"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("quiver_e2e_request_latency_seconds", "Arrival to last token", ["adapter"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("quiver_request_queue_time_seconds", "Arrival to first scheduled", ["adapter"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("quiver_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("quiver_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("quiver_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        self.prompt_tokens = Counter("quiver_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
+        self.generation_tokens = Counter("quiver_generation_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.requests = Counter("quiver_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
+        self.preemptions = Counter("quiver_preemptions", "Requests preempted for recompute", registry=r)
+        self.rejected = Counter("quiver_requests_rejected", "Requests refused before queueing (503)", ["reason"],
+                                registry=r)
+        self._preemptions_seen = 0
+        self.adapter_loads = Counter("quiver_adapter_loads", "Adapters loaded (at start, through the API or on "
+                                     "first use)", ["family"], registry=r)
+        self.adapter_unloads = Counter("quiver_adapter_unloads", "Adapters unloaded", ["family"], registry=r)
+        self.adapter_load_seconds = Histogram("quiver_adapter_load_seconds", "Request to adapter usable",
+                                              ["family"], buckets=LATENCY_BUCKETS, registry=r)
+        self.slot_evictions = Counter("quiver_adapter_evictions", "Adapters moved out of a tier to make room",
+                                      ["tier"], registry=r)
+        self.resident = Gauge("quiver_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
+        self._evictions_seen: dict[str, int] = {}
+
+    def observe_step(self, stats, outputs) -> None:
+        """stats: the engine's EngineStats after the step; outputs: its RequestOutputs."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+        for tier, n in stats.adapters_resident.items():
+            self.resident.labels(tier).set(n)
+        for tier, n in stats.adapter_evictions.items():
+            seen = self._evictions_seen.get(tier, 0)
+            if n > seen:
+                self.slot_evictions.labels(tier).inc(n - seen)
+                self._evictions_seen[tier] = n
+        if stats.preemptions > self._preemptions_seen:
+            self.preemptions.inc(stats.preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.preemptions
+        for out in outputs:
+            seq = out.seq
+            label = seq.adapter or "base"
+            if out.error is not None:  # failed before it ran (its adapter could not be read)
+                self.requests.labels(label, "error").inc()
+                continue
+            self.generation_tokens.labels(label).inc(len(out.new_token_ids))
+            if seq.num_output_tokens == 1:
+                self.ttft.labels(label).observe(seq.first_token_time - seq.arrival_time)
+                self.queue.labels(label).observe(seq.first_scheduled_time - seq.arrival_time)
+                self.prompt_tokens.labels(label).inc(seq.num_prompt_tokens)
+            elif seq.prev_token_time is not None:
+                self.itl.labels(label).observe(seq.last_token_time - seq.prev_token_time)
+            if out.finished:
+                self.e2e.labels(label).observe(seq.last_token_time - seq.arrival_time)
+                self.requests.labels(label, out.finish_reason).inc()
+
+    def observe_events(self, events) -> None:
+        """events: the engine's AdapterEvents (loads and unloads) since the last call."""
+        for e in events:
+            if e.kind == "load":
+                self.adapter_loads.labels(e.family).inc()
+                self.adapter_load_seconds.labels(e.family).observe(e.seconds)
+            else:
+                self.adapter_unloads.labels(e.family).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

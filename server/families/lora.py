@@ -1,0 +1,135 @@
+"""The LoRA family (LoRA, rsLoRA, DoRA, AdaLoRA): host copies of the read adapters, the device
+slots that hold up to --max-loras of them, and the step hook that adds every token's delta.
+
+Per layer and fused projection (qkv, o, gate_up, down) the slots are one LoraBuffers in the kernel
+backend's layout (kernels.ops), plus DoRA's (g - 1) per output column, whose last, all-zero row
+serves tokens with no adapter. Which adapter sits in which slot is the registry's call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quiver.adapters.errors import AdapterError
+from quiver.adapters.lora import LoraAdapter, load_lora
+from quiver.kernels.meta import LoraMeta, build_lora_meta
+from quiver.kernels.ops import LoraBuffers, TorchOps
+from quiver.server.families.base import Binding, StepRows
+from quiver.server.model.layout import GROUP_OF, GROUPS, module_shapes
+
+
+@dataclass
+class GroupSlots:
+    weights: LoraBuffers
+    dora_m1: torch.Tensor  # [slots + 1, out_total]: g - 1 (0 without DoRA; last row for base tokens)
+
+
+class LoraFamily:
+    kinds = ("lora",)
+
+    def __init__(self, model, ops: TorchOps, max_loras: int, max_rank: int, files: dict):
+        self.model, self.ops, self.files = model, ops, files
+        self.cfg = model.cfg
+        self.num_slots, self.max_rank = max_loras, max_rank
+        self.order = 0
+        self.adapters: dict[str, LoraAdapter] = {}  # the host-memory copies
+        self.layers: list[dict[str, GroupSlots]] = []  # allocated with the first slot load
+        self.dora_slots: set[int] = set()
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def read(self, name: str, path: str) -> LoraAdapter:
+        if self.num_slots == 0:
+            raise AdapterError(f"{path}: LoRA serving is off (--max-loras 0)")
+        return load_lora(name, path, self.cfg.num_layers, module_shapes(self.cfg), self.model.base_weight,
+                         self.max_rank, **self.files)
+
+    def register(self, adapter: LoraAdapter) -> None:
+        self.adapters[adapter.name] = adapter
+
+    def unregister(self, name: str) -> None:
+        del self.adapters[name]
+
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def bind(self, name: str) -> Binding:
+        return Binding(name, self)
+
+    def virtual_tokens(self, name: str) -> int:
+        return 0
+
+    def info(self, name: str) -> dict:
+        a = self.adapters[name]
+        return {"name": name, "family": "lora", "peft_type": a.spec.peft_type, "rank": a.rank,
+                "target_modules": a.targets, "dora": a.uses_dora, "path": str(a.spec.path), "bytes": a.nbytes}
+
+    # ---- device slots ----------------------------------------------------------------------------
+    def _allocate(self) -> None:
+        cfg, model = self.cfg, self.model
+        shapes = module_shapes(cfg)
+        for _ in range(cfg.num_layers):
+            groups = {}
+            for g, mods in GROUPS.items():
+                outs = [shapes[m][0] for m in mods]
+                weights = self.ops.lora_buffers(self.num_slots, self.max_rank, shapes[mods[0]][1], outs,
+                                                model.dtype, model.embed.device)
+                dora = torch.zeros(self.num_slots + 1, sum(outs), dtype=model.dtype, device=model.embed.device)
+                groups[g] = GroupSlots(weights, dora)
+            self.layers.append(groups)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for g in layer.values()
+                   for t in (g.weights.a, g.weights.b, g.dora_m1))
+
+    def clear_slot(self, slot: int) -> None:
+        for layer in self.layers:
+            for g in layer.values():
+                self.ops.lora_clear(g.weights, slot)
+                g.dora_m1[slot].zero_()
+        self.dora_slots.discard(slot)
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, name: str) -> None:
+        if not self.layers:
+            self._allocate()
+        self.clear_slot(slot)
+        adapter = self.adapters[name]
+        for (layer, module), m in adapter.modules.items():
+            group, s = GROUP_OF[module]
+            g = self.layers[layer][group]
+            self.ops.lora_write(g.weights, slot, s, m.a, m.b)
+            if m.dora_scale is not None:
+                lo, hi = g.weights.offsets[s], g.weights.offsets[s + 1]
+                g.dora_m1[slot, lo:hi].copy_(m.dora_scale - 1)
+        if adapter.uses_dora:
+            self.dora_slots.add(slot)
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def step_hook(self, step: StepRows):
+        slots = [seq.binding.slot if seq.binding is not None and seq.binding.family is self else -1
+                 for seq, _ in step.rows]
+        if max(slots) < 0:
+            return None
+        row_slots = torch.tensor(slots)
+        meta = build_lora_meta(torch.repeat_interleave(row_slots, step.lens), self.dora_slots, self.num_slots,
+                               step.device)
+        return None if meta is None else LoraStep(self, meta)
+
+
+class LoraStep:
+    """y += each token's LoRA delta; for DoRA slots also (g - 1)·(Wx) per output column."""
+
+    def __init__(self, family: LoraFamily, meta: LoraMeta):
+        self.layers, self.ops, self.meta = family.layers, family.ops, meta
+
+    def linear(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias) -> torch.Tensor:
+        g, meta = self.layers[layer][group], self.meta
+        dora = None
+        if meta.dora_index is not None:  # DoRA: y += (g - 1) * (Wx), g per slot and column
+            dora = g.dora_m1.index_select(0, meta.dora_index) * (y if bias is None else y - bias)
+        self.ops.lora_apply(x, y, g.weights, meta)
+        if dora is not None:
+            y += dora
+        return y

@@ -1,0 +1,319 @@
+"""The adapter registry: the one owner of adapter names, tiers and pins.
+
+Tiers: an adapter is on `disk` (known by its folder, read on first use), in host memory (`cpu`:
+read, not in a device slot; only families with device slots have this tier) or on the `device`.
+Families with slots (LoRA) share --max-loras device slots, an LRU over the adapters a step does
+not use; beyond --max-cpu-loras, the least recently used idle adapter of such a family goes back
+to disk. A pin per request (waiting, parked or running) keeps its adapter from being unloaded or
+evicted from host memory. Requests naming an adapter on disk park here while a worker thread
+reads it; the engine collects them with take_ready().
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from quiver.adapters.paths import InvalidName, check_name
+from quiver.adapters.spec import detect_family
+from quiver.server.families.base import AdapterFamily, Binding, StepRows
+from quiver.server.model.hooks import StepHooks
+
+log = logging.getLogger(__name__)
+
+
+class UnknownAdapter(LookupError):
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} does not exist")
+        self.name = name
+
+
+class AdapterExists(ValueError):
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} is already loaded")
+
+
+class AdapterInUse(RuntimeError):
+    def __init__(self, name: str, users: int):
+        super().__init__(f"adapter {name!r} is in use by {users} request(s); unload it when they have finished")
+
+
+@dataclass
+class ReadAdapter:
+    """An adapter parsed into host memory, not yet registered."""
+    adapter: object
+    family: AdapterFamily
+    kind: str  # the family label metrics and GET /v1/adapters use
+    path: str
+    started: float  # when its read began (monotonic), for the load-time metric
+
+
+@dataclass
+class AdapterEvent:
+    kind: str  # "load" or "unload"
+    family: str
+    seconds: float | None = None  # for loads: from the start of the read to usable
+
+
+class DeviceSlots:
+    """Which adapters of one family sit in its device slots: least recently used goes first."""
+
+    def __init__(self, family: AdapterFamily):
+        self.family = family
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self.free = list(range(family.num_slots))  # a heap: lowest first keeps used slots compact
+        self.last_used: dict[str, int] = {}
+        self.loads = self.evictions = self._clock = 0
+
+    def activate(self, names: set[str]) -> dict[str, int]:
+        """Put every adapter in `names` in a slot (evicting others, least recently used first)."""
+        if len(names) > self.family.num_slots:
+            raise RuntimeError(f"{len(names)} adapters in one step exceed --max-loras {self.family.num_slots}")
+        self._clock += 1
+        for name in names:
+            self.last_used[name] = self._clock
+            if name in self.slot_of:
+                self.slot_of.move_to_end(name)
+                continue
+            if not self.free:
+                victim = next(n for n in self.slot_of if n not in names)
+                heapq.heappush(self.free, self.slot_of.pop(victim))
+                self.evictions += 1
+            slot = heapq.heappop(self.free)
+            self.family.load_slot(slot, name)
+            self.slot_of[name] = slot
+            self.loads += 1
+        return {name: self.slot_of[name] for name in names}
+
+    def drop(self, name: str) -> None:
+        self.last_used.pop(name, None)
+        slot = self.slot_of.pop(name, None)
+        if slot is not None:
+            self.family.clear_slot(slot)
+            heapq.heappush(self.free, slot)
+
+    def lru_order(self, names) -> list[str]:
+        """`names`, least recently used first (never-activated ones first of all)."""
+        return sorted(names, key=lambda n: self.last_used.get(n, -1))
+
+
+class AdapterRegistry:
+    def __init__(self, families: list[AdapterFamily], max_cpu_adapters: int | None = None):
+        self.families = families
+        for order, family in enumerate(families, start=1):
+            family.order = order
+        self.by_kind = {kind: f for f in families for kind in f.kinds}
+        self.device = {f: DeviceSlots(f) for f in families if f.num_slots}
+        self.max_cpu_adapters = max_cpu_adapters
+        self.known: dict[str, str] = {}  # every adapter a request may name -> its folder
+        self.owner: dict[str, AdapterFamily] = {}  # resident adapters
+        self.pins: Counter[str] = Counter()
+        self.requests_served: Counter[str] = Counter()
+        self.cpu_evictions = 0
+        self.events: list[AdapterEvent] = []
+        self.on_ready = None  # called (from a worker thread) when a parked read has finished
+        self._parked: dict[str, list] = {}  # adapter on disk -> requests waiting for its read
+        self._ready: list[tuple[str, object]] = []  # (name, ReadAdapter or the exception) of finished reads
+        self._lock = threading.Lock()
+
+    # ---- reading and registering --------------------------------------------------------------
+    def read(self, name: str, path: str) -> ReadAdapter:
+        """Parse and check an adapter folder into host memory; any thread (touches no state)."""
+        started = time.monotonic()
+        kind = detect_family(path)
+        family = self.by_kind[kind]
+        return ReadAdapter(family.read(name, path), family, kind, str(path), started)
+
+    def register(self, read: ReadAdapter) -> None:
+        """Make a read adapter usable (engine thread, between steps); on any error nothing changes."""
+        name = read.adapter.name
+        if name in self.owner:
+            raise AdapterExists(name)
+        read.family.register(read.adapter)
+        self.owner[name] = read.family
+        self.known[name] = read.path
+        self.events.append(AdapterEvent("load", read.kind, time.monotonic() - read.started))
+        log.info("adapter %s (%s) loaded from %s", name, read.kind, read.path)
+        self.trim(keep=name)
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter and free its memory; refused (AdapterInUse) while a request holds it."""
+        if name not in self.known:
+            raise UnknownAdapter(name)
+        if self.pins[name]:
+            raise AdapterInUse(name, self.pins[name])
+        family = self.owner.pop(name, None)
+        if family is not None:
+            kind = self.info(name, family)["family"]
+            self._drop(name, family)
+            self.events.append(AdapterEvent("unload", kind))
+        del self.known[name]
+        self.requests_served.pop(name, None)
+
+    def _drop(self, name: str, family: AdapterFamily) -> None:
+        if family in self.device:
+            self.device[family].drop(name)
+        family.unregister(name)
+
+    def trim(self, keep: str | None = None) -> None:
+        """Beyond --max-cpu-loras, idle adapters of slot families go back to disk, least recently used
+        first (after a load, and after each step: adapters busy at their read may be idle now)."""
+        if self.max_cpu_adapters is None:
+            return
+        for family, slots in self.device.items():
+            while len(family.names()) > self.max_cpu_adapters:
+                idle = [n for n in slots.lru_order(family.names()) if not self.pins[n] and n != keep]
+                if not idle:
+                    break  # everything is in use: over the limit until requests finish
+                self._drop(idle[0], family)
+                del self.owner[idle[0]]
+                self.cpu_evictions += 1
+
+    def add_dir(self, folder: str) -> list[str]:
+        """Make every adapter folder in `folder` known by its folder name; each is read on first use."""
+        added = []
+        for sub in sorted(Path(folder).iterdir()):
+            if not (sub / "adapter_config.json").is_file():
+                continue
+            try:
+                check_name(sub.name)
+            except InvalidName as exc:
+                log.warning("skipping %s: %s", sub, exc)
+                continue
+            self.known.setdefault(sub.name, str(sub.resolve()))
+            added.append(sub.name)
+        return added
+
+    # ---- names, tiers, info ----------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Resident adapters (device or host memory)."""
+        return [n for f in self.families for n in f.names()]
+
+    def known_names(self) -> list[str]:
+        """Every adapter a request may name: resident ones and those on disk."""
+        return list(dict.fromkeys(self.names() + list(self.known)))
+
+    def is_resident(self, name: str) -> bool:
+        return name in self.owner
+
+    def tier(self, name: str) -> str:
+        family = self.owner.get(name)
+        if family is None:
+            return "disk"
+        return "cpu" if family in self.device and name not in self.device[family].slot_of else "device"
+
+    def virtual_tokens(self, name: str | None) -> int:
+        """Placeholder tokens a request for `name` carries (0 unless a resident soft prompt or prefix)."""
+        family = self.owner.get(name)
+        return 0 if family is None else family.virtual_tokens(name)
+
+    def info(self, name: str, family: AdapterFamily | None = None) -> dict:
+        family = family or self.owner.get(name)
+        base = {"name": name, "path": self.known[name]} if family is None else family.info(name)
+        return {**base, "tier": self.tier(name), "requests_served": self.requests_served[name]}
+
+    # ---- requests --------------------------------------------------------------------------------
+    def pin(self, name: str) -> None:
+        """A request now holds `name` (until unpin): it is not unloaded or evicted from host memory."""
+        self.pins[name] += 1
+        self.requests_served[name] += 1
+
+    def unpin(self, name: str) -> None:
+        self.pins[name] -= 1
+        if not self.pins[name]:
+            del self.pins[name]
+
+    def bind(self, name: str) -> Binding:
+        return self.owner[name].bind(name)
+
+    def park(self, name: str, seq) -> None:
+        """Hold a request for an adapter on disk; the first one starts its read on a worker thread."""
+        first = name not in self._parked
+        self._parked.setdefault(name, []).append(seq)
+        if first:
+            threading.Thread(target=self._read_parked, args=(name, self.known[name]), daemon=True).start()
+
+    def unpark(self, seq) -> bool:
+        waiting = self._parked.get(seq.adapter, [])
+        if seq in waiting:
+            waiting.remove(seq)
+            return True
+        return False
+
+    def num_parked(self) -> int:
+        return sum(len(v) for v in list(self._parked.values()))
+
+    def _read_parked(self, name: str, path: str) -> None:
+        try:
+            result = self.read(name, path)
+        except Exception as exc:  # noqa: BLE001 - handed to the parked requests
+            result = exc
+        with self._lock:
+            self._ready.append((name, result))
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def take_ready(self) -> list[tuple[list, Exception | None]]:
+        """Register the adapters whose reads have finished (engine thread): (their parked requests,
+        None or the error that fails them) per adapter."""
+        with self._lock:
+            ready, self._ready = self._ready, []
+        out = []
+        for name, result in ready:
+            if not isinstance(result, Exception) and not self.is_resident(name):
+                try:
+                    self.register(result)
+                except Exception as exc:  # noqa: BLE001 - handed to the parked requests
+                    log.warning("adapter %s could not be registered: %s", name, exc)
+                    result = exc
+            out.append((self._parked.pop(name, []), result if isinstance(result, Exception) else None))
+        return out
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def begin_step(self, bindings: list[Binding]) -> None:
+        """Put this step's adapters where its kernels read them, and set each binding's slot."""
+        by_family: dict[AdapterFamily, list[Binding]] = {}
+        for b in bindings:
+            by_family.setdefault(b.family, []).append(b)
+        for family, group in by_family.items():
+            if family in self.device:
+                slot_of = self.device[family].activate({b.name for b in group})
+                for b in group:
+                    b.slot = slot_of[b.name]
+            else:
+                family.place(group)
+
+    def step_hooks(self, step: StepRows) -> StepHooks:
+        hooks = StepHooks()
+        if not any(seq.binding is not None for seq, _ in step.rows):
+            return hooks
+        for family in self.families:
+            hook = family.step_hook(step)
+            if hook is not None:
+                for point in ("embed", "linear", "residual"):
+                    if hasattr(hook, point):
+                        getattr(hooks, point).append(hook)
+        return hooks
+
+    # ---- observability ---------------------------------------------------------------------------
+    def take_events(self) -> list[AdapterEvent]:
+        events, self.events = self.events, []
+        return events
+
+    def resident(self) -> dict[str, int]:
+        tiers = Counter(self.tier(n) for n in self.known)
+        return {tier: tiers[tier] for tier in ("device", "cpu", "disk")}
+
+    def device_slots(self, kind: str = "lora") -> DeviceSlots:
+        """The device-slot LRU of the family serving `kind`."""
+        return self.device[self.by_kind[kind]]
+
+    def evictions(self) -> dict[str, int]:
+        return {"device": sum(s.evictions for s in self.device.values()), "cpu": self.cpu_evictions}

@@ -1,0 +1,70 @@
+"""Engine outputs -> OpenAI response bodies: ids, usage, logprobs."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from quiver.server.engine.sequence import TokenLogprob
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class LogprobFormatter:
+    """Token strings are decoded one token at a time, as OpenAI's logprobs show them."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def completion(self, entries: list[TokenLogprob | None], offset: int) -> tuple[dict, int]:
+        """Completions-API logprobs for `entries` whose text starts at `offset`; returns the new offset."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            if e is None:  # the first prompt token has no logprob
+                continue
+            text = self.token(e.token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(e.logprob)
+            out["top_logprobs"].append({self.token(t): lp for t, lp in e.top})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out, offset
+
+    def prompt_completion(self, prompt_ids: list[int], entries: list[TokenLogprob | None]) -> tuple[dict, int]:
+        out, offset = self.completion(entries, 0)
+        if prompt_ids and (not entries or entries[0] is None):
+            first = self.token(prompt_ids[0])
+            out["tokens"].insert(0, first)
+            out["token_logprobs"].insert(0, None)
+            out["top_logprobs"].insert(0, None)
+            out["text_offset"] = [0] + [o + len(first) for o in out["text_offset"]]
+            offset += len(first)
+        return out, offset
+
+    def chat(self, entries: list[TokenLogprob]) -> dict:
+        def item(token_id, lp):
+            text = self.token(token_id)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        return {"content": [dict(item(e.token_id, e.logprob), top_logprobs=[item(t, lp) for t, lp in e.top])
+                            for e in entries]}
+
+
+def merge_completion_logprobs(parts: list[dict]) -> dict:
+    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for p in parts:
+        for k in merged:
+            merged[k].extend(p[k])
+    return merged
