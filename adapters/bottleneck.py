@@ -13,13 +13,13 @@ The scaling s is folded into up's weight and bias at load.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from quiver.adapters.config_file import finite_number, read_config
 from quiver.adapters.errors import AdapterError
 from quiver.adapters.weights import read_weights
 
@@ -66,11 +66,10 @@ def load_bottleneck(name: str, path: str | Path, num_layers: int, hidden: int, m
                     allow_pickle: bool = False, max_bytes: int | None = None) -> BottleneckAdapter:
     path = Path(path)
     cfg_file = path / "adapter_config.json"
-    try:
-        meta = json.loads(cfg_file.read_text())
-        cfg = meta["config"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AdapterError(f"{cfg_file}: not an AdapterHub adapter config ({exc})") from exc
+    meta = read_config(cfg_file)
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_file}: not an AdapterHub adapter config (no \"config\" object)")
     if cfg.get("architecture", "bottleneck") != "bottleneck":
         raise AdapterError(f"{cfg_file}: architecture {cfg.get('architecture')!r} is not supported (only bottleneck)")
     if meta.get("model_type") not in (None, model_type):
@@ -84,8 +83,9 @@ def load_bottleneck(name: str, path: str | Path, num_layers: int, hidden: int, m
     if act not in ACTIVATIONS:
         raise AdapterError(f"{cfg_file}: non_linearity {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     scaling = cfg.get("scaling", 1.0)
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+    if isinstance(scaling, str) or isinstance(scaling, bool):
         raise AdapterError(f"{cfg_file}: option scaling={scaling!r} is not supported (a number only)")
+    scaling = finite_number(scaling, "scaling", cfg_file)
     tensors, file = read_weights(path, WEIGHTS_FILE, PICKLE_FILE, allow_pickle, max_bytes)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

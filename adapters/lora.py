@@ -106,6 +106,12 @@ def _module(spec: AdapterSpec, file: Path, layer: int, module: str, p: dict, sha
     if r > max_rank:
         raise AdapterError(f"{where}: rank {r} exceeds --max-lora-rank {max_rank}")
     key = f"model.layers.{layer}.{'self_attn' if module in MODULES[:4] else 'mlp'}.{module}"
+    if not spec.targets(key):  # PEFT would not put the adapter there, and would ignore these tensors
+        raise AdapterError(f"{where}: the checkpoint has weights for {key}, which adapter_config.json's "
+                           "target_modules (with exclude_modules, layers_to_transform) does not target")
+    if spec.peft_type == "LORA" and r != spec.rank_for(key):  # PEFT would refuse the shapes
+        raise AdapterError(f"{where}: lora_A has rank {r}, adapter_config.json gives this module rank "
+                           f"{spec.rank_for(key)} (r or rank_pattern)")
     alpha = spec.alpha_for(key)
     if spec.peft_type == "ADALORA":
         e = p.get("lora_E")
@@ -116,16 +122,28 @@ def _module(spec: AdapterSpec, file: Path, layer: int, module: str, p: dict, sha
         scale = (alpha if alpha > 0 else float(r)) / (spec.init_r + 1e-5)
     else:
         scale = alpha / math.sqrt(r) if spec.use_rslora else alpha / r
-    b = b * scale
     if r == 0:
-        return None
+        return None  # AdaLoRA pruned the module away (a LoRA rank-0 module fails the rank check above)
+    if not math.isfinite(scale):
+        raise AdapterError(f"{where}: the scale alpha/r = {scale!r} is not finite")
+    b = b * scale
     dora = None
     if spec.use_dora:
         m = p.get("lora_magnitude_vector")
         if m is None or m.shape != (out_f,):
             raise AdapterError(f"{where}: DoRA needs lora_magnitude_vector of shape [{out_f}]")
-        w = base_weight(layer, module).float()
-        norm = torch.linalg.norm(w + b @ a, dim=1)
-        dora = m.float() / norm
+        dora = dora_factor(base_weight(layer, module), a, b, m)
+        if not torch.isfinite(dora).all():
+            raise AdapterError(f"{where}: DoRA's magnitude / ||W + sBA|| is not finite (a zero column norm)")
         b = b * dora[:, None]
+    if not torch.isfinite(b).all():
+        raise AdapterError(f"{where}: lora_B scaled by alpha/r overflows")
     return LoraModule(a=a.contiguous(), b=b.contiguous(), dora_scale=dora, scale=scale)
+
+
+def dora_factor(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """DoRA's g = m / ||W + B A|| per output row (b already scaled): w [out, in] on the serving device,
+    a [r, in], b [out, r], m [out] where the adapter lives. The norm is taken where W lives (W may be
+    large and on a GPU); g comes back to the adapter's device."""
+    norm = torch.linalg.norm(w.float() + (b @ a).to(w.device), dim=1).to(b.device)
+    return m.float() / norm

@@ -11,6 +11,8 @@ BENCHMARKS = {"latency": "merged vs unmerged vs base: TTFT and time per output t
               "throughput": "tokens/s against transformers' generate at several concurrency levels",
               "families": "decode throughput of each adapter family against the base model",
               "hotload": "from POST /v1/adapters to the first token of the new adapter",
+              "mixed": "engine step times on decode rows with long prompts prefilling in the same steps",
+              "attention": "CPU attention for mixed prefill + decode steps: planned groups vs padded vs SDPA per row",
               "load": "sustained closed-loop streaming load over mixed adapter families, with leak and output checks"}
 
 

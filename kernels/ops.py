@@ -6,12 +6,15 @@ Ops and their maths (T tokens, KV heads, paged cache of num_blocks blocks of bs 
   write_kv(k_cache, v_cache, k, v, slot_mapping)
       k_cache, v_cache [KV, num_blocks, bs, D]; k, v [T, KV, D]; slot_mapping [T]:
       k_cache[:, s // bs, s % bs] = k[t] for s = slot_mapping[t] (the same for v).
+  zero_blocks(k_cache, v_cache, blocks)
+      k_cache[:, blocks] = v_cache[:, blocks] = 0 (blocks [n] int64): a block is zeroed when handed out.
   attention(q, k_cache, v_cache, group, scale) -> [B, Q, H, D]
-      q [B, Q, H, D], the rows of one attention group (engine.step_inputs.AttnGroup: block_tables
-      [B, NB], q_start, q_lens, kv_offset, prefix_len [B]). Query i of row b is the row's token
-      q_start + i; it attends, with grouped KV heads (h -> h // (H / KV)), to the row's own keys
-      0..q_start + i stored from cache index kv_offset on and to its adapter's prefix keys at cache
-      indices 0..prefix_len - 1, with softmax(scale * q.k) in float32. Queries i >= q_lens are padding.
+      q [B, Q, H, D], the rows of one attention group (engine.step_inputs.AttnGroup): their block tables
+      [B, NB], and either ("masked" layout) a [B, Q, NB * bs] bool mask built once per step, or ("paged")
+      q_start, q_lens, kv_offset, prefix_len [B]. Query i of row b is the row's token q_start + i; it
+      attends, with grouped KV heads (h -> h // (H / KV)), to the row's own keys 0..q_start + i stored from
+      cache index kv_offset on and to its adapter's prefix keys at cache indices 0..prefix_len - 1, with
+      softmax(scale * q.k) accumulated in float32. Queries i >= q_lens are padding.
   lora_buffers(num_slots, rank, in_features, slice_outs, dtype, device) -> LoraBuffers
       zeroed slots for one fused projection (slices of widths slice_outs), in this backend's layout.
   lora_write(buf, slot, slice, a [r, in], b [out_slice, r]), lora_clear(buf, slot)
@@ -47,17 +50,15 @@ class LoraBuffers:
 
 class TorchOps:
     name = "torch"
-    needs_attention_bias = True  # the step builder makes each group's mask once per step
+    attention_layout = "masked"  # the step builder makes each group's mask once per step
 
     write_kv = staticmethod(torch_ops.write_kv)
+    zero_blocks = staticmethod(torch_ops.zero_blocks)
     bottleneck_apply = staticmethod(torch_ops.bottleneck_apply)
 
     @staticmethod
     def attention(q, k_cache, v_cache, group, scale: float) -> torch.Tensor:
-        if group.attn_bias is None:
-            return torch_ops.prefix_paged_attention(q, k_cache, v_cache, group.block_tables, group.q_start,
-                                                    group.q_lens, group.kv_offset, group.prefix_len, scale)
-        return torch_ops.paged_attention(q, k_cache, v_cache, group.block_tables, group.attn_bias, scale)
+        return torch_ops.paged_attention(q, k_cache, v_cache, group.block_tables, group.allowed, scale)
 
     def lora_buffers(self, num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
                      device) -> LoraBuffers:
@@ -101,7 +102,7 @@ class TorchOps:
 
 class TritonOps(TorchOps):
     name = "triton"
-    needs_attention_bias = False
+    attention_layout = "paged"
 
     @staticmethod
     def attention(q, k_cache, v_cache, group, scale: float) -> torch.Tensor:

@@ -38,57 +38,65 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(kv, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def attention_bias(q_start: torch.Tensor, q_lens: torch.Tensor, kv_offset: torch.Tensor, prefix_len: torch.Tensor,
-                   max_q: int, num_keys: int) -> torch.Tensor:
-    """[B, max_q, num_keys] additive mask (0 / -inf, float32) for prefix_paged_attention.
+def zero_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor) -> None:
+    """k_cache[:, blocks] = v_cache[:, blocks] = 0: blocks handed out hold nothing of a former owner."""
+    k_cache.index_fill_(1, blocks, 0)
+    v_cache.index_fill_(1, blocks, 0)
 
-    Query i of row b is the row's token q_start + i; it sees the row's own tokens 0..q_start + i,
-    stored from cache index kv_offset on, and the adapter's prefix keys 0..prefix_len - 1.
-    Padded queries (i >= q_lens) see what the row's last real query sees.
-    """
+
+def attention_mask(q_start: torch.Tensor, q_lens: torch.Tensor, kv_offset: torch.Tensor, prefix_len: torch.Tensor,
+                   max_q: int, num_keys: int) -> torch.Tensor:
+    """[B, max_q, num_keys] bool for paged_attention: query i of row b is the row's token q_start + i;
+    it sees the row's own tokens 0..q_start + i, stored from cache index kv_offset on, and the
+    adapter's prefix keys 0..prefix_len - 1. Padded queries (i >= q_lens) see what the row's last
+    real query sees."""
     steps = torch.arange(max_q, device=q_start.device)
     q_idx = q_start[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
     key = torch.arange(num_keys, device=q_start.device)[None, None, :]
     off = kv_offset[:, None, None]
-    allowed = ((key >= off) & (key - off <= q_idx[:, :, None])) | (key < prefix_len[:, None, None])
-    return torch.zeros(allowed.shape, dtype=torch.float32, device=q_start.device).masked_fill_(~allowed, float("-inf"))
+    return ((key >= off) & (key - off <= q_idx[:, :, None])) | (key < prefix_len[:, None, None])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of padded query rows over their own paged KV, with grouped KV heads.
+
+    q: [B, Q, H, D]; k_cache, v_cache: [KV, num_blocks, bs, D]; block_tables: [B, NB]; allowed:
+    [B, Q, L] bool, L = NB * bs. With g = H // KV, K_b = concat over n of k_cache[:, block_tables[b, n]]:
+      out[b, i, h] = softmax_j(scale * q[b, i, h] . K_b[h // g, j], over j with allowed[b, i, j]) @ V_b[h // g].
+    One fused scaled_dot_product_attention: its CPU kernel works through the keys in tiles (memory
+    of the order of the mask, not of the scores), accumulating in float32. Keys a row may not see
+    must hold finite values (padding points at an always-zero block; blocks are zeroed when handed
+    out), since a masked weight of 0 times NaN is still NaN. Returns [B, Q, H, D].
+    """
+    b, nq, h, d = q.shape
+    kv, nb, bs, _ = k_cache.shape
+    length = block_tables.shape[1] * bs
+    flat = block_tables.reshape(-1)
+    # whole blocks as rows of a 3-d view: index_select on the 4-d cache is several times slower on CPU
+    keys = k_cache.view(kv, nb, bs * d).index_select(1, flat).view(kv, b, length, d).transpose(0, 1)
+    values = v_cache.view(kv, nb, bs * d).index_select(1, flat).view(kv, b, length, d).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed[:, None], scale=scale,
+                                         enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, kv_offset, prefix_len,
                            scale: float) -> torch.Tensor:
-    """Attention of each row's queries over its adapter's prefix and its own paged KV (GQA).
-
-    q: [B, Q, H, D]; caches [KV, num_blocks, bs, D]; block_tables [B, NB]; q_start, q_lens,
-    kv_offset, prefix_len: [B] as in attention_bias. Keys of row b are the cache entries its
-    block table lists, in order; the visible ones are given by attention_bias.
-    """
-    bias = attention_bias(q_start, q_lens, kv_offset, prefix_len, q.shape[1], block_tables.shape[1] * k_cache.shape[2])
-    return paged_attention(q, k_cache, v_cache, block_tables, bias, scale)
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables: torch.Tensor, attn_bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of padded query rows over their own paged KV, with grouped KV heads.
-
-    q: [B, Q, H, D]; k_cache, v_cache: [KV, num_blocks, bs, D]; block_tables: [B, NB];
-    attn_bias: [B, Q, L] additive (0 or -inf), L = NB * bs. With g = H // KV,
-    K_b = concat over n of k_cache[:, block_tables[b, n]] (so key j of row b is K_b[:, j]) and
-    out[b, i, h] = softmax_j(scale * q[b, i, h] . K_b[h // g, j] + attn_bias[b, i, j]) @ V_b[h // g].
-    The softmax runs in float32. Returns [B, Q, H, D].
-    """
-    b, nq, h, d = q.shape
-    kv, _, bs, _ = k_cache.shape
-    g = h // kv
-    length = block_tables.shape[1] * bs
+    """Attention of each row's queries over its adapter's prefix and its own paged KV (GQA): the
+    oracle for the kernels. q: [B, Q, H, D]; caches [KV, num_blocks, bs, D]; block_tables [B, NB];
+    q_start, q_lens, kv_offset, prefix_len: [B], as attention_mask takes them. Keys a row may not see
+    are zeroed first (in a copy), so the oracle holds whatever the cache holds."""
+    bs = k_cache.shape[2]
+    allowed = attention_mask(q_start, q_lens, kv_offset, prefix_len, q.shape[1], block_tables.shape[1] * bs)
+    visible = allowed.any(dim=1)  # [B, L]
+    kv, _, _, d = k_cache.shape
     flat = block_tables.reshape(-1)
-    keys = k_cache.index_select(1, flat).view(kv, b, length, d)
-    values = v_cache.index_select(1, flat).view(kv, b, length, d)
-    qh = q.view(b, nq, kv, g, d).permute(2, 0, 1, 3, 4).reshape(kv, b, nq * g, d)
-    scores = torch.matmul(qh, keys.transpose(-1, -2)).view(kv, b, nq, g, length)
-    scores = scores.float().mul_(scale).add_(attn_bias[None, :, :, None, :])
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kv, b, nq * g, length)
-    out = torch.matmul(probs, values)  # [KV, B, Q*g, D]
-    return out.view(kv, b, nq, g, d).permute(1, 2, 0, 3, 4).reshape(b, nq, h, d)
+    b, length = block_tables.shape[0], block_tables.shape[1] * bs
+    keys = k_cache.index_select(1, flat).view(kv, b, length, d).where(visible[None, :, :, None], 0)
+    values = v_cache.index_select(1, flat).view(kv, b, length, d).where(visible[None, :, :, None], 0)
+    rows = torch.arange(b * block_tables.shape[1]).view(b, -1)  # the gathered copy, one block per entry
+    return paged_attention(q, keys.reshape(kv, -1, bs, d), values.reshape(kv, -1, bs, d), rows, allowed, scale)
 
 
 # ---- batched LoRA ---------------------------------------------------------------------------

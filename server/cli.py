@@ -9,6 +9,7 @@ import sys
 from quiver.adapters.combine import METHODS
 
 from quiver.server.engine.config import DTYPES, EngineConfig
+from quiver.server.http.limits import RequestLimits
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -82,6 +83,21 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a request may take from arrival to its last token (504 / an error event)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before the server exits")
+    d = RequestLimits()
+    p.add_argument("--max-request-bytes", type=int, default=d.max_body_bytes, help="largest request body (413 beyond)")
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts in one /v1/completions request")
+    p.add_argument("--max-stop", type=int, default=d.max_stop, help="stop strings in one request")
+    p.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters of one stop string")
+    p.add_argument("--max-stop-token-ids", type=int, default=d.max_stop_token_ids,
+                   help="stop_token_ids in one request")
+    p.add_argument("--max-name-chars", type=int, default=d.max_name_chars,
+                   help="characters of a request's model and adapter fields")
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(max_body_bytes=args.max_request_bytes, max_prompts=args.max_prompts, max_stop=args.max_stop,
+                         max_stop_chars=args.max_stop_chars, max_stop_token_ids=args.max_stop_token_ids,
+                         max_name_chars=args.max_name_chars)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -104,7 +120,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.adapter_dir:
         engine.registry.add_dir(args.adapter_dir)
     async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
-    app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir)
+    app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir, limits=request_limits(args))
     install(app, async_engine, Guard(api_key=args.api_key, admin_key=args.admin_key,
                                      metrics_public=args.metrics_public, max_waiting=args.max_waiting))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),

@@ -10,7 +10,8 @@ from peft_fixtures import lora_variants, make_adapter, peft_greedy
 
 from quiver.adapters.errors import AdapterError
 from quiver.server.engine.config import EngineConfig
-from quiver.server.engine.llm_engine import LLMEngine, UnknownAdapter
+from quiver.server.engine.llm_engine import LLMEngine
+from quiver.server.families.registry import UnknownAdapter
 from quiver.server.engine.sampling import SamplingParams
 
 
@@ -193,3 +194,23 @@ def test_mixed_batch_through_the_triton_lora_kernels(tiny_lora_set, tokenizer):
     engine = lora_engine(base_dir, tokenizer, kernels="triton")
     assert engine.runner.ops.name == "triton"
     check_mixed_batch(engine, hf, {k: paths[k] for k in ("rank_pattern", "dora")}, hf.config.vocab_size)
+
+
+def test_dora_factor_is_computed_where_the_base_weight_lives():
+    """With W on a CUDA device (faked: FakeTensorMode tracks devices and raises on a cross-device op, on a
+    machine without a GPU), DoRA's norm runs there and g comes back to the CPU; and the values are right."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from quiver.adapters.lora import dora_factor
+
+    g = torch.Generator().manual_seed(0)
+    w, a, b, m = torch.randn(8, 4, generator=g), torch.randn(2, 4, generator=g), torch.randn(8, 2, generator=g), \
+        torch.rand(8, generator=g)
+    torch.testing.assert_close(dora_factor(w, a, b, m), m / torch.linalg.norm(w + b @ a, dim=1))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        w_gpu = torch.empty(8, 4, device="cuda")
+        a_, b_, m_ = (mode.from_tensor(t) for t in (a, b, m))
+        out = dora_factor(w_gpu, a_, b_, m_)
+        assert out.device.type == "cpu" and out.shape == (8,)
+        with pytest.raises(Exception, match="device"):  # the harness catches the mistake this guards against
+            torch.linalg.norm(w_gpu + b_ @ a_, dim=1)

@@ -84,9 +84,19 @@ class AsyncEngine:
         the engine checks again when it takes the request)."""
         self.engine.check_request(prompt_ids, params, adapter)
 
-    def known_adapters(self) -> dict[str, str]:
-        """Adapters a request may name, resident or on disk, with their folders (a snapshot)."""
-        return dict(self.engine.registry.known)
+    def known_adapters(self) -> list[str]:
+        """Adapters a request may name, resident or on disk (a snapshot)."""
+        return list(self.engine.registry.known)
+
+    def virtual_tokens(self, adapter: str | None) -> int:
+        """Context tokens the adapter spends before a request's own (a snapshot)."""
+        return self.engine.registry.virtual_tokens(adapter)
+
+    def health(self) -> str | None:
+        """None while the engine makes progress; else why not."""
+        if self._thread is not None and not self._thread.is_alive():
+            return "the engine loop has stopped"
+        return self.engine.health()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -170,6 +180,9 @@ class AsyncEngine:
             self._observe(outputs)
             for out in outputs:
                 self._deliver(out.request_id, out, last=out.finished)
+            if not engine.ran_rows and not outputs:  # nothing could run: do not spin
+                self._wake.wait(timeout=0.01)
+                self._wake.clear()
 
     def _observe(self, outputs: list[RequestOutput] | None = None) -> None:
         """Metrics from the engine's stats and events (after a step: outputs; when idle: None)."""

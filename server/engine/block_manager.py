@@ -12,6 +12,8 @@ class BlockManager:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
+        self.num_shared = 0  # blocks held by their owners (adapter prefixes) rather than by requests
+        self.fresh: list[int] = []  # blocks handed out since the last take_fresh(): to be zeroed before use
 
     @property
     def num_free(self) -> int:
@@ -41,6 +43,11 @@ class BlockManager:
             block = self._free.popleft()
             self._refs[block] = 1
             seq.block_table.append(block)
+            self.fresh.append(block)
+
+    def take_fresh(self) -> list[int]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def free(self, seq: Sequence) -> None:
         self.release(seq.block_table)
@@ -53,7 +60,13 @@ class BlockManager:
         blocks = [self._free.popleft() for _ in range(n)]
         for block in blocks:
             self._refs[block] = 1
+        self.num_shared += n
         return blocks
+
+    def release_shared(self, blocks) -> None:
+        """The owner's hold on blocks from allocate_shared ends (requests may still share them)."""
+        self.num_shared -= len(blocks)
+        self.release(blocks)
 
     def release(self, blocks) -> None:
         for block in blocks:

@@ -22,10 +22,19 @@ from quiver.server.engine.sequence import Sequence, Status, TokenLogprob
 from quiver.server.families.bottleneck import BottleneckFamily
 from quiver.server.families.lora import LoraFamily
 from quiver.server.families.prompt import PromptFamily
-from quiver.server.families.registry import AdapterEvent, AdapterRegistry, UnknownAdapter
+from quiver.server.families.registry import AdapterEvent, AdapterRegistry
 from quiver.server.model.checkpoint import resolve_model
 
 log = logging.getLogger(__name__)
+STALL_SECONDS = 60.0  # requests waiting this long with no step running any of them: unhealthy
+
+
+class RequestFailed(RuntimeError):
+    """One request could not be served; the others go on. `code` names why, `status` is its HTTP status."""
+
+    def __init__(self, message: str, code: str, status: int = 500):
+        super().__init__(message)
+        self.code, self.status = code, status
 
 
 @dataclass
@@ -51,6 +60,9 @@ class EngineStats:
     preemptions: int  # so far
     adapters_resident: dict[str, int]  # tier -> adapters
     adapter_evictions: dict[str, int]  # tier -> adapters moved out of it so far
+    step_failures: int  # forward passes that raised so far (each is retried without its culprit)
+    healthy: bool
+    unhealthy_reason: str | None = None
 
 
 class LLMEngine:
@@ -78,6 +90,10 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.num_preemptions = 0
+        self.step_failures = 0
+        self._failed_steps = 0  # steps in a row in which every row's forward failed
+        self._last_progress = time.monotonic()  # the last step that ran a row (or found nothing to do)
+        self.ran_rows = False  # whether the last step ran any row
 
     def _families(self) -> list:
         c, r = self.config, self.runner
@@ -100,8 +116,8 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
         """Raise InvalidParam / UnknownAdapter for a request that cannot run."""
-        if adapter is not None and adapter not in self.registry.known:
-            raise UnknownAdapter(adapter)
+        if adapter is not None:
+            self.registry.check_usable(adapter)
         if not prompt_ids:
             raise InvalidParam("prompt", "prompt must not be empty")
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
@@ -110,11 +126,17 @@ class LLMEngine:
         self._check_length(len(prompt_ids), params.max_tokens, self.registry.virtual_tokens(adapter))
 
     def _check_length(self, prompt: int, max_tokens: int, virtual: int) -> None:
+        extra = f" + the adapter's {virtual} virtual tokens" if virtual else ""
         if virtual + prompt + max_tokens > self.max_model_len:
-            extra = f" + the adapter's {virtual} virtual tokens" if virtual else ""
             raise InvalidParam(
                 "max_tokens", f"prompt ({prompt} tokens){extra} + max_tokens ({max_tokens}) "
                 f"exceeds the context length of {self.max_model_len} tokens")
+        bs = self.blocks.block_size
+        need, have = -(-(virtual + prompt + max_tokens) // bs), self.blocks.num_blocks - self.blocks.num_shared
+        if need > have:
+            raise InvalidParam(
+                "max_tokens", f"prompt ({prompt} tokens){extra} + max_tokens ({max_tokens}) needs {need} KV-cache "
+                f"blocks; the cache has {have} besides the adapter prefixes it holds")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                     request_id: str | None = None) -> Sequence:
@@ -164,26 +186,69 @@ class LLMEngine:
         outputs = self._unpark()
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
+        for seq in batch.failed:
+            outputs.append(self._fail(seq, RequestFailed(
+                "the request no longer fits in the KV cache beside the adapter prefixes it holds", "kv_cache_full", 503)))
+        self.ran_rows = bool(batch)
         if not batch:
+            if not self.scheduler.has_work() or batch.preempted:
+                self._last_progress = time.monotonic()
             return outputs
         now = time.monotonic()
         for seq, _ in batch.rows:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-        self.registry.begin_step([seq.binding for seq, _ in batch.rows if seq.binding is not None])
-        sampled, result = self.runner.step(batch.rows, self.registry.step_hooks)
-        for seq, n in batch.rows:
-            seq.num_computed += n
-        if result is None:
-            return outputs
+        outputs += self._forward(batch.rows)
+        ran = any(seq.finish_reason != "error" for seq, _ in batch.rows)  # some row got through
+        self._failed_steps = 0 if ran else self._failed_steps + 1
+        if ran:
+            self._last_progress = time.monotonic()
+        self.registry.trim()
+        return outputs
+
+    def _forward(self, rows: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """One forward pass over `rows`. If it raises, the rows are retried in halves, so that only the
+        request that causes the failure fails; the others produce the tokens they would have."""
+        try:
+            self.runner.zero_blocks(self.blocks.take_fresh())
+            self.registry.begin_step([seq.binding for seq, _ in rows if seq.binding is not None])
+            outcome = self.runner.step(rows, self.registry.step_hooks)
+        except Exception as exc:  # noqa: BLE001 - isolated below, one row at a time at worst
+            self.step_failures += 1
+            if len(rows) == 1:
+                log.exception("the forward pass failed for request %s alone: it fails", rows[0][0].request_id)
+                return [self._fail(rows[0][0], RequestFailed(f"the model failed on this request: {exc}",
+                                                             "step_failed"))]
+            log.warning("a forward pass of %d rows failed (%s): retrying them in halves", len(rows), exc)
+            half = len(rows) // 2
+            return self._forward(rows[:half]) + self._forward(rows[half:])
+        outputs = [self._fail(seq, RequestFailed("the model produced non-finite logits for this request (its "
+                                                 "adapter's weights may be out of range)", "non_finite_logits"))
+                   for seq in outcome.non_finite]
+        for seq, n in rows:
+            if not seq.finished:
+                seq.num_computed += n
         now = time.monotonic()
-        for i, seq in enumerate(sampled):
+        result = outcome.result
+        for i, seq in enumerate(outcome.sampled):
             logprob = None
             if result.logprobs is not None and seq.params.logprobs is not None:
                 logprob = TokenLogprob(result.tokens[i], result.logprobs[i], result.top[i][:seq.params.logprobs])
             outputs.append(self._append_token(seq, result.tokens[i], logprob, now))
-        self.registry.trim()
         return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        self._retire(seq, "error")
+        return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error", seq=seq, error=error)
+
+    def health(self) -> str | None:
+        """None when the engine makes progress; else why not."""
+        if self._failed_steps >= 3:
+            return f"the last {self._failed_steps} forward passes failed for every request"
+        stalled = time.monotonic() - self._last_progress
+        if self.scheduler.has_work() and stalled > STALL_SECONDS:
+            return f"requests are waiting but no step has run one for {stalled:.0f} s"
+        return None
 
     def _unpark(self) -> list[RequestOutput]:
         """Requests whose adapter has been read join the queue; those whose read failed end with its error."""
@@ -199,9 +264,7 @@ class LLMEngine:
                 if error is None:
                     self.scheduler.add(seq)
                     continue
-                self._retire(seq, "error")
-                failed.append(RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error",
-                                            seq=seq, error=error))
+                failed.append(self._fail(seq, error))
         return failed
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
@@ -244,10 +307,11 @@ class LLMEngine:
 
     # ---- observability ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        reason = self.health()
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                            kv_usage=self.blocks.usage, preemptions=self.num_preemptions,
-                           adapters_resident=self.registry.resident(),
-                           adapter_evictions=self.registry.evictions())
+                           adapters_resident=self.registry.resident(), adapter_evictions=self.registry.evictions(),
+                           step_failures=self.step_failures, healthy=reason is None, unhealthy_reason=reason)
 
     def take_events(self) -> list[AdapterEvent]:
         """Adapter loads and unloads since the last call."""

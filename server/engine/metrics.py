@@ -26,6 +26,11 @@ class Metrics:
         self.preemptions = Counter("quiver_preemptions", "Requests preempted for recompute", registry=r)
         self.rejected = Counter("quiver_requests_rejected", "Requests refused before queueing (503)", ["reason"],
                                 registry=r)
+        self.healthy = Gauge("quiver_engine_healthy", "1 while the engine makes progress, else 0 (see /health)",
+                             registry=r)
+        self.step_failures = Counter("quiver_step_failures", "Forward passes that raised (each retried without "
+                                     "the request that caused it)", registry=r)
+        self._step_failures_seen = 0
         self._preemptions_seen = 0
         self.adapter_loads = Counter("quiver_adapter_loads", "Adapters loaded (at start, through the API or on "
                                      "first use)", ["family"], registry=r)
@@ -49,6 +54,10 @@ class Metrics:
             if n > seen:
                 self.slot_evictions.labels(tier).inc(n - seen)
                 self._evictions_seen[tier] = n
+        self.healthy.set(1 if stats.healthy else 0)
+        if stats.step_failures > self._step_failures_seen:
+            self.step_failures.inc(stats.step_failures - self._step_failures_seen)
+            self._step_failures_seen = stats.step_failures
         if stats.preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.preemptions

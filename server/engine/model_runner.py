@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,13 @@ from quiver.server.model.llama import LlamaModel
 log = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
+
+
+@dataclass
+class StepOutcome:
+    sampled: list[Sequence] = field(default_factory=list)  # rows that drew a token, in result order
+    result: SampleResult | None = None
+    non_finite: list[Sequence] = field(default_factory=list)  # rows whose logits were NaN or Inf
 
 
 class ModelRunner:
@@ -51,8 +59,9 @@ class ModelRunner:
         if self.num_blocks * self.block_size < self.max_model_len:
             raise ValueError(f"the KV cache ({self.num_blocks} blocks of {self.block_size}) cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}; give more blocks or a smaller max_model_len")
-        shape = (mc.num_kv_heads, self.num_blocks, self.block_size, mc.head_dim)
-        # zeros, not empty: masked keys must still be finite numbers
+        # one block more than the block manager hands out: it stays zero, and padded block tables point at it
+        shape = (mc.num_kv_heads, self.num_blocks + 1, self.block_size, mc.head_dim)
+        self.pad_block = self.num_blocks
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(mc.num_layers)]
         self.observers: list[Callable[[StepInputs, torch.Tensor | None], None]] = []  # see step()
@@ -65,29 +74,42 @@ class ModelRunner:
         return max(1, mb * 2**20 // per_block)
 
     @torch.inference_mode()
-    def step(self, rows: list[tuple[Sequence, int]], step_hooks: Callable[[StepRows], StepHooks]
-             ) -> tuple[list[Sequence], SampleResult | None]:
-        """Run one forward pass; record prompt logprobs; return the rows to extend and their samples.
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Blocks just handed out start empty: nothing of a former owner (even NaN) can be read from them."""
+        if blocks:
+            index = torch.tensor(blocks, device=self.device)
+            for k_cache, v_cache in self.kv_caches:
+                self.ops.zero_blocks(k_cache, v_cache, index)
+
+    @torch.inference_mode()
+    def step(self, rows: list[tuple[Sequence, int]], step_hooks: Callable[[StepRows], StepHooks]) -> StepOutcome:
+        """Run one forward pass; record prompt logprobs; sample the rows that need a token.
 
         step_hooks gives the adapter families' hooks for the step's rows. Each observer sees the
         step's inputs and the logits it computed for the rows of inp.logits_index (None if none),
-        before sampling."""
+        before sampling. A row with a non-finite logit is neither recorded nor sampled."""
         # rows grouped by adapter: each adapter's tokens are contiguous
         rows = sorted(rows, key=lambda row: row[0].binding.sort_key if row[0].binding is not None else (-1, -1))
-        inp = build_step(rows, self.block_size, self.device, self.ops.needs_attention_bias)
+        inp = build_step(rows, self.block_size, self.device, self.ops.attention_layout, self.pad_block)
         inp.hooks = step_hooks(inp.rows)
         hidden = self.model(inp, self.kv_caches)
         logits = self.model.logits(hidden.index_select(0, inp.logits_index)) if inp.logits_index.numel() else None
         for observe in self.observers:
             observe(inp, logits)
         if logits is None:
-            return [], None
+            return StepOutcome()
+        finite = torch.isfinite(logits).all(dim=1)
+        bad = set() if bool(finite.all()) else {inp.logits_rows[i] for i in (~finite).nonzero().squeeze(1).tolist()}
         for row, first, count in inp.prompt_logprob_spans:
-            self._record_prompt_logprobs(rows[row][0], logits[first:first + count], rows[row][0].num_computed)
-        seqs = [rows[r][0] for r in inp.sample_rows]
-        if not seqs:
-            return [], None
-        return seqs, sample(logits.index_select(0, inp.sample_logits_pos), seqs)
+            if row not in bad:
+                self._record_prompt_logprobs(rows[row][0], logits[first:first + count], rows[row][0].num_computed)
+        picked = [(r, pos) for r, pos in zip(inp.sample_rows, inp.sample_logits_pos.tolist()) if r not in bad]
+        seqs = [rows[r][0] for r, _ in picked]
+        result = None
+        if seqs:
+            positions = inp.sample_logits_pos if not bad else torch.tensor([pos for _, pos in picked], device=logits.device)
+            result = sample(logits.index_select(0, positions), seqs)
+        return StepOutcome(seqs, result, [rows[r][0] for r in sorted(bad)])
 
     @staticmethod
     def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start: int) -> None:

@@ -17,6 +17,7 @@ from quiver.server.engine.sequence import Sequence, Status
 class ScheduledBatch:
     rows: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
     preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # requests the KV cache cannot hold even empty
 
     def __bool__(self) -> bool:
         return bool(self.rows)
@@ -85,7 +86,10 @@ class Scheduler:
                 if self.running or batch.rows:
                     break
                 if not self.blocks.can_grow(seq, seq.num_computed + n):
-                    break  # cannot happen for a request that passed the length check
+                    # the cache is as empty as it gets (adapter prefixes aside): this can never run
+                    self.waiting.remove(seq)
+                    batch.failed.append(seq)
+                    continue
             self.waiting.remove(seq)
             seq.blocked_steps = 0
             if slotted is not None:

@@ -1,8 +1,11 @@
 """Scheduled rows -> the tensors of one forward step, built once per step.
 
-Tokens of all rows are laid flat ([T]). Attention sees rows in at most two groups, decode
-rows (one query each) and prefill rows (a chunk each, padded to the longest chunk), so a
-long prefill never pads the decode rows.
+Tokens of all rows are laid flat ([T]); only attention looks at rows, in groups planned here.
+For the torch kernels ("masked" layout) rows are packed into groups whose padding stays within a
+factor of the real query-key pairs, and a row whose chunk is too long for one mask is split into
+query tiles (ATTENTION_TILE), so attention memory follows the keys each query really sees, never
+rows x longest chunk x longest context. For the Triton kernel ("paged"), which walks each row's
+keys itself, decode rows and prefill rows form one group each.
 """
 from __future__ import annotations
 
@@ -10,10 +13,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quiver.kernels.torch_ops import attention_bias
+from quiver.kernels.torch_ops import attention_mask
 from quiver.server.engine.sequence import Sequence
 from quiver.server.families.base import StepRows
 from quiver.server.model.hooks import StepHooks
+
+
+# mask elements (rows x queries x keys) one attention group may hold; padding allowed beyond the real
+# query-key pairs: a factor, plus pairs small enough never to matter
+ATTENTION_TILE = 1 << 25
+PAD_FACTOR, PAD_FREE = 2.0, 1 << 14
 
 
 @dataclass
@@ -21,13 +30,15 @@ class AttnGroup:
     query_index: torch.Tensor  # [B*Q] token index of each padded query slot
     valid_index: torch.Tensor | None  # padded slots that are real queries (None: all are)
     token_index: torch.Tensor  # [n] token index of each real query, in padded order
-    block_tables: torch.Tensor  # [B, NB]
-    q_start: torch.Tensor  # [B] token index of each row's first query
-    q_lens: torch.Tensor  # [B]
-    kv_offset: torch.Tensor  # [B] cache index where the row's own tokens begin
-    prefix_len: torch.Tensor  # [B] adapter prefix keys at cache indices 0..prefix_len-1
     max_q: int
-    attn_bias: torch.Tensor | None  # [B, Q, NB*block_size] 0 / -inf, built once per step for the CPU path
+    block_tables: torch.Tensor | None = None  # [B, NB], padding -> the always-zero block
+    # "paged" layout: where the rows' queries and keys are
+    q_start: torch.Tensor | None = None  # [B] token index of each row's first query
+    q_lens: torch.Tensor | None = None  # [B]
+    kv_offset: torch.Tensor | None = None  # [B] cache index where the row's own tokens begin
+    prefix_len: torch.Tensor | None = None  # [B] adapter prefix keys at cache indices 0..prefix_len-1
+    # "masked" layout: which query sees which key, L = NB * block size
+    allowed: torch.Tensor | None = None  # [B, Q, L] bool
 
 
 @dataclass
@@ -37,6 +48,7 @@ class StepInputs:
     slot_mapping: torch.Tensor  # [T] cache slot for each token's K/V
     attn_groups: list[AttnGroup]
     logits_index: torch.Tensor  # [N] tokens whose next-token distribution is needed
+    logits_rows: list[int]  # [N] the row of each
     sample_rows: list[int]  # row of each sampled sequence, in logits order (prompt-logprob rows excluded)
     sample_logits_pos: torch.Tensor  # [S] position in logits_index of each sampled row's last token
     prompt_logprob_spans: list[tuple[int, int, int]]  # (row, first logits pos, count)
@@ -45,8 +57,9 @@ class StepInputs:
 
 
 def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.device | str,
-               attention_bias_on_host: bool) -> StepInputs:
-    """The step's tensors, on `device`; attention_bias_on_host: build each group's mask once here."""
+               attention_layout: str, pad_block: int) -> StepInputs:
+    """The step's tensors, on `device`, with attention groups in `attention_layout` ("masked" or
+    "paged", kernels.ops); pad_block: a cache block that always holds zeros."""
     n_rows = len(rows)
     ids: list[int] = []
     starts, lens, tables, kv_offs, prefix_lens = [], [], [], [], []
@@ -59,7 +72,7 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.
         kv_offs.append(seq.kv_offset)
         prefix_lens.append(seq.prefix_len)
     max_blocks = max(len(t) for t in tables)
-    block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
+    block_tables = torch.tensor([t + [pad_block] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
     start_t = torch.tensor(starts, dtype=torch.long)
     len_t = torch.tensor(lens, dtype=torch.long)
     kv_off_t = torch.tensor(kv_offs, dtype=torch.long)
@@ -72,23 +85,26 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.
     cache_index = index + kv_off_t[row_of]
     slots = block_tables[row_of, cache_index // block_size] * block_size + cache_index % block_size
 
-    groups = []
-    decode = [i for i, n in enumerate(lens) if n == 1]
-    prefill = [i for i, n in enumerate(lens) if n > 1]
-    for members in (decode, prefill):
-        if members:
-            groups.append(_attn_group(torch.tensor(members), start_t, len_t, offsets, block_tables, block_size,
-                                      kv_off_t, prefix_t, with_bias=attention_bias_on_host))
+    if attention_layout == "paged":
+        groups = [_paged_group(torch.tensor(members), start_t, len_t, offsets, block_tables, block_size, kv_off_t,
+                               prefix_t)
+                  for members in ([i for i, n in enumerate(lens) if n == 1], [i for i, n in enumerate(lens) if n > 1])
+                  if members]
+    else:
+        groups = [_masked_group(items, start_t, offsets, kv_off_t, prefix_t, block_tables, block_size)
+                  for items in plan_attention(starts, lens, kv_offs)]
 
     # Logits: the last token of a row that completes its prompt or decodes; every token of
     # a row that still owes prompt logprobs.
     logits_index: list[int] = []
+    logits_rows: list[int] = []
     sample_rows, sample_pos, spans = [], [], []
     for r, (seq, n) in enumerate(rows):
         first, done = int(offsets[r]), starts[r] + n == seq.num_tokens
         if seq.wants_prompt_logprobs:
             spans.append((r, len(logits_index), n))
             logits_index.extend(range(first, first + n))
+            logits_rows.extend([r] * n)
             if done:
                 sample_rows.append(r)
                 sample_pos.append(len(logits_index) - 1)
@@ -96,11 +112,12 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.
             sample_rows.append(r)
             sample_pos.append(len(logits_index))
             logits_index.append(first + n - 1)
+            logits_rows.append(r)
 
     to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     for g in groups:
-        for name in ("query_index", "valid_index", "token_index", "block_tables", "attn_bias", "q_start", "q_lens",
-                     "kv_offset", "prefix_len"):
+        for name in ("query_index", "valid_index", "token_index", "block_tables", "q_start", "q_lens", "kv_offset",
+                     "prefix_len", "allowed"):
             value = getattr(g, name)
             if value is not None:
                 setattr(g, name, to(value))
@@ -110,6 +127,7 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.
         slot_mapping=to(slots),
         attn_groups=groups,
         logits_index=to(torch.tensor(logits_index, dtype=torch.long)),
+        logits_rows=logits_rows,
         sample_rows=sample_rows,
         sample_logits_pos=to(torch.tensor(sample_pos, dtype=torch.long)),
         prompt_logprob_spans=spans,
@@ -117,20 +135,62 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.
     )
 
 
-def _attn_group(members, start_t, len_t, offsets, block_tables, block_size, kv_off_t, prefix_t,
-                with_bias: bool) -> AttnGroup:
+def plan_attention(starts: list[int], lens: list[int], kv_offsets: list[int]) -> list[list[tuple[int, int, int]]]:
+    """Attention groups for the masked layout: lists of (row, first query, queries) items.
+
+    A row whose mask would not fit ATTENTION_TILE is split into query tiles. Items sorted by
+    (queries, keys) are packed greedily while the group's padded mask stays within PAD_FACTOR x its
+    real query-key pairs (+ PAD_FREE) and within ATTENTION_TILE."""
+    items = []  # (queries, keys, row, first query)
+    for row, (start, n, kv_off) in enumerate(zip(starts, lens, kv_offsets)):
+        keys = kv_off + start + n  # cache index past the row's last key: what its mask spans
+        tile = max(1, min(n, ATTENTION_TILE // keys))
+        for first in range(0, n, tile):
+            q = min(tile, n - first)
+            items.append((q, kv_off + start + first + q, row, first))
+    items.sort()
+    groups, current = [], []
+    max_q = max_k = work = 0
+    for q, k, row, first in items:
+        size = (len(current) + 1) * max(max_q, q) * max(max_k, k)
+        if current and (size > ATTENTION_TILE or size > PAD_FACTOR * (work + q * k) + PAD_FREE):
+            groups.append(current)
+            current, max_q, max_k, work = [], 0, 0, 0
+        current.append((row, first, q))
+        max_q, max_k, work = max(max_q, q), max(max_k, k), work + q * k
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _masked_group(items, start_t, offsets, kv_off_t, prefix_t, block_tables, block_size) -> AttnGroup:
+    rows, first, q_lens = (torch.tensor(col) for col in zip(*items))
+    q_start, kv_off = start_t[rows] + first, kv_off_t[rows]
+    max_q = int(q_lens.max())
+    nb = -(-int((kv_off + q_start + q_lens).max()) // block_size)  # blocks the rows' keys span
+    group = _query_slots(offsets[rows] + first, q_lens, max_q)
+    group.block_tables = block_tables[rows, :nb]
+    group.allowed = attention_mask(q_start, q_lens, kv_off, prefix_t[rows], max_q, nb * block_size)
+    return group
+
+
+def _paged_group(members, start_t, len_t, offsets, block_tables, block_size, kv_off_t, prefix_t) -> AttnGroup:
     q_lens, starts = len_t[members], start_t[members]
     kv_off, prefix = kv_off_t[members], prefix_t[members]
     max_q = int(q_lens.max())
     nb = -(-int((kv_off + starts + q_lens).max()) // block_size)  # blocks the rows' keys span
-    tables = block_tables[members, :nb]
+    group = _query_slots(offsets[members], q_lens, max_q)
+    group.block_tables, group.q_start, group.q_lens = block_tables[members, :nb], starts, q_lens
+    group.kv_offset, group.prefix_len = kv_off, prefix
+    return group
+
+
+def _query_slots(first: torch.Tensor, q_lens: torch.Tensor, max_q: int) -> AttnGroup:
+    """A group's padded query slots: B rows of max_q queries starting at flat token `first`."""
     steps = torch.arange(max_q)
     valid = steps[None, :] < q_lens[:, None]  # [B, Q]
-    query_index = torch.where(valid, offsets[members][:, None] + steps[None, :], 0).reshape(-1)
-    bias = attention_bias(starts, q_lens, kv_off, prefix, max_q, nb * block_size) if with_bias else None
+    query_index = torch.where(valid, first[:, None] + steps[None, :], 0).reshape(-1)
     if bool(valid.all()):
-        valid_index, token_index = None, query_index
-    else:
-        valid_index = valid.reshape(-1).nonzero().squeeze(1)
-        token_index = query_index[valid_index]
-    return AttnGroup(query_index, valid_index, token_index, tables, starts, q_lens, kv_off, prefix, max_q, bias)
+        return AttnGroup(query_index, None, query_index, max_q)
+    valid_index = valid.reshape(-1).nonzero().squeeze(1)
+    return AttnGroup(query_index, valid_index, query_index[valid_index], max_q)

@@ -52,7 +52,7 @@ class BottleneckFamily:
 
     def info(self, name: str) -> dict:
         a = self.adapters[self._index[name]]
-        return {"name": name, "family": "bottleneck", "width": a.width, "path": str(a.path), "bytes": a.nbytes}
+        return {"name": name, "family": "bottleneck", "width": a.width, "bytes": a.nbytes}
 
     def _stack(self) -> None:
         self._index = {a.name: i for i, a in enumerate(self.adapters)}

@@ -62,7 +62,7 @@ class LoraFamily:
     def info(self, name: str) -> dict:
         a = self.adapters[name]
         return {"name": name, "family": "lora", "peft_type": a.spec.peft_type, "rank": a.rank,
-                "target_modules": a.targets, "dora": a.uses_dora, "path": str(a.spec.path), "bytes": a.nbytes}
+                "target_modules": a.targets, "dora": a.uses_dora, "bytes": a.nbytes}
 
     # ---- device slots ----------------------------------------------------------------------------
     def _allocate(self) -> None:

@@ -39,14 +39,15 @@ class PromptFamily:
             raise AdapterError(f"{adapter.spec.path}: {n} virtual tokens leave no room in the context length "
                                f"of {self.max_model_len}")
         if adapter.prefix_kv is not None:
-            bs = self.blocks.block_size
-            if -(-n // bs) > self.blocks.num_free:
-                raise AdapterError(f"{adapter.spec.path}: its {n}-token prefix needs {-(-n // bs)} KV blocks, "
+            bs, need = self.blocks.block_size, -(-n // self.blocks.block_size)
+            if need > self.blocks.num_free:
+                raise AdapterError(f"{adapter.spec.path}: its {n}-token prefix needs {need} KV blocks, "
                                    f"{self.blocks.num_free} are free")
-            blocks = self.blocks.allocate_shared(-(-n // bs))
+            blocks = self.blocks.allocate_shared(need)
             slots = torch.tensor([blocks[i // bs] * bs + i % bs for i in range(n)], device=self.device)
             kv = adapter.prefix_kv.to(self.device, self.dtype)
             for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
+                self.ops.zero_blocks(k_cache, v_cache, torch.tensor(blocks, device=self.device))  # the tail stays 0
                 self.ops.write_kv(k_cache, v_cache, kv[layer, 0].transpose(0, 1), kv[layer, 1].transpose(0, 1), slots)
             self.prefix_blocks[adapter.name] = tuple(blocks)
         else:
@@ -56,7 +57,7 @@ class PromptFamily:
     def unregister(self, name: str) -> None:
         del self.adapters[name]
         self.soft_prompts.pop(name, None)
-        self.blocks.release(self.prefix_blocks.pop(name, ()))
+        self.blocks.release_shared(self.prefix_blocks.pop(name, ()))
 
     def names(self) -> list[str]:
         return list(self.adapters)
@@ -77,7 +78,7 @@ class PromptFamily:
     def info(self, name: str) -> dict:
         a = self.adapters[name]
         return {"name": name, "family": a.family, "peft_type": a.spec.peft_type, "virtual_tokens": a.num_virtual,
-                "path": str(a.spec.path), "bytes": a.nbytes}
+                "bytes": a.nbytes}
 
     def step_hook(self, step: StepRows):
         """The soft-prompt vectors of every chunk that covers placeholder tokens."""

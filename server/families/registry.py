@@ -10,36 +10,50 @@ reads it; the engine collects them with take_ready().
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from quiver.adapters.errors import AdapterError
 from quiver.adapters.paths import InvalidName, check_name
 from quiver.adapters.spec import detect_family
 from quiver.server.families.base import AdapterFamily, Binding, StepRows
+from quiver.server.families.slots import DeviceSlots
 from quiver.server.model.hooks import StepHooks
 
 log = logging.getLogger(__name__)
 
 
+def shown(name: str, limit: int = 64) -> str:
+    """A name as error messages quote it: repr, cut short."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + "..."
+
+
 class UnknownAdapter(LookupError):
     def __init__(self, name: str):
-        super().__init__(f"adapter {name!r} does not exist")
+        super().__init__(f"adapter {shown(name)} does not exist")
         self.name = name
 
 
 class AdapterExists(ValueError):
     def __init__(self, name: str):
-        super().__init__(f"adapter {name!r} is already loaded")
+        super().__init__(f"adapter {shown(name)} is already loaded (unload it first to load another folder "
+                         "under its name)")
+
+
+class AdapterFailed(AdapterError):
+    """A request names an adapter whose read from disk failed: it stays listed, unusable, until unloaded."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"adapter {name!r} failed to load: {reason}")
 
 
 class AdapterInUse(RuntimeError):
     def __init__(self, name: str, users: int):
-        super().__init__(f"adapter {name!r} is in use by {users} request(s); unload it when they have finished")
+        super().__init__(f"adapter {shown(name)} is in use by {users} request(s); unload it when they have finished")
 
 
 @dataclass
@@ -59,48 +73,6 @@ class AdapterEvent:
     seconds: float | None = None  # for loads: from the start of the read to usable
 
 
-class DeviceSlots:
-    """Which adapters of one family sit in its device slots: least recently used goes first."""
-
-    def __init__(self, family: AdapterFamily):
-        self.family = family
-        self.slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
-        self.free = list(range(family.num_slots))  # a heap: lowest first keeps used slots compact
-        self.last_used: dict[str, int] = {}
-        self.loads = self.evictions = self._clock = 0
-
-    def activate(self, names: set[str]) -> dict[str, int]:
-        """Put every adapter in `names` in a slot (evicting others, least recently used first)."""
-        if len(names) > self.family.num_slots:
-            raise RuntimeError(f"{len(names)} adapters in one step exceed --max-loras {self.family.num_slots}")
-        self._clock += 1
-        for name in names:
-            self.last_used[name] = self._clock
-            if name in self.slot_of:
-                self.slot_of.move_to_end(name)
-                continue
-            if not self.free:
-                victim = next(n for n in self.slot_of if n not in names)
-                heapq.heappush(self.free, self.slot_of.pop(victim))
-                self.evictions += 1
-            slot = heapq.heappop(self.free)
-            self.family.load_slot(slot, name)
-            self.slot_of[name] = slot
-            self.loads += 1
-        return {name: self.slot_of[name] for name in names}
-
-    def drop(self, name: str) -> None:
-        self.last_used.pop(name, None)
-        slot = self.slot_of.pop(name, None)
-        if slot is not None:
-            self.family.clear_slot(slot)
-            heapq.heappush(self.free, slot)
-
-    def lru_order(self, names) -> list[str]:
-        """`names`, least recently used first (never-activated ones first of all)."""
-        return sorted(names, key=lambda n: self.last_used.get(n, -1))
-
-
 class AdapterRegistry:
     def __init__(self, families: list[AdapterFamily], max_cpu_adapters: int | None = None):
         self.families = families
@@ -111,6 +83,7 @@ class AdapterRegistry:
         self.max_cpu_adapters = max_cpu_adapters
         self.known: dict[str, str] = {}  # every adapter a request may name -> its folder
         self.owner: dict[str, AdapterFamily] = {}  # resident adapters
+        self.failed: dict[str, str] = {}  # adapter -> why its read from disk failed
         self.pins: Counter[str] = Counter()
         self.requests_served: Counter[str] = Counter()
         self.cpu_evictions = 0
@@ -128,10 +101,12 @@ class AdapterRegistry:
         family = self.by_kind[kind]
         return ReadAdapter(family.read(name, path), family, kind, str(path), started)
 
-    def register(self, read: ReadAdapter) -> None:
-        """Make a read adapter usable (engine thread, between steps); on any error nothing changes."""
+    def register(self, read: ReadAdapter, new: bool = True) -> None:
+        """Make a read adapter usable (engine thread, between steps); on any error nothing changes.
+        new: the name must not be known at all (an API or command-line load); else it may be known on
+        disk under the same folder (a first use)."""
         name = read.adapter.name
-        if name in self.owner:
+        if name in self.owner or (new and name in self.known) or self.known.get(name, read.path) != read.path:
             raise AdapterExists(name)
         read.family.register(read.adapter)
         self.owner[name] = read.family
@@ -146,6 +121,7 @@ class AdapterRegistry:
             raise UnknownAdapter(name)
         if self.pins[name]:
             raise AdapterInUse(name, self.pins[name])
+        self.failed.pop(name, None)
         family = self.owner.pop(name, None)
         if family is not None:
             kind = self.info(name, family)["family"]
@@ -203,7 +179,7 @@ class AdapterRegistry:
     def tier(self, name: str) -> str:
         family = self.owner.get(name)
         if family is None:
-            return "disk"
+            return "failed" if name in self.failed else "disk"
         return "cpu" if family in self.device and name not in self.device[family].slot_of else "device"
 
     def virtual_tokens(self, name: str | None) -> int:
@@ -213,8 +189,19 @@ class AdapterRegistry:
 
     def info(self, name: str, family: AdapterFamily | None = None) -> dict:
         family = family or self.owner.get(name)
-        base = {"name": name, "path": self.known[name]} if family is None else family.info(name)
+        base = {"name": name, "path": self.known[name]}
+        if family is not None:
+            base.update(family.info(name))
+        if name in self.failed:
+            base["error"] = self.failed[name]
         return {**base, "tier": self.tier(name), "requests_served": self.requests_served[name]}
+
+    def check_usable(self, name: str) -> None:
+        """Raise UnknownAdapter or AdapterFailed for a name a request may not use."""
+        if name not in self.known:
+            raise UnknownAdapter(name)
+        if name in self.failed:
+            raise AdapterFailed(name, self.failed[name])
 
     # ---- requests --------------------------------------------------------------------------------
     def pin(self, name: str) -> None:
@@ -260,7 +247,7 @@ class AdapterRegistry:
     def has_ready(self) -> bool:
         return bool(self._ready)
 
-    def take_ready(self) -> list[tuple[list, Exception | None]]:
+    def take_ready(self) -> list[tuple[list, AdapterFailed | None]]:
         """Register the adapters whose reads have finished (engine thread): (their parked requests,
         None or the error that fails them) per adapter."""
         with self._lock:
@@ -269,11 +256,15 @@ class AdapterRegistry:
         for name, result in ready:
             if not isinstance(result, Exception) and not self.is_resident(name):
                 try:
-                    self.register(result)
+                    self.register(result, new=False)
                 except Exception as exc:  # noqa: BLE001 - handed to the parked requests
-                    log.warning("adapter %s could not be registered: %s", name, exc)
                     result = exc
-            out.append((self._parked.pop(name, []), result if isinstance(result, Exception) else None))
+            if isinstance(result, Exception):
+                log.warning("adapter %s failed to load from %s: %s", name, self.known.get(name), result)
+                if name in self.known:  # (not unloaded meanwhile)
+                    self.failed[name] = str(result)
+                result = AdapterFailed(name, str(result))
+            out.append((self._parked.pop(name, []), result if isinstance(result, AdapterFailed) else None))
         return out
 
     # ---- steps -----------------------------------------------------------------------------------

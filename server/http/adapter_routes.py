@@ -8,9 +8,8 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from quiver.adapters.paths import check_name, resolve_path
-
-from quiver.server.http import openapi as doc
 from quiver.server.engine.async_engine import AsyncEngine
+from quiver.server.http import openapi as doc
 
 # 400: a bad name or path; 404: no such folder; 409: the name is taken; 422: the folder is not a usable adapter
 LOAD_ERRORS = (400, 401, 404, 409, 422)
@@ -34,10 +33,18 @@ class VllmUnloadLora(BaseModel):
 
 def add_adapter_routes(app: FastAPI, engine: AsyncEngine, root: Path) -> None:
     """Paths are resolved inside `root`; reading happens off the engine loop, registration between steps."""
+    root = root.resolve()
+
+    def public(info: dict) -> dict:
+        """An adapter's info without the server's paths: its folder relative to the root, or its name."""
+        info = dict(info)
+        path = Path(info.pop("path"))
+        info["source"] = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+        return info
 
     async def load(name: str, path: str) -> dict:
         check_name(name)
-        return await engine.load_adapter(name, str(resolve_path(path, root)))
+        return public(await engine.load_adapter(name, str(resolve_path(path, root))))
 
     @app.post("/v1/adapters", responses=doc.responses(*LOAD_ERRORS, ok=doc.ok(doc.AdapterInfo)))
     async def add_adapter(req: LoadAdapter):
@@ -50,7 +57,7 @@ def add_adapter_routes(app: FastAPI, engine: AsyncEngine, root: Path) -> None:
 
     @app.get("/v1/adapters", responses=doc.responses(401, ok=doc.ok(doc.AdapterList)))
     async def list_adapters():
-        return {"object": "list", "data": await engine.list_adapters()}
+        return {"object": "list", "data": [public(info) for info in await engine.list_adapters()]}
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
               responses=doc.responses(*LOAD_ERRORS, ok=doc.ok(text=True)))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -15,34 +17,43 @@ from quiver.server.engine.async_engine import AsyncEngine
 from quiver.server.engine.metrics import Metrics
 from quiver.server.http import openapi as doc
 from quiver.server.http.adapter_routes import add_adapter_routes
-from quiver.server.http.errors import install_error_handlers
+from quiver.server.http.errors import error, install_error_handlers
 from quiver.server.http.generate import add_generate_routes
+from quiver.server.http.limits import BodyLimit, RequestLimits
 from quiver.server.http.openai_format import now
 
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root: str | Path | None = None) -> FastAPI:
+def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root: str | Path | None = None,
+               limits: RequestLimits | None = None) -> FastAPI:
     app = FastAPI(title="Quiver", version="0.1.0")
     doc.install(app)
     metrics = metrics or engine.metrics or Metrics()
+    limits = limits or RequestLimits()
     app.state.engine = engine
+    # parsing, tokenizing and checking requests happen here, so that one big request never stalls the event loop
+    app.state.prep_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="quiver-prep")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     install_error_handlers(app, log)
     add_adapter_routes(app, engine, Path(adapter_root or Path.cwd()))
-    add_generate_routes(app, engine)
+    add_generate_routes(app, engine, limits, app.state.prep_pool)
 
-    @app.get("/health", responses=doc.responses(ok=doc.ok(doc.Health)))
+    @app.get("/health", responses=doc.responses(503, ok=doc.ok(doc.Health)))
     async def health():
+        """200 while the engine makes progress; 503 (code engine_unhealthy) when its forward passes keep
+        failing, or requests wait and none runs."""
+        reason = engine.health()
+        if reason is not None:
+            return error(503, reason, type_="server_error", code="engine_unhealthy", headers={"Retry-After": "5"})
         return {"status": "ok"}
 
     @app.get("/v1/models", responses=doc.responses(401, ok=doc.ok(doc.ModelList)))
     async def models():
         created = now()
-        base = {"id": engine.model_name, "object": "model", "created": created, "owned_by": "quiver",
-                "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len}
-        adapters = [{"id": name, "object": "model", "created": created, "owned_by": "quiver", "root": path,
-                     "parent": engine.model_name, "max_model_len": engine.max_model_len}
-                    for name, path in engine.known_adapters().items()]
+        card = {"object": "model", "created": created, "owned_by": "quiver", "max_model_len": engine.max_model_len}
+        base = {"id": engine.model_name, "root": engine.model_name, "parent": None, **card}
+        adapters = [{"id": name, "root": name, "parent": engine.model_name, **card} for name in engine.known_adapters()]
         return {"object": "list", "data": [base, *adapters]}
 
     @app.get("/metrics", response_class=PlainTextResponse,

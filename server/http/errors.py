@@ -1,5 +1,11 @@
-"""Every error the API answers, in OpenAI's shape: one table from exception to status, field and code."""
+"""Every error the API answers, in OpenAI's shape: one table from exception to status, field and code.
+
+Messages reach clients without the server's file-system paths (the log keeps them): an absolute
+path in a message is cut to its last component.
+"""
 from __future__ import annotations
+
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -9,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from quiver.adapters.errors import AdapterError
 from quiver.adapters.paths import InvalidName, PathNotAllowed
 from quiver.server.engine.async_engine import RequestTimeout
+from quiver.server.engine.llm_engine import RequestFailed
 from quiver.server.engine.sampling import InvalidParam
 from quiver.server.families.registry import AdapterExists, AdapterInUse, UnknownAdapter
 
@@ -24,17 +31,30 @@ ERROR_STATUS = {
 }
 
 
+_PATH = re.compile(r"(?<![\w.~/:-])/(?:[^\s/'\"]+/)+([^\s/'\":,)]*)")
+
+
+def public(message: str) -> str:
+    """`message` without absolute paths: '/srv/adapters/sql/adapter_config.json: ...' -> 'adapter_config.json: ...'."""
+    return _PATH.sub(lambda m: m.group(1) or "<path>", message)
+
+
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+                        content={"error": {"message": public(message), "type": type_, "param": param, "code": code}})
 
 
 def stream_error(exc: Exception) -> dict:
     """The error event that ends a stream whose status line has already gone out."""
     if isinstance(exc, RequestTimeout):
-        return {"error": {"message": str(exc), "type": "server_error", "param": None, "code": "request_timeout"}}
-    return {"error": {"message": str(exc), "type": "internal_error", "param": None, "code": None}}
+        type_, code = "server_error", "request_timeout"
+    elif isinstance(exc, RequestFailed):
+        type_, code = "server_error", exc.code
+    else:
+        spec = next((v for k, v in ERROR_STATUS.items() if isinstance(exc, k)), None)
+        type_, code = ("invalid_request_error", spec[2]) if spec else ("internal_error", None)
+    return {"error": {"message": public(str(exc)), "type": type_, "param": None, "code": code}}
 
 
 def install_error_handlers(app: FastAPI, log) -> None:
@@ -69,6 +89,10 @@ def install_error_handlers(app: FastAPI, log) -> None:
     @app.exception_handler(RequestTimeout)
     async def _timeout(_, exc: RequestTimeout):
         return error(504, str(exc), type_="server_error", code="request_timeout")
+
+    @app.exception_handler(RequestFailed)
+    async def _failed(_, exc: RequestFailed):
+        return error(exc.status, str(exc), type_="server_error", code=exc.code)
 
     @app.exception_handler(Exception)
     async def _internal(_, exc: Exception):

@@ -4,27 +4,46 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
 
-from quiver.server.engine.async_engine import AsyncEngine, EngineError
+from quiver.server.engine.async_engine import AsyncEngine
 from quiver.server.engine.llm_engine import RequestOutput
 from quiver.server.engine.sampling import InvalidParam
 from quiver.server.http import openapi as doc
 from quiver.server.http.errors import stream_error
+from quiver.server.http.limits import RequestLimits
 from quiver.server.http.openai_format import LogprobFormatter, merge_completion_logprobs, new_id, now, usage
 from quiver.server.http.protocol import ChatCompletionRequest, CompletionRequest
 
 DISCONNECT_POLL_S = 0.25
-# what the generation routes may answer besides 200 (422: an adapter on disk that fails to read on first
-# use; 499: the client left before a non-streaming answer; 401/503/504: auth, backpressure and timeouts)
-GENERATION_ERRORS = (400, 401, 404, 422, 499, 503, 504)
+# what the generation routes may answer besides 200 (413: a body over --max-request-bytes; 422: an adapter on
+# disk that fails to read on first use; 499: the client left before a non-streaming answer; 500: the model
+# failed on this request alone; 401/503/504: auth, backpressure and timeouts)
+GENERATION_ERRORS = (400, 401, 404, 413, 422, 499, 500, 503, 504)
 
 
-def add_generate_routes(app: FastAPI, engine: AsyncEngine) -> None:
+def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits, pool: Executor) -> None:
+    """Bodies are parsed, prompts tokenized and requests checked in `pool`, off the event loop."""
     tok = engine.tokenizer
     fmt = LogprobFormatter(tok)
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def parse(request: Request, model):
+        try:
+            req = await off_loop(model.model_validate_json, await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from None
+        limits.check_names(req)
+        if req.n != 1:
+            raise InvalidParam("n", "only n=1 is supported")
+        return req
 
     def adapter_of(req) -> str | None:
         if req.adapter:
@@ -33,24 +52,39 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine) -> None:
             return None
         return req.model  # a model name that is not the base names an adapter, as in vLLM
 
-    def check_n(req) -> None:
-        if req.n != 1:
-            raise InvalidParam("n", "only n=1 is supported")
-
-    @app.post("/v1/completions",
-              responses=doc.responses(*GENERATION_ERRORS, ok=doc.ok(doc.Completion, stream=doc.CompletionChunk)))
-    async def completions(req: CompletionRequest, request: Request):
-        check_n(req)
-        adapter = adapter_of(req)
-        prompts = _prompt_ids(req.prompt, tok)
+    def prepare_completion(req, adapter):
+        prompts = _prompt_ids(req.prompt, tok, limits)
         want_prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
         params = [req.sampling(req.max_tokens if req.max_tokens is not None else 16, req.logprobs, want_prompt_lp)
                   for _ in prompts]
+        limits.check_sampling(params[0])
         for ids, p in zip(prompts, params):
             engine.check_request(ids, p, adapter)
+        return prompts, params, want_prompt_lp, [tok.decode(ids) if req.echo else "" for ids in prompts]
+
+    def prepare_chat(req, adapter):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=False))
+        except Exception as exc:
+            raise InvalidParam("messages", f"the chat template cannot render these messages: {exc}") from exc
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:  # what the context leaves, the adapter's virtual tokens included
+            max_tokens = max(engine.max_model_len - len(ids) - engine.virtual_tokens(adapter), 1)
+        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        limits.check_sampling(params)
+        engine.check_request(ids, params, adapter)
+        return ids, params
+
+    @app.post("/v1/completions", openapi_extra=doc.request_body(CompletionRequest),
+              responses=doc.responses(*GENERATION_ERRORS, ok=doc.ok(doc.Completion, stream=doc.CompletionChunk)))
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        adapter = adapter_of(req)
+        prompts, params, want_prompt_lp, echo_texts = await off_loop(prepare_completion, req, adapter)
         rid, created = new_id("cmpl"), now()
         gens = [engine.generate(ids, p, adapter) for ids, p in zip(prompts, params)]
-        echo_texts = [tok.decode(ids) if req.echo else "" for ids in prompts]
 
         def body(choices, use=None):
             out = {"id": rid, "object": "text_completion", "created": created, "model": req.model or engine.model_name,
@@ -80,7 +114,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine) -> None:
                         totals[i] = [out.num_prompt_tokens, out.num_output_tokens]
                         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
                         yield _sse(body([choice]))
-                except (EngineError, LookupError, ValueError) as exc:  # incl. an adapter that failed to load
+                except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
                     yield _sse(stream_error(exc))
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse(body([], usage(sum(t[0] for t in totals), sum(t[1] for t in totals))))
@@ -109,22 +143,12 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine) -> None:
 
     chat_ok = doc.ok(doc.ChatCompletion, stream=doc.ChatCompletionChunk)
 
-    @app.post("/v1/chat/completions", responses=doc.responses(*GENERATION_ERRORS, ok=chat_ok))
-    async def chat(req: ChatCompletionRequest, request: Request):
-        check_n(req)
+    @app.post("/v1/chat/completions", openapi_extra=doc.request_body(ChatCompletionRequest),
+              responses=doc.responses(*GENERATION_ERRORS, ok=chat_ok))
+    async def chat(request: Request):
+        req = await parse(request, ChatCompletionRequest)
         adapter = adapter_of(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=False))
-        except Exception as exc:
-            raise InvalidParam("messages", f"the chat template cannot render these messages: {exc}") from exc
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = max(engine.max_model_len - len(ids), 1)
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        params = req.sampling(max_tokens, top)
-        engine.check_request(ids, params, adapter)
+        ids, params = await off_loop(prepare_chat, req, adapter)
         rid, created, model = new_id("chatcmpl"), now(), req.model or engine.model_name
         gen = engine.generate(ids, params, adapter)
 
@@ -145,7 +169,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine) -> None:
                         lp = fmt.chat(out.new_logprobs) if req.logprobs else None
                         delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                         yield _sse(chunk(delta, out.finish_reason, lp))
-                except (EngineError, LookupError, ValueError) as exc:  # incl. an adapter that failed to load
+                except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
                     yield _sse(stream_error(exc))
                 if last is not None and req.stream_options and req.stream_options.include_usage:
                     yield _sse(chunk({}, use=usage(last.num_prompt_tokens, last.num_output_tokens), choices=False))
@@ -164,13 +188,14 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine) -> None:
                 "usage": usage(last.num_prompt_tokens, last.num_output_tokens)}
 
 
-def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
+def _prompt_ids(prompt, tokenizer, limits: RequestLimits) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise InvalidParam("prompt", "prompt must not be empty")
     if all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
+    limits.check_prompts(len(prompt))
     out = []
     for p in prompt:
         if isinstance(p, str):

@@ -34,9 +34,11 @@ _ERROR_TEXT = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range, an unsupported value.",
     401: "Missing or wrong bearer token (only when the server is started with an API key).",
     404: "Unknown model or adapter, or an adapter folder that does not exist.",
-    409: "The adapter name is already loaded, or the adapter is in use by running requests.",
-    422: "The adapter folder cannot be read as an adapter for this model.",
-    503: "Overloaded or shutting down; retry after `Retry-After` seconds.",
+    409: "The adapter name is already known (loaded, or on disk), or the adapter is in use by requests.",
+    413: "The request body is larger than the server accepts (--max-request-bytes).",
+    422: "The adapter folder cannot be read as an adapter for this model (or failed to load on first use).",
+    500: "The model failed on this request alone (the others go on), e.g. non-finite logits.",
+    503: "Overloaded, shutting down, or the engine is unhealthy; retry after `Retry-After` seconds.",
     504: "The request ran past the server's request timeout.",
 }
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
@@ -117,11 +119,12 @@ class ModelList(BaseModel):
 class AdapterInfo(BaseModel):
     """Fields beyond these depend on the adapter's family (rank, target_modules, virtual_tokens, ...)."""
     name: str
-    path: str
-    tier: Literal["device", "cpu", "disk"]
+    source: str = Field(description="its folder, relative to the adapter root (or the folder's name)")
+    tier: Literal["device", "cpu", "disk", "failed"]
     requests_served: int
     family: str | None = Field(None, description="absent while the adapter is only on disk")
     bytes: int | None = None
+    error: str | None = Field(None, description="why it failed to load on first use (tier failed)")
 
 
 class AdapterList(BaseModel):
@@ -232,6 +235,14 @@ class ChatCompletionChunk(BaseModel):
 
 # bodies the document names by $ref only (error bodies, stream chunks), added to its components by build()
 REFERENCED = (ErrorResponse, CompletionChunk, ChatCompletionChunk)
+REQUESTS: list[type[BaseModel]] = []  # request bodies the routes parse themselves (off the event loop)
+
+
+def request_body(model: type[BaseModel]) -> dict:
+    """A route's `openapi_extra` for a JSON body of `model` that the route parses itself."""
+    REQUESTS.append(model)
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 # ---- the document ----------------------------------------------------------------------------
@@ -261,7 +272,7 @@ def build(app: FastAPI) -> dict:
     schemas = components.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    _, defs = models_json_schema([(m, "serialization") for m in REFERENCED],
+    _, defs = models_json_schema([(m, "serialization") for m in REFERENCED] + [(m, "validation") for m in REQUESTS],
                                  ref_template="#/components/schemas/{model}")
     for name, schema in defs["$defs"].items():
         schemas.setdefault(name, schema)

@@ -146,7 +146,8 @@ class LlamaModel(torch.nn.Module):
     def _attention(self, q, k_cache, v_cache, inp) -> torch.Tensor:
         out = torch.empty_like(q)
         for grp in inp.attn_groups:
-            b, nq = grp.block_tables.shape[0], grp.max_q
+            nq = grp.max_q
+            b = grp.query_index.shape[0] // nq
             qg = q.index_select(0, grp.query_index).view(b, nq, *q.shape[1:])
             og = self.ops.attention(qg, k_cache, v_cache, grp, self.scale).reshape(b * nq, *q.shape[1:])
             if grp.valid_index is not None:

@@ -1,0 +1,284 @@
+"""Hostile requests and files against a live server: each gets a clean answer, a neighbour's request
+running at the same time gets its usual output, /health keeps answering within a second, memory
+stays bounded, and nothing is left held (KV blocks, adapter pins)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+from helpers import LiveServer, make_tiny_model
+from peft_fixtures import lora_variants, make_adapter, make_prompt_adapter, prompt_variants
+from safetensors.torch import load_file, save_file
+
+from quiver.server.engine.async_engine import AsyncEngine
+from quiver.server.engine.config import EngineConfig
+from quiver.server.engine.llm_engine import LLMEngine
+from quiver.server.engine.metrics import Metrics
+
+NEIGHBOUR = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+RSS_BOUND = 1.5 * 2**30
+
+
+@pytest.fixture(scope="module")
+def hostile(tokenizer, tmp_path_factory):
+    """A tiny model with SmolLM2's vocabulary and an 8k context, served with default limits."""
+    root = tmp_path_factory.mktemp("hostile")
+    hf = make_tiny_model(root / "model", "llama_gqa", vocab_size=49152, max_positions=16384)
+    adapters = root / "adapters"
+    adapters.mkdir()
+    engine = LLMEngine(EngineConfig(model=str(root / "model"), num_kv_blocks=2048, block_size=16, max_model_len=8192,
+                                    served_model_name="tiny", max_loras=2), tokenizer=tokenizer)
+    with LiveServer(AsyncEngine(engine, Metrics()), adapter_root=adapters) as server:
+        server.hf, server.adapters = hf, adapters
+        server.usual = httpx.post(server.url + "/v1/completions", json=NEIGHBOUR, timeout=60).json()["choices"][0]["text"]
+        server.idle_rss = psutil.Process().memory_info().rss
+        yield server
+
+
+def run_case(server, send) -> tuple[httpx.Response | Exception, float]:
+    """send(client) -> the hostile response, while a neighbour's request runs and /health is polled;
+    returns the hostile answer and the slowest /health answer."""
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            slowest = [0.0]
+            done = asyncio.Event()
+
+            async def poll():
+                while not done.is_set():
+                    t0 = time.monotonic()
+                    r = await client.get("/health")
+                    assert r.status_code == 200, r.text
+                    slowest[0] = max(slowest[0], time.monotonic() - t0)
+                    await asyncio.sleep(0.1)
+
+            poller = asyncio.create_task(poll())
+            neighbour = asyncio.create_task(client.post("/v1/completions", json=NEIGHBOUR))
+            try:
+                answer = await send(client)
+            except httpx.HTTPError as exc:
+                answer = exc
+            n = await neighbour
+            done.set()
+            await poller
+            return answer, n, slowest[0]
+
+    answer, neighbour, slowest = asyncio.run(main())
+    assert neighbour.status_code == 200 and neighbour.json()["choices"][0]["text"] == server.usual
+    assert psutil.Process().memory_info().rss - server.idle_rss < RSS_BOUND
+    engine = server.engine
+    deadline = time.monotonic() + 30
+    while (engine.seqs or engine.has_work()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.seqs and not engine.registry.pins  # nothing held once idle
+    assert engine.blocks.num_free == engine.blocks.num_blocks - engine.blocks.num_shared
+    return answer, slowest
+
+
+def error_of(r: httpx.Response, status: int, param: str | None = "any") -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    body = r.json()["error"]
+    assert body["message"] and not re.search(r"(?:^|[\s'\"(])/[\w.-]", body["message"]), body  # no paths
+    if param != "any":
+        assert body["param"] == param, body
+    return body
+
+
+def test_many_prompts_with_one_long_one_is_served_in_bounded_memory(hostile):
+    """One 8000-token prompt next to 63 short ones: today's padding would allocate rows x chunk x context."""
+    body = {"prompt": [[100] * 8000] + [[1, 2]] * 63, "max_tokens": 1, "temperature": 0}
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/completions", json=body))
+    assert r.status_code == 200 and len(r.json()["choices"]) == 64
+    assert slowest < 1.0
+
+
+def test_a_40_mb_prompt_is_refused_before_it_is_read(hostile):
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/completions", content=json.dumps(
+        {"prompt": "a " * 20_000_000, "max_tokens": 1}), headers={"content-type": "application/json"}))
+    assert error_of(r, 413)["code"] == "request_too_large"
+    assert slowest < 1.0
+
+
+def test_thirty_thousand_prompts_or_thousands_of_stops_are_refused(hostile):
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/completions", json={
+        "prompt": [[1]] * 30000, "stop": ["a"] * 3000, "max_tokens": 1}))
+    assert error_of(r, 400)["param"] in ("prompt", "stop")
+    r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"prompt": "x", "stop": ["a"] * 3000}))
+    error_of(r, 400, "stop")
+    assert slowest < 1.0
+
+
+def test_a_huge_model_name_is_refused_without_being_echoed(hostile):
+    r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": "m" * 200_000, "prompt": "x"}))
+    assert len(r.content) < 2000 and error_of(r, 400, "model")
+    r = httpx.delete(hostile.url + "/v1/adapters/" + "m" * 5000)
+    assert len(r.content) < 2000 and r.status_code == 404
+
+
+def test_models_and_adapters_show_no_server_paths(hostile):
+    make_adapter(hostile.hf, hostile.adapters / "listed", lora_variants(2)["lora_qv"], seed=1)
+    assert httpx.post(hostile.url + "/v1/adapters", json={"name": "listed", "path": "listed"}).status_code == 200
+    for route in ("/v1/models", "/v1/adapters"):
+        text = httpx.get(hostile.url + route).text
+        assert str(hostile.adapters) not in text and "/tmp" not in text and '"path"' not in text, text
+    listed = {a["name"]: a for a in httpx.get(hostile.url + "/v1/adapters").json()["data"]}
+    assert listed["listed"]["source"] == "listed"
+    r = httpx.post(hostile.url + "/v1/adapters", json={"name": "nope", "path": "no-such-folder"})
+    error_of(r, 404)
+    assert httpx.delete(hostile.url + "/v1/adapters/listed").status_code == 200
+
+
+def _lora_files(hostile, name: str, edit_config=None, edit_tensors=None):
+    path = hostile.adapters / name
+    make_adapter(hostile.hf, path, lora_variants(2)["lora_qv"], seed=3)
+    if edit_config:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        edit_config(cfg)
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        save_file(edit_tensors(tensors), str(path / "adapter_model.safetensors"))
+    return name
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("rank0", "rank"), ("alpha_nan", "lora_alpha"), ("alpha_huge", "lora_alpha"),
+    ("untargeted", "target_modules"), ("rank_pattern", "rank"),
+])
+def test_bad_lora_checkpoints_are_refused_by_name(hostile, case, needle):
+    edits = {
+        "rank0": dict(edit_config=lambda c: c.update(r=0),
+                      edit_tensors=lambda t: {k: (v[:0] if "lora_A" in k else v[:, :0]) for k, v in t.items()}),
+        "alpha_nan": dict(edit_config=lambda c: c.update(lora_alpha=math.nan)),
+        "alpha_huge": dict(edit_config=lambda c: c.update(lora_alpha=1e39)),
+        "untargeted": dict(edit_config=lambda c: c.update(target_modules=["k_proj"])),
+        "rank_pattern": dict(edit_config=lambda c: c.update(rank_pattern={"q_proj": 2})),
+    }
+    name = _lora_files(hostile, f"bad_{case}", **edits[case])
+    r, _ = run_case(hostile, lambda c: c.post("/v1/adapters", json={"name": name, "path": name}))
+    assert needle in error_of(r, 422)["message"]
+    assert name not in [a["id"] for a in httpx.get(hostile.url + "/v1/models").json()["data"]]
+
+
+def test_an_adapter_that_fails_on_first_use_answers_its_requests_and_stays_failed(hostile):
+    """A prompt-tuning adapter in the adapter folder whose virtual tokens leave no room in the context."""
+    path = hostile.adapters / "too_long"
+    make_prompt_adapter(hostile.hf, path, prompt_variants()["prompt_tuning"], seed=4)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    n = 8192  # = max_model_len
+    save_file({"prompt_embeddings": tensors["prompt_embeddings"][:1].repeat(n, 1)}, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "num_virtual_tokens": n}))
+    hostile.engine.registry.add_dir(str(hostile.adapters))
+    r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": "too_long", "prompt": "x"}))
+    assert "virtual tokens" in error_of(r, 422)["message"]
+    listed = {a["name"]: a for a in httpx.get(hostile.url + "/v1/adapters").json()["data"]}
+    assert listed["too_long"]["tier"] == "failed" and "virtual tokens" in listed["too_long"]["error"]
+    r = httpx.post(hostile.url + "/v1/completions", json={"model": "too_long", "prompt": "x"}, timeout=30)
+    error_of(r, 422)
+    assert httpx.delete(hostile.url + "/v1/adapters/too_long").status_code == 200
+
+
+def test_chat_without_max_tokens_leaves_room_for_virtual_tokens(hostile):
+    path = hostile.adapters / "soft"
+    make_prompt_adapter(hostile.hf, path, prompt_variants()["prompt_tuning"], seed=5)
+    assert httpx.post(hostile.url + "/v1/adapters", json={"name": "soft", "path": "soft"}).status_code == 200
+    r, _ = run_case(hostile, lambda c: c.post("/v1/chat/completions", json={
+        "model": "soft", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "stop_token_ids": [5]}))
+    assert r.status_code == 200, r.text
+    assert httpx.delete(hostile.url + "/v1/adapters/soft").status_code == 200
+
+
+def test_an_adapter_with_overflowing_weights_fails_only_its_own_requests(hostile):
+    """Finite weights whose products overflow: non-finite logits for that adapter's rows alone."""
+    name = _lora_files(hostile, "overflow", edit_tensors=lambda t: {k: torch.full_like(v, 1e18) for k, v in t.items()})
+    assert httpx.post(hostile.url + "/v1/adapters", json={"name": name, "path": name}).status_code == 200
+    r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 3}))
+    assert error_of(r, 500)["code"] == "non_finite_logits"
+    assert httpx.get(hostile.url + "/health").status_code == 200
+    assert httpx.delete(hostile.url + f"/v1/adapters/{name}").status_code == 200
+
+
+def test_a_failing_forward_pass_fails_only_the_request_that_causes_it(hostile):
+    """An observer that raises whenever one marked request is in the step: the step is retried
+    without it, the neighbour gets its usual tokens, the marked request alone fails."""
+    def poison(inp, _):
+        if any(len(seq.prompt_ids) == 13 for seq, _ in inp.rows.rows):
+            raise RuntimeError("injected failure")
+
+    hostile.engine.runner.observers.append(poison)
+    try:
+        r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"prompt": [7] * 13, "max_tokens": 2}))
+    finally:
+        hostile.engine.runner.observers.remove(poison)
+    body = error_of(r, 500)
+    assert body["code"] == "step_failed" and "injected failure" in body["message"]
+    assert httpx.get(hostile.url + "/health").status_code == 200
+
+
+def test_nan_in_free_kv_blocks_never_reaches_a_request(hostile):
+    engine = hostile.engine
+    used = {b for seq in engine.seqs.values() for b in seq.block_table}
+    free = [b for b in range(engine.blocks.num_blocks) if b not in used and engine.blocks.refcount(b) == 0]
+    for k, v in engine.runner.kv_caches:
+        k[:, free] = float("nan")
+        v[:, free] = float("inf")
+    r = httpx.post(hostile.url + "/v1/completions", json=NEIGHBOUR, timeout=60)
+    assert r.json()["choices"][0]["text"] == hostile.usual
+
+
+def test_the_base_model_answers_as_before_after_everything(hostile):
+    r = httpx.post(hostile.url + "/v1/completions", json=NEIGHBOUR, timeout=60)
+    assert r.json()["choices"][0]["text"] == hostile.usual
+
+
+def test_names_known_in_any_tier_cannot_be_rebound_and_parked_adapters_cannot_be_unloaded(hostile):
+    make_adapter(hostile.hf, hostile.adapters / "on_disk", lora_variants(2)["lora_qv"], seed=6)
+    make_adapter(hostile.hf, hostile.adapters / "other", lora_variants(2)["lora_r16_ko"], seed=7)
+    hostile.engine.registry.add_dir(str(hostile.adapters))
+    r = httpx.post(hostile.url + "/v1/adapters", json={"name": "on_disk", "path": "other"})
+    assert error_of(r, 409, "name")["code"] == "adapter_exists"
+    # a request parked on the adapter's first read holds it: unloading it meanwhile is a 409
+    registry, seen = hostile.engine.registry, []
+    read = registry.read
+
+    def slow_read(name, path):
+        seen.append(httpx.delete(hostile.url + f"/v1/adapters/{name}").status_code)
+        return read(name, path)
+
+    registry.read = slow_read
+    try:
+        r = httpx.post(hostile.url + "/v1/completions", json={"model": "on_disk", "prompt": "x", "max_tokens": 2},
+                       timeout=60)
+    finally:
+        del registry.read
+    assert r.status_code == 200 and seen == [409]
+    assert httpx.delete(hostile.url + "/v1/adapters/on_disk").status_code == 200
+
+
+def test_a_request_that_cannot_fit_beside_the_prefixes_is_refused_not_stalled(tokenizer, tmp_path):
+    """A cache of exactly one max-length sequence, part of it held by an adapter prefix: a request that
+    needs the whole context is a 400 naming max_tokens up front, instead of preempting itself for ever."""
+    from helpers import make_tiny_model
+
+    from quiver.server.engine.sampling import InvalidParam, SamplingParams
+
+    hf = make_tiny_model(tmp_path / "m", "llama_gqa")
+    engine = LLMEngine(EngineConfig(model=str(tmp_path / "m"), num_kv_blocks=16, block_size=4, max_model_len=64),
+                       tokenizer=tokenizer)
+    make_prompt_adapter(hf, tmp_path / "v2", prompt_variants()["ptuning_v2"], seed=8)  # 7 tokens: 2 blocks
+    engine.load_adapter("v2", str(tmp_path / "v2"))
+    assert engine.blocks.num_shared == 2
+    with pytest.raises(InvalidParam, match="KV-cache blocks") as e:
+        engine.add_request([5] * 44, SamplingParams(max_tokens=16), adapter=None)  # 60 tokens: 15 blocks > 16 - 2
+    assert e.value.param == "max_tokens"
+    seq = engine.add_request([5] * 20, SamplingParams(max_tokens=8, ignore_eos=True), adapter="v2")
+    while engine.has_work():
+        engine.step()
+    assert seq.finish_reason == "length" and engine.blocks.num_free == 14
