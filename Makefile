@@ -8,12 +8,13 @@ SERVE_ARGS ?=
 PYTEST_ARGS ?=
 # The lock: every package `make venv` installs, at one version, with its hashes.
 LOCK := requirements/lock.txt
+GPU_LOCK := requirements/lock-gpu.txt
 UV_VERSION := 0.13.8
 # Where `make lock` finds the CPU build of torch (pip's find-links on this machine's kind).
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 LATEST_VENV ?= .venv-latest
 
-.PHONY: venv serve test test-latest lock bench clean
+.PHONY: venv serve test test-latest lock bench gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -31,13 +32,19 @@ serve: venv
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Refresh the lock from pyproject.toml's ranges and requirements/lock.in: the latest releases
-# they admit, for CPython 3.11 on x86-64 Linux (CI's platform). Review the diff like any change.
+# Refresh the locks from pyproject.toml's ranges and requirements/*.in: the latest releases they admit,
+# for CPython 3.11 on x86-64 Linux (CI's platform). lock-gpu.txt is the CUDA image's (PyPI's CUDA torch of
+# the same version); the CPU lock takes its Triton, so that CI tests the kernels with the compiler the
+# image ships. Review the diff like any change.
 lock:
 	$(PYTHON) -m venv --clear .venv-lock
 	.venv-lock/bin/pip install -q uv==$(UV_VERSION)
+	.venv-lock/bin/uv pip compile --quiet pyproject.toml requirements/lock-gpu.in --extra gpu \
+		--override requirements/overrides.txt --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --custom-compile-command 'make lock' --output-file $(GPU_LOCK)
+	grep '^triton==' $(GPU_LOCK) | cut -d' ' -f1 > .venv-lock/triton.txt
 	.venv-lock/bin/uv pip compile --quiet pyproject.toml requirements/lock.in --extra test --extra gpu \
-		--override requirements/overrides.txt --find-links $(TORCH_FIND_LINKS) \
+		--override requirements/overrides.txt --constraint .venv-lock/triton.txt --find-links $(TORCH_FIND_LINKS) \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 		--custom-compile-command 'make lock' --output-file $(LOCK)
 	rm -rf .venv-lock
@@ -55,5 +62,16 @@ test-latest:
 bench: venv
 	$(PY) -m quiver.bench throughput
 
+# On a GPU machine: every CUDA test and the key benchmarks in one pass of under 8 minutes
+# (bench/gpu_check.py), into bench/results/gpu-check/gpu-check.json. It runs on that machine's own
+# python3 (its CUDA torch, Triton, transformers, PEFT and pytest: e.g. the CUDA image, or a GPU box's
+# environment), with Quiver put on the path as the quiver namespace, not installed.
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	mkdir -p .gpu-check/quiver
+	for d in server kernels adapters bench; do ln -sfn ../../$$d .gpu-check/quiver/$$d; done
+	PYTHONPATH=$(CURDIR)/.gpu-check $(GPU_PY) -m quiver.bench gpu_check $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .quiver-cache
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .quiver-cache .gpu-check

@@ -12,7 +12,9 @@ BENCHMARKS = {"latency": "merged vs unmerged vs base: TTFT and time per output t
               "families": "decode throughput of each adapter family against the base model",
               "hotload": "from POST /v1/adapters to the first token of the new adapter",
               "mixed": "engine step times on decode rows with long prompts prefilling in the same steps",
-              "attention": "CPU attention for mixed prefill + decode steps: planned groups vs padded vs SDPA per row",
+              "attention": "attention for mixed prefill + decode steps: planned groups vs padded vs SDPA per row",
+              "kernels": "the Triton kernels against the torch ops and a per-adapter loop on a GPU: us and GB/s",
+              "gpu_check": "make gpu-check: every CUDA test and the key benchmarks in one pass, one JSON",
               "load": "sustained closed-loop streaming load over mixed adapter families, with leak and output checks"}
 
 

@@ -3,6 +3,7 @@ projections), against Quiver's own base-only throughput and PEFT's mixed-batch
 `generate(adapter_names=...)`, in one process and one run, with one thread count.
 
     quiver bench adapters [--adapters 1 2 4 8 16 32] [--batch 32] [--new-tokens 64] [--rank 16]
+                          [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quiver.bench.common import RESULTS, machine, write_json
+from quiver.bench.common import RESULTS, add_device_args, cuda_peak, dtype_name, machine, write_json
 from quiver.bench.plot import line_plot
 from quiver.bench.throughput import prompts, run_quiver, run_transformers
 
@@ -39,17 +40,18 @@ def make_adapters(hf, root: Path, n: int, rank: int) -> list[Path]:
 
 def quiver_and_peft(args, root: Path, n: int, with_peft: bool = True):
     """Quiver's engine and PEFT's model (or None) holding the same n random adapters adapter0..,
-    with one thread count: (engine, tokenizer, peft, names)."""
+    with one thread count, on args.device in the engine's dtype: (engine, tokenizer, peft, names)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quiver.server.engine.config import EngineConfig
     from quiver.server.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device, max_loras=n,
-                                    max_lora_rank=args.rank, max_num_seqs=max(64, args.batch)))
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device,
+                                    dtype=args.dtype, max_loras=n, max_lora_rank=args.rank,
+                                    max_num_seqs=max(64, args.batch)))
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).to(args.device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.runner.dtype).to(args.device).eval()
     paths = make_adapters(hf, root, n, args.rank)
     names = [p.name for p in paths]
     for name, path in zip(names, paths):
@@ -63,10 +65,11 @@ def quiver_and_peft(args, root: Path, n: int, with_peft: bool = True):
 
 
 def describe(name: str, args, engine, threads: int) -> dict:
-    """The fields every multi-adapter benchmark's JSON starts with."""
-    return {"benchmark": name, "model": engine.model_name, "device": args.device, "dtype": "float32",
-            "threads": threads, "batch": args.batch, "new_tokens": args.new_tokens, "rank": args.rank,
-            "targets": ALL7, "machine": machine()}
+    """The fields every multi-adapter benchmark's JSON starts with (with the CUDA peak so far)."""
+    return {"benchmark": name, "model": engine.model_name, "device": args.device,
+            "dtype": dtype_name(engine.runner.dtype), "threads": threads, "batch": args.batch,
+            "new_tokens": args.new_tokens, "rank": args.rank, "targets": ALL7, "machine": machine(),
+            **cuda_peak(engine.runner.device)}
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -75,7 +78,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: all cores)")
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N], for Quiver and PEFT alike")
+    add_device_args(ap)  # for Quiver and PEFT alike
     ap.add_argument("--out", type=Path, default=None)
 
 

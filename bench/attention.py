@@ -1,5 +1,5 @@
-"""CPU attention for mixed prefill + decode steps, three ways side by side in one run (SmolLM2's
-shapes by default: 9 query heads, 3 KV heads, head size 64):
+"""Attention for mixed prefill + decode steps (CPU by default, or --device cuda[:N]), three ways side by
+side in one run (SmolLM2's shapes by default: 9 query heads, 3 KV heads, head size 64):
 
   planned  what the engine runs: rows packed into groups whose padding stays bounded (long chunks split
            into query tiles: engine.step_inputs.plan_attention), one fused SDPA with a mask per group;
@@ -8,10 +8,14 @@ shapes by default: 9 query heads, 3 KV heads, head size 64):
   sdpa     torch.nn.functional.scaled_dot_product_attention once per row, over that row's own keys.
 
 Each scenario reports milliseconds per layer (median of --repeats; what is built once per step is
-left out) and the largest mask (planned) or score tensor (padded, sdpa: its mask) one call builds. All three are checked against each other
-before timing.
+left out) and the largest mask (planned) or score tensor (padded, sdpa: its mask) one call builds, in
+MiB at the element size of --dtype. All three are checked against each other before timing (tolerance
+1e-4 in float32, 3e-3 in float16, 2e-2 in bfloat16).
 
     quiver bench attention [--repeats 20] [--threads N] [--heads 9] [--kv-heads 3] [--head-dim 64]
+                           [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
+
+--dtype auto is float32 on the CPU and bfloat16 on a GPU (there is no checkpoint to take it from).
 """
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from quiver.bench.common import machine, write_json
+from quiver.bench.common import add_device_args, dtype_name, machine, synchronize, write_json
 from quiver.kernels.torch_ops import attention_mask, paged_attention
+from quiver.server.engine.device import make_current, resolve_device
 from quiver.server.engine.step_inputs import plan_attention
 
 BLOCK = 16
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # atol = rtol of the cross-check
 # scenario -> rows as (queries this step, tokens already cached)
 SCENARIOS = {
     "decode 32, contexts 100-600": [(1, 100 + 16 * i) for i in range(32)],
@@ -37,8 +43,16 @@ SCENARIOS = {
 }
 
 
-def make_step(rows, heads, kv_heads, d, g):
-    """A KV cache holding every row's keys, the step's queries, and each row's block table."""
+def attention_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto is float32 on the CPU, bfloat16 on a GPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def make_step(rows, heads, kv_heads, d, g, device="cpu", dtype=torch.float32):
+    """A KV cache holding every row's keys, the step's queries, and each row's block table: drawn on the
+    CPU from the generator g (the same numbers on every device), then moved to device in dtype."""
     blocks = [-(-(cached + q) // BLOCK) for q, cached in rows]
     total = sum(blocks)
     k_cache = torch.randn(kv_heads, total + 1, BLOCK, d, generator=g)
@@ -50,26 +64,26 @@ def make_step(rows, heads, kv_heads, d, g):
         tables.append(list(range(first, first + n)))
         first += n
     q = torch.randn(sum(q for q, _ in rows), heads, d, generator=g)
-    return q, k_cache, v_cache, tables
+    return q.to(device, dtype), k_cache.to(device, dtype), v_cache.to(device, dtype), tables
 
 
 def planned(q, k_cache, v_cache, rows, tables, scale):
     """The engine's masked layout: the step's plan and masks (once per step), then per layer one fused
-    paged_attention per group. Returns (run, largest mask in elements)."""
-    heads = q.shape[1]
+    paged_attention per group, on q's device. Returns (run, largest mask in elements)."""
+    heads, dev = q.shape[1], q.device
     starts, lens = [c for _, c in rows], [n for n, _ in rows]
-    offsets = torch.cumsum(torch.tensor([0] + lens[:-1]), 0)
+    offsets = torch.cumsum(torch.tensor([0] + lens[:-1], device=dev), 0)
     pad = k_cache.shape[1] - 1  # the always-zero block
     width = max(map(len, tables))
-    table_t = torch.tensor([t + [pad] * (width - len(t)) for t in tables])
+    table_t = torch.tensor([t + [pad] * (width - len(t)) for t in tables], device=dev)
     groups, biggest = [], 0
     for items in plan_attention(starts, lens, [0] * len(rows)):
-        r, f, n = (torch.tensor(col) for col in zip(*items))
-        start = torch.tensor(starts)[r] + f
+        r, f, n = (torch.tensor(col, device=dev) for col in zip(*items))
+        start = torch.tensor(starts, device=dev)[r] + f
         max_q = int(n.max())
         nb = -(-int((start + n).max()) // BLOCK)
         zeros = torch.zeros_like(r)
-        steps = torch.arange(max_q)
+        steps = torch.arange(max_q, device=dev)
         index = (offsets[r] + f)[:, None] + torch.minimum(steps[None, :], n[:, None] - 1)
         valid = steps[None, :] < n[:, None]
         groups.append((index, valid, table_t[r, :nb], attention_mask(start, n, zeros, zeros, max_q, nb * BLOCK)))
@@ -87,8 +101,9 @@ def planned(q, k_cache, v_cache, rows, tables, scale):
 
 def padded(q, k_cache, v_cache, rows, tables, scale):
     """The layout before the planner: decode rows and prefill rows, each group padded to its longest
-    chunk and context, keys gathered block by block, an additive mask built once per step."""
-    heads, d = q.shape[1], q.shape[2]
+    chunk and context, keys gathered block by block, an additive mask built once per step (all on q's
+    device, in q's dtype)."""
+    heads, d, dev = q.shape[1], q.shape[2], q.device
     kv = k_cache.shape[0]
     g = heads // kv
     first = [0]
@@ -102,15 +117,15 @@ def padded(q, k_cache, v_cache, rows, tables, scale):
         nb = max(-(-(rows[i][1] + rows[i][0]) // BLOCK) for i in members)
         length = nb * BLOCK
         biggest = max(biggest, b * max_q * heads * length)
-        if b * max_q * heads * length * 4 > 2 * 2**30:
+        if b * max_q * heads * length * q.element_size() > 2 * 2**30:
             return None, biggest  # over 2 GiB of scores: not run
-        table = torch.tensor([tables[i][:nb] + [0] * (nb - len(tables[i][:nb])) for i in members])
-        cached = torch.tensor([rows[i][1] for i in members])
-        n_q = torch.tensor([rows[i][0] for i in members])
-        last = cached[:, None] + torch.minimum(torch.arange(max_q)[None, :], n_q[:, None] - 1)
-        bias = torch.zeros(b, max_q, length).masked_fill_(torch.arange(length)[None, None, :] > last[:, :, None],
-                                                          float("-inf"))
-        index = torch.tensor([first[i] + min(t, rows[i][0] - 1) for i in members for t in range(max_q)])
+        table = torch.tensor([tables[i][:nb] + [0] * (nb - len(tables[i][:nb])) for i in members], device=dev)
+        cached = torch.tensor([rows[i][1] for i in members], device=dev)
+        n_q = torch.tensor([rows[i][0] for i in members], device=dev)
+        last = cached[:, None] + torch.minimum(torch.arange(max_q, device=dev)[None, :], n_q[:, None] - 1)
+        bias = torch.zeros(b, max_q, length, dtype=q.dtype, device=dev).masked_fill_(
+            torch.arange(length, device=dev)[None, None, :] > last[:, :, None], float("-inf"))
+        index = torch.tensor([first[i] + min(t, rows[i][0] - 1) for i in members for t in range(max_q)], device=dev)
         groups.append((members, b, max_q, length, table.reshape(-1), bias, index))
 
     def run():
@@ -129,14 +144,15 @@ def padded(q, k_cache, v_cache, rows, tables, scale):
 
 
 def sdpa(q, k_cache, v_cache, rows, tables, scale):
-    """SDPA once per row over its own keys (prefill rows with a bottom-right causal mask)."""
-    heads = q.shape[1]
+    """SDPA once per row over its own keys (prefill rows with a bottom-right causal mask), on q's device."""
+    heads, dev = q.shape[1], q.device
     kv, _, _, d = k_cache.shape
     prepared, biggest, first = [], 0, 0
     for (n, cached), table in zip(rows, tables):
         keys_n = cached + n
-        mask = None if n == 1 else torch.arange(keys_n)[None, :] <= cached + torch.arange(n)[:, None]
-        prepared.append((first, n, keys_n, torch.tensor(table), mask))
+        mask = (None if n == 1 else
+                torch.arange(keys_n, device=dev)[None, :] <= cached + torch.arange(n, device=dev)[:, None])
+        prepared.append((first, n, keys_n, torch.tensor(table, device=dev), mask))
         biggest = max(biggest, n * heads * keys_n)
         first += n
 
@@ -152,12 +168,14 @@ def sdpa(q, k_cache, v_cache, rows, tables, scale):
     return run, biggest
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, device="cpu"):
     fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000
 
@@ -170,32 +188,39 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
+    add_device_args(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)  # checked; cuda -> cuda:0
+    make_current(device)
+    dtype = attention_dtype(args.dtype, device)
+    tol = TOLERANCE[dtype]
     scale = args.head_dim ** -0.5
     results = []
     with torch.inference_mode():
         for name in args.scenarios:
             rows = SCENARIOS[name]
-            q, kc, vc, tables = make_step(rows, args.heads, args.kv_heads, args.head_dim, torch.Generator().manual_seed(0))
+            q, kc, vc, tables = make_step(rows, args.heads, args.kv_heads, args.head_dim,
+                                          torch.Generator().manual_seed(0), device, dtype)
             row = {"scenario": name, "rows": len(rows), "tokens": q.shape[0]}
             want = sdpa(q, kc, vc, rows, tables, scale)[0]()
             for label, method in (("planned", planned), ("padded", padded), ("sdpa", sdpa)):
                 run, biggest = method(q, kc, vc, rows, tables, scale)
-                row[f"{label}_scores_mib"] = biggest * 4 / 2**20
+                row[f"{label}_scores_mib"] = biggest * q.element_size() / 2**20
                 if run is None:
                     row[f"{label}_ms"] = None
                     continue
-                torch.testing.assert_close(run(), want, atol=1e-4, rtol=1e-4)
-                row[f"{label}_ms"] = timed(run, args.repeats)
+                torch.testing.assert_close(run(), want, atol=tol, rtol=tol)
+                row[f"{label}_ms"] = timed(run, args.repeats, device)
             results.append(row)
             fmt = lambda v: "n/a" if v is None else f"{v:8.2f}"  # noqa: E731
             print(f"{name:34s} planned {fmt(row['planned_ms'])} ms ({row['planned_scores_mib']:7.1f} MiB)  "
                   f"padded {fmt(row['padded_ms'])} ms ({row['padded_scores_mib']:9.1f} MiB)  "
                   f"sdpa per row {fmt(row['sdpa_ms'])} ms")
-    out = {"machine": machine(), "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+    out = {"machine": machine(), "device": args.device, "dtype": dtype_name(dtype), "heads": args.heads,
+           "kv_heads": args.kv_heads, "head_dim": args.head_dim,
            "block_size": BLOCK, "per": "one layer's attention", "results": results}
     path = write_json("attention", out, None if args.out is None else __import__("pathlib").Path(args.out))
     print(f"wrote {path}")

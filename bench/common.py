@@ -1,8 +1,10 @@
-"""What the benchmarks share: the machine and versions they record, where results go, and an
-in-process server on loopback (the tests use it too)."""
+"""What the benchmarks share: the machine and versions they record, where results go, the --device /
+--dtype options and the GPU memory figures, and an in-process server on loopback (the tests use it too)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -30,6 +32,47 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def add_device_args(ap: argparse.ArgumentParser) -> None:
+    """--device and --dtype, for the engines, their peers (transformers / PEFT) and the tensors a bench makes."""
+    from quiver.server.engine.config import DTYPES
+
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", choices=DTYPES, default="auto",
+                    help="auto: float32 on the CPU, the checkpoint's dtype on a GPU")
+
+
+def is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (what the result files record)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def cuda_peak(device) -> dict:
+    """{"cuda_max_memory_allocated_mib": ...} on a CUDA device (the peak of torch's allocator), else {}."""
+    if not is_cuda(device):
+        return {}
+    import torch
+    return {"cuda_max_memory_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
+def release(device) -> None:
+    """Between phases that load different models: collect garbage and, on CUDA, return the cached memory."""
+    gc.collect()
+    if is_cuda(device):
+        import torch
+        torch.cuda.empty_cache()
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), before reading a clock."""
+    if is_cuda(device):
+        import torch
+        torch.cuda.synchronize(device)
 
 
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:

@@ -2,6 +2,7 @@
 throughput (output tokens/s once every row has its first token) and end-to-end throughput.
 
     quiver bench families [--batch 32] [--new-tokens 64] [--adapters 8] [--virtual-tokens 20]
+                          [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from quiver.bench.adapters import make_adapters
-from quiver.bench.common import RESULTS, machine, write_json
+from quiver.bench.common import RESULTS, add_device_args, cuda_peak, dtype_name, machine, release, write_json
 from quiver.bench.plot import bar_plot
 from quiver.bench.throughput import prompts
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default=None)
+    add_device_args(ap)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -102,11 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
     from quiver.server.engine.config import EngineConfig
     from quiver.server.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, max_loras=args.adapters,
-                                    max_lora_rank=args.rank, max_num_seqs=max(64, args.batch)))
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device,
+                                    dtype=args.dtype, max_loras=args.adapters, max_lora_rank=args.rank,
+                                    max_num_seqs=max(64, args.batch)))
     threads = torch.get_num_threads()
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.runner.dtype).to(args.device).eval()
     texts = prompts(args.batch)
     families: dict[str, list[str | None]] = {"base": [None] * args.batch}
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         families["mixed"] = [None if i % (len(kinds) + 1) == 0 else families[kinds[i % (len(kinds) + 1) - 1]][i]
                              for i in range(args.batch)]
         del hf
+        release(args.device)  # the PEFT model only made the adapters: measure without it
         run(engine, tokenizer, texts[:2], 4, [None, None])  # warm-up
         rows = []
         for kind, adapters in families.items():
@@ -137,9 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{kind:14s} decode {decode:7.1f} tok/s ({decode / base_decode:4.2f}x its base neighbour "
                   f"{base_decode:7.1f})   end to end {e2e:7.1f} tok/s", flush=True)
     out_dir = args.out or RESULTS
-    result = {"benchmark": "families", "model": engine.model_name, "dtype": "float32", "threads": threads,
+    result = {"benchmark": "families", "model": engine.model_name, "device": args.device,
+              "dtype": dtype_name(engine.runner.dtype), "threads": threads,
               "batch": args.batch, "new_tokens": args.new_tokens, "adapters_per_family": args.adapters,
-              "virtual_tokens": args.virtual_tokens, "lora_rank": args.rank, "machine": machine(), "rows": rows}
+              "virtual_tokens": args.virtual_tokens, "lora_rank": args.rank, "machine": machine(),
+              **cuda_peak(engine.runner.device), "rows": rows}
     base = rows[0]["decode_tokens_per_s"]
     result["plot"] = str(bar_plot(out_dir / "families.png", [r["family"] for r in rows],
                                   [r["decode_tokens_per_s"] for r in rows], "decode tokens/s",

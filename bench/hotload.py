@@ -3,6 +3,7 @@ adapter, against a running `quiver serve`, for a LoRA (r=16, all seven projectio
 prefix adapter; median and max of several loads, each under a fresh name.
 
     quiver bench hotload [--repeats 5] [--model DIR]
+                         [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 """
 from __future__ import annotations
 
@@ -16,21 +17,24 @@ from pathlib import Path
 
 import torch
 
-from quiver.bench.common import machine, write_json
+from quiver.bench.common import add_device_args, dtype_name, machine, release, write_json
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapters(model_dir: Path, root: Path, rank: int, virtual: int) -> dict[str, Path]:
+def make_adapters(model_dir: Path, root: Path, rank: int, virtual: int, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> dict[str, Path]:
     from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     lora = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=rank, target_modules=ALL7))
     lora.save_pretrained(root / "lora")
     lora.unload()
     prefix = get_peft_model(hf, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual))
     prefix.save_pretrained(root / "prefix")
+    del hf, lora, prefix
+    release(device)  # before the server loads its own copy
     return {"lora": root / "lora", "prefix": root / "prefix"}
 
 
@@ -58,20 +62,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     ap.add_argument("--port", type=int, default=8766)
+    add_device_args(ap)  # of the started `quiver serve`, and of the model the adapters are made from
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
     import httpx
 
+    from quiver.server.engine.device import resolve_dtype
     from quiver.server.model.checkpoint import resolve_model
 
     model_dir, model_name = resolve_model(args.model)
+    dtype = resolve_dtype(args.dtype, torch.device(args.device), model_dir)
     url = f"http://127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        paths = make_adapters(model_dir, root, args.rank, args.virtual_tokens)
+        paths = make_adapters(model_dir, root, args.rank, args.virtual_tokens, args.device, dtype)
         cmd = [str(Path(sys.executable).parent / "quiver"), "serve", "--port", str(args.port), "--log-level",
-               "WARNING", "--adapter-root", str(root), "--max-lora-rank", str(args.rank)]
+               "WARNING", "--adapter-root", str(root), "--max-lora-rank", str(args.rank),
+               "--device", args.device, "--dtype", args.dtype]
         if args.model:
             cmd += ["--model", str(args.model)]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    result = {"benchmark": "hotload", "model": model_name, "rank": args.rank, "virtual_tokens": args.virtual_tokens,
+    result = {"benchmark": "hotload", "model": model_name, "device": args.device, "dtype": dtype_name(dtype),
+              "rank": args.rank, "virtual_tokens": args.virtual_tokens,
               "repeats": args.repeats, "machine": machine(), "rows": rows}
     print("wrote", write_json("hotload", result, args.out))
     return result

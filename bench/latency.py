@@ -5,6 +5,7 @@ new tokens), median and p90 over every request of every repeat (at concurrency c
 rounds per repeat), all three variants in turn in one process, one run, one thread count.
 
     quiver bench latency [--concurrency 1 8 32] [--repeats 3] [--rank 16] [--threads N]
+                         [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from quiver.server.engine.config import DTYPES, EngineConfig
+from quiver.server.engine.config import EngineConfig
 
 from quiver.bench.adapters import ALL7, make_adapters
-from quiver.bench.common import RESULTS, machine, write_json
+from quiver.bench.common import RESULTS, add_device_args, cuda_peak, dtype_name, machine, release, write_json
 from quiver.bench.plot import line_plots
 from quiver.bench.throughput import prompts
 
@@ -71,25 +72,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="of the engines and the merged model")
+    add_device_args(ap)  # of the engines and the merged model
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quiver.server.engine.device import resolve_dtype
     from quiver.server.engine.llm_engine import LLMEngine
     from quiver.server.merge import merge_adapters
     from quiver.server.model.checkpoint import resolve_model
 
     model_dir, model_name = resolve_model(args.model)
+    dtype = resolve_dtype(args.dtype, torch.device(args.device), model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = {(v, c): {"ttft": [], "tpot": [], "itl": []} for v in VARIANTS for c in args.concurrency}
     with tempfile.TemporaryDirectory() as tmp:
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device)
         (adapter,) = make_adapters(hf, Path(tmp), 1, args.rank)
         del hf
-        merged_dir = merge_adapters(model_dir, [(adapter, 1.0)], Path(tmp) / "merged", getattr(torch, args.dtype))
+        release(args.device)  # the engines load their own copies
+        merged_dir = merge_adapters(model_dir, [(adapter, 1.0)], Path(tmp) / "merged", dtype)
 
         def engine(model):
             return LLMEngine(EngineConfig(model=str(model), num_threads=args.threads, device=args.device,
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                              tokenizer=tokenizer)
 
         base, merged = engine(model_dir), engine(merged_dir)
+        assert base.runner.dtype == merged.runner.dtype == dtype, (base.runner.dtype, merged.runner.dtype, dtype)
         base.load_adapter("adapter", str(adapter))
         runs = {"base": (base, None), "merged": (merged, None), "unmerged": (base, "adapter")}
         warm = prompt_ids(tokenizer, max(args.concurrency), args.prompt_tokens)
@@ -135,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("     unmerged / merged: " + ", ".join(f"{k.upper()} {row[f'unmerged_vs_merged_{k}']:.3f}x"
                                                      for k in ("tpot", "itl", "ttft"))
               + f";  base / merged: TPOT {row['base_vs_merged_tpot']:.3f}x")
-    result = {"benchmark": "latency", "model": model_name, "device": args.device, "dtype": args.dtype,
-              "threads": threads,
+    result = {"benchmark": "latency", "model": model_name, "device": args.device, "dtype": dtype_name(dtype),
+              "threads": threads, **cuda_peak(args.device),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "rank": args.rank, "targets": ALL7, "machine": machine(), "rows": rows}
     out_dir = args.out or RESULTS

@@ -20,12 +20,12 @@ the process RSS (sampled every second), and checks, failing (AssertionError) oth
 
     quiver bench load [--clients 64] [--duration 240] [--model DIR] [--max-tokens 32] [--out DIR]
                          [--reference-sample 16] [--seed 0] [--kv-cache-mb MB] [--threads N]
+                         [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import random
 import tempfile
 import threading
@@ -34,7 +34,8 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from quiver.bench.common import BASE, RESULTS, LoopbackServer, machine, percentiles, write_json
+from quiver.bench.common import (BASE, RESULTS, LoopbackServer, add_device_args, cuda_peak, dtype_name, machine,
+                                 percentiles, release, write_json)
 from quiver.bench.load_clients import Record, pick_reference, run_load, run_reference
 from quiver.bench.serving import make_prompt, print_latency
 
@@ -48,14 +49,14 @@ MiB = 2**20
 
 def build_adapters(engine, root: Path, rank: int, virtual: int) -> dict[str, str]:
     """Generate the PLAN's adapters from the base model into `root` and load them: name -> family."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from quiver.bench.adapters import make_adapters
     from quiver.bench.families import make_bottleneck_adapters, make_prompt_adapters
 
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
-    mc = engine.runner.model_config
+    runner = engine.runner
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=runner.dtype).to(runner.device).eval()
+    mc = runner.model_config
     families: dict[str, str] = {}
     for kind, n in PLAN.items():
         if kind == "lora":
@@ -69,7 +70,7 @@ def build_adapters(engine, root: Path, rank: int, virtual: int) -> dict[str, str
             engine.load_adapter(name, str(path))
             families[name] = kind
     del hf
-    gc.collect()
+    release(runner.device)
     return families
 
 
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--virtual-tokens", type=int, default=8, help="of the prompt-learning adapters")
     ap.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size (default: the engine's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    add_device_args(ap)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1:
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     from quiver.server.engine.llm_engine import LLMEngine
     from quiver.server.engine.metrics import Metrics
 
-    config = EngineConfig(model=args.model, num_threads=args.threads, max_loras=max(8, PLAN["lora"]),
+    config = EngineConfig(model=args.model, num_threads=args.threads, device=args.device, dtype=args.dtype,
+                          max_loras=max(8, PLAN["lora"]),
                           max_lora_rank=args.rank, max_num_seqs=max(64, args.clients),
                           **({"kv_cache_memory_mb": args.kv_cache_mb} if args.kv_cache_mb else {}))
     engine = LLMEngine(config)
@@ -271,9 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
         failures.append(f"RSS grew from {rss_info['after_warm_up_mib']:.0f} MiB after warm-up to "
                         f"{rss_info['end_mib']:.0f} MiB (limit {rss_info['limit_mib']:.0f})")
 
-    result = {"benchmark": "load", "model": engine.model_name, "clients": args.clients, "duration": args.duration,
+    result = {"benchmark": "load", "model": engine.model_name, "device": args.device,
+              "dtype": dtype_name(engine.runner.dtype), "clients": args.clients, "duration": args.duration,
               "max_tokens": args.max_tokens, "seed": args.seed, "adapters": families,
-              "prompts": prompts, "machine": machine(), **summary,
+              "prompts": prompts, "machine": machine(), **cuda_peak(engine.runner.device), **summary,
               "rss_mib": {"after_warm_up": rss_info["after_warm_up_mib"], "end": rss_info["end_mib"]},
               "rss_flat": rss_info["flat"], "rss": rss_info,
               "kv_after_load": kv_after_load, "kv_after_unload": kv_final, "unload_errors": unload_errors,

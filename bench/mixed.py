@@ -2,7 +2,8 @@
 arrive and prefill (in chunks) in the same steps. Reports the median time of decode-only steps and of
 mixed prefill + decode steps, through the real engine (SmolLM2 by default).
 
-    quiver bench mixed [--decoders 24] [--prompt-tokens 768] [--arrivals 6] [--threads N] [--dtype float32]
+    quiver bench mixed [--decoders 24] [--prompt-tokens 768] [--arrivals 6] [--threads N]
+                       [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import time
 
 import torch
 
-from quiver.bench.common import machine, write_json
+from quiver.bench.common import add_device_args, cuda_peak, dtype_name, machine, synchronize, write_json
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from quiver.server.engine.config import DTYPES, EngineConfig
+    from quiver.server.engine.config import EngineConfig
     from quiver.server.engine.llm_engine import LLMEngine
     from quiver.server.engine.sampling import SamplingParams
 
@@ -27,10 +28,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=768)
     ap.add_argument("--arrivals", type=int, default=6, help="long prompts, one every 8 steps")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_device_args(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, dtype=args.dtype))
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device,
+                                    dtype=args.dtype))
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(100, 20000, (n,), generator=g).tolist()  # noqa: E731
     decode = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
@@ -47,13 +49,16 @@ def main(argv: list[str] | None = None) -> dict:
             engine.add_request(ids(args.prompt_tokens), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
             arrived += 1
         seen.clear()
+        synchronize(engine.runner.device)
         t0 = time.perf_counter()
         engine.step()
+        synchronize(engine.runner.device)
         took = time.perf_counter() - t0
         if seen and len(engine.seqs) > 1:
             kinds["mixed" if seen[0] > 1 else "decode"].append(took * 1000)
         step += 1
-    result = {"machine": machine(), "dtype": args.dtype, "decoders": args.decoders,
+    result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engine.runner.dtype),
+              **cuda_peak(engine.runner.device), "decoders": args.decoders,
               "prompt_tokens": args.prompt_tokens, "arrivals": args.arrivals,
               **{f"{k}_steps": len(v) for k, v in kinds.items()},
               **{f"{k}_step_ms_median": statistics.median(v) if v else None for k, v in kinds.items()}}

@@ -6,6 +6,7 @@ Quiver's engine (all rows in one continuous batch), of PEFT's mixed-batch
 total time), in one process and one run, with one thread count.
 
     quiver bench peft [--adapters 1 8] [--batch 32] [--new-tokens 64] [--rank 16] [--threads N]
+                      [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ inter-token latency and end-to-end latency percentiles, request and output-token
 
     quiver bench serving [--adapters 8] [--rate 2] [--requests 64] [--distribution uniform|zipf]
                             [--max-tokens 64] [--prompt-tokens 32] [--url URL --adapter-names a b]
+                            [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
+
+--device and --dtype go to the started `quiver serve` (and the model the adapters are made from); with
+--url the server is someone else's, and the result records its device and dtype as unknown (null).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from quiver.bench.common import BASE, RESULTS, machine, percentiles, write_json
+from quiver.bench.common import BASE, RESULTS, add_device_args, dtype_name, machine, percentiles, release, write_json
 from quiver.bench.throughput import prompts
 
 
@@ -193,20 +197,25 @@ def latency_plot(path: Path, records: list[dict], title: str) -> Path:
 
 
 # ---- the server ----------------------------------------------------------------------------------
-def write_adapters(model_dir: Path, root: Path, n: int, rank: int) -> dict[str, Path]:
-    """n random LoRA adapters on all seven projections, named adapter0..adapter{n-1}."""
+def write_adapters(model_dir: Path, root: Path, n: int, rank: int, device: str = "cpu",
+                   dtype=None) -> dict[str, Path]:
+    """n random LoRA adapters on all seven projections, named adapter0..adapter{n-1}, made from the model
+    loaded on `device` in `dtype` (default float32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from quiver.bench.adapters import make_adapters
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32).to(device)
     paths = make_adapters(hf, root, n, rank)
+    del hf
+    release(device)  # before the server loads its own copy
     return {p.name: p for p in paths}
 
 
 def start_server(args, adapters: dict[str, Path], log: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "quiver"), "serve", "--port", str(args.port), "--log-level", "WARNING"]
+    cmd = [str(Path(sys.executable).parent / "quiver"), "serve", "--port", str(args.port), "--log-level", "WARNING",
+           "--device", args.device, "--dtype", args.dtype]
     if args.model:
         cmd += ["--model", str(args.model)]
     if args.threads:
@@ -257,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     ap.add_argument("--port", type=int, default=8767)
     ap.add_argument("--threads", type=int, default=None, help="--num-threads of the started server")
+    add_device_args(ap)  # of the started server
     ap.add_argument("--adapters", type=int, default=8, help="random LoRA adapters for the started server")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rate", type=float, default=2.0, help="mean requests/s (Poisson); inf: all at once")
@@ -273,14 +283,20 @@ def main(argv: list[str] | None = None) -> dict:
         url, names = args.url.rstrip("/"), list(args.adapter_names)
         records, duration = measure(args, url, names)
         model = served_model(url)
+        device = dtype = None  # the server's own, not known here
     else:
+        import torch
+
+        from quiver.server.engine.device import resolve_dtype
         from quiver.server.model.checkpoint import resolve_model
 
         model_dir, model = resolve_model(args.model)
+        device, dtype = args.device, dtype_name(resolve_dtype(args.dtype, torch.device(args.device), model_dir))
         url = f"http://127.0.0.1:{args.port}"
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            paths = write_adapters(model_dir, root, args.adapters, args.rank) if args.adapters else {}
+            paths = (write_adapters(model_dir, root, args.adapters, args.rank, args.device, getattr(torch, dtype))
+                     if args.adapters else {})
             names = list(paths)
             log = root / "server.log"
             proc = start_server(args, paths, log)
@@ -294,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(records, duration)
     print_table(summary)
     options = {k: (str(v) if isinstance(v, Path) or v == float("inf") else v) for k, v in vars(args).items()}
-    result = {"benchmark": "serving", "model": model, "options": options, "adapter_names": names,
+    result = {"benchmark": "serving", "model": model, "device": device, "dtype": dtype, "options": options,
+              "adapter_names": names,
               "machine": machine(), **summary,
               "per_request": [{k: r[k] for k in ("adapter", "scheduled_s", "sent_s", "finished_s", "status",
                                                  "error", "ttft_s", "e2e_s", "completion_tokens")}

@@ -1,8 +1,10 @@
 """Output tokens/s at several concurrency levels: Quiver's engine against transformers'
-batched `generate` on the same prompts, in one process and one run, plus the peak RSS of a
-`quiver serve` process under the largest load.
+batched `generate` on the same prompts, in one process and one run, on one device in one dtype, plus
+the peak RSS of a `quiver serve` process under the largest load (on the CPU; on a GPU, where the
+weights and the KV cache are not in the RSS, its HTTP throughput only).
 
     quiver bench throughput [--concurrency 1 4 16 32] [--new-tokens 64] [--threads N]
+                            [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from quiver.bench.common import machine, write_json
+from quiver.bench.common import (add_device_args, cuda_peak, dtype_name, is_cuda, machine, release, synchronize,
+                                 write_json)
 
 TOPICS = ["the history of Rome", "how rain forms", "a recipe for bread", "the rules of chess", "black holes",
           "the French revolution", "photosynthesis", "learning a language", "the moon landing", "volcanoes",
@@ -48,23 +51,29 @@ def run_transformers(model, tokenizer, texts, new_tokens: int, **generate_kw) ->
     """Batched greedy `generate` (PEFT models too: pass adapter_names for a mixed batch)."""
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
+    synchronize(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **generate_kw)
+    synchronize(model.device)
     elapsed = time.perf_counter() - t0
     produced = (out.shape[1] - batch.input_ids.shape[1]) * len(texts)
     assert produced == len(texts) * new_tokens
     return produced / elapsed
 
 
-def server_peak_rss(concurrency: int, new_tokens: int, threads: int | None) -> dict:
-    """Start `quiver serve` with default flags, load it with `concurrency` requests, report its peak RSS."""
+def server_peak_rss(concurrency: int, new_tokens: int, threads: int | None, device: str = "cpu",
+                    dtype: str = "auto") -> dict:
+    """Start `quiver serve` on `device` in `dtype`, other flags default, load it with `concurrency` requests,
+    report its peak RSS (on the CPU: on a GPU the RSS leaves out the weights and the KV cache, so it is not
+    reported) and its HTTP throughput."""
     import httpx
     import psutil
 
     port = 8765
-    cmd = [str(Path(sys.executable).parent / "quiver"), "serve", "--port", str(port), "--log-level", "WARNING"]
+    cmd = [str(Path(sys.executable).parent / "quiver"), "serve", "--port", str(port), "--log-level", "WARNING",
+           "--device", device, "--dtype", dtype]
     if threads:
         cmd += ["--num-threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,7 +105,11 @@ def server_peak_rss(concurrency: int, new_tokens: int, threads: int | None) -> d
             return sum(r.json()["usage"]["completion_tokens"] for r in results) / elapsed
 
         tps = asyncio.run(load())
-        return {"idle_rss_mib": idle_rss / 2**20, "peak_rss_mib": peak / 2**20, "http_tokens_per_s": tps}
+        if is_cuda(device):
+            return {"device": device, "http_tokens_per_s": tps,
+                    "note": "RSS not reported on CUDA: the weights and the KV cache live in GPU memory"}
+        return {"device": device, "idle_rss_mib": idle_rss / 2**20, "peak_rss_mib": peak / 2**20,
+                "http_tokens_per_s": tps}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -108,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: all cores)")
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N], for both engines")
-    ap.add_argument("--no-server", action="store_true", help="skip the `quiver serve` RSS measurement")
+    add_device_args(ap)  # for both engines and the `quiver serve` measured
+    ap.add_argument("--no-server", action="store_true", help="skip the `quiver serve` measurement")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -118,10 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     from quiver.server.engine.config import EngineConfig
     from quiver.server.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device))
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device,
+                                    dtype=args.dtype))
     threads = torch.get_num_threads()
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).to(args.device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.runner.dtype).to(args.device).eval()
     run_quiver(engine, tokenizer, prompts(2), 4)  # warm-up both
     run_transformers(hf, tokenizer, prompts(2), 4)
     rows = []
@@ -132,14 +146,18 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"concurrency": c, "quiver_tokens_per_s": q, "transformers_tokens_per_s": h, "ratio": q / h})
         print(f"concurrency {c:3d}: quiver {q:8.1f} tok/s   transformers {h:8.1f} tok/s   ratio {q / h:5.2f}x",
               flush=True)
-    result = {"benchmark": "throughput", "model": engine.model_name, "device": args.device, "dtype": "float32",
-              "threads": threads,
-              "new_tokens": args.new_tokens, "machine": machine(), "rows": rows}
+    result = {"benchmark": "throughput", "model": engine.model_name, "device": args.device,
+              "dtype": dtype_name(engine.runner.dtype), "threads": threads,
+              "new_tokens": args.new_tokens, "machine": machine(), **cuda_peak(engine.runner.device), "rows": rows}
     if not args.no_server:
         del hf, engine
-        result["server"] = server_peak_rss(max(args.concurrency), args.new_tokens, args.threads)
+        release(args.device)  # the server is another process: leave it the device
+        result["server"] = server_peak_rss(max(args.concurrency), args.new_tokens, args.threads, args.device,
+                                           args.dtype)
         s = result["server"]
-        print(f"quiver serve at {max(args.concurrency)} concurrent: peak RSS {s['peak_rss_mib']:.0f} MiB "
-              f"(idle {s['idle_rss_mib']:.0f} MiB), {s['http_tokens_per_s']:.1f} tok/s over HTTP")
+        memory = (f"peak RSS {s['peak_rss_mib']:.0f} MiB (idle {s['idle_rss_mib']:.0f} MiB), " if "peak_rss_mib" in s
+                  else f"on {s['device']} (RSS not measured), ")
+        print(f"quiver serve at {max(args.concurrency)} concurrent: {memory}{s['http_tokens_per_s']:.1f} tok/s "
+              "over HTTP")
     print("wrote", write_json("throughput", result, args.out))
     return result

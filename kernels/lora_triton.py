@@ -1,40 +1,48 @@
 """Triton batched-LoRA kernels (the CUDA path); the maths of kernels.torch_ops.lora_shrink_ref / lora_expand_ref.
 
-Segmented form (SGMV, for prefill): tokens grouped by adapter, one program per
-(segment, row block, column block), tensor-core dots. Gathered form (BGMV, for decode):
-one program per (token, column block), each token reads its own adapter's weights.
-Both expand kernels cover every slice of a fused projection (q/k/v, gate/up) in one launch:
-each column tile belongs to exactly one slice and reads that slice's rank columns of xa.
+Segmented form (SGMV, for prefill): tokens grouped by adapter; one program per (row tile of a
+segment, column block), the row tiles listed per step (LoraMeta.m_tiles: only tiles that hold
+tokens are launched), tensor-core dots with float32 accumulation. Gathered form (BGMV, for decode):
+one program per (adapter token, column block), each token reading its own adapter's weights.
+Both expand kernels cover every slice of a fused projection (q/k/v, gate/up) in one launch: each
+column tile belongs to exactly one slice and reads that slice's rank columns of xa. The rank is
+walked in BLOCK_R steps, so shared memory does not grow with --max-lora-rank.
+
+Precision: float32 inputs use exact fp32 dots (no TF32: fp32 serving matches PEFT to 1e-4); bf16 and
+fp16 inputs use their tensor-core dots. Triton's CPU interpreter computes bf16 wrongly, so there
+(and only there) bf16 operands are widened to fp32 first (UPCAST).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from quiver.kernels.meta import LoraMeta
+from quiver.kernels.meta import ROW_TILE, LoraMeta
 
 
 @triton.jit
-def _segment_rows(seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M: tl.constexpr):
-    """This program's adapter slot, and the token rows (with their mask) of its tile of the segment."""
-    seg, pid_m = tl.program_id(0), tl.program_id(1)
-    start = tl.load(seg_starts_ptr + seg)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _tile_rows(m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M: tl.constexpr):
+    """This program's adapter slot, and the token rows (with their mask) of its row tile."""
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.load(m_tiles_ptr + 2 * pid).to(tl.int64)
+    m0 = tl.load(m_tiles_ptr + 2 * pid + 1).to(tl.int64) * BLOCK_M
+    rm = m0 + tl.arange(0, BLOCK_M)
     m_mask = rm < tl.load(seg_lens_ptr + seg)
-    tok = tl.load(seg_index_ptr + start + rm, mask=m_mask, other=0).to(tl.int64)
+    tok = tl.load(seg_index_ptr + tl.load(seg_starts_ptr + seg) + rm, mask=m_mask, other=0).to(tl.int64)
     return tl.load(seg_slots_ptr + seg).to(tl.int64), tok, m_mask
 
 
 @triton.jit
-def _shrink_sgmv(x_ptr, a_ptr, out_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
+def _shrink_sgmv(x_ptr, a_ptr, out_ptr, m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
                  K, N, stride_xt, stride_al, stride_an, stride_ot,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(2)
-    slot, tok, m_mask = _segment_rows(seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    slot, tok, m_mask = _tile_rows(m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -43,17 +51,20 @@ def _shrink_sgmv(x_ptr, a_ptr, out_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_
         xt = tl.load(x_ptr + tok[:, None] * stride_xt + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         at = tl.load(a_ptr + slot * stride_al + rn[None, :] * stride_an + rk[:, None],
                      mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            xt, at = xt.to(tl.float32), at.to(tl.float32)
         acc += tl.dot(xt, at, input_precision=PRECISION)
     tl.store(out_ptr + tok[:, None] * stride_ot + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def _expand_sgmv(xa_ptr, b_ptr, y_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
+def _expand_sgmv(xa_ptr, b_ptr, y_ptr, m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
                  tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R, stride_xat, stride_bl, stride_br, stride_yt,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(2)
-    slot, tok, m_mask = _segment_rows(seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    slot, tok, m_mask = _tile_rows(m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
+    pid_n = tl.program_id(1)
     s = tl.load(tile_slice_ptr + pid_n)
     rn = tl.load(tile_n0_ptr + pid_n) + tl.arange(0, BLOCK_N)
     n_mask = rn < tl.load(slice_end_ptr + s)
@@ -65,6 +76,8 @@ def _expand_sgmv(xa_ptr, b_ptr, y_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_p
                       mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         bt = tl.load(b_ptr + slot * stride_bl + rr[:, None] * stride_br + rn[None, :],
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            xat, bt = xat.to(tl.float32), bt.to(tl.float32)
         acc += tl.dot(xat, bt, input_precision=PRECISION)
     mask = m_mask[:, None] & n_mask[None, :]
     y_ptrs = y_ptr + tok[:, None] * stride_yt + rn[None, :]
@@ -73,29 +86,29 @@ def _expand_sgmv(xa_ptr, b_ptr, y_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_p
 
 
 @triton.jit
-def _shrink_bgmv(x_ptr, a_ptr, out_ptr, slots_ptr, K, N, stride_xt, stride_al, stride_an, stride_ot,
+def _shrink_bgmv(x_ptr, a_ptr, out_ptr, tokens_ptr, slots_ptr, K, N, stride_xt, stride_al, stride_an, stride_ot,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    t, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    t = tl.load(tokens_ptr + tl.program_id(0).to(tl.int64)).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
         xv = tl.load(x_ptr + t * stride_xt + rk, mask=k_mask, other=0.0).to(tl.float32)
-        at = tl.load(a_ptr + tl.maximum(slot, 0) * stride_al + rn[:, None] * stride_an + rk[None, :],
+        at = tl.load(a_ptr + slot * stride_al + rn[:, None] * stride_an + rk[None, :],
                      mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(at * xv[None, :], axis=1)
-    acc = tl.where(slot >= 0, acc, 0.0)  # slot -1: no adapter
     tl.store(out_ptr + t * stride_ot + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
-def _expand_bgmv(xa_ptr, b_ptr, y_ptr, slots_ptr, tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R,
+def _expand_bgmv(xa_ptr, b_ptr, y_ptr, tokens_ptr, slots_ptr, tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R,
                  stride_xat, stride_bl, stride_br, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    t, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    t = tl.load(tokens_ptr + tl.program_id(0).to(tl.int64)).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
+    pid_n = tl.program_id(1)
     s = tl.load(tile_slice_ptr + pid_n)
     rn = tl.load(tile_n0_ptr + pid_n) + tl.arange(0, BLOCK_N)
     n_mask = rn < tl.load(slice_end_ptr + s)
@@ -104,27 +117,27 @@ def _expand_bgmv(xa_ptr, b_ptr, y_ptr, slots_ptr, tile_slice_ptr, tile_n0_ptr, s
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < R
         xv = tl.load(xa_ptr + t * stride_xat + s * R + rr, mask=r_mask, other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + tl.maximum(slot, 0) * stride_bl + rr[None, :] * stride_br + rn[:, None],
+        bt = tl.load(b_ptr + slot * stride_bl + rr[None, :] * stride_br + rn[:, None],
                      mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(bt * xv[None, :], axis=1)
     y_ptrs = y_ptr + t * stride_yt + rn
     y = tl.load(y_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-    y = tl.where(slot >= 0, y + acc, y)  # slot -1: y stays as it is
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 # ---- host side ---------------------------------------------------------------------------------
 
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 32
+BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R = ROW_TILE, 64, 32, 16
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _precision(t: torch.Tensor) -> str | None:
-    # exact fp32 (no TF32) so that fp32 serving matches PEFT to 1e-4; half types use the default
+    # exact fp32 (no TF32) so that fp32 serving matches PEFT to 1e-4; half types use their tensor-core dots
     return "ieee" if t.dtype == torch.float32 else None
 
 
-def _block_r(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+def _upcast(t: torch.Tensor) -> bool:
+    return INTERPRETED and t.dtype == torch.bfloat16
 
 
 @functools.lru_cache(maxsize=64)
@@ -142,39 +155,39 @@ def _tiles(offsets: tuple[int, ...], block_n: int, device: str):
 def lora_shrink_sgmv(x, a, meta: LoraMeta) -> torch.Tensor:
     t, k = x.shape
     n = a.shape[1]
-    out = torch.zeros(t, n, dtype=x.dtype, device=x.device)
-    grid = (meta.seg_slots.numel(), triton.cdiv(meta.max_len, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    _shrink_sgmv[grid](x, a, out, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots, k, n,
-                       x.stride(0), a.stride(0), a.stride(1), out.stride(0),
-                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=_precision(x))
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)  # rows of base tokens stay unread
+    grid = (meta.m_tiles.shape[0], triton.cdiv(n, BLOCK_N))
+    _shrink_sgmv[grid](x, a, out, meta.m_tiles, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots, k, n,
+                       x.stride(0), a.stride(0), a.stride(1), out.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                       BLOCK_K=BLOCK_K, PRECISION=_precision(x), UPCAST=_upcast(x))
     return out
 
 
 def lora_expand_sgmv(xa, b, offsets, meta: LoraMeta, y) -> torch.Tensor:
-    rank = b.shape[1]
     tile_slice, tile_n0, slice_end = _tiles(tuple(offsets), BLOCK_N, str(y.device))
-    grid = (meta.seg_slots.numel(), triton.cdiv(meta.max_len, BLOCK_M), tile_slice.numel())
-    _expand_sgmv[grid](xa, b, y, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots,
-                       tile_slice, tile_n0, slice_end, rank, xa.stride(0), b.stride(0), b.stride(1), y.stride(0),
-                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(rank), PRECISION=_precision(xa))
+    grid = (meta.m_tiles.shape[0], tile_slice.numel())
+    _expand_sgmv[grid](xa, b, y, meta.m_tiles, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots,
+                       tile_slice, tile_n0, slice_end, b.shape[1], xa.stride(0), b.stride(0), b.stride(1), y.stride(0),
+                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION=_precision(xa),
+                       UPCAST=_upcast(xa))
     return y
 
 
-def lora_shrink_bgmv(x, a, token_slots) -> torch.Tensor:
+def lora_shrink_bgmv(x, a, meta: LoraMeta) -> torch.Tensor:
     t, k = x.shape
     n = a.shape[1]
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    _shrink_bgmv[(t, triton.cdiv(n, BLOCK_N))](x, a, out, token_slots, k, n, x.stride(0), a.stride(0),
-                                              a.stride(1), out.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    _shrink_bgmv[(meta.seg_index.numel(), triton.cdiv(n, BLOCK_N))](
+        x, a, out, meta.seg_index, meta.token_slots, k, n, x.stride(0), a.stride(0), a.stride(1), out.stride(0),
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return out
 
 
-def lora_expand_bgmv(xa, b, offsets, token_slots, y) -> torch.Tensor:
-    rank = b.shape[1]
+def lora_expand_bgmv(xa, b, offsets, meta: LoraMeta, y) -> torch.Tensor:
     tile_slice, tile_n0, slice_end = _tiles(tuple(offsets), BLOCK_N, str(y.device))
-    _expand_bgmv[(y.shape[0], tile_slice.numel())](xa, b, y, token_slots, tile_slice, tile_n0, slice_end, rank,
-                                                  xa.stride(0), b.stride(0), b.stride(1), y.stride(0),
-                                                  BLOCK_N=BLOCK_N, BLOCK_R=_block_r(rank))
+    _expand_bgmv[(meta.seg_index.numel(), tile_slice.numel())](
+        xa, b, y, meta.seg_index, meta.token_slots, tile_slice, tile_n0, slice_end, b.shape[1], xa.stride(0),
+        b.stride(0), b.stride(1), y.stride(0), BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
     return y
 
 
@@ -187,6 +200,7 @@ def _check(x, y, a, b, offsets, meta: LoraMeta) -> None:
     assert x.stride(1) == y.stride(1) == a.stride(2) == b.stride(2) == 1, "the last dimension must be contiguous"
     assert x.dtype == y.dtype == a.dtype == b.dtype and x.device == y.device == a.device == b.device
     assert meta.token_slots.dtype == meta.seg_index.dtype == torch.int64 and meta.token_slots.shape == (t,)
+    assert meta.m_tiles.dtype == torch.int32 and meta.m_tiles.device == x.device
 
 
 def lora_apply(x, y, a, b, offsets, meta: LoraMeta) -> None:
@@ -195,4 +209,4 @@ def lora_apply(x, y, a, b, offsets, meta: LoraMeta) -> None:
     if meta.max_len >= BLOCK_M:
         lora_expand_sgmv(lora_shrink_sgmv(x, a, meta), b, offsets, meta, y)
     else:
-        lora_expand_bgmv(lora_shrink_bgmv(x, a, meta.token_slots), b, offsets, meta.token_slots, y)
+        lora_expand_bgmv(lora_shrink_bgmv(x, a, meta), b, offsets, meta, y)

@@ -1,4 +1,7 @@
-"""Per-step LoRA metadata: which adapter slot each token uses, grouped once per step."""
+"""Per-step LoRA metadata: which adapter slot each token uses, grouped once per step, on the host.
+
+The torch kernels read the padded or segmented forms; the Triton kernels read the sorted token
+index, the segments and their row tiles. The caller uploads the tensors (LoraMeta.upload)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +15,7 @@ class LoraMeta:
     slot_lo: int  # the padded form covers slots slot_lo .. slot_lo + num_slots - 1
     num_slots: int
     # segmented form: token indices grouped by slot
-    segments: list[tuple[int, torch.Tensor]]  # (slot, token indices)
+    segments: list[tuple[int, int, int]]  # (slot, start in seg_index, tokens), host integers
     seg_index: torch.Tensor  # [T_lora] token indices, sorted by slot
     seg_slots: torch.Tensor  # [S] slot of each segment
     seg_starts: torch.Tensor  # [S] offset of each segment in seg_index
@@ -21,10 +24,32 @@ class LoraMeta:
     padded: bool
     max_len: int
     pad_index: torch.Tensor | None  # [num_slots * max_len] token index, padding -> 0
-    pad_mask: torch.Tensor | None  # [num_slots, max_len, 1] 1 for real rows, 0 for padding (None: no padding)
+    pad_mask: torch.Tensor | None  # [num_slots, max_len, 1] bool, True for real rows (None: no padding)
     contiguous_from: int | None  # the padded rows are exactly tokens contiguous_from.. in order: no gather needed
     dora_index: torch.Tensor | None  # [T] slot per token with -1 -> the zero row, when a DoRA slot is used
     single_slot: int | None = None  # every token of the step uses this one slot
+    m_tiles: torch.Tensor | None = None  # [tiles, 2] int32 (segment, row block): the Triton SGMV grid
+
+    TENSORS = ("token_slots", "seg_index", "seg_slots", "seg_starts", "seg_lens", "pad_index", "pad_mask",
+               "dora_index", "m_tiles")
+
+    def upload(self, pack) -> None:
+        """Hand every tensor field to `pack` (server.model.upload.StepUpload) for the step's one copy."""
+        for name in self.TENSORS:
+            if getattr(self, name) is not None:
+                pack.defer(self, name, getattr(self, name))
+
+
+ROW_TILE = 16  # rows of one SGMV program
+
+
+def row_tiles(seg_lens: torch.Tensor, block: int = ROW_TILE) -> torch.Tensor:
+    """[tiles, 2] int32 (segment, row block) of every `block`-row tile that holds tokens: the SGMV grid,
+    so a step launches programs in proportion to its tokens, not segments x its longest segment."""
+    blocks = (seg_lens + block - 1) // block
+    seg = torch.repeat_interleave(torch.arange(seg_lens.numel()), blocks)
+    first = torch.cumsum(blocks, 0) - blocks
+    return torch.stack([seg, torch.arange(seg.numel()) - first[seg]], 1).to(torch.int32)
 
 
 def padded_rows(x: torch.Tensor, meta: LoraMeta) -> torch.Tensor:
@@ -45,11 +70,12 @@ def add_padded_rows(y: torch.Tensor, delta: torch.Tensor, meta: LoraMeta) -> Non
         y.index_add_(0, meta.pad_index, rows)
 
 
-def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: int,
-                    device: torch.device | str, padded: bool | None = None) -> LoraMeta | None:
-    """None when no token uses an adapter: the fast path skips LoRA work entirely.
+def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: int, forms: str = "torch",
+                    padded: bool | None = None) -> LoraMeta | None:
+    """None when no token uses an adapter: the fast path skips LoRA work entirely. Host tensors.
 
-    `padded` forces the CPU form (tests); by default it is chosen from the step's shape.
+    forms: "torch" builds the padded or segmented forms the torch kernels read (`padded` forces the
+    padded one, in tests; by default it is chosen from the step's shape); "triton" the row tiles.
     """
     used = token_slots >= 0
     if not bool(used.any()):
@@ -64,6 +90,12 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
     num_slots = int(seg_slots.max()) + 1 - slot_lo
     max_len = int(seg_lens.max())
     n_lora = int(lora_tokens.numel())
+    dora_index = None
+    if dora_slots and any(s in dora_slots for s in seg_slots.tolist()):
+        dora_index = torch.where(used, token_slots, zero_row)
+    if forms == "triton":
+        return LoraMeta(token_slots, slot_lo, num_slots, [], seg_index, seg_slots, seg_starts, seg_lens, False,
+                        max_len, None, None, None, dora_index, None, row_tiles(seg_lens))
     # padding every slot of the range to max_len rows lets one bmm serve all adapters;
     # worth it unless the padding would more than double the rows
     if padded is None:
@@ -71,22 +103,22 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
     pad_index = pad_mask = contiguous_from = None
     if padded:
         pad = torch.zeros(num_slots, max_len, dtype=torch.long)
-        mask = torch.zeros(num_slots, max_len, 1)
+        mask = torch.zeros(num_slots, max_len, 1, dtype=torch.bool)
         for s, start, n in zip(seg_slots.tolist(), seg_starts.tolist(), seg_lens.tolist()):
             pad[s - slot_lo, :n] = seg_index[start:start + n]
-            mask[s - slot_lo, :n] = 1
+            mask[s - slot_lo, :n] = True
         pad_index = pad.reshape(-1)
-        pad_mask = None if num_slots * max_len == n_lora else mask.to(device)
+        pad_mask = None if num_slots * max_len == n_lora else mask
         first = int(pad_index[0])
         if pad_mask is None and torch.equal(pad_index, torch.arange(first, first + n_lora)):
             contiguous_from = first
-        pad_index = pad_index.to(device)
-    segments = [(s, seg_index[start:start + n].to(device))
-                for s, start, n in zip(seg_slots.tolist(), seg_starts.tolist(), seg_lens.tolist())]
-    dora_index = None
-    if dora_slots and any(s in dora_slots for s in seg_slots.tolist()):
-        dora_index = torch.where(used, token_slots, zero_row).to(device)
-    to = lambda t: t.to(device)  # noqa: E731
+    segments = list(zip(seg_slots.tolist(), seg_starts.tolist(), seg_lens.tolist()))
     single = slot_lo if num_slots == 1 and n_lora == token_slots.numel() else None
-    return LoraMeta(to(token_slots), slot_lo, num_slots, segments, to(seg_index), to(seg_slots), to(seg_starts),
-                    to(seg_lens), padded, max_len, pad_index, pad_mask, contiguous_from, dora_index, single)
+    return LoraMeta(token_slots, slot_lo, num_slots, segments, seg_index, seg_slots, seg_starts, seg_lens, padded,
+                    max_len, pad_index, pad_mask, contiguous_from, dora_index, single)
+
+
+def attention_tiles(q_lens: torch.Tensor, heads_per_kv: int, block: int = ROW_TILE) -> torch.Tensor:
+    """[tiles, 2] int32 (row, block) of the paged attention kernel's grid: a program holds `block`
+    (query, head) pairs of one row and KV head, so a row of q queries needs ceil(q * heads_per_kv / block)."""
+    return row_tiles(q_lens * heads_per_kv, block)

@@ -17,8 +17,9 @@ Ops and their maths (T tokens, KV heads, paged cache of num_blocks blocks of bs 
       softmax(scale * q.k) accumulated in float32. Queries i >= q_lens are padding.
   lora_buffers(num_slots, rank, in_features, slice_outs, dtype, device) -> LoraBuffers
       zeroed slots for one fused projection (slices of widths slice_outs), in this backend's layout.
-  lora_write(buf, slot, slice, a [r, in], b [out_slice, r]), lora_clear(buf, slot)
-      put one adapter's A and (scaled) B for one slice into a slot, rank r <= R zero-padded; zero a slot.
+  lora_write(buf, slot, slice, a [r, in], b_t [r, out_slice]), lora_clear(buf, slot)
+      put one adapter's A and (scaled, transposed) B for one slice into a cleared slot, rank r <= R
+      zero-padded (copies are non-blocking: a and b_t are pinned on CUDA); zero a slot.
   lora_apply(x [T, in], y [T, out], buf, meta)
       y[t] += B_slot (A_slot x[t]) for every token t whose slot (meta.token_slots[t]) is >= 0, each
       slice's columns from that slice's rank rows (kernels.torch_ops gives the per-token definition).
@@ -79,12 +80,12 @@ class TorchOps:
     def _b_row(slice_index: int, rank: int) -> int:
         return slice_index * rank
 
-    def lora_write(self, buf: LoraBuffers, slot: int, slice_index: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    def lora_write(self, buf: LoraBuffers, slot: int, slice_index: int, a: torch.Tensor, b_t: torch.Tensor) -> None:
         r, rank = a.shape[0], buf.rank
         lo, hi = buf.offsets[slice_index], buf.offsets[slice_index + 1]
-        buf.a[slot, slice_index * rank:slice_index * rank + r].copy_(a)
+        buf.a[slot, slice_index * rank:slice_index * rank + r].copy_(a, non_blocking=True)
         row = self._b_row(slice_index, rank)
-        buf.b[slot, row:row + r, lo:hi].copy_(b.T)
+        buf.b[slot, row:row + r, lo:hi].copy_(b_t, non_blocking=True)
 
     @staticmethod
     def lora_clear(buf: LoraBuffers, slot: int) -> None:
@@ -108,7 +109,7 @@ class TritonOps(TorchOps):
     def attention(q, k_cache, v_cache, group, scale: float) -> torch.Tensor:
         from quiver.kernels.attention_triton import prefix_paged_attention
         return prefix_paged_attention(q, k_cache, v_cache, group.block_tables, group.q_start, group.q_lens,
-                                      group.kv_offset, group.prefix_len, scale)
+                                      group.kv_offset, group.prefix_len, scale, tiles=group.m_tiles)
 
     @staticmethod
     def _b_rows(num_slices: int, rank: int) -> int:

@@ -153,10 +153,11 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tenso
             return
         xa = torch.bmm(padded_rows(x, meta), a[lo:lo + n].transpose(1, 2))
         if meta.pad_mask is not None:
-            xa.mul_(meta.pad_mask)
+            xa.masked_fill_(~meta.pad_mask, 0)
         add_padded_rows(y, torch.bmm(xa, b[lo:lo + n]), meta)
         return
-    for slot, rows in meta.segments:
+    for slot, start, n in meta.segments:
+        rows = meta.seg_index[start:start + n]
         y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].T) @ b[slot])
 
 
@@ -168,27 +169,29 @@ ACTIVATIONS = {
 }
 
 
-def _activate(h: torch.Tensor, acts: list[str]) -> torch.Tensor:
-    """h: [n, rows, m], slot i of the n uses acts[i]."""
-    kinds = set(acts)
+def _activate(h: torch.Tensor, acts: list[str], lo: int, kind_of: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """h: [n, rows, m] for slots lo..lo+n-1, slot i using acts[i]; kind_of[kind]: [slots] bool on h's
+    device, which slots use that kind (no host-to-device copy inside the forward)."""
+    kinds = set(acts[lo:lo + h.shape[0]])
     if len(kinds) == 1:
-        return ACTIVATIONS[acts[0]](h)
-    out = torch.empty_like(h)
+        return ACTIVATIONS[kinds.pop()](h)
+    out = torch.zeros_like(h)
     for kind in kinds:
-        idx = torch.tensor([i for i, a in enumerate(acts) if a == kind], device=h.device)
-        out[idx] = ACTIVATIONS[kind](h[idx])
+        out = torch.where(kind_of[kind][lo:lo + h.shape[0], None, None], ACTIVATIONS[kind](h), out)
     return out
 
 
-def bottleneck_apply(z, y, down, down_b, up, up_b, acts: list[str], meta: LoraMeta) -> None:
+def bottleneck_apply(z, y, down, down_b, up, up_b, acts: list[str], meta: LoraMeta,
+                     kind_of: dict[str, torch.Tensor] | None = None) -> None:
     if meta.padded:
         lo, n = meta.slot_lo, meta.num_slots
         h = torch.baddbmm(down_b[lo:lo + n, None, :], padded_rows(z, meta), down[lo:lo + n].transpose(1, 2))
-        d = torch.baddbmm(up_b[lo:lo + n, None, :], _activate(h, acts[lo:lo + n]), up[lo:lo + n])
+        d = torch.baddbmm(up_b[lo:lo + n, None, :], _activate(h, acts, lo, kind_of), up[lo:lo + n])
         if meta.pad_mask is not None:  # biases make padding rows non-zero
-            d.mul_(meta.pad_mask)
+            d.masked_fill_(~meta.pad_mask, 0)
         add_padded_rows(y, d, meta)
         return
-    for slot, rows in meta.segments:
+    for slot, start, n in meta.segments:
+        rows = meta.seg_index[start:start + n]
         h = torch.addmm(down_b[slot], z.index_select(0, rows), down[slot].T)
         y.index_add_(0, rows, torch.addmm(up_b[slot], ACTIVATIONS[acts[slot]](h), up[slot]))

@@ -17,14 +17,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="name reported by /v1/models and in responses")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                   help="auto: float32 on the CPU, the checkpoint's dtype (mostly bfloat16) on a GPU")
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-mb)")
-    p.add_argument("--kv-cache-memory-mb", type=int, default=d.kv_cache_memory_mb, help="KV-cache size in MiB")
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most requests in one batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="most tokens in one step (longer prompts are prefilled in chunks)")
+    p.add_argument("--kv-cache-memory-mb", type=int, default=None,
+                   help="KV-cache size in MiB (default 512 on the CPU; on a GPU, what --gpu-memory-utilization leaves)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="fraction of the GPU's memory the engine may use in all; the KV cache takes what the weights, "
+                        "the LoRA slots and a working reserve leave of it")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch (64 on the CPU, 256 "
+                                                                  "on a GPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most tokens in one step, longer prompts prefill in chunks (2048 on the CPU, 8192 on a GPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds requests that give no seed of their own")
@@ -52,6 +58,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--adapter", action="append", required=True, help="PEFT adapter folder (repeatable)")
     m.add_argument("--weight", action="append", type=float, help="weight of each --adapter, in order (default 1)")
     m.add_argument("--out", required=True, help="output directory (a plain HF model)")
-    m.add_argument("--dtype", choices=DTYPES, default="float32")
+    m.add_argument("--dtype", choices=[d for d in DTYPES if d != "auto"], default="float32")
     m.add_argument("--combination", choices=METHODS, default="cat",
                    help="how several adapters combine (PEFT's add_weighted_adapter): cat is the exact weighted "
                         "sum; linear, ties, dare_linear, dare_ties, magnitude_prune work on A and B entry by entry")

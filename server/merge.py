@@ -158,7 +158,7 @@ def check_merge(model_dir: str | Path, merged_dir: str | Path, adapters: list[tu
                            **combination)
     base = engine(model_dir, max_rank=mix.rank)
     lora = base.registry.by_kind["lora"]
-    base.registry.register(ReadAdapter(mix, lora, "lora", str(mix.spec.path), time.monotonic()))
+    base.registry.register(ReadAdapter(lora.stage(mix), lora, "lora", str(mix.spec.path), time.monotonic()))
     ours = _final_logits(base, ids, "unmerged")
     return max((a - b).abs().max().item() for a, b in zip(ours, theirs))
 

@@ -25,6 +25,13 @@ def smollm2_dir():
 
 
 @pytest.fixture(scope="session")
+def plain_tokenizer():
+    """A word-level tokenizer for the tiny models' 512 tokens: no embedded model needed (GPU machines)."""
+    from quiver.bench.models import plain_tokenizer
+    return plain_tokenizer(512)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -266,7 +266,7 @@ def test_unload_and_reload_100_times_keeps_memory_flat(smollm2_dir, tokenizer, t
     for _ in range(5):  # warm-up: slot buffers, allocator pools
         cycle()
     gc.collect()
-    modules = engine.registry.read("big", str(tmp_path / "big")).adapter.modules.values()
+    modules = engine.registry.read("big", str(tmp_path / "big")).adapter.adapter.modules.values()
     size = sum(t.numel() * t.element_size() for m in modules for t in (m.a, m.b))
     before = proc.memory_info().rss
     for _ in range(100):

@@ -85,6 +85,7 @@ def test_serving_bench_smoke(api_model, tokenizer, tmp_path):
     data = json.loads((out / "serving.json").read_text())
     _check(data, out, 6, ["adapter0", "adapter1"])
     assert data["adapter_names"] == ["adapter0", "adapter1"] and data["options"]["distribution"] == "zipf"
+    assert (data["device"], data["dtype"]) == ("cpu", "float32")
 
 
 def test_serving_bench_url(tiny_server, tmp_path):
@@ -96,3 +97,4 @@ def test_serving_bench_url(tiny_server, tmp_path):
     data = json.loads((out / "serving.json").read_text())
     _check(data, out, 4, ["base"])
     assert data["per_adapter"] == {"base": 4} and data["model"] == "tiny"
+    assert data["device"] is None and data["dtype"] is None  # someone else's server: not known here

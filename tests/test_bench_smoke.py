@@ -25,6 +25,8 @@ def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
         assert row["quiver_tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
         assert abs(row["ratio"] - row["quiver_tokens_per_s"] / row["transformers_tokens_per_s"]) < 1e-9
     assert data["machine"]["cores"] >= 1 and data["threads"] >= 1
+    assert (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert "cuda_max_memory_allocated_mib" not in data
 
 
 def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
@@ -41,6 +43,7 @@ def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
             assert row[key] > 0
         assert abs(row["quiver_vs_peft"] - row["quiver_tokens_per_s"] / row["peft_tokens_per_s"]) < 1e-9
     assert (out / "adapters.png").stat().st_size > 1000
+    assert (data["device"], data["dtype"]) == ("cpu", "float32")
 
 
 def test_families_bench_smoke(api_model, tokenizer, tmp_path):
@@ -57,6 +60,7 @@ def test_families_bench_smoke(api_model, tokenizer, tmp_path):
         assert row["decode_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
         assert abs(row["decode_vs_base"] - row["decode_tokens_per_s"] / row["base_decode_tokens_per_s"]) < 1e-9
     assert (out / "families.png").stat().st_size > 1000
+    assert (data["device"], data["dtype"]) == ("cpu", "float32")
 
 
 def test_hotload_bench_smoke(api_model, tokenizer, tmp_path):
@@ -76,6 +80,7 @@ def test_hotload_bench_smoke(api_model, tokenizer, tmp_path):
     for row in data["rows"]:
         assert len(row["all_ms"]) == 2 and all(v > 0 for v in row["all_ms"])
         assert row["max_ms"] >= row["median_ms"] > 0
+    assert (data["device"], data["dtype"]) == ("cpu", "float32")
 
 
 def test_latency_bench_smoke(api_model, tokenizer, tmp_path):
@@ -95,3 +100,49 @@ def test_latency_bench_smoke(api_model, tokenizer, tmp_path):
                    / row["merged"]["tpot_median_ms"]) < 1e-9
     assert data["repeats"] == 2 and data["machine"]["cores"] >= 1
     assert (out / "latency.png").stat().st_size > 1000
+    assert (data["device"], data["dtype"]) == ("cpu", "float32")
+
+
+def test_device_args_and_helpers():
+    import argparse
+
+    from quiver.bench.common import add_device_args, cuda_peak, dtype_name, release
+    from quiver.server.engine.config import DTYPES
+
+    ap = argparse.ArgumentParser()
+    add_device_args(ap)
+    args = ap.parse_args([])
+    assert (args.device, args.dtype) == ("cpu", "auto")
+    args = ap.parse_args(["--device", "cuda:1", "--dtype", "bfloat16"])
+    assert (args.device, args.dtype) == ("cuda:1", "bfloat16")
+    assert {a.dest: a.choices for a in ap._actions}["dtype"] == DTYPES
+    assert cuda_peak("cpu") == {}
+    release("cpu")
+    import torch
+    assert dtype_name(torch.bfloat16) == "bfloat16"
+
+
+def test_attention_bench_smoke(tmp_path):
+    from quiver.bench import attention
+
+    scenario = "decode 32, contexts 100-600"
+    for dtype, want in (("auto", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")):
+        out = tmp_path / dtype
+        attention.main(["--repeats", "1", "--scenarios", scenario, "--dtype", dtype, "--out", str(out)])
+        data = json.loads((out / "attention.json").read_text())
+        assert (data["device"], data["dtype"]) == ("cpu", want)
+        (row,) = data["results"]
+        assert row["scenario"] == scenario and all(row[f"{m}_ms"] > 0 for m in ("planned", "padded", "sdpa"))
+
+
+def test_mixed_bench_smoke(api_model, tokenizer, tmp_path):
+    from quiver.bench import mixed
+
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
+    out = tmp_path / "results"
+    # one decoder: its prompt is 64 tokens, inside the tiny model's 256-token context
+    result = mixed.main(["--model", str(model_dir), "--decoders", "1", "--new-tokens", "12", "--prompt-tokens", "40",
+                         "--arrivals", "1", "--threads", "1", "--out", str(out)])
+    data = json.loads((out / "mixed.json").read_text())
+    assert data == result and (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert data["decode_steps"] > 0 and data["mixed_steps"] > 0

@@ -29,3 +29,12 @@ def test_bad_adapter_flag_exits_with_message(capsys):
         main(["serve", "--adapter", "oops"])
     assert e.value.code == 2
     assert "NAME=PATH" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal a machine without CUDA gives")
+def test_cuda_device_without_cuda_exits_with_one_line(tiny_models, capsys):
+    model_dir, _ = tiny_models["llama_gqa"]
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(model_dir), "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "no CUDA device" in err and len(err.splitlines()) == 1, err

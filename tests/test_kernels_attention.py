@@ -104,3 +104,25 @@ def test_triton_kernel_matches_reference(shape, kind, block_size):
     for r in range(q.shape[0]):
         n = int(lens[r])
         torch.testing.assert_close(got[r, :n].double(), want[r, :n], atol=1e-4, rtol=1e-4)
+
+
+HALF_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kind", list(ROWS))
+def test_triton_kernel_in_every_dtype_and_head_size(dtype, head_dim, kind):
+    """bf16 and fp16 (tensor-core dots on a GPU; in the interpreter widened, as bf16 must be there) and
+    head sizes 64 and 128, against float64 maths on the same rounded inputs."""
+    from quiver.kernels.attention_triton import prefix_paged_attention as triton_attention
+
+    q, kc, vc, bt, (start, lens, off, prefix) = make_case(4, 2, ROWS[kind], d=head_dim, num_blocks=24, seed=head_dim)
+    q, kc, vc = q.to(dtype), kc.to(dtype), vc.to(dtype)
+    scale = 1 / math.sqrt(head_dim)
+    want = direct(q, kc, vc, bt, start, lens, off, prefix, scale)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    got = triton_attention(dev(q), dev(kc), dev(vc), dev(bt), dev(start), dev(lens), dev(off), dev(prefix), scale).cpu()
+    for r in range(q.shape[0]):
+        n = int(lens[r])
+        torch.testing.assert_close(got[r, :n].double(), want[r, :n], atol=HALF_TOL[dtype], rtol=HALF_TOL[dtype])

@@ -45,6 +45,7 @@ def check(data: dict, clients: int, sample: int) -> None:
     assert data["rss_flat"] is True
     assert data["rss_mib"]["end"] <= data["rss"]["limit_mib"]
     assert data["machine"]["cores"] >= 1
+    assert (data["device"], data["dtype"]) == ("cpu", "float32")
 
 
 def test_load_smoke(api_model, tokenizer, tmp_path):

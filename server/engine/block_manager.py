@@ -13,7 +13,7 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
         self.num_shared = 0  # blocks held by their owners (adapter prefixes) rather than by requests
-        self.fresh: list[int] = []  # blocks handed out since the last take_fresh(): to be zeroed before use
+        self.fresh: list[int] = []  # blocks handed out and not yet zeroed (the model runner zeroes and empties it)
 
     @property
     def num_free(self) -> int:
@@ -44,10 +44,6 @@ class BlockManager:
             self._refs[block] = 1
             seq.block_table.append(block)
             self.fresh.append(block)
-
-    def take_fresh(self) -> list[int]:
-        fresh, self.fresh = self.fresh, []
-        return fresh
 
     def free(self, seq: Sequence) -> None:
         self.release(seq.block_table)

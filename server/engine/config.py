@@ -3,19 +3,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# CPU / GPU defaults of the batch limits left unset
+BATCH_DEFAULTS = {"cpu": (64, 2048), "cuda": (256, 8192)}
 
 
 @dataclass
 class EngineConfig:
     model: str | None = None  # HF dir, .gguf file, or None for the embedded SmolLM2
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: float32 on the CPU, the checkpoint's dtype on a GPU (engine.device)
     device: str = "cpu"
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_mb
-    kv_cache_memory_mb: int = 512
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    num_kv_blocks: int | None = None  # None: from kv_cache_memory_mb, or on a GPU from gpu_memory_utilization
+    kv_cache_memory_mb: int | None = None  # None: 512 on the CPU; on a GPU what gpu_memory_utilization leaves
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory the engine may take in all
+    max_num_seqs: int | None = None  # None: 64 on the CPU, 256 on a GPU
+    max_num_batched_tokens: int | None = None  # None: 2048 on the CPU, 8192 on a GPU
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     num_threads: int | None = None  # None: every core torch sees
     seed: int = 0
@@ -29,12 +32,20 @@ class EngineConfig:
     kernels: str = "auto"  # kernel backend: auto (Triton on CUDA, torch elsewhere), torch, triton
 
     def __post_init__(self) -> None:
+        seqs, tokens = BATCH_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
+        self.max_num_seqs = self.max_num_seqs or seqs
+        self.max_num_batched_tokens = self.max_num_batched_tokens or tokens
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not (self.device in ("cpu", "meta") or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_mb", "max_lora_rank"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_lora_rank"):
             if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("kv_cache_memory_mb",):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_cpu_loras is not None and self.max_cpu_loras < max(1, self.max_loras):
             raise ValueError("max_cpu_loras must be >= max_loras (the CPU tier holds every adapter in a slot)")
@@ -44,7 +55,8 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
-        if self.kernels not in ("auto", "torch", "triton"):
-            raise ValueError(f"kernels must be auto, torch or triton, got {self.kernels!r}")
+        from quiver.kernels.ops import BACKENDS
+        if self.kernels != "auto" and self.kernels not in BACKENDS:
+            raise ValueError(f"kernels must be auto or one of {', '.join(BACKENDS)}, got {self.kernels!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")

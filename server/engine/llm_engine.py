@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.detokenizer import append_text, find_stop, releasable_text
+from quiver.server.engine.device import resolve_device
 from quiver.server.engine.model_runner import ModelRunner
 from quiver.server.engine.sampling import InvalidParam, SamplingParams
 from quiver.server.engine.scheduler import Scheduler
@@ -68,6 +69,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None):
         self.config = config
+        resolve_device(config.device)  # a device torch cannot use is refused before anything loads
         model_dir, default_name = resolve_model(config.model)
         self.model_dir = model_dir
         self.model_name = config.served_model_name or default_name
@@ -210,9 +212,8 @@ class LLMEngine:
         """One forward pass over `rows`. If it raises, the rows are retried in halves, so that only the
         request that causes the failure fails; the others produce the tokens they would have."""
         try:
-            self.runner.zero_blocks(self.blocks.take_fresh())
             self.registry.begin_step([seq.binding for seq, _ in rows if seq.binding is not None])
-            outcome = self.runner.step(rows, self.registry.step_hooks)
+            outcome = self.runner.step(rows, self.registry.step_hooks, self.blocks.fresh)
         except Exception as exc:  # noqa: BLE001 - isolated below, one row at a time at worst
             self.step_failures += 1
             if len(rows) == 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,13 +12,15 @@ import torch
 
 from quiver.kernels.ops import ops_for
 from quiver.server.engine.config import EngineConfig
-from quiver.server.engine.sampler import SampleResult, sample, top_logprobs
+from quiver.server.engine.device import kv_cache_blocks, make_current, resolve_device, resolve_dtype
+from quiver.server.engine.sampler import SampleResult, prepare, sample, top_logprobs
 from quiver.server.engine.sequence import Sequence, TokenLogprob
 from quiver.server.engine.step_inputs import StepInputs, build_step
 from quiver.server.families.base import StepRows
 from quiver.server.model.config import ModelConfig
 from quiver.server.model.hooks import StepHooks
 from quiver.server.model.llama import LlamaModel
+from quiver.server.model.upload import StepUpload
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,11 @@ class StepOutcome:
     non_finite: list[Sequence] = field(default_factory=list)  # rows whose logits were NaN or Inf
 
 
+@dataclass
+class _Fresh:
+    index: torch.Tensor  # blocks to zero, travelling with the step's upload
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path):
         self.config = config
@@ -38,8 +46,9 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         elif config.device == "cpu":
             torch.set_num_threads(len(os.sched_getaffinity(0)))
-        self.device = torch.device(config.device)
-        self.dtype = getattr(torch, config.dtype)
+        self.device = resolve_device(config.device)
+        make_current(self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, model_dir)
         self.model_config = ModelConfig.from_dir(model_dir)
         mc = self.model_config
         limit = min(mc.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
@@ -55,76 +64,93 @@ class ModelRunner:
         self.model.load_weights(model_dir)
         self.model.eval()
         self.block_size = config.block_size
-        self.num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory_mb)
+        self.num_blocks = kv_cache_blocks(config, mc, self.dtype, self.device)
         if self.num_blocks * self.block_size < self.max_model_len:
-            raise ValueError(f"the KV cache ({self.num_blocks} blocks of {self.block_size}) cannot hold one "
-                             f"sequence of max_model_len={self.max_model_len}; give more blocks or a smaller max_model_len")
+            raise ValueError(f"the KV cache ({self.num_blocks} blocks of {self.block_size} tokens) cannot hold one "
+                             f"sequence of max_model_len={self.max_model_len}: give it more memory (--kv-cache-memory-mb, "
+                             "--num-kv-blocks, or on a GPU --gpu-memory-utilization) or a smaller --max-model-len")
         # one block more than the block manager hands out: it stays zero, and padded block tables point at it
         shape = (mc.num_kv_heads, self.num_blocks + 1, self.block_size, mc.head_dim)
         self.pad_block = self.num_blocks
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(mc.num_layers)]
+        self.upload = StepUpload(self.device)  # the step's host tensors, one copy to the device per step
         self.observers: list[Callable[[StepInputs, torch.Tensor | None], None]] = []  # see step()
         log.info("model loaded: %d layers, KV cache %d blocks x %d tokens, max_model_len %d",
                  mc.num_layers, self.num_blocks, self.block_size, self.max_model_len)
 
-    def _blocks_for_memory(self, mb: int) -> int:
-        mc = self.model_config
-        per_block = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.block_size * self.dtype.itemsize
-        return max(1, mb * 2**20 // per_block)
+    def bind_thread(self) -> None:
+        """Make this engine's device current on the calling thread (the one that steps it)."""
+        make_current(self.device)
 
     @torch.inference_mode()
-    def zero_blocks(self, blocks: list[int]) -> None:
-        """Blocks just handed out start empty: nothing of a former owner (even NaN) can be read from them."""
-        if blocks:
-            index = torch.tensor(blocks, device=self.device)
-            for k_cache, v_cache in self.kv_caches:
-                self.ops.zero_blocks(k_cache, v_cache, index)
-
-    @torch.inference_mode()
-    def step(self, rows: list[tuple[Sequence, int]], step_hooks: Callable[[StepRows], StepHooks]) -> StepOutcome:
+    def step(self, rows: list[tuple[Sequence, int]], step_hooks: Callable[[StepRows], StepHooks],
+             fresh_blocks: list[int] | None = None) -> StepOutcome:
         """Run one forward pass; record prompt logprobs; sample the rows that need a token.
 
-        step_hooks gives the adapter families' hooks for the step's rows. Each observer sees the
-        step's inputs and the logits it computed for the rows of inp.logits_index (None if none),
-        before sampling. A row with a non-finite logit is neither recorded nor sampled."""
+        The step's host tensors (its own, the families' hooks', the sampling parameters) reach the
+        device in one upload; sampled tokens come back in one copy. step_hooks gives the adapter
+        families' hooks for the step's rows. Each observer sees the step's inputs and the logits it
+        computed for the rows of inp.logits_index (None if none), before sampling. A row with a
+        non-finite logit is neither recorded nor sampled. fresh_blocks, just handed out, are zeroed
+        before the forward writes (nothing of a former owner, even NaN, can be read from them), and the
+        list emptied once they are."""
         # rows grouped by adapter: each adapter's tokens are contiguous
         rows = sorted(rows, key=lambda row: row[0].binding.sort_key if row[0].binding is not None else (-1, -1))
-        inp = build_step(rows, self.block_size, self.device, self.ops.attention_layout, self.pad_block)
+        mc = self.model_config
+        inp = build_step(rows, self.block_size, self.upload, self.ops.attention_layout, self.pad_block,
+                         mc.num_heads // mc.num_kv_heads)
+        seqs = [rows[r][0] for r in inp.sample_rows]
+        batch = prepare(seqs, self.upload) if seqs else None
         inp.hooks = step_hooks(inp.rows)
+        fresh_blocks = [] if fresh_blocks is None else fresh_blocks
+        fresh = _Fresh(torch.tensor(fresh_blocks, dtype=torch.long))
+        self.upload.defer(fresh, "index", fresh.index)
+        self.upload.upload()
+        if fresh.index.numel():
+            for k_cache, v_cache in self.kv_caches:
+                self.ops.zero_blocks(k_cache, v_cache, fresh.index)
+            fresh_blocks.clear()  # zeroed once: a retried step must not wipe what a first part wrote since
         hidden = self.model(inp, self.kv_caches)
         logits = self.model.logits(hidden.index_select(0, inp.logits_index)) if inp.logits_index.numel() else None
         for observe in self.observers:
             observe(inp, logits)
         if logits is None:
             return StepOutcome()
-        finite = torch.isfinite(logits).all(dim=1)
-        bad = set() if bool(finite.all()) else {inp.logits_rows[i] for i in (~finite).nonzero().squeeze(1).tolist()}
+        bad = {}  # request id -> sequence, for rows whose logits are not finite
         for row, first, count in inp.prompt_logprob_spans:
-            if row not in bad:
-                self._record_prompt_logprobs(rows[row][0], logits[first:first + count], rows[row][0].num_computed)
-        picked = [(r, pos) for r, pos in zip(inp.sample_rows, inp.sample_logits_pos.tolist()) if r not in bad]
-        seqs = [rows[r][0] for r, _ in picked]
-        result = None
-        if seqs:
-            positions = inp.sample_logits_pos if not bad else torch.tensor([pos for _, pos in picked], device=logits.device)
-            result = sample(logits.index_select(0, positions), seqs)
-        return StepOutcome(seqs, result, [rows[r][0] for r in sorted(bad)])
+            seq = rows[row][0]
+            if not self._record_prompt_logprobs(seq, logits[first:first + count], seq.num_computed):
+                bad[seq.request_id] = seq
+        if not seqs:
+            return StepOutcome(non_finite=list(bad.values()))
+        result = sample(logits.index_select(0, inp.sample_logits_pos), batch)
+        bad.update({seq.request_id: seq for seq, ok in zip(seqs, result.finite) if not ok})
+        if not bad:
+            return StepOutcome(seqs, result)
+        keep = [i for i, seq in enumerate(seqs) if seq.request_id not in bad]
+        result = SampleResult([result.tokens[i] for i in keep], [True] * len(keep),
+                              None if result.logprobs is None else [result.logprobs[i] for i in keep],
+                              None if result.top is None else [result.top[i] for i in keep])
+        return StepOutcome([seqs[i] for i in keep], result, list(bad.values()))
 
     @staticmethod
-    def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start: int) -> None:
+    def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, start: int) -> bool:
         """The logits at position p predict prompt token p + 1, stored at index p + 1
         (index 0, the first token, has none). Positions already stored (recompute after a
-        preemption) are skipped."""
+        preemption) are skipped. False (nothing recorded) when they are not finite."""
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)
         nv = seq.num_virtual  # soft-prompt placeholders come first and have no entries
         first = nv + len(seq.prompt_logprobs) - 1  # first position still owed
         lo, hi = max(first, start), min(start + logits.shape[0], nv + seq.num_prompt_tokens - 1)
         if lo >= hi:
-            return
+            return True
         lp = torch.log_softmax(logits[lo - start:hi - start], dim=-1)
         targets = torch.tensor(seq.token_ids[lo + 1:hi + 1], device=lp.device)
         chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+        if not all(math.isfinite(c) for c in chosen):
+            return False
         for tok, c, top in zip(targets.tolist(), chosen, top_logprobs(lp, seq.params.prompt_logprobs)):
             seq.prompt_logprobs.append(TokenLogprob(tok, c, top))
+        return True

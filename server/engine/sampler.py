@@ -3,6 +3,10 @@
 Random rows use Gumbel-max with noise hashed from (request seed, output index, token id):
 a row's draw depends on nothing but its own request, so the same seed gives the same
 output whatever else is in the batch, and no per-row generator is needed.
+
+The rows' parameters are laid out on the host before the forward pass and travel with the step's
+upload (prepare); what comes back (tokens, whether each row's logits were finite, logprobs) comes
+in one device-to-host copy (sample).
 """
 from __future__ import annotations
 
@@ -18,8 +22,41 @@ _MASK32 = 0xFFFFFFFF
 @dataclass
 class SampleResult:
     tokens: list[int]
+    finite: list[bool]  # the row's logits were all finite (a row with NaN or Inf must not be used)
     logprobs: list[float] | None  # of the chosen token, under the model's raw distribution
     top: list[list[tuple[int, float]]] | None
+
+
+@dataclass
+class SamplingBatch:
+    """The sampled rows' parameters, as host tensors handed to the step's upload."""
+    greedy_all: bool
+    filtered: bool  # some row has top-k or top-p
+    n_top: int | None  # most top logprobs a row asks for
+    temps: torch.Tensor | None = None  # [N] float32
+    top_k: torch.Tensor | None = None  # [N] int64
+    top_p: torch.Tensor | None = None  # [N] float32
+    seeds: torch.Tensor | None = None  # [N] int64
+    steps: torch.Tensor | None = None  # [N] int64, output index of the token being drawn
+    greedy: torch.Tensor | None = None  # [N] bool
+
+
+def prepare(seqs: list[Sequence], upload) -> SamplingBatch:
+    params = [s.params for s in seqs]
+    batch = SamplingBatch(greedy_all=all(p.greedy for p in params), filtered=any(p.top_k > 0 or p.top_p < 1
+                                                                                 for p in params),
+                          n_top=max((p.logprobs for p in params if p.logprobs is not None), default=None))
+    if batch.greedy_all:
+        return batch
+    batch.temps = torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32)
+    batch.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+    batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    batch.seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64)
+    batch.steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
+    batch.greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool)
+    for name in ("temps", "top_k", "top_p", "seeds", "steps", "greedy"):
+        upload.defer(batch, name, getattr(batch, name))
+    return batch
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -49,33 +86,36 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-    """logits: [N, V] float32, one row per sequence in `seqs`."""
-    params = [s.params for s in seqs]
+def to_host(t: torch.Tensor) -> list:
+    """The step's one device-to-host copy."""
+    return t.tolist()
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+    """logits: [N, V] float32, one row per prepared sequence."""
     greedy_tokens = logits.argmax(dim=-1)
-    if all(p.greedy for p in params):
+    if batch.greedy_all:
         tokens = greedy_tokens
     else:
-        dev = logits.device
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
-        x = logits / temps[:, None]
-        if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], device=dev)
-            top_p = torch.tensor([p.top_p for p in params], device=dev)
-            x = filter_top_k_top_p(x, top_k, top_p)
-        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
-        steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=dev)
-        gumbel = -torch.log(-torch.log(hashed_uniform(seeds, steps, logits.shape[-1])))
-        sampled = (x.double() + gumbel).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
-        tokens = torch.where(greedy, greedy_tokens, sampled)
-    n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-    if n_top is None:
-        return SampleResult(tokens.tolist(), None, None)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    top = top_logprobs(logprobs, n_top)
-    return SampleResult(tokens.tolist(), chosen, top)
+        x = logits / batch.temps[:, None]
+        if batch.filtered:
+            x = filter_top_k_top_p(x, batch.top_k, batch.top_p)
+        gumbel = -torch.log(-torch.log(hashed_uniform(batch.seeds, batch.steps, logits.shape[-1])))
+        tokens = torch.where(batch.greedy, greedy_tokens, (x.double() + gumbel).argmax(dim=-1))
+    columns = [tokens.double()[:, None], torch.isfinite(logits).all(dim=-1).double()[:, None]]
+    n_top = batch.n_top
+    if n_top is not None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        columns.append(logprobs.gather(1, tokens[:, None]).double())
+        if n_top:
+            values, ids = logprobs.topk(n_top, dim=-1)
+            columns += [values.double(), ids.double()]
+    rows = to_host(torch.cat(columns, dim=1))
+    result = SampleResult([int(r[0]) for r in rows], [r[1] == 1.0 for r in rows], None, None)
+    if n_top is not None:
+        result.logprobs = [r[2] for r in rows]
+        result.top = [list(zip(map(int, r[3 + n_top:]), r[3:3 + n_top])) for r in rows]
+    return result
 
 
 def top_logprobs(logprobs: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quiver.kernels.meta import attention_tiles
 from quiver.kernels.torch_ops import attention_mask
 from quiver.server.engine.sequence import Sequence
 from quiver.server.families.base import StepRows
 from quiver.server.model.hooks import StepHooks
+from quiver.server.model.upload import StepUpload
 
 
 # mask elements (rows x queries x keys) one attention group may hold; padding allowed beyond the real
@@ -37,6 +39,7 @@ class AttnGroup:
     q_lens: torch.Tensor | None = None  # [B]
     kv_offset: torch.Tensor | None = None  # [B] cache index where the row's own tokens begin
     prefix_len: torch.Tensor | None = None  # [B] adapter prefix keys at cache indices 0..prefix_len-1
+    m_tiles: torch.Tensor | None = None  # [tiles, 2] int32 (row, block of queries x heads): the kernel's grid
     # "masked" layout: which query sees which key, L = NB * block size
     allowed: torch.Tensor | None = None  # [B, Q, L] bool
 
@@ -56,10 +59,13 @@ class StepInputs:
     hooks: StepHooks = field(default_factory=StepHooks)  # the adapter effects (model.hooks)
 
 
-def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.device | str,
-               attention_layout: str, pad_block: int) -> StepInputs:
-    """The step's tensors, on `device`, with attention groups in `attention_layout` ("masked" or
-    "paged", kernels.ops); pad_block: a cache block that always holds zeros."""
+def build_step(rows: list[tuple[Sequence, int]], block_size: int, upload: StepUpload, attention_layout: str,
+               pad_block: int, heads_per_kv: int = 1) -> StepInputs:
+    """The step's tensors, built on the host and handed to `upload` (the device sees them after
+    upload.upload()), with attention groups in `attention_layout` ("masked" or "paged", kernels.ops);
+    pad_block: a cache block that always holds zeros; heads_per_kv: query heads per KV head (the
+    paged kernel's row tiles hold queries x heads of one KV head)."""
+    device = upload.device
     n_rows = len(rows)
     ids: list[int] = []
     starts, lens, tables, kv_offs, prefix_lens = [], [], [], [], []
@@ -87,7 +93,7 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.
 
     if attention_layout == "paged":
         groups = [_paged_group(torch.tensor(members), start_t, len_t, offsets, block_tables, block_size, kv_off_t,
-                               prefix_t)
+                               prefix_t, heads_per_kv)
                   for members in ([i for i, n in enumerate(lens) if n == 1], [i for i, n in enumerate(lens) if n > 1])
                   if members]
     else:
@@ -114,25 +120,19 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, device: torch.
             logits_index.append(first + n - 1)
             logits_rows.append(r)
 
-    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    inp = StepInputs(
+        input_ids=torch.tensor(ids, dtype=torch.long), positions=positions, slot_mapping=slots, attn_groups=groups,
+        logits_index=torch.tensor(logits_index, dtype=torch.long), logits_rows=logits_rows, sample_rows=sample_rows,
+        sample_logits_pos=torch.tensor(sample_pos, dtype=torch.long), prompt_logprob_spans=spans,
+        rows=StepRows(rows, len_t, offsets.tolist(), torch.device(device), upload))
+    for name in ("input_ids", "positions", "slot_mapping", "logits_index", "sample_logits_pos"):
+        upload.defer(inp, name, getattr(inp, name))
     for g in groups:
         for name in ("query_index", "valid_index", "token_index", "block_tables", "q_start", "q_lens", "kv_offset",
-                     "prefix_len", "allowed"):
-            value = getattr(g, name)
-            if value is not None:
-                setattr(g, name, to(value))
-    return StepInputs(
-        input_ids=to(torch.tensor(ids, dtype=torch.long)),
-        positions=to(positions),
-        slot_mapping=to(slots),
-        attn_groups=groups,
-        logits_index=to(torch.tensor(logits_index, dtype=torch.long)),
-        logits_rows=logits_rows,
-        sample_rows=sample_rows,
-        sample_logits_pos=to(torch.tensor(sample_pos, dtype=torch.long)),
-        prompt_logprob_spans=spans,
-        rows=StepRows(rows, len_t, offsets.tolist(), torch.device(device)),
-    )
+                     "prefix_len", "allowed", "m_tiles"):
+            if getattr(g, name) is not None:
+                upload.defer(g, name, getattr(g, name))
+    return inp
 
 
 def plan_attention(starts: list[int], lens: list[int], kv_offsets: list[int]) -> list[list[tuple[int, int, int]]]:
@@ -174,7 +174,8 @@ def _masked_group(items, start_t, offsets, kv_off_t, prefix_t, block_tables, blo
     return group
 
 
-def _paged_group(members, start_t, len_t, offsets, block_tables, block_size, kv_off_t, prefix_t) -> AttnGroup:
+def _paged_group(members, start_t, len_t, offsets, block_tables, block_size, kv_off_t, prefix_t,
+                 heads_per_kv: int) -> AttnGroup:
     q_lens, starts = len_t[members], start_t[members]
     kv_off, prefix = kv_off_t[members], prefix_t[members]
     max_q = int(q_lens.max())
@@ -182,6 +183,7 @@ def _paged_group(members, start_t, len_t, offsets, block_tables, block_size, kv_
     group = _query_slots(offsets[members], q_lens, max_q)
     group.block_tables, group.q_start, group.q_lens = block_tables[members, :nb], starts, q_lens
     group.kv_offset, group.prefix_len = kv_off, prefix
+    group.m_tiles = attention_tiles(q_lens, heads_per_kv)
     return group
 
 

@@ -34,11 +34,22 @@ class Binding:
 @dataclass
 class StepRows:
     """A step's rows as the families' step hooks need them: (sequence, new tokens) per row, in step
-    order, each row's token count and its first token's index in the flat batch."""
+    order, each row's token count and its first token's index in the flat batch; `upload` takes the
+    hooks' host tensors to the device with the step's (server.model.upload)."""
     rows: list
     lens: torch.Tensor  # [rows] on the CPU
     offsets: list[int]
     device: torch.device
+    upload: object  # server.model.upload.StepUpload
+
+    def token_slots(self, family) -> torch.Tensor | None:
+        """[tokens] int64: each token's slot in `family`, -1 for tokens of other rows; None when no
+        row of the step is the family's."""
+        slots = [seq.binding.slot if seq.binding is not None and seq.binding.family is family else -1
+                 for seq, _ in self.rows]
+        if max(slots) < 0:
+            return None
+        return torch.repeat_interleave(torch.tensor(slots), self.lens)
 
 
 class AdapterFamily(Protocol):

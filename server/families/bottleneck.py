@@ -22,7 +22,8 @@ class BottleneckFamily:
         self.adapters: list[BottleneckAdapter] = []
         self.layers: list[dict[str, tuple[torch.Tensor, ...]]] = []
         self.activations: list[str] = []
-        self.input_is_sum = torch.zeros(1, device=device)  # per slot, plus 0 for base rows (last)
+        self.kind_of: dict[str, torch.Tensor] = {}  # activation -> [slots] bool on the device
+        self.input_is_sum = torch.zeros(1)  # per slot, plus 0 for base rows (last); on the host
         self._index: dict[str, int] = {}
 
     def read(self, name: str, path: str) -> BottleneckAdapter:
@@ -57,8 +58,8 @@ class BottleneckFamily:
     def _stack(self) -> None:
         self._index = {a.name: i for i, a in enumerate(self.adapters)}
         if not self.adapters:
-            self.layers, self.activations = [], []
-            self.input_is_sum = torch.zeros(1, device=self.device, dtype=self.dtype)
+            self.layers, self.activations, self.kind_of = [], [], {}
+            self.input_is_sum = torch.zeros(1)
             return
         n, h = len(self.adapters), self.hidden
         width = max(a.width for a in self.adapters)
@@ -79,21 +80,19 @@ class BottleneckFamily:
             layers.append(groups)
         self.layers = layers
         self.activations = [a.activation for a in self.adapters]
-        self.input_is_sum = torch.tensor([float(a.input_is_sum) for a in self.adapters] + [0.0],
-                                         device=self.device, dtype=self.dtype)
+        self.kind_of = {kind: torch.tensor([a == kind for a in self.activations], device=self.device)
+                        for kind in set(self.activations)}
+        self.input_is_sum = torch.tensor([float(a.input_is_sum) for a in self.adapters] + [0.0])
 
     def step_hook(self, step: StepRows):
-        slots = [seq.binding.slot if seq.binding is not None and seq.binding.family is self else -1
-                 for seq, _ in step.rows]
-        if max(slots) < 0:
+        token_slots = step.token_slots(self)
+        if token_slots is None:
             return None
-        row_slots = torch.tensor(slots)
-        token_slots = torch.repeat_interleave(row_slots, step.lens)
-        meta = build_lora_meta(token_slots, set(), 0, step.device)
-        if meta is None:
-            return None
-        input_is_sum = self.input_is_sum[token_slots.to(self.input_is_sum.device)][:, None]
-        return BottleneckStep(self, meta, input_is_sum)
+        meta = build_lora_meta(token_slots, set(), 0)  # the torch op on every device
+        meta.upload(step.upload)
+        out = BottleneckStep(self, meta, self.input_is_sum[token_slots][:, None].to(self.dtype))
+        step.upload.defer(out, "input_is_sum", out.input_is_sum)
+        return out
 
 
 class BottleneckStep:
@@ -106,4 +105,4 @@ class BottleneckStep:
         f = self.family
         down, down_b, up, up_b = f.layers[layer][loc]
         z = torch.addcmul(o, self.input_is_sum, r)
-        f.ops.bottleneck_apply(z, y, down, down_b, up, up_b, f.activations, self.meta)
+        f.ops.bottleneck_apply(z, y, down, down_b, up, up_b, f.activations, self.meta, f.kind_of)

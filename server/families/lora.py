@@ -20,6 +20,17 @@ from quiver.server.model.layout import GROUP_OF, GROUPS, module_shapes
 
 
 @dataclass
+class StagedLora:
+    """A read LoRA adapter, and its tensors as a slot load copies them: (layer, module) -> (A, B^T, g - 1)."""
+    adapter: LoraAdapter
+    tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+
+@dataclass
 class GroupSlots:
     weights: LoraBuffers
     dora_m1: torch.Tensor  # [slots + 1, out_total]: g - 1 (0 without DoRA; last row for base tokens)
@@ -38,13 +49,27 @@ class LoraFamily:
         self.dora_slots: set[int] = set()
 
     # ---- adapters ------------------------------------------------------------------------------
-    def read(self, name: str, path: str) -> LoraAdapter:
+    def read(self, name: str, path: str) -> StagedLora:
         if self.num_slots == 0:
             raise AdapterError(f"{path}: LoRA serving is off (--max-loras 0)")
-        return load_lora(name, path, self.cfg.num_layers, module_shapes(self.cfg), self.model.base_weight,
-                         self.max_rank, **self.files)
+        return self.stage(load_lora(name, path, self.cfg.num_layers, module_shapes(self.cfg), self.model.base_weight,
+                                    self.max_rank, **self.files))
 
-    def register(self, adapter: LoraAdapter) -> None:
+    def stage(self, adapter: LoraAdapter) -> StagedLora:
+        """The adapter's tensors as a slot load copies them (B transposed, in the serving dtype, pinned
+        when the slots are on a GPU): done when read, off the engine thread, so that putting it in a
+        slot is a few non-blocking copies."""
+        pin = self.model.embed.device.type == "cuda"
+        dtype = self.model.dtype
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(dtype).contiguous()
+            return t.pin_memory() if pin else t
+
+        return StagedLora(adapter, {key: (host(m.a), host(m.b.T), None if m.dora_scale is None else host(m.dora_scale - 1))
+                                    for key, m in adapter.modules.items()})
+
+    def register(self, adapter: StagedLora) -> None:
         self.adapters[adapter.name] = adapter
 
     def unregister(self, name: str) -> None:
@@ -60,7 +85,7 @@ class LoraFamily:
         return 0
 
     def info(self, name: str) -> dict:
-        a = self.adapters[name]
+        a = self.adapters[name].adapter
         return {"name": name, "family": "lora", "peft_type": a.spec.peft_type, "rank": a.rank,
                 "target_modules": a.targets, "dora": a.uses_dora, "bytes": a.nbytes}
 
@@ -95,27 +120,25 @@ class LoraFamily:
         if not self.layers:
             self._allocate()
         self.clear_slot(slot)
-        adapter = self.adapters[name]
-        for (layer, module), m in adapter.modules.items():
+        staged = self.adapters[name]
+        for (layer, module), (a, b_t, dora_m1) in staged.tensors.items():
             group, s = GROUP_OF[module]
             g = self.layers[layer][group]
-            self.ops.lora_write(g.weights, slot, s, m.a, m.b)
-            if m.dora_scale is not None:
+            self.ops.lora_write(g.weights, slot, s, a, b_t)
+            if dora_m1 is not None:
                 lo, hi = g.weights.offsets[s], g.weights.offsets[s + 1]
-                g.dora_m1[slot, lo:hi].copy_(m.dora_scale - 1)
-        if adapter.uses_dora:
+                g.dora_m1[slot, lo:hi].copy_(dora_m1, non_blocking=True)
+        if staged.adapter.uses_dora:
             self.dora_slots.add(slot)
 
     # ---- steps -----------------------------------------------------------------------------------
     def step_hook(self, step: StepRows):
-        slots = [seq.binding.slot if seq.binding is not None and seq.binding.family is self else -1
-                 for seq, _ in step.rows]
-        if max(slots) < 0:
+        token_slots = step.token_slots(self)
+        if token_slots is None:
             return None
-        row_slots = torch.tensor(slots)
-        meta = build_lora_meta(torch.repeat_interleave(row_slots, step.lens), self.dora_slots, self.num_slots,
-                               step.device)
-        return None if meta is None else LoraStep(self, meta)
+        meta = build_lora_meta(token_slots, self.dora_slots, self.num_slots, self.ops.name)
+        meta.upload(step.upload)
+        return LoraStep(self, meta)
 
 
 class LoraStep:

@@ -91,8 +91,9 @@ class PromptFamily:
                 embeds.append(b.soft_prompt[start:end])
         if not index:
             return None
-        return SoftPromptStep(torch.tensor(index, dtype=torch.long).to(step.device, non_blocking=True),
-                              torch.cat(embeds))
+        out = SoftPromptStep(torch.tensor(index, dtype=torch.long), torch.cat(embeds))
+        step.upload.defer(out, "index", out.index)
+        return out
 
 
 class SoftPromptStep:

@@ -1,0 +1,47 @@
+"""Models for measuring where no checkpoint can be fetched (a GPU machine with no network): random
+weights in a real model's shapes, with a plain word-level tokenizer. Speed depends on shapes alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# the shapes of SmolLM2-135M-Instruct (the embedded default) and of a Llama-3-8B
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+}
+
+
+def plain_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose token i is the word "t{i}" (token 1 BOS, 2 EOS, 0 unknown)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    vocab["<unk>"] = 0
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t1", eos_token="t2", unk_token="<unk>")
+
+
+def random_model(path: Path, shape: str = "smollm2-135m", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A Llama-family checkpoint folder with random weights in `shape`, its tokenizer beside it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, initializer_range=0.02, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(path)
+    plain_tokenizer(cfg.vocab_size).save_pretrained(path)
+    (path / "RANDOM.md").write_text(json.dumps({"shape": shape, "seed": seed, "weights": "random"}) + "\n")
+    return path

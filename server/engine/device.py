@@ -1,0 +1,97 @@
+"""The one place that decides where the engine runs: the device (checked to exist, made current for
+Triton's launches), the dtype `auto` resolves to, and how many KV-cache blocks fit.
+
+On a GPU the KV cache takes what the weights, the LoRA slots and a working reserve leave of
+--gpu-memory-utilization x the device's memory, as vLLM sizes it; on the CPU it is
+--kv-cache-memory-mb (512 MiB unless given).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+CPU_KV_CACHE_MB = 512
+MiB = 2**20
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device `name` names, checked: a clear ValueError when torch cannot use it."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch sees no CUDA device (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'no'})")
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: there {'is' if count == 1 else 'are'} only {count} CUDA device(s)")
+        device = torch.device("cuda", device.index or 0)
+    return device
+
+
+def make_current(device: torch.device) -> None:
+    """Triton launches on the thread's current CUDA device, not the tensors': make `device` current
+    (call once per thread that steps the engine)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def resolve_dtype(name: str, device: torch.device, model_dir: Path) -> torch.dtype:
+    """`auto`: on a GPU the checkpoint's own dtype (bf16 for most models, float32 kept), else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    stored = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(stored), torch.float32)
+
+
+def kv_block_bytes(mc, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * block_size * dtype.itemsize
+
+
+def lora_slot_bytes(mc, max_loras: int, max_rank: int, dtype: torch.dtype) -> int:
+    """What the LoRA family's device slots take (allocated with the first adapter)."""
+    if max_loras == 0:
+        return 0
+    h, d, inter = mc.hidden_size, mc.head_dim, mc.intermediate_size
+    qkv, o = (mc.num_heads + 2 * mc.num_kv_heads) * d, mc.num_heads * d
+    per_layer = sum(s * max_rank * n_in + s * max_rank * n_out + n_out  # a, b (block-diagonal at most), g - 1
+                    for s, n_in, n_out in ((3, h, qkv), (1, o, h), (2, h, 2 * inter), (1, inter, h)))
+    return mc.num_layers * (max_loras + 1) * per_layer * dtype.itemsize
+
+
+def working_reserve(mc, max_num_batched_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
+    """A bound on one step's transient memory: activations of the widest layer for every token, and the
+    sampler's float64 [rows, vocab] temporaries."""
+    widest = max(2 * mc.intermediate_size, (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim, mc.hidden_size)
+    activations = 4 * max_num_batched_tokens * (widest + 2 * mc.hidden_size) * max(dtype.itemsize, 4)
+    sampler = 6 * max_num_seqs * mc.vocab_size * 8
+    return activations + sampler + 256 * MiB
+
+
+def kv_cache_blocks(config, mc, dtype: torch.dtype, device: torch.device,
+                    memory_info: Callable[[], tuple[int, int]] | None = None) -> int:
+    """KV-cache blocks for this configuration: --num-kv-blocks, else --kv-cache-memory-mb, else (on a
+    GPU) what memory_info() = (free, total) bytes leaves under --gpu-memory-utilization, after the
+    weights already placed, the LoRA slots and the working reserve."""
+    per_block = kv_block_bytes(mc, config.block_size, dtype)
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    if config.kv_cache_memory_mb is not None or device.type != "cuda":
+        return max(1, (config.kv_cache_memory_mb or CPU_KV_CACHE_MB) * MiB // per_block)
+    free, total = (memory_info or (lambda: torch.cuda.mem_get_info(device)))()
+    used = total - free  # the weights, and anything else on the device
+    budget = (config.gpu_memory_utilization * total - used
+              - lora_slot_bytes(mc, config.max_loras, config.max_lora_rank, dtype)
+              - working_reserve(mc, config.max_num_batched_tokens, config.max_num_seqs, dtype))
+    blocks = int(max(budget, 0) // per_block)
+    log.info("KV cache: %d blocks of %d tokens (%.1f GiB) from %.0f%% of %.1f GiB, %.1f GiB already in use",
+             blocks, config.block_size, blocks * per_block / 2**30, 100 * config.gpu_memory_utilization,
+             total / 2**30, used / 2**30)
+    return blocks
