@@ -96,17 +96,22 @@ def peft_logits(base, path, ids: list[int], dtype=torch.float32) -> torch.Tensor
         _release(model)
 
 
-def forward_greedy(model, ids: list[int], n: int, eos_token_id: int | None = None) -> list[int]:
+def forward_greedy(model, ids: list[int], n: int, eos_token_id: int | None = None, process=None) -> list[int]:
     """Greedy tokens from a loop over `model`'s forward, the whole sequence recomputed every step.
 
     The oracle for generated text: it is the computation an adapter was trained with, and unlike
     PEFT's `generate` it does not depend on how a transformers release threads caches through
-    prompt learning. Stops after `eos_token_id` (kept in the output, as `generate` keeps it)."""
+    prompt learning. Stops after `eos_token_id` (kept in the output, as `generate` keeps it).
+    process(seq, scores) -> scores, if given, changes the last position's [1, V] float64 logits
+    (seq: the prompt and the tokens so far) before the choice."""
     seq, out = list(ids), []
     with torch.no_grad():
         for _ in range(n):
             logits = model(input_ids=torch.tensor([seq]), attention_mask=torch.ones(1, len(seq), dtype=torch.long)).logits
-            token = int(logits[0, -1].argmax())
+            scores = logits[0, -1:].double()
+            if process is not None:
+                scores = process(seq, scores)
+            token = int(scores[0].argmax())
             seq.append(token)
             out.append(token)
             if token == eos_token_id:
@@ -114,11 +119,11 @@ def forward_greedy(model, ids: list[int], n: int, eos_token_id: int | None = Non
     return out
 
 
-def peft_greedy(base, path, ids: list[int], n: int, eos_token_id: int | None = None) -> list[int]:
+def peft_greedy(base, path, ids: list[int], n: int, eos_token_id: int | None = None, process=None) -> list[int]:
     """PEFT's greedy continuation of `ids` with the adapter at `path`, through its forward."""
     model = PeftModel.from_pretrained(base, path).eval()
     try:
-        return forward_greedy(model, ids, n, eos_token_id)
+        return forward_greedy(model, ids, n, eos_token_id, process)
     finally:
         _release(model)
 

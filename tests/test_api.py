@@ -107,8 +107,24 @@ BAD_REQUESTS = [
     ({"prompt": "hi", "max_tokens": 500}, "max_tokens"),
     ({"prompt": [1, 2, 99999999]}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
-    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "n": 300}, "n"),
+    ({"prompt": "hi", "best_of": 3}, "best_of"),
     ({"prompt": "hi", "logprobs": 9}, "logprobs"),
+    # fields that would change the output, refused by name rather than ignored
+    ({"prompt": "hi", "suffix": "!"}, "suffix"),
+    ({"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "hi", "length_penalty": 2.0}, "length_penalty"),
+    ({"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"prompt": "hi", "no_such_field": 1}, "no_such_field"),
+    ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "hi", "min_tokens": 99, "max_tokens": 4}, "min_tokens"),
+    ({"prompt": "hi", "guided_choice": []}, "guided_choice"),
+    ({"prompt": "hi", "guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+    ({"prompt": "hi", "guided_json": {"type": "array", "uniqueItems": True}}, "guided_json"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"prompt": "hi", "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
 ]
 
 

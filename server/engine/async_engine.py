@@ -14,7 +14,8 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from quiver.server.engine.llm_engine import LLMEngine, RequestOutput
+from quiver.server.engine.llm_engine import LLMEngine
+from quiver.server.engine.outputs import RequestOutput
 from quiver.server.engine.metrics import Metrics
 from quiver.server.engine.sampling import SamplingParams
 
@@ -84,6 +85,10 @@ class AsyncEngine:
         the engine checks again when it takes the request)."""
         self.engine.check_request(prompt_ids, params, adapter)
 
+    def compile_grammar(self, spec):
+        """A request's grammar (engine.grammar), compiled on the calling thread; raises InvalidParam."""
+        return self.engine.grammars.compile(spec)
+
     def known_adapters(self) -> list[str]:
         """Adapters a request may name, resident or on disk (a snapshot)."""
         return list(self.engine.registry.known)
@@ -99,14 +104,15 @@ class AsyncEngine:
         return self.engine.health()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield outputs until the request finishes; abandoning the iterator aborts it."""
+                       request_id: str | None = None, fork_of: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield outputs until the request finishes; abandoning the iterator aborts it. fork_of: see
+        LLMEngine.add_request (the request is queued when iteration starts)."""
         self.check_request(prompt_ids, params, adapter)
         rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._streams[rid] = (asyncio.get_running_loop(), queue)
-            self._adds.append((prompt_ids, params, adapter, rid))
+            self._adds.append((prompt_ids, params, adapter, rid, fork_of))
         self._wake.set()
         finished = False
         loop = asyncio.get_running_loop()
@@ -204,12 +210,12 @@ class AsyncEngine:
                 future.set_exception(exc)
         for rid in aborts:
             self.engine.abort(rid)
-        for prompt_ids, params, adapter, rid in adds:
+        for prompt_ids, params, adapter, rid, fork_of in adds:
             with self._lock:
                 if rid not in self._streams:  # aborted while it waited
                     continue
             try:
-                self.engine.add_request(prompt_ids, params, adapter, request_id=rid)
+                self.engine.add_request(prompt_ids, params, adapter, request_id=rid, fork_of=fork_of)
             except Exception as exc:  # checked before queueing, so only a race gets here
                 self._deliver(rid, exc, last=True)
 

@@ -45,6 +45,13 @@ class BlockManager:
             seq.block_table.append(block)
             self.fresh.append(block)
 
+    def share(self, seq: Sequence, blocks: list[int]) -> None:
+        """`seq`, holding no blocks, starts with `blocks` (another sequence's full, read-only ones)."""
+        assert not seq.block_table
+        for block in blocks:
+            self._refs[block] += 1
+        seq.block_table = list(blocks)
+
     def free(self, seq: Sequence) -> None:
         self.release(seq.block_table)
         seq.block_table = []

@@ -11,9 +11,9 @@ def append_text(tokenizer, seq: Sequence) -> None:
     leading-space rules come out as in a full decode; waits while the window ends in an
     incomplete UTF-8 character.
     """
-    ids = seq.token_ids
-    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+    ids, skip = seq.token_ids, seq.params.skip_special_tokens
+    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
+    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=skip)
     if len(full) > len(prefix) and not full.endswith("\ufffd"):
         seq.text += full[len(prefix):]
         seq.prefix_offset = seq.read_offset
@@ -21,13 +21,16 @@ def append_text(tokenizer, seq: Sequence) -> None:
 
 
 def find_stop(seq: Sequence, new_from: int) -> int | None:
-    """Index in seq.text where the first stop string begins, looking only where new text could complete one."""
+    """Where seq.text ends at its first stop string (the string cut, or kept with include_stop_str_in_output),
+    looking only where new text could complete one; None when there is none."""
     best = None
     for stop in seq.params.stop:
         idx = seq.text.find(stop, max(0, new_from - len(stop) + 1))
-        if idx != -1 and (best is None or idx < best):
-            best = idx
-    return best
+        if idx != -1 and (best is None or idx < best[0]):
+            best = idx, idx + len(stop)
+    if best is None:
+        return None
+    return best[1] if seq.params.include_stop_str_in_output else best[0]
 
 
 def releasable_text(seq: Sequence) -> str:

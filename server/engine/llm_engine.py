@@ -10,13 +10,14 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.detokenizer import append_text, find_stop, releasable_text
 from quiver.server.engine.device import resolve_device
+from quiver.server.engine.grammar import Grammars
 from quiver.server.engine.model_runner import ModelRunner
+from quiver.server.engine.outputs import EngineStats, RequestFailed, RequestOutput
 from quiver.server.engine.sampling import InvalidParam, SamplingParams
 from quiver.server.engine.scheduler import Scheduler
 from quiver.server.engine.sequence import Sequence, Status, TokenLogprob
@@ -28,42 +29,6 @@ from quiver.server.model.checkpoint import resolve_model
 
 log = logging.getLogger(__name__)
 STALL_SECONDS = 60.0  # requests waiting this long with no step running any of them: unhealthy
-
-
-class RequestFailed(RuntimeError):
-    """One request could not be served; the others go on. `code` names why, `status` is its HTTP status."""
-
-    def __init__(self, message: str, code: str, status: int = 500):
-        super().__init__(message)
-        self.code, self.status = code, status
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    new_logprobs: list[TokenLogprob] = field(default_factory=list)
-    finished: bool = False
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output only
-    seq: Sequence | None = None  # for timing metrics; read-only to consumers
-    error: Exception | None = None  # the request failed (e.g. its adapter could not be read)
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    kv_usage: float  # fraction of KV blocks in use
-    preemptions: int  # so far
-    adapters_resident: dict[str, int]  # tier -> adapters
-    adapter_evictions: dict[str, int]  # tier -> adapters moved out of it so far
-    step_failures: int  # forward passes that raised so far (each is retried without its culprit)
-    healthy: bool
-    unhealthy_reason: str | None = None
 
 
 class LLMEngine:
@@ -88,6 +53,7 @@ class LLMEngine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
@@ -141,17 +107,30 @@ class LLMEngine:
                 f"blocks; the cache has {have} besides the adapter prefixes it holds")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None) -> Sequence:
-        """Queue a request. One naming an adapter on disk is parked until a worker has read it."""
+                    request_id: str | None = None, fork_of: str | None = None) -> Sequence:
+        """Queue a request. One naming an adapter on disk is parked until a worker has read it.
+
+        fork_of: the id of an earlier request with the same prompt and adapter (another choice of the
+        same n > 1 request): this one waits until that one has computed the prompt's full KV blocks,
+        shares them, and computes only the rest of the prompt itself."""
         self.check_request(prompt_ids, params, adapter)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
+        leader = self.seqs.get(fork_of) if fork_of is not None else None
+        if leader is not None and (leader.prompt_ids != list(prompt_ids) or leader.adapter != adapter):
+            raise ValueError("a fork has its leader's prompt and adapter")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         resident = adapter is None or self.registry.is_resident(adapter)
         binding = self.registry.bind(adapter) if adapter is not None and resident else None
-        seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter, binding=binding)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter, binding=binding,
+                       stop_ids=tuple(sorted(stop_ids)),
+                       grammar=None if params.grammar is None else params.grammar.matcher())
         self.seqs[rid] = seq
+        if leader is not None and leader.num_computed == 0:
+            seq.fork_from = leader
+            leader.forks.append(seq)
         if adapter is not None:
             self.registry.pin(adapter)
         if resident:
@@ -168,6 +147,10 @@ class LLMEngine:
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         """Finish a request wherever it is: its blocks and its adapter pin go back."""
+        self._release_forks(seq, share=False)
+        if seq.fork_from is not None:
+            seq.fork_from.forks.remove(seq)
+            seq.fork_from = None
         if seq.status is Status.PARKED:
             self.registry.unpark(seq)
         if not seq.finished:
@@ -229,6 +212,8 @@ class LLMEngine:
         for seq, n in rows:
             if not seq.finished:
                 seq.num_computed += n
+                if seq.forks:
+                    self._release_forks(seq, share=True)
         now = time.monotonic()
         result = outcome.result
         for i, seq in enumerate(outcome.sampled):
@@ -237,6 +222,22 @@ class LLMEngine:
                 logprob = TokenLogprob(result.tokens[i], result.logprobs[i], result.top[i][:seq.params.logprobs])
             outputs.append(self._append_token(seq, result.tokens[i], logprob, now))
         return outputs
+
+    def _release_forks(self, leader: Sequence, share: bool) -> None:
+        """Let the requests waiting on `leader`'s prompt go: sharing its full prompt blocks once they are
+        computed (share), or computing the prompt themselves (the leader is gone)."""
+        if not leader.forks:
+            return
+        bs = self.blocks.block_size
+        full = (leader.num_virtual + leader.num_prompt_tokens - 1) // bs  # the last prompt token stays each one's
+        if share and leader.num_computed < full * bs:
+            return
+        for seq in leader.forks:
+            seq.fork_from = None
+            if share and full:
+                self.blocks.share(seq, leader.block_table[:len(leader.shared_blocks) + full])
+                seq.num_computed = full * bs
+        leader.forks = []
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         self._retire(seq, "error")
@@ -278,16 +279,20 @@ class LLMEngine:
             seq.output_logprobs.append(logprob)
         p = seq.params
         reason = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            return self._fail(seq, RequestFailed(f"token {token} broke the request's grammar", "grammar_rejected"))
+        if token in seq.stop_ids:
             reason = "stop"
         else:
             before = len(seq.text)
             append_text(self.tokenizer, seq)
-            if p.stop and len(seq.text) > before:
-                idx = find_stop(seq, before)
-                if idx is not None:
-                    seq.text = seq.text[:idx]
+            if p.stop and len(seq.text) > before and seq.num_output_tokens >= p.min_tokens:
+                end = find_stop(seq, before)
+                if end is not None:
+                    seq.text = seq.text[:end]
                     reason = "stop"
+        if reason is None and seq.grammar is not None and seq.grammar.finished:
+            reason = "stop"  # the grammar is complete and allows nothing but a stop token
         if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:

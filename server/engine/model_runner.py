@@ -101,7 +101,7 @@ class ModelRunner:
         inp = build_step(rows, self.block_size, self.upload, self.ops.attention_layout, self.pad_block,
                          mc.num_heads // mc.num_kv_heads)
         seqs = [rows[r][0] for r in inp.sample_rows]
-        batch = prepare(seqs, self.upload) if seqs else None
+        batch = prepare(seqs, self.model_config.vocab_size, self.upload) if seqs else None
         inp.hooks = step_hooks(inp.rows)
         fresh_blocks = [] if fresh_blocks is None else fresh_blocks
         fresh = _Fresh(torch.tensor(fresh_blocks, dtype=torch.long))

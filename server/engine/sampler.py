@@ -6,7 +6,8 @@ output whatever else is in the batch, and no per-row generator is needed.
 
 The rows' parameters are laid out on the host before the forward pass and travel with the step's
 upload (prepare); what comes back (tokens, whether each row's logits were finite, logprobs) comes
-in one device-to-host copy (sample).
+in one device-to-host copy (sample). Logprobs are the model's raw ones, before any adjustment
+(logit_adjust) or temperature, as vLLM reports them.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quiver.server.engine import logit_adjust
 from quiver.server.engine.sequence import Sequence
 
 _MASK32 = 0xFFFFFFFF
@@ -33,6 +35,8 @@ class SamplingBatch:
     greedy_all: bool
     filtered: bool  # some row has top-k or top-p
     n_top: int | None  # most top logprobs a row asks for
+    adjust: logit_adjust.Adjustments | None = None
+    min_p: torch.Tensor | None = None  # [N] float32, when some random row has one
     temps: torch.Tensor | None = None  # [N] float32
     top_k: torch.Tensor | None = None  # [N] int64
     top_p: torch.Tensor | None = None  # [N] float32
@@ -41,13 +45,17 @@ class SamplingBatch:
     greedy: torch.Tensor | None = None  # [N] bool
 
 
-def prepare(seqs: list[Sequence], upload) -> SamplingBatch:
+def prepare(seqs: list[Sequence], vocab: int, upload) -> SamplingBatch:
     params = [s.params for s in seqs]
     batch = SamplingBatch(greedy_all=all(p.greedy for p in params), filtered=any(p.top_k > 0 or p.top_p < 1
                                                                                  for p in params),
-                          n_top=max((p.logprobs for p in params if p.logprobs is not None), default=None))
+                          n_top=max((p.logprobs for p in params if p.logprobs is not None), default=None),
+                          adjust=logit_adjust.plan(seqs, vocab, upload))
     if batch.greedy_all:
         return batch
+    if any(p.min_p > 0 and not p.greedy for p in params):
+        batch.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+        upload.defer(batch, "min_p", batch.min_p)
     batch.temps = torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32)
     batch.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
     batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
@@ -91,21 +99,33 @@ def to_host(t: torch.Tensor) -> list:
     return t.tolist()
 
 
+def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every token whose probability is below min_p times the row's top probability."""
+    probs = logits.softmax(dim=-1)
+    floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
-    """logits: [N, V] float32, one row per prepared sequence."""
+    """logits: [N, V] float32, one row per prepared sequence (a copy: adjusted in place)."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1) if batch.n_top is not None else None
+    if batch.adjust is not None:
+        logit_adjust.apply(logits, batch.adjust)
     greedy_tokens = logits.argmax(dim=-1)
     if batch.greedy_all:
         tokens = greedy_tokens
     else:
         x = logits / batch.temps[:, None]
+        if batch.min_p is not None:
+            x = filter_min_p(x, batch.min_p)
         if batch.filtered:
             x = filter_top_k_top_p(x, batch.top_k, batch.top_p)
         gumbel = -torch.log(-torch.log(hashed_uniform(batch.seeds, batch.steps, logits.shape[-1])))
         tokens = torch.where(batch.greedy, greedy_tokens, (x.double() + gumbel).argmax(dim=-1))
-    columns = [tokens.double()[:, None], torch.isfinite(logits).all(dim=-1).double()[:, None]]
+    columns = [tokens.double()[:, None], finite.double()[:, None]]
     n_top = batch.n_top
     if n_top is not None:
-        logprobs = torch.log_softmax(logits, dim=-1)
         columns.append(logprobs.gather(1, tokens[:, None]).double())
         if n_top:
             values, ids = logprobs.topk(n_top, dim=-1)

@@ -75,6 +75,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if seq.fork_from is not None:  # waits for the prompt it will share
+                continue
             slotted = seq.slot_adapter
             if slotted is not None and slotted not in active and len(active) >= self.max_loras:
                 seq.blocked_steps += 1

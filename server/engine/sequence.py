@@ -31,6 +31,11 @@ class Sequence:
     seed: int  # the request's seed, or one drawn for it: sampling noise depends on nothing else
     adapter: str | None = None  # the adapter the request names
     binding: Binding | None = None  # its layout and slot, once the adapter is resident (families.base)
+    stop_ids: tuple[int, ...] = ()  # tokens that end it: stop_token_ids, and EOS unless ignore_eos
+    grammar: object | None = None  # its grammar's matcher (engine.grammar), when the output must follow one
+    # n > 1: the other choices wait for the first one's prompt, then share its full KV blocks (read-only)
+    fork_from: Sequence | None = field(default=None, repr=False)
+    forks: list[Sequence] = field(default_factory=list, repr=False)
     blocked_steps: int = 0  # steps spent waiting on --max-loras
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING

@@ -15,9 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from quiver.adapters.errors import AdapterError
 from quiver.adapters.paths import InvalidName, PathNotAllowed
 from quiver.server.engine.async_engine import RequestTimeout
-from quiver.server.engine.llm_engine import RequestFailed
+from quiver.server.engine.outputs import RequestFailed
 from quiver.server.engine.sampling import InvalidParam
 from quiver.server.families.registry import AdapterExists, AdapterInUse, UnknownAdapter
+from quiver.server.http.protocol import REFUSED
 
 # exception -> (HTTP status, the request field it names, OpenAI-style code)
 ERROR_STATUS = {
@@ -65,7 +66,10 @@ def install_error_handlers(app: FastAPI, log) -> None:
         if first.get("type") == "json_invalid":
             return error(400, f"request body is not valid JSON: {first.get('msg', '')}", param=None, code="json_invalid")
         param = loc[0] if loc else None
-        return error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}", param=param)
+        message = first.get("msg", "invalid value")
+        if first.get("type") == "extra_forbidden":  # a field this server does not serve, named
+            message = REFUSED.get(loc[-1], "not a request field of this API") if loc else message
+        return error(400, f"{'.'.join(loc) or 'body'}: {message}", param=param)
 
     @app.exception_handler(InvalidParam)
     async def _bad_param(_, exc: InvalidParam):

@@ -1,9 +1,14 @@
-"""The generation routes: /v1/completions and /v1/chat/completions, streaming or not."""
+"""The generation routes: /v1/completions and /v1/chat/completions, n choices, streaming or not.
+
+Each choice is one engine request; choice j of a prompt shares the prompt's KV blocks with choice 0
+(LLMEngine.add_request's fork_of). Choices are numbered prompt-major (prompt i, choice j: i * n + j),
+usage counts each prompt once and every choice's tokens, and `model` names the adapter that ran.
+"""
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import uuid
 from concurrent.futures import Executor
 
 from fastapi import FastAPI, Request
@@ -12,261 +17,192 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from quiver.server.engine.async_engine import AsyncEngine
-from quiver.server.engine.llm_engine import RequestOutput
-from quiver.server.engine.sampling import InvalidParam
 from quiver.server.http import openapi as doc
 from quiver.server.http.errors import stream_error
 from quiver.server.http.limits import RequestLimits
 from quiver.server.http.openai_format import LogprobFormatter, merge_completion_logprobs, new_id, now, usage
+from quiver.server.http.prepare import Job, Preparer
 from quiver.server.http.protocol import ChatCompletionRequest, CompletionRequest
+from quiver.server.http.streams import collect, merge
+from quiver.server.http.tools import ToolOutput, template_parser
 
-DISCONNECT_POLL_S = 0.25
 # what the generation routes may answer besides 200 (413: a body over --max-request-bytes; 422: an adapter on
 # disk that fails to read on first use; 499: the client left before a non-streaming answer; 500: the model
 # failed on this request alone; 401/503/504: auth, backpressure and timeouts)
 GENERATION_ERRORS = (400, 401, 404, 413, 422, 499, 500, 503, 504)
 
 
-def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits, pool: Executor) -> None:
-    """Bodies are parsed, prompts tokenized and requests checked in `pool`, off the event loop."""
+def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits, pool: Executor,
+                        tool_parser: str | None = None) -> None:
+    """Bodies are parsed, prompts tokenized, grammars compiled and requests checked in `pool`, off the
+    event loop. tool_parser: tool_choice auto's format (default: the chat template's, if it has one)."""
     tok = engine.tokenizer
     fmt = LogprobFormatter(tok)
+    prep = Preparer(engine, limits, tool_parser or template_parser(getattr(tok, "chat_template", None)))
 
-    async def off_loop(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-
-    async def parse(request: Request, model):
+    async def start(request: Request, model, prepare) -> tuple:
+        loop = asyncio.get_running_loop()
         try:
-            req = await off_loop(model.model_validate_json, await request.body())
+            req = await loop.run_in_executor(pool, model.model_validate_json, await request.body())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from None
         limits.check_names(req)
-        if req.n != 1:
-            raise InvalidParam("n", "only n=1 is supported")
-        return req
+        job = await loop.run_in_executor(pool, prepare, req)
+        return req, job, job.adapter or engine.model_name
 
-    def adapter_of(req) -> str | None:
-        if req.adapter:
-            return req.adapter
-        if req.model in (None, "", engine.model_name):
-            return None
-        return req.model  # a model name that is not the base names an adapter, as in vLLM
+    def launch(job: Job, share: bool = True) -> list:
+        """One engine request per choice, prompt-major; choices after the first fork the first."""
+        gens = []
+        for ids, choices in zip(job.prompts, job.params):
+            first = uuid.uuid4().hex
+            for j, params in enumerate(choices):
+                rid = first if j == 0 else uuid.uuid4().hex
+                gens.append(engine.generate(ids, params, job.adapter, request_id=rid,
+                                            fork_of=first if j and share else None))
+        return gens
 
-    def prepare_completion(req, adapter):
-        prompts = _prompt_ids(req.prompt, tok, limits)
-        want_prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params = [req.sampling(req.max_tokens if req.max_tokens is not None else 16, req.logprobs, want_prompt_lp)
-                  for _ in prompts]
-        limits.check_sampling(params[0])
-        for ids, p in zip(prompts, params):
-            engine.check_request(ids, p, adapter)
-        return prompts, params, want_prompt_lp, [tok.decode(ids) if req.echo else "" for ids in prompts]
-
-    def prepare_chat(req, adapter):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=False))
-        except Exception as exc:
-            raise InvalidParam("messages", f"the chat template cannot render these messages: {exc}") from exc
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:  # what the context leaves, the adapter's virtual tokens included
-            max_tokens = max(engine.max_model_len - len(ids) - engine.virtual_tokens(adapter), 1)
-        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        limits.check_sampling(params)
-        engine.check_request(ids, params, adapter)
-        return ids, params
+    def counted(job: Job, totals: list[int]) -> dict:
+        return usage(sum(len(ids) for ids in job.prompts), sum(totals))
 
     @app.post("/v1/completions", openapi_extra=doc.request_body(CompletionRequest),
               responses=doc.responses(*GENERATION_ERRORS, ok=doc.ok(doc.Completion, stream=doc.CompletionChunk)))
     async def completions(request: Request):
-        req = await parse(request, CompletionRequest)
-        adapter = adapter_of(req)
-        prompts, params, want_prompt_lp, echo_texts = await off_loop(prepare_completion, req, adapter)
-        rid, created = new_id("cmpl"), now()
-        gens = [engine.generate(ids, p, adapter) for ids, p in zip(prompts, params)]
+        req, job, model = await start(request, CompletionRequest, prep.completion)
+        n, rid, created = req.n, f"cmpl-{req.request_id}" if req.request_id else new_id("cmpl"), now()
+        gens = launch(job, share=job.prompt_logprobs is None)  # prompt logprobs: each choice computes its own
+        want_lp = job.prompt_logprobs
 
         def body(choices, use=None):
-            out = {"id": rid, "object": "text_completion", "created": created, "model": req.model or engine.model_name,
-                   "choices": choices}
+            out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
             if use is not None:
                 out["usage"] = use
             return out
 
+        def head(k: int, first_out) -> tuple[str, dict | None, int]:
+            """Choice k's echo, its prompt logprobs and the text offset after them."""
+            i = k // n
+            if want_lp is None:
+                return job.echo[i], None, len(job.echo[i])
+            lp, offset = fmt.prompt_completion(job.prompts[i], first_out.prompt_logprobs or [])
+            return job.echo[i], lp, offset
+
         if req.stream:
+            options = req.stream_options
+
             async def events():
-                offsets = [0] * len(prompts)
-                totals = [[0, 0] for _ in prompts]
-                first = [True] * len(prompts)
+                offsets, totals, started = [0] * len(gens), [0] * len(gens), [False] * len(gens)
                 try:
-                    async for i, out in _merge(gens):
+                    async for k, out in merge(gens):
                         text, lp = out.new_text, None
-                        if first[i]:
-                            first[i] = False
-                            text = echo_texts[i] + text
-                            if want_prompt_lp is not None:
-                                lp, offsets[i] = fmt.prompt_completion(prompts[i], out.prompt_logprobs or [])
-                            else:
-                                offsets[i] = len(echo_texts[i])
+                        if not started[k]:
+                            started[k] = True
+                            echo, lp, offsets[k] = head(k, out)
+                            text = echo + text
                         if req.logprobs is not None:
-                            new, offsets[i] = fmt.completion(out.new_logprobs, offsets[i])
+                            new, offsets[k] = fmt.completion(out.new_logprobs, offsets[k])
                             lp = merge_completion_logprobs([lp, new]) if lp else new
-                        totals[i] = [out.num_prompt_tokens, out.num_output_tokens]
-                        choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
-                        yield _sse(body([choice]))
+                        totals[k] = out.num_output_tokens
+                        choice = {"index": k, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+                        running = counted(job, totals) if options and options.continuous_usage_stats else None
+                        yield _sse(body([choice], running))
                 except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
                     yield _sse(stream_error(exc))
-                if req.stream_options and req.stream_options.include_usage:
-                    yield _sse(body([], usage(sum(t[0] for t in totals), sum(t[1] for t in totals))))
+                if options and options.include_usage:
+                    yield _sse(body([], counted(job, totals)))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        results = await _collect(request, gens)
+        results = await collect(request, gens)
         if results is None:
             return Response(status_code=499)
-        choices, n_prompt, n_out = [], 0, 0
-        for i, outs in enumerate(results):
-            last = outs[-1]
-            text = echo_texts[i] + "".join(o.new_text for o in outs)
-            lp = None
+        choices = []
+        for k, outs in enumerate(results):
+            echo, lp, offset = head(k, outs[0])
             if req.logprobs is not None:
-                entries = [e for o in outs for e in o.new_logprobs]
-                if want_prompt_lp is not None:
-                    head, offset = fmt.prompt_completion(prompts[i], outs[0].prompt_logprobs or [])
-                    lp = merge_completion_logprobs([head, fmt.completion(entries, offset)[0]])
-                else:
-                    lp = fmt.completion(entries, len(echo_texts[i]))[0]
-            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": last.finish_reason})
-            n_prompt += last.num_prompt_tokens
-            n_out += last.num_output_tokens
-        return body(choices, usage(n_prompt, n_out))
+                new = fmt.completion([e for o in outs for e in o.new_logprobs], offset)[0]
+                lp = merge_completion_logprobs([lp, new]) if lp else new
+            choices.append({"index": k, "text": echo + "".join(o.new_text for o in outs), "logprobs": lp,
+                            "finish_reason": outs[-1].finish_reason})
+        return body(choices, counted(job, [outs[-1].num_output_tokens for outs in results]))
 
     chat_ok = doc.ok(doc.ChatCompletion, stream=doc.ChatCompletionChunk)
 
     @app.post("/v1/chat/completions", openapi_extra=doc.request_body(ChatCompletionRequest),
               responses=doc.responses(*GENERATION_ERRORS, ok=chat_ok))
     async def chat(request: Request):
-        req = await parse(request, ChatCompletionRequest)
-        adapter = adapter_of(req)
-        ids, params = await off_loop(prepare_chat, req, adapter)
-        rid, created, model = new_id("chatcmpl"), now(), req.model or engine.model_name
-        gen = engine.generate(ids, params, adapter)
+        req, job, model = await start(request, ChatCompletionRequest, prep.chat)
+        rid, created = f"chatcmpl-{req.request_id}" if req.request_id else new_id("chatcmpl"), now()
+        gens = launch(job)
+        parse_tools = job.tools is not None and job.tools.mode != "none"
 
-        def chunk(delta, finish=None, lp=None, use=None, choices=True):
+        def chunk(k, delta, finish=None, lp=None, use=None):
             out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}] if choices else []}
+                   "choices": [] if k is None else [{"index": k, "delta": delta, "logprobs": lp,
+                                                     "finish_reason": finish}]}
             if use is not None:
                 out["usage"] = use
             return out
 
         if req.stream:
+            options = req.stream_options
+
             async def events():
-                yield _sse(chunk({"role": "assistant", "content": ""}))
-                last = None
+                totals = [0] * len(gens)
+                readers = [ToolOutput(job.tools) if parse_tools else None for _ in gens]
+                for k in range(len(gens)):
+                    yield _sse(chunk(k, {"role": "assistant", "content": ""}))
                 try:
-                    async for _, out in _merge([gen]):
-                        last = out
+                    async for k, out in merge(gens):
+                        totals[k] = out.num_output_tokens
                         lp = fmt.chat(out.new_logprobs) if req.logprobs else None
-                        delta = {"content": out.new_text} if out.new_text or not out.finished else {}
-                        yield _sse(chunk(delta, out.finish_reason, lp))
+                        reader = readers[k]
+                        if reader is None:
+                            deltas = [{"content": out.new_text}] if out.new_text else []
+                        else:
+                            deltas = reader.feed(out.new_text) + (reader.finish() if out.finished else [])
+                        finish = _finish_reason(reader, out.finish_reason) if out.finished else None
+                        running = counted(job, totals) if options and options.continuous_usage_stats else None
+                        if not deltas and (finish or lp):
+                            deltas = [{}]
+                        for d, delta in enumerate(deltas):
+                            last = d == len(deltas) - 1
+                            yield _sse(chunk(k, delta, finish if last else None, lp if d == 0 else None,
+                                             running if last else None))
                 except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
                     yield _sse(stream_error(exc))
-                if last is not None and req.stream_options and req.stream_options.include_usage:
-                    yield _sse(chunk({}, use=usage(last.num_prompt_tokens, last.num_output_tokens), choices=False))
+                if options and options.include_usage:
+                    yield _sse(chunk(None, {}, use=counted(job, totals)))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        results = await _collect(request, [gen])
+        results = await collect(request, gens)
         if results is None:
             return Response(status_code=499)
-        outs = results[0]
-        last = outs[-1]
-        lp = fmt.chat([e for o in outs for e in o.new_logprobs]) if req.logprobs else None
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
-                             "logprobs": lp, "finish_reason": last.finish_reason}],
-                "usage": usage(last.num_prompt_tokens, last.num_output_tokens)}
+        choices = []
+        for k, outs in enumerate(results):
+            text = "".join(o.new_text for o in outs)
+            message = {"role": "assistant", "content": text}
+            reader = None
+            if parse_tools:
+                reader = ToolOutput(job.tools)
+                reader.feed(text)
+                reader.finish()
+                message = {"role": "assistant", "content": reader.content.strip() or None}
+                if reader.calls:
+                    message["tool_calls"] = reader.calls
+            lp = fmt.chat([e for o in outs for e in o.new_logprobs]) if req.logprobs else None
+            choices.append({"index": k, "message": message, "logprobs": lp,
+                            "finish_reason": _finish_reason(reader, outs[-1].finish_reason)})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                "usage": counted(job, [outs[-1].num_output_tokens for outs in results])}
 
 
-def _prompt_ids(prompt, tokenizer, limits: RequestLimits) -> list[list[int]]:
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise InvalidParam("prompt", "prompt must not be empty")
-    if all(isinstance(p, int) for p in prompt):
-        prompt = [prompt]
-    limits.check_prompts(len(prompt))
-    out = []
-    for p in prompt:
-        if isinstance(p, str):
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError as exc:  # JSON's "\ud800": the tokenizer takes only valid text
-                raise InvalidParam("prompt", f"prompt is not valid Unicode text: {exc.reason} "
-                                             f"at position {exc.start}") from None
-        ids = tokenizer(p).input_ids if isinstance(p, str) else list(p)
-        if not ids:
-            raise InvalidParam("prompt", "prompt must not be empty")
-        out.append(ids)
-    return out
+def _finish_reason(reader: ToolOutput | None, reason: str | None) -> str | None:
+    """tool_calls when the model called tools (and was not cut off), else the engine's reason."""
+    if reader is not None and reason == "stop" and reader.finish_reason:
+        return reader.finish_reason
+    return reason
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
-
-
-async def _merge(gens) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' outputs; closing this closes (and aborts) all of them."""
-    if len(gens) == 1:
-        try:
-            async for out in gens[0]:
-                yield 0, out
-        finally:
-            await gens[0].aclose()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, gen):
-        try:
-            async for out in gen:
-                await queue.put((i, out))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, exc))
-        finally:
-            await queue.put((i, None))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _collect(request: Request, gens) -> list[list[RequestOutput]] | None:
-    """Run requests to completion; None (and everything aborted) if the client goes away."""
-    results: list[list[RequestOutput]] = [[] for _ in gens]
-
-    async def run():
-        async for i, out in _merge(gens):
-            results[i].append(out)
-
-    task = asyncio.create_task(run())
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            task.result()  # re-raises engine errors
-            return results
-        if await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return None

@@ -26,9 +26,10 @@ class RequestLimits:
             if value is not None and len(value) > self.max_name_chars:
                 raise InvalidParam(field, f"{field} is {len(value)} characters long; at most {self.max_name_chars}")
 
-    def check_prompts(self, count: int) -> None:
+    def check_prompts(self, count: int, param: str = "prompt") -> None:
+        """count: sequences one request asks for (prompts x n)."""
         if count > self.max_prompts:
-            raise InvalidParam("prompt", f"{count} prompts in one request; at most {self.max_prompts}")
+            raise InvalidParam(param, f"{count} sequences (prompts x n) in one request; at most {self.max_prompts}")
 
     def check_sampling(self, params: SamplingParams) -> None:
         if len(params.stop) > self.max_stop:

@@ -1,0 +1,171 @@
+"""A parsed request turned into engine work: token ids, one SamplingParams per choice, its grammar.
+
+Runs on the HTTP preparation pool, off the event loop and off the engine thread: tokenizing, the chat
+template and compiling a grammar all happen here, and every check the engine would make is made
+before a response starts, so a bad request is a 400 naming its field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from quiver.server.engine.sampling import InvalidParam, SamplingParams
+from quiver.server.http.limits import RequestLimits
+from quiver.server.http.structured import grammar_spec
+from quiver.server.http.tools import ToolPlan, plan_tools
+
+
+@dataclass
+class Job:
+    adapter: str | None
+    prompts: list[list[int]]
+    params: list[list[SamplingParams]]  # [prompt][choice]
+    echo: list[str]  # text put before each prompt's choices (completions' echo)
+    prompt_logprobs: int | None = None  # completions' echo with logprobs
+    tools: ToolPlan | None = None
+
+
+class Preparer:
+    def __init__(self, engine, limits: RequestLimits, tool_parser: str | None = None):
+        self.engine, self.tok, self.limits = engine, engine.tokenizer, limits
+        self.tool_parser = tool_parser
+
+    def adapter_of(self, req) -> str | None:
+        """The adapter a request names, in `adapter` or (as in vLLM) in `model`; both must agree."""
+        in_model = None if req.model in (None, "", self.engine.model_name) else req.model
+        if req.adapter and in_model and req.adapter != in_model:
+            raise InvalidParam("adapter", f"adapter {req.adapter!r} and model {in_model!r} name different adapters")
+        return req.adapter or in_model
+
+    def completion(self, req) -> Job:
+        if req.best_of is not None and req.best_of != req.n:
+            raise InvalidParam("best_of", "best_of other than n is not supported (as in vLLM's V1 engine)")
+        adapter = self.adapter_of(req)
+        prompts = self._prompt_ids(req)
+        self.limits.check_prompts(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
+        want_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        grammar = self._grammar(req)
+        params = [self._choices(req, max_tokens, req.logprobs, want_lp, grammar) for _ in prompts]
+        for ids, choices in zip(prompts, params):
+            self.engine.check_request(ids, choices[0], adapter)
+        echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
+        return Job(adapter, prompts, params, echo, want_lp)
+
+    def chat(self, req) -> Job:
+        adapter = self.adapter_of(req)
+        self.limits.check_prompts(req.n, "n")
+        tools = plan_tools(req, self.tool_parser)
+        ids = self._render(req, tools)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:  # what the context leaves, the adapter's virtual tokens included
+            max_tokens = max(self.engine.max_model_len - len(ids) - self.engine.virtual_tokens(adapter), 1)
+        choices = self._choices(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, None,
+                                self._grammar(req, tools.grammar if tools else None))
+        self.engine.check_request(ids, choices[0], adapter)
+        return Job(adapter, [ids], [choices], [""], None, tools)
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def _grammar(self, req, tool_grammar=None):
+        spec = grammar_spec(req, tool_grammar)
+        return self.engine.compile_grammar(spec) if spec is not None else None
+
+    def _choices(self, req, max_tokens: int, logprobs, prompt_logprobs, grammar) -> list[SamplingParams]:
+        """One SamplingParams per choice; choice j of a seeded request draws with seed + j, as in vLLM."""
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        base = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                    min_p=req.min_p, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
+                    include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
+                    min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                    logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids,
+                    bad_words_ids=self._bad_words(req.bad_words or []), logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens, grammar=grammar)
+        out = [SamplingParams(**base, seed=None if req.seed is None else req.seed + j) for j in range(req.n)]
+        self.limits.check_sampling(out[0])
+        return out
+
+    def _bad_words(self, words: list[str]) -> list[list[int]]:
+        """Each word's tokens as written and with a leading space (vLLM's two spellings)."""
+        out: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tok.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
+
+    def _prompt_ids(self, req) -> list[list[int]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise InvalidParam("prompt", "prompt must not be empty")
+        if all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        self.limits.check_prompts(len(prompt))
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                _check_text(p, "prompt")
+            ids = self.tok(p, add_special_tokens=req.add_special_tokens).input_ids if isinstance(p, str) else list(p)
+            if not ids:
+                raise InvalidParam("prompt", "prompt must not be empty")
+            out.append(_truncate(ids, req.truncate_prompt_tokens))
+        return out
+
+    def _render(self, req, tools: ToolPlan | None) -> list[int]:
+        messages = [_template_message(m) for m in req.messages]
+        kwargs = dict(req.chat_template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools.tools
+        try:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt and not
+                                                req.continue_final_message,
+                                                continue_final_message=req.continue_final_message, tokenize=False,
+                                                **kwargs)
+        except Exception as exc:
+            raise InvalidParam("messages", f"the chat template cannot render these messages: {exc}") from exc
+        ids = self.tok(text, add_special_tokens=req.add_special_tokens).input_ids
+        return _truncate(ids, req.truncate_prompt_tokens)
+
+
+def _template_message(m) -> dict:
+    out = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:  # templates index into the arguments, so they get them as objects
+        out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {"name": c.function.name,
+                                                                       "arguments": _arguments(c.function.arguments)}}
+                             for c in m.tool_calls]
+    return out
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise InvalidParam("messages", "a tool call's function.arguments is not valid JSON") from None
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise InvalidParam("logit_bias", f"logit_bias keys are token ids; {key[:20]!r} is not one") from None
+    return out
+
+
+def _truncate(ids: list[int], keep: int | None) -> list[int]:
+    return ids[-keep:] if keep is not None else ids
+
+
+def _check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800": the tokenizer takes only valid text
+        raise InvalidParam(param, f"{param} is not valid Unicode text: {exc.reason} at position {exc.start}") from None
