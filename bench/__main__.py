@@ -15,7 +15,9 @@ BENCHMARKS = {"latency": "merged vs unmerged vs base: TTFT and time per output t
               "attention": "attention for mixed prefill + decode steps: planned groups vs padded vs SDPA per row",
               "kernels": "the Triton kernels against the torch ops and a per-adapter loop on a GPU: us and GB/s",
               "gpu_check": "make gpu-check: every CUDA test and the key benchmarks in one pass, one JSON",
-              "load": "sustained closed-loop streaming load over mixed adapter families, with leak and output checks"}
+              "load": "sustained closed-loop streaming load over mixed adapter families, with leak and output checks",
+              "grammar": "the grammar engines (llguidance, xgrammar): compile, mask fill, schema coverage",
+              "sampling": "per-step cost of penalties, logit_bias and structured output at batch 32, against plain"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -124,7 +124,7 @@ BAD_REQUESTS = [
     ({"prompt": "hi", "guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
     ({"prompt": "hi", "guided_json": {"type": "array", "uniqueItems": True}}, "guided_json"),
     ({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-    ({"prompt": "hi", "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+    ({"prompt": "hi", "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
 ]
 
 

@@ -53,7 +53,7 @@ class LLMEngine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
+        self.grammars = Grammars(tokenizer, self.vocab_size, getattr(tokenizer, "eos_token_id", None) or min(eos))
         self.seqs: dict[str, Sequence] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()

@@ -126,7 +126,8 @@ class _Common(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    guided_decoding_backend: Annotated[str | None, off(("auto", "xgrammar"), "the structured-output engine is xgrammar")] = None
+    guided_decoding_backend: Annotated[str | None, off(("auto", "guidance"), "the structured-output engine is "
+                                                                             "llguidance (vLLM's guidance)")] = None
     truncate_prompt_tokens: int | None = Field(None, ge=1)
     request_id: str | None = Field(None, max_length=128)
     use_beam_search: Annotated[bool, off(False, "beam search is not supported")] = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from quiver.server.engine.grammar import GrammarSpec, json_spec
+from quiver.server.engine.grammar import GrammarSpec, json_spec, refuse
 from quiver.server.engine.sampling import InvalidParam
 
 
@@ -18,19 +18,19 @@ def _schema(value, param: str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise InvalidParam(param, f"{param} is not valid JSON: {exc}") from None
+            raise refuse(param, f"is not valid JSON: {exc}") from None
     return json_spec(value, param)
 
 
 def _choice(values: list[str], param: str) -> GrammarSpec:
     if not values or any(not v for v in values):
-        raise InvalidParam(param, f"{param} must list at least one non-empty string")
+        raise refuse(param, "must list at least one non-empty string")
     return GrammarSpec("choice", json.dumps(values), param)
 
 
 def _text(kind: str, value: str, param: str) -> GrammarSpec:
     if not value:
-        raise InvalidParam(param, f"{param} must not be empty")
+        raise refuse(param, "must not be empty")
     return GrammarSpec(kind, value, param)
 
 
@@ -74,6 +74,5 @@ def grammar_spec(req, tool_spec: GrammarSpec | None = None) -> GrammarSpec | Non
         found.append(_text("ebnf", req.guided_grammar, "guided_grammar"))
     if len(found) > 1:
         first = "tool_choice" if tool_spec is not None else found[0].param
-        raise InvalidParam(found[1].param, f"{found[1].param} and {first} both constrain the output; "
-                                           "a request may use one")
+        raise refuse(found[1].param, f"and {first} both constrain the output; a request may use one")
     return found[0] if found else None

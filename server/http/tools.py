@@ -119,7 +119,8 @@ class ToolOutput:
 
     def _announce(self, name: str, arguments: str) -> list[dict]:
         self.calls.append(call(name, arguments))
-        return [{"tool_calls": [{"index": len(self.calls) - 1, **self.calls[-1]}]}]
+        first = {"index": len(self.calls) - 1, **call(name, arguments), "id": self.calls[-1]["id"]}
+        return [{"tool_calls": [first]}]  # its own dicts: the call's arguments may still grow
 
     def _named(self) -> list[dict]:
         text = self._take()
