@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import logging
 import os
+import socket
 import sys
 
 from quiver.adapters.combine import METHODS
@@ -41,6 +44,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="steps a request may wait on --max-loras before nothing else overtakes it")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a PEFT adapter folder at start (repeatable)")
+    p.add_argument("--lora-modules", action="extend", nargs="+", default=[], metavar="NAME=PATH|JSON",
+                   help="vLLM's spelling of --adapter: NAME=PATH items, or JSON objects "
+                        "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}' (base_model_name is accepted and "
+                        "unused: the parent is always the served model); several after one flag, and repeatable")
     p.add_argument("--adapter-dir", default=None,
                    help="every adapter folder in DIR is known by its name at start and read on first use")
     p.add_argument("--adapter-root", default=None,
@@ -65,14 +72,81 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_cpu_loras=args.max_cpu_loras, allow_pickle=args.allow_pickle, max_adapter_mb=args.max_adapter_mb)
 
 
+def split_name_path(spec: str, flag: str, expects: str = "NAME=PATH") -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"{flag} expects {expects}, got {spec!r}")
+    return name, path
+
+
 def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    return [split_name_path(spec, "--adapter") for spec in specs]
+
+
+LORA_MODULE_FIELDS = ("name", "path", "base_model_name")  # vLLM's LoRAModulePath
+
+
+def parse_lora_modules(items: list[str]) -> list[tuple[str, str]]:
+    """vLLM's --lora-modules: NAME=PATH, or a JSON object with name, path and optionally base_model_name."""
     out = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--adapter expects NAME=PATH, got {spec!r}")
-        out.append((name, path))
+    for item in items:
+        if not item.lstrip().startswith("{"):
+            out.append(split_name_path(item, "--lora-modules", 'NAME=PATH or JSON {"name": ..., "path": ...}'))
+            continue
+        try:
+            spec = json.loads(item)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--lora-modules: {item!r} is not valid JSON ({exc})") from None
+        unknown = sorted(set(spec) - set(LORA_MODULE_FIELDS))
+        if unknown:
+            raise ValueError(f"--lora-modules: unknown field(s) {', '.join(unknown)} in {item!r} "
+                             f"(fields: {', '.join(LORA_MODULE_FIELDS)})")
+        if not all(isinstance(spec.get(key), str) and spec[key] for key in ("name", "path")):
+            raise ValueError(f'--lora-modules: {item!r} needs "name" and "path" strings')
+        out.append((spec["name"], spec["path"]))
     return out
+
+
+def startup_adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(name, path) of every adapter --adapter and --lora-modules load at start."""
+    adapters = parse_adapters(args.adapter) + parse_lora_modules(args.lora_modules)
+    names = [name for name, _ in adapters]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise ValueError(f"adapter {twice!r} is given twice (--adapter, --lora-modules)")
+    return adapters
+
+
+def take_model_tag(args: argparse.Namespace) -> None:
+    """`quiver serve MODEL` is `quiver serve --model MODEL`, as in `vllm serve MODEL`."""
+    if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
+        raise ValueError(f"the model is given twice, as {args.model_tag!r} and as --model {args.model!r}")
+    args.model = args.model or args.model_tag
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """--host/--port bound before the model loads (as vLLM does), and handed to uvicorn: a port in use is
+    a one-line error at once, not uvicorn's failure once the model has loaded."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = "the address is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise ValueError(f"--host {host} --port {port}: cannot listen there: {why}") from None
+    return sock
+
+
+def quiet_progress_bars() -> None:
+    """No tqdm bars in a server's log. transformers' ("Loading weights", the GGUF conversion, which
+    ignores transformers' own disable_progress_bar) and huggingface_hub's bars are all tqdm's; tqdm was
+    imported (by torch) before any flag was read, too early for TQDM_DISABLE: its default is changed."""
+    from functools import partialmethod
+
+    import tqdm
+
+    tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -120,7 +194,9 @@ def serve(args: argparse.Namespace) -> None:
     from quiver.server.engine.metrics import Metrics
 
     log = logging.getLogger(__name__)
-    adapters = parse_adapters(args.adapter)
+    adapters = startup_adapters(args)
+    sock = listen_socket(args.host, args.port)
+    quiet_progress_bars()
     engine = LLMEngine(engine_config(args))
     for name, path in adapters:
         engine.load_adapter(name, path)
@@ -132,7 +208,7 @@ def serve(args: argparse.Namespace) -> None:
                                      metrics_public=args.metrics_public, max_waiting=args.max_waiting))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=args.shutdown_grace))
-    http = threading.Thread(target=server.run, name="quiver-http", daemon=True)
+    http = threading.Thread(target=server.run, args=([sock],), name="quiver-http", daemon=True)
 
     def shutdown(signum, _):
         if async_engine.draining:  # a second signal: stop now
@@ -145,7 +221,7 @@ def serve(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-    log.info("serving %s on http://%s:%d", engine.model_name, args.host, args.port)
+    log.info("serving %s on http://%s:%d", engine.model_name, args.host, sock.getsockname()[1])
     http.start()
     # the engine loop owns the main thread (see AsyncEngine.run); HTTP lives on its own thread and,
     # once it has drained and ended, stops the engine
@@ -154,6 +230,8 @@ def serve(args: argparse.Namespace) -> None:
     async_engine.run()
     server.should_exit = True
     http.join(timeout=30)
+    if not server.started:
+        sys.exit("quiver serve: error: the HTTP server did not start (see its log above)")
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -175,11 +253,17 @@ def merge(args: argparse.Namespace) -> None:
         tol = args.check_tol if args.check_tol is not None else (1e-3 if args.dtype == "float32" else 1.0)
         print(f"check: max |logit difference|, merged vs served unmerged, {diff:.3g} (tolerance {tol:g})")
         if not diff <= tol:
-            sys.exit(f"quiver: error: the merged model differs from the unmerged adapter by {diff:.3g}")
+            sys.exit(f"quiver merge: error: the merged model differs from the unmerged adapter by {diff:.3g}")
+
+
+DISTRIBUTION = "quiver-serve"  # [project] name in pyproject.toml
 
 
 def main(argv: list[str] | None = None) -> None:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="quiver", description="Quiver: many task adapters over one base model")
+    parser.add_argument("--version", action="version", version=version(DISTRIBUTION))
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="fold LoRA-family adapters into the base weights, offline")
     m.add_argument("--model", default=None, help="base model directory or .gguf (default: the embedded SmolLM2)")
@@ -202,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bench", help="run a benchmark (python -m quiver.bench NAME ...)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the same as --model (as in `vllm serve MODEL`)")
+    p.add_argument("--version", action="version", version=version(DISTRIBUTION))
     add_engine_args(p)
     add_serve_args(p)
     args = parser.parse_args(argv)
@@ -209,13 +295,14 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
+            take_model_tag(args)
             serve(args)
         elif args.command == "merge":
             merge(args)
         elif args.command == "bench":  # a separate program: the server does not depend on the benchmarks
             os.execv(sys.executable, [sys.executable, "-m", "quiver.bench", *args.bench_args])
     except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
-        parser.exit(2, f"quiver: error: {exc}\n")
+        parser.exit(2, f"quiver {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

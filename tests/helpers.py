@@ -138,3 +138,45 @@ def check_mixed_batch(engine, hf, paths: dict, vocab: int, custom: dict | None =
         if name is not None:  # the adapter really changes the output, so the comparison means something
             assert (ref[len(p) - 1] - base[len(p) - 1]).abs().max().item() > 1e-3, name
         assert seq.num_output_tokens == 2
+
+
+def make_tiny_gguf(path) -> None:
+    """A GGUF file of the llama_gqa tiny config (float32, random) with a byte-level tokenizer of 260 tokens."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spec = TINY_CONFIGS["llama_gqa"]
+    hidden, ffn, heads, kv = (spec[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                "num_key_value_heads"))
+    tokens = ["<|endoftext|>", "<s>", "</s>", *bytes_to_unicode().values(), "Ġt"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(spec["num_hidden_layers"])
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["Ġ t"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    rng = np.random.default_rng(0)
+    kv_dim = kv * hidden // heads
+    shapes = {"token_embd": (len(tokens), hidden), "output_norm": (hidden,)}
+    for i in range(spec["num_hidden_layers"]):
+        shapes |= {f"blk.{i}.{name}": shape for name, shape in {
+            "attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (hidden, hidden), "attn_k": (kv_dim, hidden),
+            "attn_v": (kv_dim, hidden), "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden),
+            "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}.items()}
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.2).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -1,11 +1,14 @@
-"""The command line: flags reach the engine config, bad --adapter values are clear errors."""
+"""The command line: flags reach the engine config, vLLM's spellings work, bad values are one-line errors."""
 from __future__ import annotations
 
 import argparse
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from quiver.server.cli import add_engine_args, engine_config, main, parse_adapters
+from quiver.server import cli
+from quiver.server.cli import add_engine_args, engine_config, main, parse_adapters, startup_adapters
 
 
 def test_flags_reach_engine_config():
@@ -35,6 +38,70 @@ def test_bad_adapter_flag_exits_with_message(capsys):
 def test_cuda_device_without_cuda_exits_with_one_line(tiny_models, capsys):
     model_dir, _ = tiny_models["llama_gqa"]
     with pytest.raises(SystemExit) as e:
-        main(["serve", "--model", str(model_dir), "--device", "cuda"])
+        main(["serve", "--model", str(model_dir), "--device", "cuda", "--port", "0"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "no CUDA device" in err and len(err.splitlines()) == 1, err
+
+
+def parsed_serve(argv: list[str], monkeypatch) -> argparse.Namespace:
+    """What `quiver ARGV` hands to serve (which is not run)."""
+    seen = []
+    monkeypatch.setattr(cli, "serve", seen.append)
+    main(argv)
+    return seen[0]
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_model_as_an_argument_as_in_vllm_serve(monkeypatch, capsys):
+    assert parsed_serve(["serve", "/m/x.gguf"], monkeypatch).model == "/m/x.gguf"
+    assert parsed_serve(["serve", "--port", "9000", "/m/dir", "--max-loras", "2"], monkeypatch).model == "/m/dir"
+    assert parsed_serve(["serve", "/m/dir", "--model", "/m/dir"], monkeypatch).model == "/m/dir"
+    assert parsed_serve(["serve"], monkeypatch).model is None  # the embedded default
+    err = one_line_error(["serve", "/m/a", "--model", "/m/b"], capsys)
+    assert err == "quiver serve: error: the model is given twice, as '/m/a' and as --model '/m/b'"
+
+
+def test_lora_modules_as_vllm_takes_them(monkeypatch):
+    args = parsed_serve(["serve", "--lora-modules", "a=/x", "b=/y=z", "--adapter", "c=/w", "--lora-modules",
+                         '{"name": "d", "path": "/v", "base_model_name": "m"}', '{"name": "e", "path": "/u"}'],
+                        monkeypatch)
+    assert startup_adapters(args) == [("c", "/w"), ("a", "/x"), ("b", "/y=z"), ("d", "/v"), ("e", "/u")]
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("sql", 'expects NAME=PATH or JSON {"name": ..., "path": ...}, got \'sql\''),
+    ("=/x", "expects NAME=PATH"),
+    ('{"name": "sql", "path": "/x"', "is not valid JSON"),
+    ('{"name": "sql"}', 'needs "name" and "path" strings'),
+    ('{"name": "sql", "path": 3}', 'needs "name" and "path" strings'),
+    ('{"name": "sql", "path": "/x", "rank": 8}', "unknown field(s) rank"),
+])
+def test_bad_lora_modules_item_is_one_line(item, needle, capsys):
+    err = one_line_error(["serve", "--lora-modules", "ok=/x", item], capsys)
+    assert err.startswith("quiver serve: error: --lora-modules") and needle in err, err
+
+
+def test_an_adapter_named_twice_is_one_line(capsys):
+    err = one_line_error(["serve", "--adapter", "a=/x", "--lora-modules", "a=/y"], capsys)
+    assert "adapter 'a' is given twice" in err
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["serve", "--version"]])
+def test_version_is_the_installed_distributions(argv, capsys):
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert cli.DISTRIBUTION == project["name"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == project["version"]
+
+
+def test_invalid_device_string_is_one_line(tiny_models, capsys):
+    err = one_line_error(["serve", str(tiny_models["llama_gqa"][0]), "--device", "cuda:x", "--port", "0"], capsys)
+    assert err.startswith("quiver serve: error: --device cuda:x: "), err

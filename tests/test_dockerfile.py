@@ -107,6 +107,7 @@ def test_entrypoint_and_cmd_are_a_valid_quiver_serve(dockerfile, monkeypatch):
     assert (args.model, args.host, args.port, args.device, args.adapter_dir) == \
         ("/models/x.gguf", "0.0.0.0", 8000, "cuda", "/adapters")
     assert parse_serve(entry[1:] + ["--device", "cpu"], monkeypatch).device == "cpu"
+    assert parse_serve(entry[1:] + ["/models/x.gguf"], monkeypatch).model == "/models/x.gguf"  # as `vllm serve M`
 
 
 def healthcheck(dockerfile) -> tuple[dict[str, str], list[str]]:

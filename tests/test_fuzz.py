@@ -140,13 +140,13 @@ def test_guard_refusals_match_the_document(fuzz_app, api_schema, tmp_path):
             op = result.ok()
             if op.path == "/health" or (want == 503 and "completions" not in op.path):
                 continue
-            case = op.Case(path_parameters={"name": "x"} if "{name}" in op.path else None,
-                           body={} if op.method == "post" else schemathesis.core.NOT_SET)
-            r = client.request(op.method, op.path.replace("{name}", "x"), json={} if op.method == "post" else None)
+            params = {p.name: "x" for p in op.path_parameters} or None
+            case = op.Case(path_parameters=params, body={} if op.method == "post" else schemathesis.core.NOT_SET)
+            r = client.request(op.method, case.formatted_path, json={} if op.method == "post" else None)
             assert r.status_code == want, (op.label, r.status_code, r.text)
             case.validate_response(r, checks=checks[1:] if want == 503 else checks)  # a 503 is meant
             seen.add((op.label, want))
-    assert len(seen) == 9 + 2
+    assert len(seen) == 10 + 2
 
 
 @schema.parametrize()

@@ -39,6 +39,22 @@ def test_models_lists_adapters_with_parent(lora_server):
     assert {m["id"]: m["parent"] for m in data[1:]} == {name: "tiny" for name in paths}
 
 
+def test_model_retrieve_is_the_listed_card_or_404(lora_server):
+    server, _, _ = lora_server
+    listed = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    for name in ("tiny", "dora"):
+        card = httpx.get(server.url + f"/v1/models/{name}").json()
+        assert card == {**listed[name], "created": card["created"]}
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    assert client.models.retrieve("lora_qv").parent == "tiny"
+    r = httpx.get(server.url + "/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"] == {
+        "message": "model 'nope' does not exist", "type": "invalid_request_error", "param": "model",
+        "code": "model_not_found"}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
 def test_greedy_over_http_matches_peft(lora_server, tokenizer):
     server, hf, paths = lora_server
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
@@ -133,3 +149,16 @@ def test_prompt_family_over_context_is_a_clear_400(prompt_server):
     assert r.json()["error"]["param"] == "max_tokens"
     r = httpx.post(server.url + "/v1/completions", json={**body, "adapter": None})
     assert r.status_code == 200
+
+
+
+def test_model_retrieve_takes_a_name_with_a_slash(api_model, tokenizer, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from quiver.server.http.app import create_app
+
+    engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=16, max_model_len=64,
+                                    served_model_name="org/base"), tokenizer=tokenizer)
+    client = TestClient(create_app(AsyncEngine(engine), adapter_root=tmp_path))
+    assert client.get("/v1/models/org/base").json()["id"] == "org/base"
+    assert client.get("/v1/models/org").status_code == 404

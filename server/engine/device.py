@@ -21,7 +21,10 @@ MiB = 2**20
 
 def resolve_device(name: str) -> torch.device:
     """The device `name` names, checked: a clear ValueError when torch cannot use it."""
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:  # e.g. 'cuda:x'
+        raise ValueError(f"--device {name}: {exc}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: this torch sees no CUDA device (torch {torch.__version__}, "

@@ -96,10 +96,14 @@ class AdapterRegistry:
     # ---- reading and registering --------------------------------------------------------------
     def read(self, name: str, path: str) -> ReadAdapter:
         """Parse and check an adapter folder into host memory; any thread (touches no state)."""
-        started = time.monotonic()
-        kind = detect_family(path)
-        family = self.by_kind[kind]
-        return ReadAdapter(family.read(name, path), family, kind, str(path), started)
+        started, kind = time.monotonic(), None
+        try:
+            kind = detect_family(path)
+            family = self.by_kind[kind]
+            return ReadAdapter(family.read(name, path), family, kind, str(path), started)
+        except Exception as exc:
+            log.warning("adapter %s (%s) failed to load from %s: %s", name, kind or "family unknown", path, exc)
+            raise
 
     def register(self, read: ReadAdapter, new: bool = True) -> None:
         """Make a read adapter usable (engine thread, between steps); on any error nothing changes.
@@ -112,7 +116,7 @@ class AdapterRegistry:
         self.owner[name] = read.family
         self.known[name] = read.path
         self.events.append(AdapterEvent("load", read.kind, time.monotonic() - read.started))
-        log.info("adapter %s (%s) loaded from %s", name, read.kind, read.path)
+        log.info("adapter %s (%s) loaded from %s: tier %s", name, read.kind, read.path, self.tier(name))
         self.trim(keep=name)
 
     def unregister(self, name: str) -> None:
@@ -127,6 +131,7 @@ class AdapterRegistry:
             kind = self.info(name, family)["family"]
             self._drop(name, family)
             self.events.append(AdapterEvent("unload", kind))
+            log.info("adapter %s (%s) unloaded", name, kind)
         del self.known[name]
         self.requests_served.pop(name, None)
 
@@ -145,9 +150,13 @@ class AdapterRegistry:
                 idle = [n for n in slots.lru_order(family.names()) if not self.pins[n] and n != keep]
                 if not idle:
                     break  # everything is in use: over the limit until requests finish
+                self._log_eviction(idle[0], "cpu -> disk", f"--max-cpu-loras {self.max_cpu_adapters}")
                 self._drop(idle[0], family)
                 del self.owner[idle[0]]
                 self.cpu_evictions += 1
+
+    def _log_eviction(self, name: str, move: str, why: str) -> None:
+        log.info("adapter %s (%s) evicted, tier %s (%s)", name, self.info(name)["family"], move, why)
 
     def add_dir(self, folder: str) -> list[str]:
         """Make every adapter folder in `folder` known by its folder name; each is read on first use."""
@@ -258,11 +267,12 @@ class AdapterRegistry:
                 try:
                     self.register(result, new=False)
                 except Exception as exc:  # noqa: BLE001 - handed to the parked requests
+                    log.warning("adapter %s (%s) failed to register: %s", name, result.kind, exc)
                     result = exc
             if isinstance(result, Exception):
-                log.warning("adapter %s failed to load from %s: %s", name, self.known.get(name), result)
                 if name in self.known:  # (not unloaded meanwhile)
                     self.failed[name] = str(result)
+                    log.warning("adapter %s: tier failed, until it is unloaded", name)
                 result = AdapterFailed(name, str(result))
             out.append((self._parked.pop(name, []), result if isinstance(result, AdapterFailed) else None))
         return out
@@ -275,9 +285,14 @@ class AdapterRegistry:
             by_family.setdefault(b.family, []).append(b)
         for family, group in by_family.items():
             if family in self.device:
-                slot_of = self.device[family].activate({b.name for b in group})
+                slots = self.device[family]
+                resident, evictions = list(slots.slot_of), slots.evictions
+                slot_of = slots.activate({b.name for b in group})
                 for b in group:
                     b.slot = slot_of[b.name]
+                if slots.evictions != evictions:
+                    for name in (n for n in resident if n not in slots.slot_of):
+                        self._log_eviction(name, "device -> cpu", f"--max-loras {family.num_slots}")
             else:
                 family.place(group)
 

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from quiver.server.engine.async_engine import AsyncEngine
 from quiver.server.engine.metrics import Metrics
+from quiver.server.families.registry import shown
 from quiver.server.http import openapi as doc
 from quiver.server.http.adapter_routes import add_adapter_routes
 from quiver.server.http.errors import error, install_error_handlers
@@ -48,13 +49,23 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
             return error(503, reason, type_="server_error", code="engine_unhealthy", headers={"Retry-After": "5"})
         return {"status": "ok"}
 
+    def model_cards() -> list[dict]:
+        card = {"object": "model", "created": now(), "owned_by": "quiver", "max_model_len": engine.max_model_len}
+        base = {"id": engine.model_name, "root": engine.model_name, "parent": None, **card}
+        return [base, *({"id": name, "root": name, "parent": engine.model_name, **card}
+                        for name in engine.known_adapters())]
+
     @app.get("/v1/models", responses=doc.responses(401, ok=doc.ok(doc.ModelList)))
     async def models():
-        created = now()
-        card = {"object": "model", "created": created, "owned_by": "quiver", "max_model_len": engine.max_model_len}
-        base = {"id": engine.model_name, "root": engine.model_name, "parent": None, **card}
-        adapters = [{"id": name, "root": name, "parent": engine.model_name, **card} for name in engine.known_adapters()]
-        return {"object": "list", "data": [base, *adapters]}
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model:path}", responses=doc.responses(401, 404, ok=doc.ok(doc.ModelCard)))
+    async def retrieve_model(model: str):
+        """The base model or an adapter, as GET /v1/models lists it."""
+        card = next((c for c in model_cards() if c["id"] == model), None)
+        if card is None:
+            return error(404, f"model {shown(model)} does not exist", param="model", code="model_not_found")
+        return card
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses=doc.responses(401, ok=doc.ok(description="Prometheus text exposition format")))

@@ -1,0 +1,100 @@
+"""`quiver serve` as a process, typed as a vLLM user types it: the model as an argument, --lora-modules,
+one-line refusals (port in use, no CUDA), and a log without progress bars."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import make_tiny_gguf
+
+QUIVER = str(Path(sys.executable).parent / "quiver")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_models, plain_tokenizer, tmp_path_factory) -> str:
+    """The tiny GQA model with a tokenizer beside it: a folder `quiver serve` loads in seconds."""
+    path = tmp_path_factory.mktemp("served") / "tiny"
+    shutil.copytree(tiny_models["llama_gqa"][0], path)
+    plain_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quiver_serve(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([QUIVER, "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | (env or {}))
+
+
+def refusal(*args: str) -> str:
+    """The one line `quiver serve ARGS` exits with (status 2) before it loads a model."""
+    proc = quiver_serve(*args)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_served_start_from_a_gguf_argument_with_lora_modules(tiny_lora_set, tmp_path):
+    """`quiver serve MODEL.gguf --lora-modules a=P '{"name": "b", ...}' --adapter c=P`: the adapters are
+    served, and converting the GGUF (transformers' tqdm bars) leaves no progress bar in the log."""
+    adapter = str(tiny_lora_set[2]["lora_qv"])
+    make_tiny_gguf(tmp_path / "tiny.gguf")
+    port = free_port()
+    proc = quiver_serve(str(tmp_path / "tiny.gguf"), "--port", str(port), "--max-model-len", "64",
+                        "--num-kv-blocks", "16", "--lora-modules", f"a={adapter}",
+                        f'{{"name": "b", "path": "{adapter}", "base_model_name": "tiny"}}', "--adapter", f"c={adapter}",
+                        env={"QUIVER_CACHE": str(tmp_path / "cache")})  # an empty cache: the GGUF is converted
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.2)
+        assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == ["a", "b", "c", "tiny"]
+        assert httpx.get(url + "/v1/models/b").json()["parent"] == "tiny"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "converting" in err and f"adapter a (lora) loaded from {adapter}: tier cpu" in err, err
+    assert not re.search(r"\d+%\||it/s\]|s/it\]", err), err  # tqdm's bar and rate
+
+
+def test_port_in_use_is_one_line_before_the_model_loads(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = refusal("--model", model_dir, "--port", str(port))
+    assert line == f"quiver serve: error: --host 127.0.0.1 --port {port}: cannot listen there: " \
+                   "the address is already in use"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal a machine without CUDA gives")
+def test_cuda_device_without_cuda_is_one_line(model_dir):
+    line = refusal("--model", model_dir, "--port", str(free_port()), "--device", "cuda")
+    assert line.startswith("quiver serve: error: --device cuda: this torch sees no CUDA device"), line
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
