@@ -13,6 +13,7 @@ from quiver.adapters.combine import METHODS
 
 from quiver.server.engine.config import DTYPES, EngineConfig
 from quiver.server.http.limits import RequestLimits
+from quiver.server.http.tools import PARSERS
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -166,13 +167,21 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds in-flight requests get to finish before the server exits")
     d = RequestLimits()
     p.add_argument("--max-request-bytes", type=int, default=d.max_body_bytes, help="largest request body (413 beyond)")
-    p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts in one /v1/completions request")
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                   help="sequences one request may ask for: prompts x n")
     p.add_argument("--max-stop", type=int, default=d.max_stop, help="stop strings in one request")
     p.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters of one stop string")
     p.add_argument("--max-stop-token-ids", type=int, default=d.max_stop_token_ids,
                    help="stop_token_ids in one request")
     p.add_argument("--max-name-chars", type=int, default=d.max_name_chars,
                    help="characters of a request's model and adapter fields")
+    p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="how tool_choice auto reads tool calls in the output (default: the chat template's format, "
+                        "when it has one)")
+    # vLLM's switches for what is always on here, accepted so that a vLLM command line runs as it is
+    p.add_argument("--enable-auto-tool-choice", action="store_true", help="accepted (tool_choice auto is on "
+                                                                          "whenever a tool-call format is known)")
+    p.add_argument("--enable-lora", action="store_true", help="accepted (adapters are always on)")
 
 
 def request_limits(args: argparse.Namespace) -> RequestLimits:
@@ -203,7 +212,8 @@ def serve(args: argparse.Namespace) -> None:
     if args.adapter_dir:
         engine.registry.add_dir(args.adapter_dir)
     async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
-    app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir, limits=request_limits(args))
+    app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir, limits=request_limits(args),
+                     tool_parser=args.tool_call_parser)
     install(app, async_engine, Guard(api_key=args.api_key, admin_key=args.admin_key,
                                      metrics_public=args.metrics_public, max_waiting=args.max_waiting))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),

@@ -202,3 +202,15 @@ def test_constrained_neighbours_change_nothing_and_compile_off_the_engine_thread
         assert all(f.result().status_code == 200 for f in crowd)
         assert beside.result().json()["choices"][0]["text"] == alone
     assert len(threads) == 4 and all(t.startswith("quiver-prep") for t in threads)
+
+
+def test_tool_choice_auto_with_a_named_parser(family_server):
+    """With --tool-call-parser (or a template that writes <tool_call>), auto is served and read as Hermes'."""
+    from quiver.server.http.limits import RequestLimits
+    from quiver.server.http.prepare import Preparer
+    from quiver.server.http.protocol import ChatCompletionRequest
+
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Weather?"}],
+                                                "tools": [WEATHER], "max_tokens": 4})
+    job = Preparer(family_server.async_engine, RequestLimits(), "hermes").chat(req)
+    assert job.tools.mode == "auto" and job.tools.parser == "hermes" and job.params[0][0].grammar is None

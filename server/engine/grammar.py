@@ -117,31 +117,39 @@ class Grammars:
         return compiled
 
     def _compile(self, spec: GrammarSpec) -> "CompiledGrammar":
-        import llguidance
         from llguidance import LLMatcher
 
-        if spec.kind == "json":
-            # no schema: json_object, which OpenAI defines as a JSON object
-            grammar = LLMatcher.grammar_from_json_schema(spec.text or '{"type": "object"}', defaults=JSON_OPTIONS)
-        elif spec.kind == "regex":
-            grammar = LLMatcher.grammar_from_regex(spec.text)
-        elif spec.kind == "choice":
-            alternatives = " | ".join(json.dumps(c) for c in json.loads(spec.text))
-            grammar = llguidance.grammar_from("lark", f"start: {alternatives}")
-        else:
-            text = spec.text
-            if "::=" in text:
-                from llguidance.gbnf_to_lark import gbnf_to_lark
-                try:
-                    text = gbnf_to_lark(text)
-                except Exception as exc:  # noqa: BLE001 - a malformed grammar is the request's error
-                    raise refuse(spec.param, f"is not a valid GBNF grammar: {exc}") from None
-            grammar = llguidance.grammar_from("lark", text)
+        try:
+            grammar = self._grammar(spec)
+        except (ValueError, RuntimeError) as exc:  # a grammar the engine cannot read is the request's error
+            raise refuse(spec.param, f"cannot be used for structured output: {first_line(str(exc))}") from None
         tokenizer = self._llg_tokenizer()
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if failed:
             raise refuse(spec.param, f"cannot be used for structured output: {first_line(messages[0])}")
         return CompiledGrammar(LLMatcher(tokenizer, grammar, log_level=0))
+
+    @staticmethod
+    def _grammar(spec: GrammarSpec) -> str:
+        import llguidance
+        from llguidance import LLMatcher
+
+        if spec.kind == "json":
+            # no schema: json_object, which OpenAI defines as a JSON object
+            return LLMatcher.grammar_from_json_schema(spec.text or '{"type": "object"}', defaults=JSON_OPTIONS)
+        if spec.kind == "regex":
+            return LLMatcher.grammar_from_regex(spec.text)
+        if spec.kind == "choice":
+            alternatives = " | ".join(json.dumps(c) for c in json.loads(spec.text))
+            return llguidance.grammar_from("lark", f"start: {alternatives}")
+        text = spec.text
+        if "::=" in text:  # GBNF
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+            try:
+                text = gbnf_to_lark(text)
+            except Exception as exc:  # noqa: BLE001 - the converter's own errors are of several kinds
+                raise ValueError(f"not a valid GBNF grammar: {exc}") from None
+        return llguidance.grammar_from("lark", text)
 
 
 def first_line(message: str) -> str:

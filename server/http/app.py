@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root: str | Path | None = None,
-               limits: RequestLimits | None = None) -> FastAPI:
+               limits: RequestLimits | None = None, tool_parser: str | None = None) -> FastAPI:
     app = FastAPI(title="Quiver", version="0.1.0")
     doc.install(app)
     metrics = metrics or engine.metrics or Metrics()
@@ -38,7 +38,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     install_error_handlers(app, log)
     add_adapter_routes(app, engine, Path(adapter_root or Path.cwd()))
-    add_generate_routes(app, engine, limits, app.state.prep_pool)
+    add_generate_routes(app, engine, limits, app.state.prep_pool, tool_parser)
 
     @app.get("/health", responses=doc.responses(503, ok=doc.ok(doc.Health)))
     async def health():

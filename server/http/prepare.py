@@ -37,10 +37,14 @@ class Preparer:
             raise InvalidParam("adapter", f"adapter {req.adapter!r} and model {in_model!r} name different adapters")
         return req.adapter or in_model
 
-    def completion(self, req) -> Job:
+    def adapter_and_choices(self, req) -> str | None:
+        """The adapter; and n as vLLM's V1 engine takes it (no best_of beyond n)."""
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidParam("best_of", "best_of other than n is not supported (as in vLLM's V1 engine)")
-        adapter = self.adapter_of(req)
+        return self.adapter_of(req)
+
+    def completion(self, req) -> Job:
+        adapter = self.adapter_and_choices(req)
         prompts = self._prompt_ids(req)
         self.limits.check_prompts(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
         want_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
@@ -53,7 +57,7 @@ class Preparer:
         return Job(adapter, prompts, params, echo, want_lp)
 
     def chat(self, req) -> Job:
-        adapter = self.adapter_of(req)
+        adapter = self.adapter_and_choices(req)
         self.limits.check_prompts(req.n, "n")
         tools = plan_tools(req, self.tool_parser)
         ids = self._render(req, tools)
@@ -81,7 +85,8 @@ class Preparer:
                     logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids,
                     bad_words_ids=self._bad_words(req.bad_words or []), logprobs=logprobs,
                     prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens, grammar=grammar)
-        out = [SamplingParams(**base, seed=None if req.seed is None else req.seed + j) for j in range(req.n)]
+        # seed + j wraps within int64 (the draws use its low 32 bits, which wrapping keeps)
+        out = [SamplingParams(**base, seed=None if req.seed is None else (req.seed + j) % 2**63) for j in range(req.n)]
         self.limits.check_sampling(out[0])
         return out
 

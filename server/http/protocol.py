@@ -118,6 +118,7 @@ class _Common(BaseModel):
     bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     n: int = Field(1, ge=1)
+    best_of: int | None = None  # vLLM: only equal to n
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -157,7 +158,6 @@ class CompletionRequest(_Common):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
-    best_of: int | None = None
     add_special_tokens: bool = True
 
 
