@@ -17,7 +17,8 @@ BENCHMARKS = {"latency": "merged vs unmerged vs base: TTFT and time per output t
               "gpu_check": "make gpu-check: every CUDA test and the key benchmarks in one pass, one JSON",
               "load": "sustained closed-loop streaming load over mixed adapter families, with leak and output checks",
               "grammar": "the grammar engines (llguidance, xgrammar): compile, mask fill, schema coverage",
-              "sampling": "per-step cost of penalties, logit_bias and structured output at batch 32, against plain"}
+              "sampling": "per-step cost of penalties, logit_bias and structured output at batch 32, against plain",
+              "quantized": "the base kept 4-bit (NF4) against full precision: weight memory, decode at batch 1/8/32"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                    help="auto: float32 on the CPU, the checkpoint's dtype (mostly bfloat16) on a GPU")
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
+    p.add_argument("--quantization", choices=["nf4", "fp4"], default=None,
+                   help="keep the base's projections 4-bit, quantized at load by bitsandbytes as transformers' "
+                        "load_in_4bit does (QLoRA's base); a checkpoint saved 4-bit by bitsandbytes needs no flag")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="with --quantization: fp32 block scales (bnb_4bit_use_double_quant=False); default: "
+                        "8-bit scales, as QLoRA trains")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-mb)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=None,
@@ -70,7 +76,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
-        max_cpu_loras=args.max_cpu_loras, allow_pickle=args.allow_pickle, max_adapter_mb=args.max_adapter_mb)
+        max_cpu_loras=args.max_cpu_loras, allow_pickle=args.allow_pickle, max_adapter_mb=args.max_adapter_mb,
+        quantization=args.quantization, double_quant=args.double_quant)
 
 
 def split_name_path(spec: str, flag: str, expects: str = "NAME=PATH") -> tuple[str, str]:

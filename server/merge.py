@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quiver.adapters.combine import combine
@@ -22,8 +21,9 @@ from quiver.adapters.errors import AdapterError
 from quiver.adapters.lora import LoraAdapter, load_lora
 from quiver.adapters.spec import detect_family
 
-from quiver.server.model.checkpoint import CONVERTED_MARK
+from quiver.server.model.checkpoint import CONVERTED_MARK, Checkpoint
 from quiver.server.model.config import ModelConfig
+from quiver.server.model.fourbit import read_dequantized
 from quiver.server.model.layout import module_shapes
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -47,11 +47,8 @@ def _refuse_unmergeable(adapters: list[tuple[str | Path, float]]) -> None:
 
 
 def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k).float() for k in f.keys()})
-    return tensors
+    """fp32, a bitsandbytes 4-bit base dequantized: the merged model is a plain one."""
+    return read_dequantized(Checkpoint(model_dir))
 
 
 def combined_adapter(name: str, adapters: list[tuple[str | Path, float]], num_layers: int, shapes: dict,
@@ -121,6 +118,7 @@ def _write(model_dir: Path, out: Path, tensors: dict, dtype: torch.dtype, note: 
                   metadata={"format": "pt"})
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("quantization_config", None)  # a 4-bit base is written back dequantized
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "MERGED.md").write_text(note)
         if out.exists():

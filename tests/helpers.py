@@ -25,11 +25,11 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(path, name: str, vocab_size: int = 512, seed: int = 0, max_positions: int = 256):
-    """Save a random model of the named tiny config under `path`; return the HF model."""
+def make_tiny_model(path, name: str, vocab_size: int = 512, seed: int = 0, max_positions: int = 256, **overrides):
+    """Save a random model of the named tiny config (with `overrides`) under `path`; return the HF model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(TINY_CONFIGS[name])
+    spec = {**TINY_CONFIGS[name], **overrides}
     model_type = spec.pop("model_type")
     cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=max_positions,
                                initializer_range=0.2, bos_token_id=1, eos_token_id=2, **spec)

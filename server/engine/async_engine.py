@@ -40,6 +40,8 @@ class AsyncEngine:
         # facts fixed at start, safe to read from any thread
         self.model_name, self.model_dir = engine.model_name, engine.model_dir
         self.max_model_len, self.tokenizer = engine.max_model_len, engine.tokenizer
+        self.quantization = engine.runner.quantization  # the base's: "nf4", "fp4" or None
+        self.weight_bytes = engine.runner.model.weight_bytes()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         engine.registry.on_ready = self._wake.set  # a parked adapter has been read

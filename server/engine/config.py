@@ -30,6 +30,8 @@ class EngineConfig:
     max_adapter_mb: int = 2048  # larger adapter weight files are refused
     served_model_name: str | None = None
     kernels: str = "auto"  # kernel backend: auto (Triton on CUDA, torch elsewhere), torch, triton
+    quantization: str | None = None  # nf4 / fp4: quantize the base's projections at load (bitsandbytes)
+    double_quant: bool = True  # with quantization: 8-bit absmax as QLoRA trains (bnb_4bit_use_double_quant)
 
     def __post_init__(self) -> None:
         seqs, tokens = BATCH_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
@@ -58,5 +60,7 @@ class EngineConfig:
         from quiver.kernels.ops import BACKENDS
         if self.kernels != "auto" and self.kernels not in BACKENDS:
             raise ValueError(f"kernels must be auto or one of {', '.join(BACKENDS)}, got {self.kernels!r}")
+        if self.quantization not in (None, "nf4", "fp4"):
+            raise ValueError(f"quantization must be nf4 or fp4, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")

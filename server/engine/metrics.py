@@ -40,6 +40,8 @@ class Metrics:
         self.slot_evictions = Counter("quiver_adapter_evictions", "Adapters moved out of a tier to make room",
                                       ["tier"], registry=r)
         self.resident = Gauge("quiver_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
+        self.weights = Gauge("quiver_model_weight_bytes", "Bytes the base model's weights hold (4-bit projections "
+                             "packed, their dequantization scratch included)", ["quantization"], registry=r)
         self._evictions_seen: dict[str, int] = {}
 
     def observe_step(self, stats, outputs) -> None:

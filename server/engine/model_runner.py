@@ -59,8 +59,13 @@ class ModelRunner:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds what this model supports ({limit}: "
                              "max_position_embeddings, and the sliding window where there is one)")
         self.ops = ops_for(self.device, config.kernels)
+        if config.quantization and mc.quantization and config.quantization != mc.quantization:
+            raise ValueError(f"--quantization {config.quantization}: the checkpoint is already {mc.quantization}")
+        self.quantization = mc.quantization or config.quantization  # None: full-precision projections
         with torch.device(self.device):
-            self.model = LlamaModel(mc, self.ops, self.dtype, self.max_model_len)
+            self.model = LlamaModel(mc, self.ops, self.dtype, self.max_model_len,
+                                    quantization=None if mc.quantization else config.quantization,
+                                    double_quant=config.double_quant)
         self.model.load_weights(model_dir)
         self.model.eval()
         self.block_size = config.block_size

@@ -57,7 +57,8 @@ def add_adapter_routes(app: FastAPI, engine: AsyncEngine, root: Path) -> None:
 
     @app.get("/v1/adapters", responses=doc.responses(401, ok=doc.ok(doc.AdapterList)))
     async def list_adapters():
-        return {"object": "list", "data": [public(info) for info in await engine.list_adapters()]}
+        return {"object": "list", "base_quantization": engine.quantization,
+                "data": [public(info) for info in await engine.list_adapters()]}
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
               responses=doc.responses(*LOAD_ERRORS, ok=doc.ok(text=True)))

@@ -31,6 +31,7 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
     app = FastAPI(title="Quiver", version="0.1.0")
     doc.install(app)
     metrics = metrics or engine.metrics or Metrics()
+    metrics.weights.labels(engine.quantization or "none").set(engine.weight_bytes)
     limits = limits or RequestLimits()
     app.state.engine = engine
     # parsing, tokenizing and checking requests happen here, so that one big request never stalls the event loop
@@ -50,7 +51,8 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
         return {"status": "ok"}
 
     def model_cards() -> list[dict]:
-        card = {"object": "model", "created": now(), "owned_by": "quiver", "max_model_len": engine.max_model_len}
+        card = {"object": "model", "created": now(), "owned_by": "quiver", "max_model_len": engine.max_model_len,
+                "quantization": engine.quantization}
         base = {"id": engine.model_name, "root": engine.model_name, "parent": None, **card}
         return [base, *({"id": name, "root": name, "parent": engine.model_name, **card}
                         for name in engine.known_adapters())]

@@ -109,6 +109,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None
     max_model_len: int
+    quantization: Literal["nf4", "fp4"] | None = Field(description="the base model's (adapters run on it)")
 
 
 class ModelList(BaseModel):
@@ -129,6 +130,7 @@ class AdapterInfo(BaseModel):
 
 class AdapterList(BaseModel):
     object: Literal["list"]
+    base_quantization: Literal["nf4", "fp4"] | None = Field(description="the base model's: every adapter runs on it")
     data: list[AdapterInfo]
 
 

@@ -34,6 +34,7 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    quantization: str | None = None  # "nf4"/"fp4": the checkpoint holds bitsandbytes 4-bit projections
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
@@ -74,8 +75,24 @@ class ModelConfig:
             sliding_window=window,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization=_quantization(cfg.get("quantization_config")),
         )
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
         return cls.from_dict(json.loads((Path(path) / "config.json").read_text()))
+
+
+def _quantization(qc: dict | None) -> str | None:
+    """What a saved quantization_config means for us: bitsandbytes 4-bit is read, anything else refused."""
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method != "bitsandbytes" or not qc.get("load_in_4bit"):
+        what = "8-bit bitsandbytes" if qc.get("load_in_8bit") else repr(method)
+        raise ValueError(f"the checkpoint is quantized with {what}; only bitsandbytes 4-bit (NF4, FP4) is "
+                         "served (or give an unquantized model and --quantization nf4)")
+    kind = qc.get("bnb_4bit_quant_type", "fp4")
+    if kind not in ("nf4", "fp4"):
+        raise ValueError(f"bnb_4bit_quant_type {kind!r} is not supported (nf4, fp4)")
+    return kind

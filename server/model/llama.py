@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from quiver.kernels.ops import TorchOps
 from quiver.server.model.checkpoint import Checkpoint
 from quiver.server.model.config import ModelConfig
+from quiver.server.model.fourbit import Packed4bit, Scratch, Weight4bit, quantize, read_packed
 from quiver.server.model.hooks import StepHooks
-from quiver.server.model.layout import slice_bounds
+from quiver.server.model.layout import GROUPS, slice_bounds
 from quiver.server.model.rope import apply_rope, rope_table
 
 
@@ -25,7 +26,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, four_bit: bool = False):
+        """four_bit: the projections (qkv, o, gate_up, down) are set at load, 4-bit where the checkpoint
+        or --quantization makes them so, and never allocated here at full precision."""
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
@@ -33,26 +36,35 @@ class DecoderLayer(torch.nn.Module):
         def param(*shape):
             return torch.nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
+        def weight(*shape):
+            return None if four_bit else param(*shape)
+
         self.input_norm = param(h)
         self.post_attn_norm = param(h)
-        self.qkv = param(qkv_out, h)
+        self.qkv = weight(qkv_out, h)
         self.qkv_bias = param(qkv_out) if cfg.qkv_bias else None
-        self.o = param(h, cfg.num_heads * d)
+        self.o = weight(h, cfg.num_heads * d)
         self.o_bias = param(h) if cfg.o_bias else None
-        self.gate_up = param(2 * cfg.intermediate_size, h)
+        self.gate_up = weight(2 * cfg.intermediate_size, h)
         self.gate_up_bias = param(2 * cfg.intermediate_size) if cfg.mlp_bias else None
-        self.down = param(h, cfg.intermediate_size)
+        self.down = weight(h, cfg.intermediate_size)
         self.down_bias = param(h) if cfg.mlp_bias else None
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: TorchOps, dtype: torch.dtype = torch.float32, max_len: int | None = None):
+    def __init__(self, cfg: ModelConfig, ops: TorchOps, dtype: torch.dtype = torch.float32, max_len: int | None = None,
+                 quantization: str | None = None, double_quant: bool = True):
+        """quantization: "nf4"/"fp4" quantizes the projections at load (bitsandbytes, with or without
+        double quantization); a checkpoint saved in bitsandbytes' 4-bit format (cfg.quantization) is read
+        as it is."""
         super().__init__()
         self.cfg = cfg
         self.ops = ops
         self.dtype = dtype
+        self.quantization, self.double_quant = quantization, double_quant
+        four_bit = bool(quantization or cfg.quantization)
         self.embed = torch.nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
-        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, dtype, four_bit) for _ in range(cfg.num_layers))
         self.norm = torch.nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = None if cfg.tie_word_embeddings else torch.nn.Parameter(
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
@@ -65,6 +77,7 @@ class LlamaModel(torch.nn.Module):
     def load_weights(self, model_dir: str | Path) -> None:
         """Read HF safetensors, fusing q/k/v and gate/up as they arrive."""
         tensors = Checkpoint(Path(model_dir))
+        scratch = Scratch(self.embed.device)  # sized below, to the largest tile
         with torch.no_grad():
             self.embed.copy_(tensors.pop("model.embed_tokens.weight"))
             self.norm.copy_(tensors.pop("model.norm.weight"))
@@ -78,25 +91,57 @@ class LlamaModel(torch.nn.Module):
                 take = lambda name: tensors.pop(p + name)  # noqa: E731
                 layer.input_norm.copy_(take("input_layernorm.weight"))
                 layer.post_attn_norm.copy_(take("post_attention_layernorm.weight"))
-                layer.qkv.copy_(torch.cat([take(f"self_attn.{n}_proj.weight") for n in "qkv"]))
+                for group, modules in GROUPS.items():
+                    keys = [p + ("self_attn." if group in ("qkv", "o") else "mlp.") + m + ".weight" for m in modules]
+                    if getattr(layer, group) is None:
+                        setattr(layer, group, self._read_4bit(tensors, keys, scratch))
+                    else:
+                        getattr(layer, group).copy_(torch.cat([tensors.pop(k) for k in keys]))
                 if layer.qkv_bias is not None:
                     layer.qkv_bias.copy_(torch.cat([take(f"self_attn.{n}_proj.bias") for n in "qkv"]))
-                layer.o.copy_(take("self_attn.o_proj.weight"))
                 if layer.o_bias is not None:
                     layer.o_bias.copy_(take("self_attn.o_proj.bias"))
-                layer.gate_up.copy_(torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]))
-                layer.down.copy_(take("mlp.down_proj.weight"))
                 if layer.gate_up_bias is not None:
                     layer.gate_up_bias.copy_(torch.cat([take("mlp.gate_proj.bias"), take("mlp.up_proj.bias")]))
                     layer.down_bias.copy_(take("mlp.down_proj.bias"))
         leftover = [k for k in tensors if not k.endswith("rotary_emb.inv_freq")]
         if leftover:
             raise ValueError(f"unexpected tensors in checkpoint: {leftover[:5]}")
+        tile = max((w.scratch_elements for w in self.four_bit_weights()), default=0)
+        scratch.reserve(tile)
+
+    def _read_4bit(self, tensors: Checkpoint, keys: list[str], scratch: Scratch):
+        """A fused group's projections as one Weight4bit: read packed, or quantized here with bitsandbytes.
+        A group the checkpoint left unquantized (llm_int8_skip_modules) stays a plain tensor."""
+        parts = []
+        for key in keys:
+            packed = read_packed(tensors, key)
+            if packed is None and self.quantization:
+                packed = quantize(tensors.pop(key), self.quantization, self.double_quant)
+            parts.append(packed if packed is not None else tensors.pop(key))
+        if all(isinstance(p, Packed4bit) for p in parts):
+            return Weight4bit([p.to(self.embed.device) for p in parts], scratch)
+        if any(isinstance(p, Packed4bit) for p in parts):
+            raise ValueError(f"{keys}: some of these fused projections are 4-bit and some are not")
+        return torch.nn.Parameter(torch.cat(parts).to(self.embed.device, self.dtype), requires_grad=False)
+
+    def four_bit_weights(self) -> list[Weight4bit]:
+        return [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                if isinstance(w, Weight4bit)]
+
+    def weight_bytes(self) -> int:
+        """What the base's weights hold in memory (4-bit projections packed, the scratch included)."""
+        plain = sum(t.numel() * t.element_size() for t in self.parameters())
+        four = self.four_bit_weights()
+        return plain + sum(w.nbytes for w in four) + (four[0].scratch.nbytes if four else 0)
 
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
         """One HF projection's [out, in] weight (a view into the fused tensors)."""
         group, start, end = slice_bounds(self.cfg, module)
-        return getattr(self.layers[layer], group)[start:end]  # DecoderLayer names its weights by group
+        weight = getattr(self.layers[layer], group)  # DecoderLayer names its weights by group
+        if isinstance(weight, Weight4bit):
+            return weight.parts[GROUPS[group].index(module)].dequantize().to(self.dtype)
+        return weight[start:end]
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -138,7 +183,7 @@ class LlamaModel(torch.nn.Module):
 
     @staticmethod
     def _linear(x, weight, bias, hooks: StepHooks, layer: int, group: str) -> torch.Tensor:
-        y = F.linear(x, weight, bias)
+        y = weight.linear(x, bias) if isinstance(weight, Weight4bit) else F.linear(x, weight, bias)
         for hook in hooks.linear:
             y = hook.linear(layer, group, x, y, bias)
         return y

@@ -1,0 +1,123 @@
+"""The base kept 4-bit (NF4, QLoRA's) against the same base in full precision: what its weights hold in
+memory, and decode speed at batch 1, 8 and 32, side by side in one run.
+
+Memory: each engine is loaded in a fresh process with the same KV cache; reported are the engine's own
+count of its weight bytes and the process's resident set after load minus before (libraries imported
+first, malloc_trim after, so that the fp32 tensors a quantize-at-load reads and frees are not counted). Speed: both engines live
+in this process and take turns, batch by batch, over --rounds rounds; reported is the median
+decode-step time and tokens per second of each.
+
+    quiver bench quantized [--quantization nf4] [--batches 1 8 32] [--rounds 3] [--model DIR] [--device ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from quiver.bench.common import add_device_args, dtype_name, machine, synchronize, write_json
+
+KV_MB = 256
+
+
+def engine(model, quantization, device="cpu", dtype="auto", threads=None):
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=model, quantization=quantization, kv_cache_memory_mb=KV_MB, device=device,
+                                  dtype=dtype, num_threads=threads, max_model_len=2048))
+
+
+def memory_child(model, quantization, device, dtype) -> None:
+    """Run in a fresh process: print the weights' bytes and the resident set the load added."""
+    import ctypes
+    import gc
+
+    import psutil
+
+    proc = psutil.Process()
+    import quiver.server.engine.llm_engine  # noqa: F401 - imports are not the model's memory
+    if quantization:
+        import bitsandbytes  # noqa: F401 - nor is the quantizer's library
+    before = proc.memory_info().rss
+    e = engine(model, quantization, device, dtype)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    after = proc.memory_info().rss
+    kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in e.runner.kv_caches)
+    print(json.dumps({"weight_bytes": e.runner.model.weight_bytes(), "rss_added": after - before, "kv_bytes": kv}))
+
+
+def memory(model, quantization, device, dtype) -> dict:
+    code = f"from quiver.bench.quantized import memory_child; memory_child({model!r}, {quantization!r}, {device!r}, " \
+           f"{dtype!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def decode_steps(e, batch: int, prompt_tokens: int, new_tokens: int, seed: int) -> list[float]:
+    from quiver.server.engine.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batch):
+        e.add_request(torch.randint(100, 20000, (prompt_tokens,), generator=g).tolist(),
+                      SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+    while any(s.num_computed < s.num_tokens - 1 for s in e.seqs.values()):
+        e.step()
+    times = []
+    while e.has_work():
+        synchronize(e.runner.device)
+        t0 = time.perf_counter()
+        e.step()
+        synchronize(e.runner.device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times[1:-1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="quiver bench quantized")
+    ap.add_argument("--model", default=None, help="an unquantized base (default: the embedded SmolLM2)")
+    ap.add_argument("--quantization", choices=["nf4", "fp4"], default="nf4")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    add_device_args(ap)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    kinds = {"full": None, args.quantization: args.quantization}
+    mem = {name: memory(args.model, q, args.device, args.dtype) for name, q in kinds.items()}
+    engines = {name: engine(args.model, q, args.device, args.dtype, args.threads) for name, q in kinds.items()}
+    steps = {(name, b): [] for name in kinds for b in args.batches}
+    for r in range(args.rounds):
+        for b in args.batches:
+            for name in (list(kinds) if r % 2 == 0 else list(kinds)[::-1]):  # alternate who goes first
+                steps[name, b] += decode_steps(engines[name], b, args.prompt_tokens, args.new_tokens, seed=r)
+    q4 = args.quantization
+    result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engines["full"].runner.dtype),
+              "quantization": args.quantization, "kv_cache_mb": KV_MB, "memory": mem,
+              "weights_shrink": mem["full"]["weight_bytes"] / mem[q4]["weight_bytes"],
+              "rss_shrink": mem["full"]["rss_added"] / mem[q4]["rss_added"],
+              "decode": {f"{name}@{b}": {"step_ms_median": statistics.median(v),
+                                         "tok_s": b * 1000 / statistics.median(v)} for (name, b), v in steps.items()}}
+    for name, m in mem.items():
+        print(f"{name:5s} weights {m['weight_bytes'] / 2**20:7.1f} MiB   resident set added by the load "
+              f"{m['rss_added'] / 2**20:7.1f} MiB (KV cache {m['kv_bytes'] / 2**20:.0f} MiB of it)")
+    print(f"weights shrink {result['weights_shrink']:.2f}x   resident set added shrinks {result['rss_shrink']:.2f}x")
+    for b in args.batches:
+        a, q = result["decode"][f"full@{b}"], result["decode"][f"{q4}@{b}"]
+        print(f"batch {b:3d}: full {a['tok_s']:7.1f} tok/s   {q4} {q['tok_s']:7.1f} tok/s   "
+              f"ratio {q['tok_s'] / a['tok_s']:.2f}x")
+    path = write_json("quantized", result, None if args.out is None else __import__("pathlib").Path(args.out))
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Base projections kept in bitsandbytes' 4-bit format (NF4 or FP4, with or without double
+quantization) and dequantized inside the step, tile by tile, into one shared scratch: the model stays
+4-bit in memory and computes exactly what bitsandbytes' fp32 path computes (dequantize, then matmul).
+
+The format, as transformers saves it: a weight W [out, in], flattened row-major, is cut into blocks of
+`blocksize` (64) elements; element i is a 4-bit index q[i] into a 16-entry table `code` (the NF4 or FP4
+values), two per byte with the even element in the high nibble; each block has one scale:
+
+    W.flat[i] = code[q[i]] * absmax[i // blocksize]
+
+With double quantization absmax is itself stored as 8-bit codes a[j] in blocks of 256:
+absmax[j] = code2[a[j]] * nested_absmax[j // 256] + offset. We expand absmax to fp32 once at load (one
+float per 64 weights, 1/8 of the packed bytes), so a tile costs a byte-pair lookup and one multiply.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+QUANT_TYPES = ("nf4", "fp4")
+TILE_ELEMENTS = 1 << 22  # weights dequantized at once: bounds the scratch at 32 MiB (fp32 + int64 index)
+
+
+@dataclass
+class Packed4bit:
+    """One projection [out, in]: data uint8 [out·in/2], absmax fp32 [out·in/blocksize], code fp32 [16]."""
+    data: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    shape: tuple[int, int]
+    quant_type: str
+    double_quant: bool
+
+    def __post_init__(self):
+        # byte b -> (code[b >> 4], code[b & 15]) as two fp32 in one float64: one lookup per byte
+        hi, lo = self.code.repeat_interleave(16), self.code.repeat(16)
+        self.pairs = torch.stack([hi, lo], -1).contiguous().view(torch.float64).view(-1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.absmax, self.code, self.pairs))
+
+    def to(self, device) -> "Packed4bit":
+        return Packed4bit(self.data.to(device), self.absmax.to(device), self.code.to(device), self.blocksize,
+                          self.shape, self.quant_type, self.double_quant)
+
+    def dequantize(self) -> torch.Tensor:
+        """W [out, in] fp32, freshly allocated (for DoRA's norms and merging, never on the step)."""
+        n = self.shape[0] * self.shape[1]
+        out = torch.empty(n + 1, dtype=torch.float32, device=self.data.device)
+        self.dequantize_rows(0, self.shape[0], out, torch.empty(-(-n // 2), dtype=torch.int64, device=out.device))
+        return out[:n].view(self.shape)
+
+    def dequantize_rows(self, r0: int, r1: int, out: torch.Tensor, index: torch.Tensor) -> None:
+        """Rows r0..r1 of W into out[:(r1 - r0)·in] (fp32; with an odd count, out[(r1 - r0)·in] is
+        overwritten too); index: int64 scratch of half that. r0·in must be a multiple of blocksize
+        (Weight4bit's tiles are)."""
+        n_in, bs = self.shape[1], self.blocksize
+        a, b = r0 * n_in, r1 * n_in
+        pairs = -(-(b - a) // 2)
+        index = index[:pairs]
+        index.copy_(self.data[a // 2:a // 2 + pairs])
+        torch.index_select(self.pairs, 0, index, out=out[:2 * pairs].view(torch.float64))
+        full = (b - a) // bs * bs
+        out[:full].view(-1, bs).mul_(self.absmax[a // bs:a // bs + full // bs, None])
+        if full < b - a:  # a last, partial block (only when out·in is not a multiple of blocksize)
+            out[full:b - a].mul_(self.absmax[(a + full) // bs])
+
+
+class Scratch:
+    """The fp32 tile and its int64 index, shared by every projection of one model (one step at a time)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reserve(0)
+
+    def reserve(self, elements: int) -> None:
+        self.weights = torch.empty(elements + 1, dtype=torch.float32, device=self.device)  # + 1: odd sizes
+        self.index = torch.empty(-(-elements // 2), dtype=torch.int64, device=self.device)
+        self.cast: torch.Tensor | None = None  # the tile in a half-precision compute dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weights, self.index, self.cast) if t is not None)
+
+
+class Weight4bit:
+    """A fused weight (q/k/v, gate/up, or one projection): its parts stacked along the output."""
+
+    def __init__(self, parts: list[Packed4bit], scratch: Scratch, tile_elements: int = TILE_ELEMENTS):
+        n_in = parts[0].shape[1]
+        self.parts, self.scratch = parts, scratch
+        self.shape = (sum(p.shape[0] for p in parts), n_in)
+        self.offsets = [0]
+        for p in parts:
+            self.offsets.append(self.offsets[-1] + p.shape[0])
+        align = max(p.blocksize // math.gcd(n_in, p.blocksize) for p in parts)
+        rows = max(align, tile_elements // n_in // align * align)
+        if rows < self.shape[0] and any(p.shape[0] % align for p in parts):
+            rows = self.shape[0]  # odd shapes: tiles could split a block, so take the whole weight at once
+        self.tile_rows = min(rows, self.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def scratch_elements(self) -> int:
+        return self.tile_rows * self.shape[1]
+
+    def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows r0..r1 of the fused W, dequantized into the scratch (valid until the next call)."""
+        n_in, s = self.shape[1], self.scratch
+        w = s.weights[:(r1 - r0) * n_in]
+        for part, start, end in zip(self.parts, self.offsets, self.offsets[1:]):
+            lo, hi = max(r0, start), min(r1, end)
+            if lo < hi:
+                part.dequantize_rows(lo - start, hi - start, s.weights[(lo - r0) * n_in:], s.index)
+        w = w.view(r1 - r0, n_in)
+        if dtype != torch.float32:
+            if s.cast is None or s.cast.dtype != dtype or s.cast.numel() < w.numel():
+                s.cast = torch.empty(s.weights.numel(), dtype=dtype, device=w.device)
+            w = s.cast[:w.numel()].view_as(w).copy_(w)
+        return w
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in] @ W.T + bias -> [T, out], W dequantized tile by tile (bitsandbytes' fp32 path:
+        dequantize to the compute dtype, then one matmul)."""
+        n_out = self.shape[0]
+        if self.tile_rows >= n_out:
+            return F.linear(x, self.rows(0, n_out, x.dtype), bias)
+        y = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
+        for r0 in range(0, n_out, self.tile_rows):
+            r1 = min(r0 + self.tile_rows, n_out)
+            y[:, r0:r1] = F.linear(x, self.rows(r0, r1, x.dtype), None if bias is None else bias[r0:r1])
+        return y
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+
+def expand_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,
+                  nested_blocksize: int, offset: float) -> torch.Tensor:
+    """Double quantization undone: absmax[j] = nested_code[codes[j]] * nested_absmax[j // 256] + offset."""
+    v = nested_code[codes.reshape(-1).long()]
+    n = v.numel()
+    blocks = -(-n // nested_blocksize)
+    v = F.pad(v, (0, blocks * nested_blocksize - n))
+    return (v.view(blocks, nested_blocksize) * nested_absmax.view(blocks, 1)).reshape(-1)[:n] + offset
+
+
+def read_packed(tensors, key: str) -> Packed4bit | None:
+    """The 4-bit weight saved under `key` (e.g. model.layers.0.self_attn.q_proj.weight) by transformers'
+    bitsandbytes integration, or None when `key` is a plain tensor. tensors: server.model.checkpoint.Checkpoint."""
+    for quant_type in QUANT_TYPES:
+        blob = tensors.pop(f"{key}.quant_state.bitsandbytes__{quant_type}", None)
+        if blob is not None:
+            break
+    else:
+        return None
+    state = json.loads(bytes(blob.tolist()).decode())
+    if state.get("quant_type") != quant_type:
+        raise ValueError(f"{key}: quant_state says {state.get('quant_type')!r}, its key says {quant_type!r}")
+    shape = tuple(state["shape"])
+    if len(shape) != 2:
+        raise ValueError(f"{key}: a 4-bit weight of shape {shape} is not a linear layer's")
+    data, absmax, code = tensors.pop(key), tensors.pop(f"{key}.absmax"), tensors.pop(f"{key}.quant_map")
+    double = "nested_blocksize" in state
+    if double:
+        absmax = expand_absmax(absmax, tensors.pop(f"{key}.nested_absmax").float(),
+                               tensors.pop(f"{key}.nested_quant_map").float(), state["nested_blocksize"],
+                               float(state["nested_offset"]))
+    bs = int(state["blocksize"])
+    numel = shape[0] * shape[1]
+    if data.dtype != torch.uint8 or data.numel() != -(-numel // 2) or absmax.numel() != -(-numel // bs):
+        raise ValueError(f"{key}: packed data {tuple(data.shape)} {data.dtype} or absmax {tuple(absmax.shape)} "
+                         f"does not fit a {shape} weight in blocks of {bs} (only quant_storage uint8 is read)")
+    return Packed4bit(data.reshape(-1).contiguous(), absmax.float().contiguous(), code.float().contiguous(), bs,
+                      shape, quant_type, double)
+
+
+def quantize(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True,
+             blocksize: int = 64) -> Packed4bit:
+    """bitsandbytes' own quantizer on the CPU (what transformers' load_in_4bit runs): the same codes a
+    QLoRA training run on this base saw. bitsandbytes is needed for this only."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as exc:
+        raise RuntimeError("--quantization needs bitsandbytes (pip install 'quiver[quantize]'); serving an "
+                           "already quantized checkpoint does not") from exc
+    data, state = bnbf.quantize_4bit(weight.contiguous().cpu(), blocksize=blocksize,
+                                     compress_statistics=double_quant, quant_type=quant_type)
+    absmax = state.absmax
+    if state.nested:
+        absmax = expand_absmax(absmax, state.state2.absmax.float(), state.state2.code.float(),
+                               state.state2.blocksize, float(state.offset))
+    return Packed4bit(data.reshape(-1).contiguous(), absmax.float().contiguous(), state.code.float().contiguous(),
+                      blocksize, tuple(weight.shape), quant_type, double_quant)
+
+
+def read_dequantized(tensors) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as fp32, 4-bit weights dequantized (what merging works on, as PEFT's
+    merge_and_unload on a bitsandbytes model does). tensors: server.model.checkpoint.Checkpoint."""
+    out = {}
+    for key in [k.split(".quant_state.")[0] for k in tensors if ".quant_state.bitsandbytes__" in k]:
+        out[key] = read_packed(tensors, key).dequantize()
+    out.update({key: tensors.pop(key).float() for key in tensors})
+    return out
