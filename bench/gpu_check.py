@@ -25,7 +25,7 @@ from pathlib import Path
 from quiver.bench.common import RESULTS, machine, write_json
 
 CUDA_TESTS = ["tests/test_kernels_lora.py", "tests/test_kernels_attention.py", "tests/test_triton_compile.py",
-              "tests/test_device_harness.py", "tests/test_gpu.py"]
+              "tests/test_device_harness.py", "tests/test_gpu.py", "tests/test_qlora_gpu.py"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "--out", str(out / "batch32")], 90),
         ("latency", [*bench, "latency", *gpu, "--concurrency", "1", "8", "32", "--repeats", "1",
                      "--out", str(out / "latency")], 90),
+        ("quantized", [*bench, "quantized", *gpu, "--rounds", "1", "--out", str(out / "quantized")], 90),
     ]
     result = {"machine": machine(), "steps": {}}
     for name, command, seconds in plan:

@@ -1,5 +1,7 @@
 """The base kept 4-bit (NF4, QLoRA's) against the same base in full precision: what its weights hold in
-memory, and decode speed at batch 1, 8 and 32, side by side in one run.
+memory, and decode speed at batch 1, 8 and 32, side by side in one run. Three engines: full precision,
+4-bit projections (exact to bitsandbytes), and 4-bit projections with the embedding table 4-bit too
+(--quantize-embeddings).
 
 Memory: each engine is loaded in a fresh process with the same KV cache; reported are the engine's own
 count of its weight bytes and the process's resident set after load minus before (libraries imported
@@ -25,15 +27,15 @@ from quiver.bench.common import add_device_args, dtype_name, machine, synchroniz
 KV_MB = 256
 
 
-def engine(model, quantization, device="cpu", dtype="auto", threads=None):
+def engine(model, kind: dict, device="cpu", dtype="auto", threads=None):
     from quiver.server.engine.config import EngineConfig
     from quiver.server.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig(model=model, quantization=quantization, kv_cache_memory_mb=KV_MB, device=device,
-                                  dtype=dtype, num_threads=threads, max_model_len=2048))
+    return LLMEngine(EngineConfig(model=model, kv_cache_memory_mb=KV_MB, device=device, dtype=dtype, num_threads=threads,
+                                  max_model_len=2048, **kind))
 
 
-def memory_child(model, quantization, device, dtype) -> None:
+def memory_child(model, kind: dict, device, dtype) -> None:
     """Run in a fresh process: print the weights' bytes and the resident set the load added."""
     import ctypes
     import gc
@@ -42,10 +44,10 @@ def memory_child(model, quantization, device, dtype) -> None:
 
     proc = psutil.Process()
     import quiver.server.engine.llm_engine  # noqa: F401 - imports are not the model's memory
-    if quantization:
+    if kind:
         import bitsandbytes  # noqa: F401 - nor is the quantizer's library
     before = proc.memory_info().rss
-    e = engine(model, quantization, device, dtype)
+    e = engine(model, kind, device, dtype)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     after = proc.memory_info().rss
@@ -53,9 +55,8 @@ def memory_child(model, quantization, device, dtype) -> None:
     print(json.dumps({"weight_bytes": e.runner.model.weight_bytes(), "rss_added": after - before, "kv_bytes": kv}))
 
 
-def memory(model, quantization, device, dtype) -> dict:
-    code = f"from quiver.bench.quantized import memory_child; memory_child({model!r}, {quantization!r}, {device!r}, " \
-           f"{dtype!r})"
+def memory(model, kind: dict, device, dtype) -> dict:
+    code = f"from quiver.bench.quantized import memory_child; memory_child({model!r}, {kind!r}, {device!r}, {dtype!r})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_device_args(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    kinds = {"full": None, args.quantization: args.quantization}
+    q4 = args.quantization
+    kinds = {"full": {}, q4: {"quantization": q4}, f"{q4}+embeddings": {"quantization": q4, "quantize_embeddings": True}}
     mem = {name: memory(args.model, q, args.device, args.dtype) for name, q in kinds.items()}
     engines = {name: engine(args.model, q, args.device, args.dtype, args.threads) for name, q in kinds.items()}
     steps = {(name, b): [] for name in kinds for b in args.batches}
@@ -99,21 +101,20 @@ def main(argv: list[str] | None = None) -> dict:
         for b in args.batches:
             for name in (list(kinds) if r % 2 == 0 else list(kinds)[::-1]):  # alternate who goes first
                 steps[name, b] += decode_steps(engines[name], b, args.prompt_tokens, args.new_tokens, seed=r)
-    q4 = args.quantization
     result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engines["full"].runner.dtype),
               "quantization": args.quantization, "kv_cache_mb": KV_MB, "memory": mem,
-              "weights_shrink": mem["full"]["weight_bytes"] / mem[q4]["weight_bytes"],
-              "rss_shrink": mem["full"]["rss_added"] / mem[q4]["rss_added"],
+              "weights_shrink": {k: mem["full"]["weight_bytes"] / mem[k]["weight_bytes"] for k in kinds},
+              "rss_shrink": {k: mem["full"]["rss_added"] / mem[k]["rss_added"] for k in kinds},
               "decode": {f"{name}@{b}": {"step_ms_median": statistics.median(v),
                                          "tok_s": b * 1000 / statistics.median(v)} for (name, b), v in steps.items()}}
     for name, m in mem.items():
-        print(f"{name:5s} weights {m['weight_bytes'] / 2**20:7.1f} MiB   resident set added by the load "
-              f"{m['rss_added'] / 2**20:7.1f} MiB (KV cache {m['kv_bytes'] / 2**20:.0f} MiB of it)")
-    print(f"weights shrink {result['weights_shrink']:.2f}x   resident set added shrinks {result['rss_shrink']:.2f}x")
+        print(f"{name:15s} weights {m['weight_bytes'] / 2**20:6.1f} MiB ({result['weights_shrink'][name]:.2f}x less)"
+              f"   resident set added by the load {m['rss_added'] / 2**20:6.1f} MiB, KV cache "
+              f"{m['kv_bytes'] / 2**20:.0f} MiB of it ({result['rss_shrink'][name]:.2f}x less)")
     for b in args.batches:
-        a, q = result["decode"][f"full@{b}"], result["decode"][f"{q4}@{b}"]
-        print(f"batch {b:3d}: full {a['tok_s']:7.1f} tok/s   {q4} {q['tok_s']:7.1f} tok/s   "
-              f"ratio {q['tok_s'] / a['tok_s']:.2f}x")
+        full = result["decode"][f"full@{b}"]["tok_s"]
+        print(f"batch {b:3d}: " + "   ".join(f"{k} {result['decode'][f'{k}@{b}']['tok_s']:6.1f} tok/s "
+                                              f"({result['decode'][f'{k}@{b}']['tok_s'] / full:.2f}x)" for k in kinds))
     path = write_json("quantized", result, None if args.out is None else __import__("pathlib").Path(args.out))
     print(f"wrote {path}")
     return result

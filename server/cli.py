@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="with --quantization: fp32 block scales (bnb_4bit_use_double_quant=False); default: "
                         "8-bit scales, as QLoRA trains")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="with a 4-bit base: the embedding table and output head 4-bit too (bitsandbytes keeps them "
+                        "at full precision, so outputs move slightly); needs bitsandbytes")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-mb)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=None,
@@ -77,7 +80,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
         max_cpu_loras=args.max_cpu_loras, allow_pickle=args.allow_pickle, max_adapter_mb=args.max_adapter_mb,
-        quantization=args.quantization, double_quant=args.double_quant)
+        quantization=args.quantization, double_quant=args.double_quant, quantize_embeddings=args.quantize_embeddings)
 
 
 def split_name_path(spec: str, flag: str, expects: str = "NAME=PATH") -> tuple[str, str]:

@@ -187,3 +187,19 @@ def test_smollm2_nf4_mixed_batch_equals_peft_on_bitsandbytes(smollm2_dir, tokeni
     assert engine.runner.quantization == "nf4"
     check_mixed_batch(engine, hf, {"qlora": tmp_path / "qlora", "qdora": tmp_path / "qdora"}, vocab=49152, atol=1e-4)
     assert_fp32_path(hf)
+
+
+def test_quantized_embeddings_equal_the_model_with_their_dequantized_table(qlora_set, plain_tokenizer, tmp_path):
+    """--quantize-embeddings leaves bitsandbytes' model; its own oracle is that model with the (tied)
+    embedding table replaced by bitsandbytes' quantize-dequantize of it."""
+    src, _, _, paths, (quant_type, double_quant) = qlora_set
+    hf = bnb_4bit(src, tmp_path / "q", quant_type, double_quant)
+    table = hf.model.embed_tokens.weight
+    with torch.no_grad():
+        table.copy_(bnbf.dequantize_4bit(*bnbf.quantize_4bit(table.detach().clone(), blocksize=64, quant_type=quant_type,
+                                                             compress_statistics=double_quant)))
+    engine = engine_on(tmp_path / "q", plain_tokenizer, quantize_embeddings=True, double_quant=double_quant)
+    assert isinstance(engine.runner.model.embed, Weight4bit)
+    check_mixed_batch(engine, hf, {n: paths[n] for n in ("rslora_all7", "dora", "prompt_tuning", "ptuning_v2")},
+                      vocab=512, atol=1e-4)
+    assert_fp32_path(hf)

@@ -32,6 +32,7 @@ class EngineConfig:
     kernels: str = "auto"  # kernel backend: auto (Triton on CUDA, torch elsewhere), torch, triton
     quantization: str | None = None  # nf4 / fp4: quantize the base's projections at load (bitsandbytes)
     double_quant: bool = True  # with quantization: 8-bit absmax as QLoRA trains (bnb_4bit_use_double_quant)
+    quantize_embeddings: bool = False  # the embedding table and output head 4-bit too (not exact to bitsandbytes)
 
     def __post_init__(self) -> None:
         seqs, tokens = BATCH_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]

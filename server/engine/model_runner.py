@@ -65,7 +65,7 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = LlamaModel(mc, self.ops, self.dtype, self.max_model_len,
                                     quantization=None if mc.quantization else config.quantization,
-                                    double_quant=config.double_quant)
+                                    double_quant=config.double_quant, quantize_embeddings=config.quantize_embeddings)
         self.model.load_weights(model_dir)
         self.model.eval()
         self.block_size = config.block_size

@@ -59,7 +59,7 @@ class LoraFamily:
         """The adapter's tensors as a slot load copies them (B transposed, in the serving dtype, pinned
         when the slots are on a GPU): done when read, off the engine thread, so that putting it in a
         slot is a few non-blocking copies."""
-        pin = self.model.embed.device.type == "cuda"
+        pin = self.model.device.type == "cuda"
         dtype = self.model.dtype
 
         def host(t: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,8 @@ class LoraFamily:
             for g, mods in GROUPS.items():
                 outs = [shapes[m][0] for m in mods]
                 weights = self.ops.lora_buffers(self.num_slots, self.max_rank, shapes[mods[0]][1], outs,
-                                                model.dtype, model.embed.device)
-                dora = torch.zeros(self.num_slots + 1, sum(outs), dtype=model.dtype, device=model.embed.device)
+                                                model.dtype, model.device)
+                dora = torch.zeros(self.num_slots + 1, sum(outs), dtype=model.dtype, device=model.device)
                 groups[g] = GroupSlots(weights, dora)
             self.layers.append(groups)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 QUANT_TYPES = ("nf4", "fp4")
-TILE_ELEMENTS = 1 << 22  # weights dequantized at once: bounds the scratch at 32 MiB (fp32 + int64 index)
+TILE_ELEMENTS = 1 << 18  # weights dequantized at once: 1 MiB of fp32 and 1 MiB of index, kept in cache
 
 
 @dataclass
@@ -142,6 +142,16 @@ class Weight4bit:
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([p.dequantize() for p in self.parts])
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` [T] of a one-part W, dequantized -> [T, in]: an embedding table kept 4-bit
+        (in must be a multiple of blocksize, so that every row is whole blocks)."""
+        (p,) = self.parts
+        n_in, bs = p.shape[1], p.blocksize
+        codes = p.data.view(p.shape[0], n_in // 2).index_select(0, ids).reshape(-1)
+        w = torch.index_select(p.pairs, 0, codes.long()).view(torch.float32).view(-1, bs)
+        w = w * p.absmax.view(p.shape[0], n_in // bs).index_select(0, ids).view(-1, 1)
+        return w.view(ids.shape[0], n_in).to(dtype)
 
 
 def expand_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,

@@ -53,21 +53,28 @@ class DecoderLayer(torch.nn.Module):
 
 class LlamaModel(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, ops: TorchOps, dtype: torch.dtype = torch.float32, max_len: int | None = None,
-                 quantization: str | None = None, double_quant: bool = True):
+                 quantization: str | None = None, double_quant: bool = True, quantize_embeddings: bool = False):
         """quantization: "nf4"/"fp4" quantizes the projections at load (bitsandbytes, with or without
         double quantization); a checkpoint saved in bitsandbytes' 4-bit format (cfg.quantization) is read
-        as it is."""
+        as it is. quantize_embeddings: the embedding table and output head too, in the base's 4-bit type
+        (bitsandbytes keeps them at full precision: this trades exactness for memory)."""
         super().__init__()
         self.cfg = cfg
         self.ops = ops
         self.dtype = dtype
         self.quantization, self.double_quant = quantization, double_quant
         four_bit = bool(quantization or cfg.quantization)
-        self.embed = torch.nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        if quantize_embeddings and not four_bit:
+            raise ValueError("quantize_embeddings needs a 4-bit base (--quantization, or a 4-bit checkpoint)")
+
+        def table():  # set at load when it is kept 4-bit
+            return None if quantize_embeddings else torch.nn.Parameter(
+                torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+
+        self.embed = table()
         self.layers = torch.nn.ModuleList(DecoderLayer(cfg, dtype, four_bit) for _ in range(cfg.num_layers))
         self.norm = torch.nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
-        self.lm_head = None if cfg.tie_word_embeddings else torch.nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head = None if cfg.tie_word_embeddings else table()
         cos, sin = rope_table(cfg, max_len or cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
@@ -77,15 +84,15 @@ class LlamaModel(torch.nn.Module):
     def load_weights(self, model_dir: str | Path) -> None:
         """Read HF safetensors, fusing q/k/v and gate/up as they arrive."""
         tensors = Checkpoint(Path(model_dir))
-        scratch = Scratch(self.embed.device)  # sized below, to the largest tile
+        scratch = Scratch(self.device)  # sized below, to the largest tile
         with torch.no_grad():
-            self.embed.copy_(tensors.pop("model.embed_tokens.weight"))
+            self.embed = self._table(tensors.pop("model.embed_tokens.weight"), self.embed, scratch)
             self.norm.copy_(tensors.pop("model.norm.weight"))
             head = tensors.pop("lm_head.weight", None)
-            if self.lm_head is not None:
+            if not self.cfg.tie_word_embeddings:
                 if head is None:
                     raise ValueError("checkpoint has no lm_head.weight but tie_word_embeddings is false")
-                self.lm_head.copy_(head)
+                self.lm_head = self._table(head, self.lm_head, scratch)
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 take = lambda name: tensors.pop(p + name)  # noqa: E731
@@ -110,6 +117,19 @@ class LlamaModel(torch.nn.Module):
         tile = max((w.scratch_elements for w in self.four_bit_weights()), default=0)
         scratch.reserve(tile)
 
+    def _table(self, weight: torch.Tensor, param, scratch: Scratch):
+        """The embedding table or output head: copied into its parameter, or quantized and kept 4-bit."""
+        if param is not None:
+            return param.copy_(weight)
+        if weight.shape[1] % 64:
+            raise ValueError(f"quantize_embeddings needs a hidden size divisible by 64, not {weight.shape[1]}")
+        packed = quantize(weight, self.quantization or self.cfg.quantization, self.double_quant)
+        return Weight4bit([packed.to(self.device)], scratch)
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
     def _read_4bit(self, tensors: Checkpoint, keys: list[str], scratch: Scratch):
         """A fused group's projections as one Weight4bit: read packed, or quantized here with bitsandbytes.
         A group the checkpoint left unquantized (llm_int8_skip_modules) stays a plain tensor."""
@@ -120,14 +140,15 @@ class LlamaModel(torch.nn.Module):
                 packed = quantize(tensors.pop(key), self.quantization, self.double_quant)
             parts.append(packed if packed is not None else tensors.pop(key))
         if all(isinstance(p, Packed4bit) for p in parts):
-            return Weight4bit([p.to(self.embed.device) for p in parts], scratch)
+            return Weight4bit([p.to(self.device) for p in parts], scratch)
         if any(isinstance(p, Packed4bit) for p in parts):
             raise ValueError(f"{keys}: some of these fused projections are 4-bit and some are not")
-        return torch.nn.Parameter(torch.cat(parts).to(self.embed.device, self.dtype), requires_grad=False)
+        return torch.nn.Parameter(torch.cat(parts).to(self.device, self.dtype), requires_grad=False)
 
     def four_bit_weights(self) -> list[Weight4bit]:
-        return [w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
-                if isinstance(w, Weight4bit)]
+        weights = [self.embed, self.lm_head, *(w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up,
+                                                                                     layer.down))]
+        return [w for w in weights if isinstance(w, Weight4bit)]
 
     def weight_bytes(self) -> int:
         """What the base's weights hold in memory (4-bit projections packed, the scratch included)."""
@@ -155,7 +176,10 @@ class LlamaModel(torch.nn.Module):
         c, ops, hooks = self.cfg, self.ops, inp.hooks
         t = inp.input_ids.shape[0]
         d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
-        x = F.embedding(inp.input_ids, self.embed)
+        if isinstance(self.embed, Weight4bit):
+            x = self.embed.lookup(inp.input_ids, self.dtype)
+        else:
+            x = F.embedding(inp.input_ids, self.embed)
         for hook in hooks.embed:
             hook.embed(x)
         cos, sin = self.rope_cos[inp.positions], self.rope_sin[inp.positions]
@@ -201,4 +225,5 @@ class LlamaModel(torch.nn.Module):
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight).float()
+        head = self.head_weight
+        return (head.linear(hidden, None) if isinstance(head, Weight4bit) else F.linear(hidden, head)).float()
