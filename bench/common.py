@@ -75,6 +75,26 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def decode_step_ms(engine, rows: int, prompt_tokens: int, params, seed: int) -> list[float]:
+    """Prefill `rows` random prompts, then time each decode step until all finish (ms; the first and
+    last steps, which mix in prefill and retirement, left out). params(i) -> row i's SamplingParams."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for i in range(rows):
+        engine.add_request(torch.randint(100, 20000, (prompt_tokens,), generator=g).tolist(), params(i))
+    while any(s.num_computed < s.num_tokens - 1 for s in engine.seqs.values()):
+        engine.step()
+    times = []
+    while engine.has_work():
+        synchronize(engine.runner.device)
+        t0 = time.perf_counter()
+        engine.step()
+        synchronize(engine.runner.device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times[1:-1]
+
+
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)

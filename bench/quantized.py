@@ -18,11 +18,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
-import torch
 
-from quiver.bench.common import add_device_args, dtype_name, machine, synchronize, write_json
+from quiver.bench.common import add_device_args, decode_step_ms, dtype_name, machine, write_json
 
 KV_MB = 256
 
@@ -64,20 +62,8 @@ def memory(model, kind: dict, device, dtype) -> dict:
 def decode_steps(e, batch: int, prompt_tokens: int, new_tokens: int, seed: int) -> list[float]:
     from quiver.server.engine.sampling import SamplingParams
 
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(batch):
-        e.add_request(torch.randint(100, 20000, (prompt_tokens,), generator=g).tolist(),
-                      SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
-    while any(s.num_computed < s.num_tokens - 1 for s in e.seqs.values()):
-        e.step()
-    times = []
-    while e.has_work():
-        synchronize(e.runner.device)
-        t0 = time.perf_counter()
-        e.step()
-        synchronize(e.runner.device)
-        times.append((time.perf_counter() - t0) * 1000)
-    return times[1:-1]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    return decode_step_ms(e, batch, prompt_tokens, lambda i: params, seed)
 
 
 def main(argv: list[str] | None = None) -> dict:

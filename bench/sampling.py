@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-import torch
 
-from quiver.bench.common import add_device_args, dtype_name, machine, synchronize, write_json
+from quiver.bench.common import add_device_args, decode_step_ms, dtype_name, machine, write_json
 
 # an array that cannot close within the measured steps, so every row keeps decoding under its grammar
 SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 256}
@@ -40,21 +38,8 @@ def configs(engine) -> dict:
 
 
 def run(engine, fields: dict, params_cls, rows: int, prompt_tokens: int, new_tokens: int, seed: int) -> list[float]:
-    g = torch.Generator().manual_seed(seed)
-    for i in range(rows):
-        engine.add_request(torch.randint(100, 20000, (prompt_tokens,), generator=g).tolist(),
-                           params_cls(**{"temperature": 0, **fields, "max_tokens": new_tokens, "seed": i,
-                                         "ignore_eos": True}))
-    while any(s.num_computed < s.num_tokens - 1 for s in engine.seqs.values()):
-        engine.step()
-    times = []
-    while engine.has_work():
-        synchronize(engine.runner.device)
-        t0 = time.perf_counter()
-        engine.step()
-        synchronize(engine.runner.device)
-        times.append((time.perf_counter() - t0) * 1000)
-    return times[1:-1]
+    return decode_step_ms(engine, rows, prompt_tokens, lambda i: params_cls(
+        **{"temperature": 0, **fields, "max_tokens": new_tokens, "seed": i, "ignore_eos": True}), seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
