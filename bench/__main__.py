@@ -18,7 +18,9 @@ BENCHMARKS = {"latency": "merged vs unmerged vs base: TTFT and time per output t
               "load": "sustained closed-loop streaming load over mixed adapter families, with leak and output checks",
               "grammar": "the grammar engines (llguidance, xgrammar): compile, mask fill, schema coverage",
               "sampling": "per-step cost of penalties, logit_bias and structured output at batch 32, against plain",
-              "quantized": "the base kept 4-bit (NF4) against full precision: weight memory, decode at batch 1/8/32"}
+              "quantized": "the base kept 4-bit (NF4) against full precision: weight memory, decode at batch 1/8/32",
+              "prefix": "prefix caching: time to first token of chats sharing a long system prompt, cache on and off",
+              "roofline": "achieved GFLOP/s of decode and prefill steps against the measured matmul peak"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                    help="auto: float32 on the CPU, the checkpoint's dtype (mostly bfloat16) on a GPU")
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
+                   help="keep computed KV blocks, keyed by their tokens and the adapter's weights, so that a later "
+                        "request starting with the same tokens skips their prefill (the default)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn the prefix cache off")
     p.add_argument("--quantization", choices=["nf4", "fp4"], default=None,
                    help="keep the base's projections 4-bit, quantized at load by bitsandbytes as transformers' "
                         "load_in_4bit does (QLoRA's base); a checkpoint saved 4-bit by bitsandbytes needs no flag")
@@ -80,7 +85,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
         max_cpu_loras=args.max_cpu_loras, allow_pickle=args.allow_pickle, max_adapter_mb=args.max_adapter_mb,
-        quantization=args.quantization, double_quant=args.double_quant, quantize_embeddings=args.quantize_embeddings)
+        quantization=args.quantization, double_quant=args.double_quant, quantize_embeddings=args.quantize_embeddings,
+        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def split_name_path(spec: str, flag: str, expects: str = "NAME=PATH") -> tuple[str, str]:

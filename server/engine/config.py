@@ -30,6 +30,7 @@ class EngineConfig:
     max_adapter_mb: int = 2048  # larger adapter weight files are refused
     served_model_name: str | None = None
     kernels: str = "auto"  # kernel backend: auto (Triton on CUDA, torch elsewhere), torch, triton
+    enable_prefix_caching: bool = True  # keep full KV blocks, keyed by tokens and adapter, for later requests
     quantization: str | None = None  # nf4 / fp4: quantize the base's projections at load (bitsandbytes)
     double_quant: bool = True  # with quantization: 8-bit absmax as QLoRA trains (bnb_4bit_use_double_quant)
     quantize_embeddings: bool = False  # the embedding table and output head 4-bit too (not exact to bitsandbytes)

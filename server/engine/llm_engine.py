@@ -45,7 +45,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, model_dir)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_config.vocab_size
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras, config.lora_starvation_steps)
         self.registry = AdapterRegistry(self._families(), config.max_cpu_loras)
@@ -212,6 +212,7 @@ class LLMEngine:
         for seq, n in rows:
             if not seq.finished:
                 seq.num_computed += n
+                self.blocks.commit(seq)
                 if seq.forks:
                     self._release_forks(seq, share=True)
         now = time.monotonic()

@@ -40,6 +40,10 @@ class Metrics:
         self.slot_evictions = Counter("quiver_adapter_evictions", "Adapters moved out of a tier to make room",
                                       ["tier"], registry=r)
         self.resident = Gauge("quiver_adapters_resident", "Adapters held per tier", ["tier"], registry=r)
+        self.prefix_queries = Counter("quiver_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      ["adapter"], registry=r)
+        self.prefix_hits = Counter("quiver_prefix_cache_hits", "Prompt tokens whose K/V came from the prefix cache",
+                                   ["adapter"], registry=r)
         self.weights = Gauge("quiver_model_weight_bytes", "Bytes the base model's weights hold (4-bit projections "
                              "packed, their dequantization scratch included)", ["quantization"], registry=r)
         self._evictions_seen: dict[str, int] = {}
@@ -74,6 +78,8 @@ class Metrics:
                 self.ttft.labels(label).observe(seq.first_token_time - seq.arrival_time)
                 self.queue.labels(label).observe(seq.first_scheduled_time - seq.arrival_time)
                 self.prompt_tokens.labels(label).inc(seq.num_prompt_tokens)
+                self.prefix_queries.labels(label).inc(seq.num_prompt_tokens)
+                self.prefix_hits.labels(label).inc(seq.num_cached_tokens)
             elif seq.prev_token_time is not None:
                 self.itl.labels(label).observe(seq.last_token_time - seq.prev_token_time)
             if out.finished:

@@ -83,8 +83,12 @@ class Scheduler:
                 if seq.blocked_steps >= self.starvation_steps:
                     break
                 continue
+            if not seq.block_table:
+                seq.num_cached_tokens = self.blocks.match(seq)  # skips the prefill of a cached prefix
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_grow(seq, seq.num_computed + n, reserve=self.admit_reserve):
+                self._unmatch(seq)
+                n = min(seq.num_tokens, budget)
                 if self.running or batch.rows:
                     break
                 if not self.blocks.can_grow(seq, seq.num_computed + n):
@@ -102,6 +106,12 @@ class Scheduler:
             batch.rows.append((seq, n))
             budget -= n
         return batch
+
+    def _unmatch(self, seq: Sequence) -> None:
+        """A waiting request not admitted after all gives its cached blocks back."""
+        if seq.block_table:
+            self.blocks.free(seq)
+            seq.num_computed = seq.num_cached_tokens = 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

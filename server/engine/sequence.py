@@ -41,7 +41,9 @@ class Sequence:
     status: Status = Status.WAITING
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # of its prompt, tokens whose K/V came from the prefix cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list, repr=False)  # chain hashes of its full blocks in the cache
     finish_reason: str | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -82,6 +84,15 @@ class Sequence:
     @property
     def shared_blocks(self) -> tuple[int, ...]:
         return () if self.binding is None else self.binding.shared_blocks
+
+    @property
+    def cache_key(self) -> str | None:
+        """What its KV blocks are cached under: "" for the base, else the adapter's fingerprint; None
+        (never cached) for soft prompts and prefixes, and for adapters without a fingerprint."""
+        b = self.binding
+        if b is None:
+            return "" if self.adapter is None else None
+        return None if b.num_virtual or b.prefix_len else b.cache_key
 
     @property
     def slot_adapter(self) -> str | None:

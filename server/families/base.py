@@ -24,6 +24,7 @@ class Binding:
     kv_offset: int = 0  # cache index (a block boundary) where the request's own tokens start
     shared_blocks: tuple[int, ...] = ()  # KV blocks shared read-only at the head of the block table
     slot: int = -1  # device slot of the adapter in the current step (families with slots)
+    cache_key: str | None = None  # the adapter's fingerprint: what its cached KV blocks are keyed by
 
     @property
     def sort_key(self) -> tuple[int, int]:

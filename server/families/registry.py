@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quiver.adapters.errors import AdapterError
+from quiver.adapters.fingerprint import fingerprint
 from quiver.adapters.paths import InvalidName, check_name
 from quiver.adapters.spec import detect_family
 from quiver.server.families.base import AdapterFamily, Binding, StepRows
@@ -64,6 +65,7 @@ class ReadAdapter:
     kind: str  # the family label metrics and GET /v1/adapters use
     path: str
     started: float  # when its read began (monotonic), for the load-time metric
+    fingerprint: str | None = None  # its contents' hash (adapters.fingerprint): None, its KV is never cached
 
 
 @dataclass
@@ -84,6 +86,7 @@ class AdapterRegistry:
         self.known: dict[str, str] = {}  # every adapter a request may name -> its folder
         self.owner: dict[str, AdapterFamily] = {}  # resident adapters
         self.failed: dict[str, str] = {}  # adapter -> why its read from disk failed
+        self.fingerprints: dict[str, str | None] = {}  # resident adapters -> what their cached KV is keyed by
         self.pins: Counter[str] = Counter()
         self.requests_served: Counter[str] = Counter()
         self.cpu_evictions = 0
@@ -100,7 +103,7 @@ class AdapterRegistry:
         try:
             kind = detect_family(path)
             family = self.by_kind[kind]
-            return ReadAdapter(family.read(name, path), family, kind, str(path), started)
+            return ReadAdapter(family.read(name, path), family, kind, str(path), started, fingerprint(path))
         except Exception as exc:
             log.warning("adapter %s (%s) failed to load from %s: %s", name, kind or "family unknown", path, exc)
             raise
@@ -114,6 +117,7 @@ class AdapterRegistry:
             raise AdapterExists(name)
         read.family.register(read.adapter)
         self.owner[name] = read.family
+        self.fingerprints[name] = read.fingerprint
         self.known[name] = read.path
         self.events.append(AdapterEvent("load", read.kind, time.monotonic() - read.started))
         log.info("adapter %s (%s) loaded from %s: tier %s", name, read.kind, read.path, self.tier(name))
@@ -127,6 +131,7 @@ class AdapterRegistry:
             raise AdapterInUse(name, self.pins[name])
         self.failed.pop(name, None)
         family = self.owner.pop(name, None)
+        self.fingerprints.pop(name, None)
         if family is not None:
             kind = self.info(name, family)["family"]
             self._drop(name, family)
@@ -224,7 +229,9 @@ class AdapterRegistry:
             del self.pins[name]
 
     def bind(self, name: str) -> Binding:
-        return self.owner[name].bind(name)
+        binding = self.owner[name].bind(name)
+        binding.cache_key = self.fingerprints.get(name)
+        return binding
 
     def park(self, name: str, seq) -> None:
         """Hold a request for an adapter on disk; the first one starts its read on a worker thread."""
