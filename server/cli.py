@@ -27,8 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
                    help="keep computed KV blocks, keyed by their tokens and the adapter's weights, so that a later "
                         "request starting with the same tokens skips their prefill (the default)")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   help="turn the prefix cache off")
+    p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help="turn the prefix cache off")
     p.add_argument("--quantization", choices=["nf4", "fp4"], default=None,
                    help="keep the base's projections 4-bit, quantized at load by bitsandbytes as transformers' "
                         "load_in_4bit does (QLoRA's base); a checkpoint saved 4-bit by bitsandbytes needs no flag")

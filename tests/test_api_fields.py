@@ -30,7 +30,8 @@ def test_n_choices_are_seeded_indexed_and_counted_once(tiny_server):
              for j in range(4)]
     assert texts == alone  # choice j is the request with seed + j
     prompt_tokens = post(tiny_server, "/v1/completions", {**body, "n": 1})["usage"]["prompt_tokens"]
-    assert a["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 24, "total_tokens": prompt_tokens + 24}
+    assert a["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 24, "total_tokens": prompt_tokens + 24,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
     two = post(tiny_server, "/v1/completions", {**body, "prompt": ["Hello", "Once upon a time"], "n": 2})
     assert [c["index"] for c in two["choices"]] == [0, 1, 2, 3]
     assert two["choices"][2]["text"] == texts[0] and two["choices"][3]["text"] == texts[1]  # prompt-major

@@ -18,6 +18,11 @@ def test_flags_reach_engine_config():
                                       "--lora-starvation-steps", "5", "--num-kv-blocks", "10"]))
     assert (cfg.max_loras, cfg.max_lora_rank, cfg.dtype, cfg.lora_starvation_steps, cfg.num_kv_blocks) == \
         (3, 32, "bfloat16", 5, 10)
+    assert cfg.enable_prefix_caching and cfg.quantization is None
+    for off in ("--no-prefix-caching", "--no-enable-prefix-caching"):
+        assert not engine_config(p.parse_args([off])).enable_prefix_caching
+    cfg = engine_config(p.parse_args(["--quantization", "fp4", "--no-double-quant", "--quantize-embeddings"]))
+    assert (cfg.quantization, cfg.double_quant, cfg.quantize_embeddings) == ("fp4", False, True)
 
 
 def test_parse_adapters():

@@ -100,3 +100,14 @@ def test_cached_blocks_are_evicted_when_memory_runs_short(tiny_lora_set, plain_t
         assert all(o.error is None for o in on.step())
     assert [s.output_ids for s in outs] == [run(off, p, n=8)[0] for p in prompts]
     assert on.blocks.num_free == on.blocks.num_blocks
+
+
+def test_usage_reports_the_cached_prompt_tokens(tiny_server):
+    import httpx
+
+    body = {"model": "tiny", "prompt": "the same long instructions " * 12, "max_tokens": 3, "temperature": 0}
+    first, second = (httpx.post(tiny_server.url + "/v1/completions", json=body, timeout=60).json() for _ in range(2))
+    prompt = first["usage"]["prompt_tokens"]
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": (prompt - 1) // 4 * 4}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]

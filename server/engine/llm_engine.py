@@ -302,7 +302,7 @@ class LLMEngine:
             request_id=seq.request_id, new_token_ids=[token], new_text=releasable_text(seq),
             new_logprobs=[logprob] if logprob is not None else [], finished=seq.finished,
             finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
+            num_output_tokens=seq.num_output_tokens, num_cached_tokens=seq.num_cached_tokens,
             prompt_logprobs=seq.prompt_logprobs if first and p.prompt_logprobs is not None else None, seq=seq)
 
     def fail_all(self, reason: str = "error") -> list[Sequence]:

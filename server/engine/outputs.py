@@ -24,6 +24,7 @@ class RequestOutput:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output only
     seq: Sequence | None = None  # for timing metrics; read-only to consumers
     error: Exception | None = None  # the request failed (e.g. its adapter could not be read)

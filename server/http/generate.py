@@ -6,6 +6,8 @@ usage counts each prompt once and every choice's tokens, and `model` names the a
 """
 from __future__ import annotations
 
+import itertools
+
 import asyncio
 import json
 import uuid
@@ -61,8 +63,13 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                                             fork_of=first if j and share else None))
         return gens
 
-    def counted(job: Job, totals: list[int]) -> dict:
-        return usage(sum(len(ids) for ids in job.prompts), sum(totals))
+    def counted(job: Job, latest: list) -> dict:
+        """Usage from each choice's latest output (None before its first); a prompt, and how much of it the
+        prefix cache held, count once, from its first choice (the others share its blocks)."""
+        firsts = itertools.accumulate([0] + [len(c) for c in job.params[:-1]])
+        cached = sum(latest[k].num_cached_tokens for k in firsts if latest[k] is not None)
+        return usage(sum(len(ids) for ids in job.prompts), sum(o.num_output_tokens for o in latest if o is not None),
+                     cached)
 
     @app.post("/v1/completions", openapi_extra=doc.request_body(CompletionRequest),
               responses=doc.responses(*GENERATION_ERRORS, ok=doc.ok(doc.Completion, stream=doc.CompletionChunk)))
@@ -90,7 +97,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
             options = req.stream_options
 
             async def events():
-                offsets, totals, started = [0] * len(gens), [0] * len(gens), [False] * len(gens)
+                offsets, latest, started = [0] * len(gens), [None] * len(gens), [False] * len(gens)
                 try:
                     async for k, out in merge(gens):
                         text, lp = out.new_text, None
@@ -101,14 +108,14 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                         if req.logprobs is not None:
                             new, offsets[k] = fmt.completion(out.new_logprobs, offsets[k])
                             lp = merge_completion_logprobs([lp, new]) if lp else new
-                        totals[k] = out.num_output_tokens
+                        latest[k] = out
                         choice = {"index": k, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
-                        running = counted(job, totals) if options and options.continuous_usage_stats else None
+                        running = counted(job, latest) if options and options.continuous_usage_stats else None
                         yield _sse(body([choice], running))
                 except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
                     yield _sse(stream_error(exc))
                 if options and options.include_usage:
-                    yield _sse(body([], counted(job, totals)))
+                    yield _sse(body([], counted(job, latest)))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -123,7 +130,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                 lp = merge_completion_logprobs([lp, new]) if lp else new
             choices.append({"index": k, "text": echo + "".join(o.new_text for o in outs), "logprobs": lp,
                             "finish_reason": outs[-1].finish_reason})
-        return body(choices, counted(job, [outs[-1].num_output_tokens for outs in results]))
+        return body(choices, counted(job, [outs[-1] for outs in results]))
 
     chat_ok = doc.ok(doc.ChatCompletion, stream=doc.ChatCompletionChunk)
 
@@ -147,13 +154,13 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
             options = req.stream_options
 
             async def events():
-                totals = [0] * len(gens)
+                latest = [None] * len(gens)
                 readers = [ToolOutput(job.tools) if parse_tools else None for _ in gens]
                 for k in range(len(gens)):
                     yield _sse(chunk(k, {"role": "assistant", "content": ""}))
                 try:
                     async for k, out in merge(gens):
-                        totals[k] = out.num_output_tokens
+                        latest[k] = out
                         lp = fmt.chat(out.new_logprobs) if req.logprobs else None
                         reader = readers[k]
                         if reader is None:
@@ -161,7 +168,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                         else:
                             deltas = reader.feed(out.new_text) + (reader.finish() if out.finished else [])
                         finish = _finish_reason(reader, out.finish_reason) if out.finished else None
-                        running = counted(job, totals) if options and options.continuous_usage_stats else None
+                        running = counted(job, latest) if options and options.continuous_usage_stats else None
                         if not deltas and (finish or lp):
                             deltas = [{}]
                         for d, delta in enumerate(deltas):
@@ -171,7 +178,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                 except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
                     yield _sse(stream_error(exc))
                 if options and options.include_usage:
-                    yield _sse(chunk(None, {}, use=counted(job, totals)))
+                    yield _sse(chunk(None, {}, use=counted(job, latest)))
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -194,7 +201,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
             choices.append({"index": k, "message": message, "logprobs": lp,
                             "finish_reason": _finish_reason(reader, outs[-1].finish_reason)})
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-                "usage": counted(job, [outs[-1].num_output_tokens for outs in results])}
+                "usage": counted(job, [outs[-1] for outs in results])}
 
 
 def _finish_reason(reader: ToolOutput | None, reason: str | None) -> str | None:
