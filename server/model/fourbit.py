@@ -140,9 +140,6 @@ class Weight4bit:
             y[:, r0:r1] = F.linear(x, self.rows(r0, r1, x.dtype), None if bias is None else bias[r0:r1])
         return y
 
-    def dequantize(self) -> torch.Tensor:
-        return torch.cat([p.dequantize() for p in self.parts])
-
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` [T] of a one-part W, dequantized -> [T, in]: an embedding table kept 4-bit
         (in must be a multiple of blocksize, so that every row is whole blocks)."""
