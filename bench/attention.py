@@ -15,7 +15,8 @@ MiB at the element size of --dtype. All three are checked against each other bef
     quiver bench attention [--repeats 20] [--threads N] [--heads 9] [--kv-heads 3] [--head-dim 64]
                            [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
 
---dtype auto is float32 on the CPU and bfloat16 on a GPU (there is no checkpoint to take it from).
+--dtype auto is bfloat16 on a GPU and on a CPU with AVX512-BF16 or AMX, float32 on other CPUs (there is no
+checkpoint to take it from).
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ SCENARIOS = {
 
 
 def attention_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: auto is float32 on the CPU, bfloat16 on a GPU."""
+    """--dtype: auto is bfloat16 on a GPU and where the CPU has bfloat16 matmuls, else float32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from quiver.server.engine.device import cpu_bf16_flag
+        return torch.bfloat16 if device.type == "cuda" or cpu_bf16_flag() else torch.float32
     return getattr(torch, name)
 
 

@@ -40,7 +40,8 @@ def add_device_args(ap: argparse.ArgumentParser) -> None:
 
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--dtype", choices=DTYPES, default="auto",
-                    help="auto: float32 on the CPU, the checkpoint's dtype on a GPU")
+                    help="auto: as quiver serve picks it (bfloat16 on CPUs with AVX512-BF16/AMX, else float32; "
+                         "the checkpoint's dtype on a GPU)")
 
 
 def is_cuda(device) -> bool:

@@ -29,6 +29,7 @@ class LoraMeta:
     dora_index: torch.Tensor | None  # [T] slot per token with -1 -> the zero row, when a DoRA slot is used
     single_slot: int | None = None  # every token of the step uses this one slot
     m_tiles: torch.Tensor | None = None  # [tiles, 2] int32 (segment, row block): the Triton SGMV grid
+    segments_from: int | None = None  # the segments are tokens segments_from.. in order: slices, no gather
 
     TENSORS = ("token_slots", "seg_index", "seg_slots", "seg_starts", "seg_lens", "pad_index", "pad_mask",
                "dora_index", "m_tiles")
@@ -41,6 +42,7 @@ class LoraMeta:
 
 
 ROW_TILE = 16  # rows of one SGMV program
+LONG_SEGMENTS = 32  # tokens per adapter from which in-order segments take a matmul pair each (CPU)
 
 
 def row_tiles(seg_lens: torch.Tensor, block: int = ROW_TILE) -> torch.Tensor:
@@ -96,10 +98,13 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
     if forms == "triton":
         return LoraMeta(token_slots, slot_lo, num_slots, [], seg_index, seg_slots, seg_starts, seg_lens, False,
                         max_len, None, None, None, dora_index, None, row_tiles(seg_lens))
-    # padding every slot of the range to max_len rows lets one bmm serve all adapters;
-    # worth it unless the padding would more than double the rows
+    first = int(seg_index[0])
+    in_order = torch.equal(seg_index, torch.arange(first, first + n_lora))  # rows grouped by adapter, as steps are
+    # padding every slot of the range to max_len rows lets one bmm serve all adapters; worth it unless the
+    # padding would more than double the rows, or the segments are in order and long enough (a prefill) for
+    # a matmul pair each on plain slices, with no padding and no gather
     if padded is None:
-        padded = num_slots * max_len <= 2 * n_lora + 16
+        padded = num_slots * max_len <= 2 * n_lora + 16 and not (in_order and n_lora >= LONG_SEGMENTS * num_slots)
     pad_index = pad_mask = contiguous_from = None
     if padded:
         pad = torch.zeros(num_slots, max_len, dtype=torch.long)
@@ -109,13 +114,13 @@ def build_lora_meta(token_slots: torch.Tensor, dora_slots: set[int], zero_row: i
             mask[s - slot_lo, :n] = True
         pad_index = pad.reshape(-1)
         pad_mask = None if num_slots * max_len == n_lora else mask
-        first = int(pad_index[0])
-        if pad_mask is None and torch.equal(pad_index, torch.arange(first, first + n_lora)):
+        if pad_mask is None and in_order:
             contiguous_from = first
     segments = list(zip(seg_slots.tolist(), seg_starts.tolist(), seg_lens.tolist()))
     single = slot_lo if num_slots == 1 and n_lora == token_slots.numel() else None
     return LoraMeta(token_slots, slot_lo, num_slots, segments, seg_index, seg_slots, seg_starts, seg_lens, padded,
-                    max_len, pad_index, pad_mask, contiguous_from, dora_index, single)
+                    max_len, pad_index, pad_mask, contiguous_from, dora_index, single,
+                    segments_from=first if in_order else None)
 
 
 def attention_tiles(q_lens: torch.Tensor, heads_per_kv: int, block: int = ROW_TILE) -> torch.Tensor:

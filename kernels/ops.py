@@ -98,7 +98,7 @@ class TorchOps:
             a_t, b = buf.slot_views[meta.single_slot]
             y.addmm_(torch.mm(x, a_t), b)
             return
-        torch_ops.lora_apply(x, y, buf.a, buf.b, meta)
+        torch_ops.lora_apply(x, y, buf.a, buf.b, meta, buf.offsets)
 
 
 class TritonOps(TorchOps):

@@ -57,6 +57,11 @@ def attention_mask(q_start: torch.Tensor, q_lens: torch.Tensor, kv_offset: torch
     return ((key >= off) & (key - off <= q_idx[:, :, None])) | (key < prefix_len[:, None, None])
 
 
+# queries per row up to which paged_attention uses batched matmuls (decode steps) instead of the
+# fused SDPA kernel, whose CPU code is tuned for long query blocks (and is slow in bfloat16 for single queries)
+FEW_QUERIES = 4
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     allowed: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of padded query rows over their own paged KV, with grouped KV heads.
@@ -64,21 +69,44 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q: [B, Q, H, D]; k_cache, v_cache: [KV, num_blocks, bs, D]; block_tables: [B, NB]; allowed:
     [B, Q, L] bool, L = NB * bs. With g = H // KV, K_b = concat over n of k_cache[:, block_tables[b, n]]:
       out[b, i, h] = softmax_j(scale * q[b, i, h] . K_b[h // g, j], over j with allowed[b, i, j]) @ V_b[h // g].
-    One fused scaled_dot_product_attention: its CPU kernel works through the keys in tiles (memory
-    of the order of the mask, not of the scores), accumulating in float32. Keys a row may not see
-    must hold finite values (padding points at an always-zero block; blocks are zeroed when handed
-    out), since a masked weight of 0 times NaN is still NaN. Returns [B, Q, H, D].
+    Long query blocks take one fused scaled_dot_product_attention (its CPU kernel works through the
+    keys in tiles: memory of the order of the mask, not of the scores); up to FEW_QUERIES queries per
+    row take few_query_attention. Both accumulate in float32. Keys a row may not see must hold finite
+    values (padding points at an always-zero block; blocks are zeroed when handed out), since a masked
+    weight of 0 times NaN is still NaN. Returns [B, Q, H, D].
     """
     b, nq, h, d = q.shape
     kv, nb, bs, _ = k_cache.shape
     length = block_tables.shape[1] * bs
     flat = block_tables.reshape(-1)
     # whole blocks as rows of a 3-d view: index_select on the 4-d cache is several times slower on CPU
-    keys = k_cache.view(kv, nb, bs * d).index_select(1, flat).view(kv, b, length, d).transpose(0, 1)
-    values = v_cache.view(kv, nb, bs * d).index_select(1, flat).view(kv, b, length, d).transpose(0, 1)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed[:, None], scale=scale,
-                                         enable_gqa=True)
+    keys = k_cache.view(kv, nb, bs * d).index_select(1, flat).view(kv, b, length, d)
+    values = v_cache.view(kv, nb, bs * d).index_select(1, flat).view(kv, b, length, d)
+    if nq <= FEW_QUERIES:
+        return few_query_attention(q, keys, values, allowed, scale)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def few_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """paged_attention's maths as two batched matmuls, for rows of a few queries (decode).
+
+    q [B, Q, H, D]; keys, values [KV, B, L, D] (gathered); allowed [B, Q, L]. The g = H // KV query
+    heads of one KV head and the row's Q queries form one [g*Q, D] block, so each (KV head, row) pair is
+    one [g*Q, D] x [D, L] product. As in transformers' eager attention, q.K is taken in the cache's dtype
+    (accumulated in float32 by the matmul), the softmax in float32, and the probabilities meet V in its
+    dtype. Returns [B, Q, H, D]."""
+    b, nq, h, d = q.shape
+    kv, _, length, _ = keys.shape
+    g = h // kv
+    qg = q.view(b, nq, kv, g, d).permute(2, 0, 3, 1, 4).reshape(kv * b, g * nq, d)
+    scores = torch.bmm(qg, keys.reshape(kv * b, length, d).transpose(1, 2)).float()
+    scores.view(kv, b, g, nq, length).masked_fill_(~allowed[None, :, None], float("-inf"))
+    probs = torch.softmax(scores.mul_(scale), dim=-1).to(values.dtype)
+    out = torch.bmm(probs, values.reshape(kv * b, length, d))
+    return out.view(kv, b, g, nq, d).permute(1, 3, 0, 2, 4).reshape(b, nq, h, d)
 
 
 def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, kv_offset, prefix_len,
@@ -134,12 +162,29 @@ def block_diagonal(b: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def lora_apply(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: LoraMeta) -> None:
+# slices at least this wide are expanded one by one: the block-diagonal's zeros then cost more than a call
+WIDE_SLICES = 1024
+
+
+def _expand(xa: torch.Tensor, y: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...]) -> None:
+    """y [n, m, out] += xa [n, m, S*R] @ b [n, S*R, out] (block-diagonal), slice by slice when they are wide."""
+    widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+    if len(widths) == 1 or min(widths) < WIDE_SLICES:
+        y.baddbmm_(xa, b)
+        return
+    rank = xa.shape[2] // len(widths)
+    for s, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+        y[:, :, lo:hi].baddbmm_(xa[:, :, s * rank:(s + 1) * rank], b[:, s * rank:(s + 1) * rank, lo:hi])
+
+
+def lora_apply(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: LoraMeta,
+               offsets: tuple[int, ...]) -> None:
     """y += the LoRA delta of every token, b block-diagonal ([L, S*R, out]).
 
     Padded form: one bmm pair over all slots at once (decode-like steps), added in place when
-    the rows are contiguous. Segmented form: one matmul pair per adapter segment (prefill-like
-    steps, few long segments).
+    the rows are contiguous (wide slices, gate/up, each expanded on its own block). Segmented form: one matmul pair per adapter segment (prefill-like
+    steps, few long segments), on slices of x and y when the segments are in token order, each
+    slice's expand on its own block of b (the zeros of the block-diagonal cost these the most).
     """
     if meta.padded:
         lo, n, m = meta.slot_lo, meta.num_slots, meta.max_len
@@ -148,13 +193,21 @@ def lora_apply(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tenso
             if n == 1:
                 y[rows].addmm_(x[rows] @ a[lo].T, b[lo])
             else:
-                y[rows].view(n, m, -1).baddbmm_(torch.bmm(x[rows].view(n, m, -1), a[lo:lo + n].transpose(1, 2)),
-                                                b[lo:lo + n])
+                xa = torch.bmm(x[rows].view(n, m, -1), a[lo:lo + n].transpose(1, 2))
+                _expand(xa, y[rows].view(n, m, -1), b[lo:lo + n], offsets)
             return
         xa = torch.bmm(padded_rows(x, meta), a[lo:lo + n].transpose(1, 2))
         if meta.pad_mask is not None:
             xa.masked_fill_(~meta.pad_mask, 0)
         add_padded_rows(y, torch.bmm(xa, b[lo:lo + n]), meta)
+        return
+    if meta.segments_from is not None:  # segments in token order: plain slices
+        rank = a.shape[1] // (len(offsets) - 1)
+        for slot, start, n in meta.segments:
+            rows = slice(meta.segments_from + start, meta.segments_from + start + n)
+            xa = x[rows] @ a[slot].T
+            for s, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+                y[rows, lo:hi].addmm_(xa[:, s * rank:(s + 1) * rank], b[slot, s * rank:(s + 1) * rank, lo:hi])
         return
     for slot, start, n in meta.segments:
         rows = meta.seg_index[start:start + n]

@@ -22,7 +22,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="name reported by /v1/models and in responses")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
-                   help="auto: float32 on the CPU, the checkpoint's dtype (mostly bfloat16) on a GPU")
+                   help="auto: bfloat16 on a CPU with AVX512-BF16 or AMX, float32 on other CPUs, the "
+                        "checkpoint's dtype (mostly bfloat16) on a GPU")
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
                    help="keep computed KV blocks, keyed by their tokens and the adapter's weights, so that a later "

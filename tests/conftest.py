@@ -58,7 +58,7 @@ def tiny_server(api_model, tokenizer):
     from quiver.server.engine.llm_engine import LLMEngine
     from quiver.server.engine.metrics import Metrics
 
-    engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=96, block_size=4,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(api_model[0]), num_kv_blocks=96, block_size=4,
                                     max_model_len=128, served_model_name="tiny"), tokenizer=tokenizer)
     with LiveServer(AsyncEngine(engine, Metrics())) as server:
         yield server

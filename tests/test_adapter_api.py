@@ -31,7 +31,8 @@ def hot(api_model, tokenizer, tmp_path_factory):
     make_adapter(hf, root / "big_rank", variants["lora_r16_ko"], seed=902)
     make_prompt_adapter(hf, root / "ptuning_v2", prompts["ptuning_v2"], seed=903)
     make_bottleneck(hf, root / "bottleneck", "bottleneck", SEQ_BN, seed=904)
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4, max_model_len=128,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=256, block_size=4,
+                                    max_model_len=128,
                                     served_model_name="tiny", max_loras=2, max_lora_rank=8), tokenizer=tokenizer)
     from quiver.server.engine.metrics import Metrics
     with LiveServer(AsyncEngine(engine, Metrics()), adapter_root=root) as server:
@@ -252,7 +253,8 @@ def test_unload_and_reload_100_times_keeps_memory_flat(smollm2_dir, tokenizer, t
     make_adapter(hf, tmp_path / "big", LoraConfig(r=16, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), seed=950, scale=0.01)
     del hf
-    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), max_model_len=128, num_kv_blocks=32, max_loras=2),
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(smollm2_dir), max_model_len=128, num_kv_blocks=32,
+                                    max_loras=2),
                        tokenizer=tokenizer)
     proc = psutil.Process()
 
@@ -288,7 +290,8 @@ def test_tiers_round_robin_six_adapters_over_two_slots_and_three_in_memory(api_m
     kinds = ["lora_qv", "rslora_all7", "dora", "adalora", "lora_r1_mlp", "dora_mlp"]
     for i, kind in enumerate(kinds):
         make_adapter(hf, tmp_path / f"a{i}", variants[kind], seed=970 + i, scale=0.3)
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4, max_model_len=128,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=256, block_size=4,
+                                    max_model_len=128,
                                     served_model_name="tiny", max_loras=2, max_cpu_loras=3), tokenizer=tokenizer)
     assert engine.registry.add_dir(str(tmp_path)) == [f"a{i}" for i in range(6)]
     assert engine.adapter_names() == []  # nothing read yet

@@ -28,7 +28,8 @@ def registry_log(caplog):
 
 def test_loads_and_evictions_are_logged_with_family_and_tier(tiny_lora_set, plain_tokenizer, registry_log):
     base_dir, _, paths = tiny_lora_set
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=32, max_model_len=64, max_loras=1,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=32, max_model_len=64,
+                                    max_loras=1,
                                     max_cpu_loras=2), tokenizer=plain_tokenizer)
     for name in ("a", "b", "c"):
         engine.load_adapter(name, str(paths["lora_qv"]))
@@ -47,7 +48,7 @@ def test_loads_and_evictions_are_logged_with_family_and_tier(tiny_lora_set, plai
 
 def test_failed_loads_are_logged(tiny_lora_set, plain_tokenizer, registry_log, tmp_path):
     base_dir, _, _ = tiny_lora_set
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=32, max_model_len=64),
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=32, max_model_len=64),
                        tokenizer=plain_tokenizer)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "NOPE"}')

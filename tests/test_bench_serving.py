@@ -10,6 +10,8 @@ import shutil
 import socket
 from collections import Counter
 
+from helpers import auto_cpu_dtype
+
 
 def _model_with_tokenizer(api_model, tokenizer, tmp_path):
     model_dir = tmp_path / "model"
@@ -85,7 +87,7 @@ def test_serving_bench_smoke(api_model, tokenizer, tmp_path):
     data = json.loads((out / "serving.json").read_text())
     _check(data, out, 6, ["adapter0", "adapter1"])
     assert data["adapter_names"] == ["adapter0", "adapter1"] and data["options"]["distribution"] == "zipf"
-    assert (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert (data["device"], data["dtype"]) == ("cpu", auto_cpu_dtype())
 
 
 def test_serving_bench_url(tiny_server, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import shutil
 
+from helpers import auto_cpu_dtype
+
 
 def _model_with_tokenizer(api_model, tokenizer, tmp_path):
     model_dir = tmp_path / "model"
@@ -25,7 +27,7 @@ def test_throughput_bench_smoke(api_model, tokenizer, tmp_path):
         assert row["quiver_tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
         assert abs(row["ratio"] - row["quiver_tokens_per_s"] / row["transformers_tokens_per_s"]) < 1e-9
     assert data["machine"]["cores"] >= 1 and data["threads"] >= 1
-    assert (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert (data["device"], data["dtype"]) == ("cpu", auto_cpu_dtype())
     assert "cuda_max_memory_allocated_mib" not in data
 
 
@@ -43,7 +45,7 @@ def test_adapters_bench_smoke(api_model, tokenizer, tmp_path):
             assert row[key] > 0
         assert abs(row["quiver_vs_peft"] - row["quiver_tokens_per_s"] / row["peft_tokens_per_s"]) < 1e-9
     assert (out / "adapters.png").stat().st_size > 1000
-    assert (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert (data["device"], data["dtype"]) == ("cpu", auto_cpu_dtype())
 
 
 def test_families_bench_smoke(api_model, tokenizer, tmp_path):
@@ -60,7 +62,7 @@ def test_families_bench_smoke(api_model, tokenizer, tmp_path):
         assert row["decode_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
         assert abs(row["decode_vs_base"] - row["decode_tokens_per_s"] / row["base_decode_tokens_per_s"]) < 1e-9
     assert (out / "families.png").stat().st_size > 1000
-    assert (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert (data["device"], data["dtype"]) == ("cpu", auto_cpu_dtype())
 
 
 def test_hotload_bench_smoke(api_model, tokenizer, tmp_path):
@@ -80,7 +82,7 @@ def test_hotload_bench_smoke(api_model, tokenizer, tmp_path):
     for row in data["rows"]:
         assert len(row["all_ms"]) == 2 and all(v > 0 for v in row["all_ms"])
         assert row["max_ms"] >= row["median_ms"] > 0
-    assert (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert (data["device"], data["dtype"]) == ("cpu", auto_cpu_dtype())
 
 
 def test_latency_bench_smoke(api_model, tokenizer, tmp_path):
@@ -100,7 +102,7 @@ def test_latency_bench_smoke(api_model, tokenizer, tmp_path):
                    / row["merged"]["tpot_median_ms"]) < 1e-9
     assert data["repeats"] == 2 and data["machine"]["cores"] >= 1
     assert (out / "latency.png").stat().st_size > 1000
-    assert (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert (data["device"], data["dtype"]) == ("cpu", auto_cpu_dtype())
 
 
 def test_device_args_and_helpers():
@@ -126,7 +128,7 @@ def test_attention_bench_smoke(tmp_path):
     from quiver.bench import attention
 
     scenario = "decode 32, contexts 100-600"
-    for dtype, want in (("auto", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")):
+    for dtype, want in (("auto", auto_cpu_dtype()), ("bfloat16", "bfloat16"), ("float16", "float16")):
         out = tmp_path / dtype
         attention.main(["--repeats", "1", "--scenarios", scenario, "--dtype", dtype, "--out", str(out)])
         data = json.loads((out / "attention.json").read_text())
@@ -144,5 +146,40 @@ def test_mixed_bench_smoke(api_model, tokenizer, tmp_path):
     result = mixed.main(["--model", str(model_dir), "--decoders", "1", "--new-tokens", "12", "--prompt-tokens", "40",
                          "--arrivals", "1", "--threads", "1", "--out", str(out)])
     data = json.loads((out / "mixed.json").read_text())
-    assert data == result and (data["device"], data["dtype"]) == ("cpu", "float32")
+    assert data == result and (data["device"], data["dtype"]) == ("cpu", auto_cpu_dtype())
     assert data["decode_steps"] > 0 and data["mixed_steps"] > 0
+
+
+def test_roofline_bench_smoke(api_model, tokenizer, tmp_path):
+    from quiver.bench import roofline
+
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
+    out = tmp_path / "results"
+    result = roofline.main(["--model", str(model_dir), "--batches", "2", "3", "--prompt-tokens", "8",
+                            "--new-tokens", "4", "--peak-repeats", "1", "--dtype", "float32", "--out", str(out)])
+    data = json.loads((out / "roofline.json").read_text())
+    assert data["dtype"] == "float32" and data["matmul_peak_gflops"] > 0
+    assert sorted(data["steps"]) == ["2", "3"] and sorted(result["steps"]) == [2, 3]
+    for step in data["steps"].values():
+        assert step["decode_ms"] > 0 and step["prefill_ms"] > 0
+        assert abs(step["decode_share_of_peak"] - step["decode_gflops"] / data["matmul_peak_gflops"]) < 1e-9
+        assert 0 < step["decode_projection_share"] < 1 and 0 <= step["decode_batched_matmul_share"] < 1
+        assert step["decode_projection_share"] + step["decode_batched_matmul_share"] <= 1
+
+
+def test_workload_bench_smoke(api_model, tokenizer, tmp_path):
+    """The worker processes answer round by round, and every row and ratio lands in the JSON."""
+    from quiver.bench import workload
+
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
+    out = tmp_path / "results"
+    workload.main(["--model", str(model_dir), "--dtypes", "float32", "--requests", "4", "--new-tokens", "3",
+                   "--repeats", "2", "--threads", "1", "--out", str(out)])
+    data = json.loads((out / "workload.json").read_text())
+    assert [(r["engine"], r["mix"], r["dtype"]) for r in data["rows"]] == [
+        ("quiver", "8 LoRA adapters", "float32"), ("quiver", "base only", "float32")]
+    for r in data["rows"]:
+        assert len(r["tokens_per_s"]) == 2 and all(t > 0 for t in r["tokens_per_s"]) and r["threads"] == 1
+        assert r["vs_baseline_float32_lora"] is None
+    lora, base = data["rows"]
+    assert abs(lora["vs_base_only"] - lora["median_tokens_per_s"] / base["median_tokens_per_s"]) < 1e-9

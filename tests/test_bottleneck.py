@@ -31,7 +31,8 @@ def bottlenecks(tiny_models, tmp_path_factory):
 def test_bottlenecks_match_reference_in_a_mixed_batch(bottlenecks, tiny_lora_set, tiny_prompt_set, tokenizer):
     base_dir, hf, lora_paths = tiny_lora_set
     _, _, prompt_paths = tiny_prompt_set
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=256, block_size=4), tokenizer=tokenizer)
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=256, block_size=4),
+                       tokenizer=tokenizer)
     others = {"dora": lora_paths["dora"], "rslora_all7": lora_paths["rslora_all7"], **prompt_paths}  # every family
     custom = {name: (lambda ids, mods=mods: reference_logits(hf, mods, ids), 1e-5)
               for name, (_, mods) in bottlenecks.items()}
@@ -47,7 +48,8 @@ def test_bottlenecks_match_reference_in_a_mixed_batch(bottlenecks, tiny_lora_set
 ])
 def test_unsupported_bottleneck_settings_are_refused(change, needle, bottlenecks, tiny_models, tokenizer, tmp_path):
     base_dir, _ = tiny_models["llama_gqa"]
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=64, block_size=4), tokenizer=tokenizer)
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=64, block_size=4),
+                       tokenizer=tokenizer)
     bad = tmp_path / "bad"
     shutil.copytree(bottlenecks["pfeiffer"][0], bad)
     meta = json.loads((bad / "adapter_config.json").read_text())
@@ -60,7 +62,8 @@ def test_unsupported_bottleneck_settings_are_refused(change, needle, bottlenecks
 
 def test_pickle_only_bottleneck_is_refused(bottlenecks, tiny_models, tokenizer, tmp_path):
     base_dir, _ = tiny_models["llama_gqa"]
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=64, block_size=4), tokenizer=tokenizer)
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=64, block_size=4),
+                       tokenizer=tokenizer)
     bad = tmp_path / "bad"
     shutil.copytree(bottlenecks["houlsby"][0], bad)
     (bad / "adapter.safetensors").rename(bad / "pytorch_adapter.bin")

@@ -71,7 +71,8 @@ def adapter_reads(tiny_lora_set, tiny_prompt_set, plain_tokenizer, tmp_path_fact
     make_bottleneck(hf, root / "relu", "relu", SEQ_BN, seed=1)
     make_bottleneck(hf, root / "swish", "swish", DOUBLE_SEQ_BN, seed=2)
     paths = {**lora_paths, **prompt_paths, "relu": root / "relu", "swish": root / "swish"}
-    cpu = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=64, block_size=4, max_loras=len(lora_paths)),
+    cpu = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=64, block_size=4,
+                                 max_loras=len(lora_paths)),
                     tokenizer=plain_tokenizer)
     return base_dir, {name: cpu.registry.read(name, str(path)) for name, path in paths.items()}
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from quiver.server.engine.config import EngineConfig
-from quiver.server.engine.device import (MiB, kv_block_bytes, kv_cache_blocks, lora_slot_bytes, resolve_device,
-                                         resolve_dtype, working_reserve)
+from quiver.server.engine.device import (MiB, cpu_bf16_flag, kv_block_bytes, kv_cache_blocks, lora_slot_bytes,
+                                         resolve_device, resolve_dtype, working_reserve)
 from quiver.server.model.config import ModelConfig
 
 LLAMA_8B = ModelConfig.from_dict({
@@ -48,7 +48,8 @@ def test_fraction_and_overrides():
 def test_dtype_auto(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
     assert resolve_dtype("auto", torch.device("cuda"), tmp_path) == torch.bfloat16
-    assert resolve_dtype("auto", torch.device("cpu"), tmp_path) == torch.float32
+    on_this_cpu = torch.bfloat16 if cpu_bf16_flag() else torch.float32  # tests/test_bf16.py covers both cases
+    assert resolve_dtype("auto", torch.device("cpu"), tmp_path) == on_this_cpu
     assert resolve_dtype("float16", torch.device("cpu"), tmp_path) == torch.float16
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
     assert resolve_dtype("auto", torch.device("cuda"), tmp_path) == torch.float32

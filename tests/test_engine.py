@@ -13,7 +13,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=False)
 
 
 def make_engine(model_dir, tokenizer, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model_dir), **kw), tokenizer=tokenizer)
+    return LLMEngine(EngineConfig(model=str(model_dir), **{"dtype": "float32", **kw}), tokenizer=tokenizer)
 
 
 def random_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -122,7 +122,8 @@ def test_smollm2_staggered_greedy_matches_transformers(smollm2_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    engine = LLMEngine(EngineConfig(model=str(smollm2_dir), block_size=4, num_kv_blocks=16, max_model_len=64,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(smollm2_dir), block_size=4, num_kv_blocks=16,
+                                    max_model_len=64,
                                     max_num_batched_tokens=64), tokenizer=tokenizer)
     texts = ["The capital of France is", "Once upon a time", "def fibonacci(n):",
              "The three primary colors are", "Water boils at", "A haiku about the sea:\n",

@@ -26,7 +26,8 @@ def fuzz_app(api_model, tokenizer, tmp_path_factory):
     from quiver.server.engine.metrics import Metrics
 
     # a 64-token context bounds every generation, so a fuzzed request costs milliseconds
-    engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=64, block_size=4, max_model_len=64,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(api_model[0]), num_kv_blocks=64, block_size=4,
+                                    max_model_len=64,
                                     served_model_name="tiny"), tokenizer=tokenizer)
     async_engine = AsyncEngine(engine, Metrics())
     app = create_app(async_engine, adapter_root=tmp_path_factory.mktemp("empty_adapter_root"))

@@ -33,7 +33,8 @@ def hostile(tokenizer, tmp_path_factory):
     hf = make_tiny_model(root / "model", "llama_gqa", vocab_size=49152, max_positions=16384)
     adapters = root / "adapters"
     adapters.mkdir()
-    engine = LLMEngine(EngineConfig(model=str(root / "model"), num_kv_blocks=2048, block_size=16, max_model_len=8192,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(root / "model"), num_kv_blocks=2048, block_size=16,
+                                    max_model_len=8192,
                                     served_model_name="tiny", max_loras=2), tokenizer=tokenizer)
     with LiveServer(AsyncEngine(engine, Metrics()), adapter_root=adapters) as server:
         server.hf, server.adapters = hf, adapters
@@ -270,7 +271,8 @@ def test_a_request_that_cannot_fit_beside_the_prefixes_is_refused_not_stalled(to
     from quiver.server.engine.sampling import InvalidParam, SamplingParams
 
     hf = make_tiny_model(tmp_path / "m", "llama_gqa")
-    engine = LLMEngine(EngineConfig(model=str(tmp_path / "m"), num_kv_blocks=16, block_size=4, max_model_len=64),
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path / "m"), num_kv_blocks=16, block_size=4,
+                                    max_model_len=64),
                        tokenizer=tokenizer)
     make_prompt_adapter(hf, tmp_path / "v2", prompt_variants()["ptuning_v2"], seed=8)  # 7 tokens: 2 blocks
     engine.load_adapter("v2", str(tmp_path / "v2"))

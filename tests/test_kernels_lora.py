@@ -62,7 +62,7 @@ def test_reference_and_cpu_path_match_definition(n_tokens, popularity):
             assert (slots < 0).all()
             return
         y = torch.zeros(n_tokens, offsets[-1])
-        lora_apply(x, y, a, block_diagonal(b, offsets), meta)
+        lora_apply(x, y, a, block_diagonal(b, offsets), meta, offsets)
         torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-5)
 
 
@@ -177,5 +177,35 @@ def test_cpu_path_without_gather_when_rows_are_grouped():
     meta = build_lora_meta(slots, set(), a.shape[0])
     assert meta.padded and meta.contiguous_from == 4
     y = torch.zeros(32, offsets[-1])
-    lora_apply(x, y, a, block_diagonal(b, offsets), meta)
+    lora_apply(x, y, a, block_diagonal(b, offsets), meta, offsets)
+    torch.testing.assert_close(y.double(), per_token(x, a, b, offsets, slots), atol=1e-4, rtol=1e-5)
+
+
+def test_cpu_path_on_slices_when_long_segments_are_in_order():
+    """A prefill-like step: rows grouped by adapter, of unequal lengths. Each segment is a slice of x and
+    y (no padding, no gather), and the result is the definition."""
+    x, a, b, offsets, _ = make_case(146, "uniform")
+    slots = torch.cat([torch.full((3,), -1), torch.full((40,), 0), torch.full((70,), 2), torch.full((33,), 3)])
+    meta = build_lora_meta(slots, set(), a.shape[0])
+    assert not meta.padded and meta.segments_from == 3
+    y = torch.zeros(146, offsets[-1])
+    lora_apply(x, y, a, block_diagonal(b, offsets), meta, offsets)
+    torch.testing.assert_close(y.double(), per_token(x, a, b, offsets, slots), atol=1e-4, rtol=1e-5)
+    shuffled = build_lora_meta(slots[torch.randperm(146, generator=torch.Generator().manual_seed(0))], set(),
+                               a.shape[0])
+    assert shuffled.segments_from is None  # out of order: the gathering forms
+
+
+def test_cpu_path_expands_wide_slices_one_by_one():
+    """Gate/up-like slices (each at least WIDE_SLICES wide) take their own block of b, not the whole
+    block-diagonal: the same result, in the grouped decode layout."""
+    from quiver.kernels.torch_ops import WIDE_SLICES
+
+    offsets = (0, WIDE_SLICES, 2 * WIDE_SLICES + 8)
+    x, a, b, offsets, _ = make_case(24, "uniform", offsets=offsets)
+    slots = torch.arange(24) // 6  # 4 adapters x 6 rows, grouped
+    meta = build_lora_meta(slots, set(), a.shape[0])
+    assert meta.padded and meta.contiguous_from == 0
+    y = torch.zeros(24, offsets[-1])
+    lora_apply(x, y, a, block_diagonal(b, offsets), meta, offsets)
     torch.testing.assert_close(y.double(), per_token(x, a, b, offsets, slots), atol=1e-4, rtol=1e-5)

@@ -15,7 +15,7 @@ def run_load(api_model, tokenizer, tmp_path, clients: int, duration: float, samp
     out = tmp_path / "results"
     result = load.main(["--model", str(model_dir), "--clients", str(clients), "--duration", str(duration),
                         "--max-tokens", "32", "--reference-sample", str(sample), "--kv-cache-mb", "64",
-                        "--threads", "2", "--out", str(out)])
+                        "--threads", "2", "--dtype", "float32", "--out", str(out)])
     data = json.loads((out / "load.json").read_text())
     assert data["requests"] == result["requests"] and data["passed"] is True and data["failures"] == []
     return data

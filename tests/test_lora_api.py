@@ -24,7 +24,8 @@ def lora_server(api_model, tokenizer, tmp_path_factory):
     for i, name in enumerate(NAMES):
         make_adapter(hf, root / name, variants[name], seed=300 + i, scale=0.3)
         paths[name] = root / name
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=128, block_size=4, max_model_len=128,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=128, block_size=4,
+                                    max_model_len=128,
                                     served_model_name="tiny", max_loras=4), tokenizer=tokenizer)
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
@@ -107,7 +108,8 @@ def prompt_server(api_model, tokenizer, tmp_path_factory):
         paths[name] = root / name
     make_bottleneck(hf, root / "bottleneck", "bottleneck", SEQ_BN, seed=760)
     paths["bottleneck"] = root / "bottleneck"
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=128, block_size=4, max_model_len=64,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=128, block_size=4,
+                                    max_model_len=64,
                                     served_model_name="tiny"), tokenizer=tokenizer)
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
@@ -157,7 +159,7 @@ def test_model_retrieve_takes_a_name_with_a_slash(api_model, tokenizer, tmp_path
 
     from quiver.server.http.app import create_app
 
-    engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=16, max_model_len=64,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(api_model[0]), num_kv_blocks=16, max_model_len=64,
                                     served_model_name="org/base"), tokenizer=tokenizer)
     client = TestClient(create_app(AsyncEngine(engine), adapter_root=tmp_path))
     assert client.get("/v1/models/org/base").json()["id"] == "org/base"

@@ -18,7 +18,8 @@ PROMPT = [17, 200, 33, 4, 99, 123, 7]
 
 
 def last_logits(model_dir, tokenizer, adapter_path=None) -> torch.Tensor:
-    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=4), tokenizer=tokenizer)
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(model_dir), num_kv_blocks=64, block_size=4),
+                       tokenizer=tokenizer)
     if adapter_path is not None:
         engine.load_adapter("a", str(adapter_path))
     seen = capture_logits(engine)

@@ -12,7 +12,8 @@ BS = 4
 
 
 def make_engine(base_dir, tokenizer, adapters=()):
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=160, block_size=BS, max_model_len=128),
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=160, block_size=BS,
+                                    max_model_len=128),
                        tokenizer=tokenizer)
     for name, path in adapters:
         engine.load_adapter(name, str(path))

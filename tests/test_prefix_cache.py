@@ -17,7 +17,8 @@ PREFIX = torch.randint(3, 512, (41,), generator=torch.Generator().manual_seed(0)
 
 
 def engine_for(base_dir, tokenizer, caching=True, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(base_dir), block_size=4, max_model_len=128, enable_prefix_caching=caching,
+    return LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), block_size=4, max_model_len=128,
+                                  enable_prefix_caching=caching,
                                   **{"num_kv_blocks": 128, **kw}), tokenizer=tokenizer)
 
 

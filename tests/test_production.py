@@ -26,7 +26,8 @@ def make_server(api_model, tokenizer, guard: Guard, request_timeout=None) -> Liv
     from quiver.server.engine.llm_engine import LLMEngine
     from quiver.server.engine.metrics import Metrics
 
-    engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=96, block_size=4, max_model_len=128,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(api_model[0]), num_kv_blocks=96, block_size=4,
+                                    max_model_len=128,
                                     served_model_name="tiny"), tokenizer=tokenizer)
     return LiveServer(AsyncEngine(engine, Metrics(), request_timeout=request_timeout), guard=guard)
 

@@ -67,7 +67,8 @@ def qlora_set(request, tmp_path_factory):
 
 
 def engine_on(model_dir, tokenizer, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=128, block_size=4, max_model_len=128,
+    return LLMEngine(EngineConfig(dtype="float32", model=str(model_dir), num_kv_blocks=128, block_size=4,
+                                  max_model_len=128,
                                   max_lora_rank=16, **kw), tokenizer=tokenizer)
 
 
@@ -130,7 +131,8 @@ def test_greedy_text_over_http_equals_peft_on_bitsandbytes(tokenizer, tmp_path):
     make_tiny_model(tmp_path / "src", "llama_gqa", vocab_size=49152, intermediate_size=128)  # SmolLM2's vocabulary
     hf = bnb_4bit(tmp_path / "src", tmp_path / "q", "nf4", True)
     make_adapter(hf, tmp_path / "qlora", LoraConfig(r=8, lora_alpha=16, target_modules=ALL7), seed=7)
-    engine = LLMEngine(EngineConfig(model=str(tmp_path / "q"), num_kv_blocks=256, block_size=8, max_model_len=128,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path / "q"), num_kv_blocks=256, block_size=8,
+                                    max_model_len=128,
                                     served_model_name="tiny-nf4"), tokenizer=tokenizer)
     engine.load_adapter("qlora", str(tmp_path / "qlora"))
     prompt = "The capital of France is"
@@ -182,7 +184,8 @@ def test_smollm2_nf4_mixed_batch_equals_peft_on_bitsandbytes(smollm2_dir, tokeni
     make_adapter(hf, tmp_path / "qlora", LoraConfig(r=8, lora_alpha=16, target_modules=ALL7), seed=11, scale=0.02)
     make_adapter(hf, tmp_path / "qdora", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]),
                  seed=12, scale=0.02)
-    engine = LLMEngine(EngineConfig(model=str(tmp_path / "q"), num_kv_blocks=64, block_size=16, max_model_len=256),
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path / "q"), num_kv_blocks=64, block_size=16,
+                                    max_model_len=256),
                        tokenizer=tokenizer)
     assert engine.runner.quantization == "nf4"
     check_mixed_batch(engine, hf, {"qlora": tmp_path / "qlora", "qdora": tmp_path / "qdora"}, vocab=49152, atol=1e-4)

@@ -20,6 +20,7 @@ def engine_factory(tiny_models, tokenizer):
     def make(**kw):
         kw.setdefault("num_kv_blocks", 128)
         kw.setdefault("block_size", 4)
+        kw.setdefault("dtype", "float32")
         return LLMEngine(EngineConfig(model=str(tiny_models["llama_gqa"][0]), **kw), tokenizer=tokenizer)
     return make
 

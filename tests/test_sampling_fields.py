@@ -66,7 +66,8 @@ def bad_words(words: list[list[int]], prompt_len: int):
 def test_each_field_matches_its_oracle_in_one_mixed_batch(tiny_lora_set, tiny_prompt_set, plain_tokenizer):
     base_dir, hf, loras = tiny_lora_set
     prompts_dir = tiny_prompt_set[2]
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=128, block_size=4, max_model_len=128),
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=128, block_size=4,
+                                    max_model_len=128),
                        tokenizer=plain_tokenizer)
     adapters = {"lora": loras["rslora_all7"], "dora": loras["dora"], "prompt": prompts_dir["prompt_tuning"],
                 "prefix": prompts_dir["ptuning_v2"]}
@@ -112,7 +113,8 @@ def test_each_field_matches_its_oracle_in_one_mixed_batch(tiny_lora_set, tiny_pr
 
 def test_min_p_keeps_only_tokens_near_the_top(tiny_models, plain_tokenizer):
     base_dir, _ = tiny_models["llama_gqa"]
-    engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=64, block_size=4, max_model_len=128),
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=64, block_size=4,
+                                    max_model_len=128),
                        tokenizer=plain_tokenizer)
     seen = capture_logits(engine)
     seqs = [engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=24, temperature=1.5, min_p=mp, seed=s,
@@ -133,7 +135,8 @@ def test_seeded_rows_with_every_field_ignore_their_neighbours(tiny_lora_set, pla
     base_dir, _, loras = tiny_lora_set
 
     def run(crowd: bool) -> list[int]:
-        engine = LLMEngine(EngineConfig(model=str(base_dir), num_kv_blocks=128, block_size=4, max_model_len=128),
+        engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=128, block_size=4,
+                                        max_model_len=128),
                            tokenizer=plain_tokenizer)
         engine.load_adapter("lora", str(loras["lora_qv"]))
         params = SamplingParams(max_tokens=12, temperature=0.9, seed=11, presence_penalty=0.8, repetition_penalty=1.2,

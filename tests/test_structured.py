@@ -36,7 +36,8 @@ def family_server(api_model, tokenizer, tmp_path_factory):
     from quiver.server.engine.llm_engine import LLMEngine
     from quiver.server.engine.metrics import Metrics
 
-    engine = LLMEngine(EngineConfig(model=str(api_model[0]), num_kv_blocks=2048, block_size=8, max_model_len=256,
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(api_model[0]), num_kv_blocks=2048, block_size=8,
+                                    max_model_len=256,
                                     served_model_name="tiny"), tokenizer=tokenizer)
     families = build_adapters(engine, tmp_path_factory.mktemp("family_adapters"), rank=8, virtual=4)
     with LiveServer(AsyncEngine(engine, Metrics())) as server:

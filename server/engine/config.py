@@ -11,7 +11,7 @@ BATCH_DEFAULTS = {"cpu": (64, 2048), "cuda": (256, 8192)}
 @dataclass
 class EngineConfig:
     model: str | None = None  # HF dir, .gguf file, or None for the embedded SmolLM2
-    dtype: str = "auto"  # auto: float32 on the CPU, the checkpoint's dtype on a GPU (engine.device)
+    dtype: str = "auto"  # auto: bf16 on CPUs with AVX512-BF16/AMX, else float32; the checkpoint's on a GPU
     device: str = "cpu"
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_memory_mb, or on a GPU from gpu_memory_utilization

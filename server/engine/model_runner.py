@@ -129,7 +129,9 @@ class ModelRunner:
                 bad[seq.request_id] = seq
         if not seqs:
             return StepOutcome(non_finite=list(bad.values()))
-        result = sample(logits.index_select(0, inp.sample_logits_pos), batch)
+        # sample adjusts its logits in place: they go as they are only when every row is sampled and none adjusted
+        as_is = batch.adjust is None and len(seqs) == logits.shape[0]
+        result = sample(logits if as_is else logits.index_select(0, inp.sample_logits_pos), batch)
         bad.update({seq.request_id: seq for seq, ok in zip(seqs, result.finite) if not ok})
         if not bad:
             return StepOutcome(seqs, result)

@@ -40,6 +40,7 @@ class AttnGroup:
     kv_offset: torch.Tensor | None = None  # [B] cache index where the row's own tokens begin
     prefix_len: torch.Tensor | None = None  # [B] adapter prefix keys at cache indices 0..prefix_len-1
     m_tiles: torch.Tensor | None = None  # [tiles, 2] int32 (row, block of queries x heads): the kernel's grid
+    in_order: bool = False  # the group's query slots are the step's tokens 0..T-1 in order: no gather, no scatter
     # "masked" layout: which query sees which key, L = NB * block size
     allowed: torch.Tensor | None = None  # [B, Q, L] bool
 
@@ -100,6 +101,9 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, upload: StepUp
         groups = [_masked_group(items, start_t, offsets, kv_off_t, prefix_t, block_tables, block_size)
                   for items in plan_attention(starts, lens, kv_offs)]
 
+    if len(groups) == 1:  # e.g. a decode-only step
+        g = groups[0]
+        g.in_order = g.valid_index is None and torch.equal(g.query_index, torch.arange(total))
     # Logits: the last token of a row that completes its prompt or decodes; every token of
     # a row that still owes prompt logprobs.
     logits_index: list[int] = []
@@ -140,7 +144,8 @@ def plan_attention(starts: list[int], lens: list[int], kv_offsets: list[int]) ->
 
     A row whose mask would not fit ATTENTION_TILE is split into query tiles. Items sorted by
     (queries, keys) are packed greedily while the group's padded mask stays within PAD_FACTOR x its
-    real query-key pairs (+ PAD_FREE) and within ATTENTION_TILE."""
+    real query-key pairs (+ PAD_FREE) and within ATTENTION_TILE; each group lists its items in row
+    order (a group of all the step's rows then needs no gather of its queries)."""
     items = []  # (queries, keys, row, first query)
     for row, (start, n, kv_off) in enumerate(zip(starts, lens, kv_offsets)):
         keys = kv_off + start + n  # cache index past the row's last key: what its mask spans
@@ -154,12 +159,12 @@ def plan_attention(starts: list[int], lens: list[int], kv_offsets: list[int]) ->
     for q, k, row, first in items:
         size = (len(current) + 1) * max(max_q, q) * max(max_k, k)
         if current and (size > ATTENTION_TILE or size > PAD_FACTOR * (work + q * k) + PAD_FREE):
-            groups.append(current)
+            groups.append(sorted(current))
             current, max_q, max_k, work = [], 0, 0, 0
         current.append((row, first, q))
         max_q, max_k, work = max(max_q, q), max(max_k, k), work + q * k
     if current:
-        groups.append(current)
+        groups.append(sorted(current))
     return groups
 
 

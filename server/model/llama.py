@@ -16,6 +16,7 @@ from quiver.server.model.config import ModelConfig
 from quiver.server.model.fourbit import Packed4bit, Scratch, Weight4bit, quantize, read_packed
 from quiver.server.model.hooks import StepHooks
 from quiver.server.model.layout import GROUPS, slice_bounds
+from quiver.server.model.packed import PackedWeight, can_pack
 from quiver.server.model.rope import apply_rope, rope_table
 
 
@@ -75,6 +76,7 @@ class LlamaModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(DecoderLayer(cfg, dtype, four_bit) for _ in range(cfg.num_layers))
         self.norm = torch.nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = None if cfg.tie_word_embeddings else table()
+        self.packed_head: PackedWeight | None = None  # set at load on the CPU (server.model.packed)
         cos, sin = rope_table(cfg, max_len or cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
@@ -114,8 +116,27 @@ class LlamaModel(torch.nn.Module):
         leftover = [k for k in tensors if not k.endswith("rotary_emb.inv_freq")]
         if leftover:
             raise ValueError(f"unexpected tensors in checkpoint: {leftover[:5]}")
+        if can_pack(self.device, self.dtype):
+            self._pack_projections()
         tile = max((w.scratch_elements for w in self.four_bit_weights()), default=0)
         scratch.reserve(tile)
+
+    def _pack_projections(self) -> None:
+        """Every full-precision projection as a PackedWeight (server.model.packed), in place of its tensor;
+        the output head too, which with tied embeddings is a packed copy of the table (its memory again:
+        not over a 4-bit base, which is there to save memory)."""
+        for layer in self.layers:
+            for group in GROUPS:
+                weight = getattr(layer, group)
+                if isinstance(weight, torch.Tensor):
+                    delattr(layer, group)  # a registered parameter: the packed copy replaces it
+                    setattr(layer, group, PackedWeight(weight))
+        head = self.embed if self.lm_head is None else self.lm_head
+        if isinstance(head, torch.Tensor) and not (self.quantization or self.cfg.quantization):
+            self.packed_head = PackedWeight(head)
+            if self.lm_head is not None:  # untied: the packed head is the only copy
+                del self.lm_head
+                self.lm_head = None
 
     def _table(self, weight: torch.Tensor, param, scratch: Scratch):
         """The embedding table or output head: copied into its parameter, or quantized and kept 4-bit."""
@@ -153,20 +174,21 @@ class LlamaModel(torch.nn.Module):
     def weight_bytes(self) -> int:
         """What the base's weights hold in memory (4-bit projections packed, the scratch included)."""
         plain = sum(t.numel() * t.element_size() for t in self.parameters())
+        packed = sum(w.nbytes for w in (self.packed_head, *(w for layer in self.layers
+                                                     for w in (layer.qkv, layer.o, layer.gate_up, layer.down)))
+                     if isinstance(w, PackedWeight))
         four = self.four_bit_weights()
-        return plain + sum(w.nbytes for w in four) + (four[0].scratch.nbytes if four else 0)
+        return plain + packed + sum(w.nbytes for w in four) + (four[0].scratch.nbytes if four else 0)
 
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
-        """One HF projection's [out, in] weight (a view into the fused tensors)."""
+        """One HF projection's [out, in] weight (a view into the fused tensor; a copy of a packed or 4-bit one)."""
         group, start, end = slice_bounds(self.cfg, module)
         weight = getattr(self.layers[layer], group)  # DecoderLayer names its weights by group
         if isinstance(weight, Weight4bit):
             return weight.parts[GROUPS[group].index(module)].dequantize().to(self.dtype)
+        if isinstance(weight, PackedWeight):
+            return weight.dense()[start:end]
         return weight[start:end]
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.embed if self.lm_head is None else self.lm_head
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, inp, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -190,7 +212,7 @@ class LlamaModel(torch.nn.Module):
             q = apply_rope(q.view(t, nh, d), cos, sin)
             k = apply_rope(k.view(t, nkv, d), cos, sin)
             ops.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), inp.slot_mapping)
-            attn = self._attention(q, k_cache, v_cache, inp).view(t, nh * d)
+            attn = self._attention(q, k_cache, v_cache, inp).reshape(t, nh * d)
             x = self._residual(x, self._linear(attn, layer.o, layer.o_bias, hooks, i, "o"), hooks, i, "attn")
             h = rms_norm(x, layer.post_attn_norm, c.rms_norm_eps)
             gate, up = self._linear(h, layer.gate_up, layer.gate_up_bias, hooks, i, "gate_up").chunk(2, dim=-1)
@@ -207,12 +229,17 @@ class LlamaModel(torch.nn.Module):
 
     @staticmethod
     def _linear(x, weight, bias, hooks: StepHooks, layer: int, group: str) -> torch.Tensor:
-        y = weight.linear(x, bias) if isinstance(weight, Weight4bit) else F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else weight.linear(x, bias)  # 4-bit, packed
         for hook in hooks.linear:
             y = hook.linear(layer, group, x, y, bias)
         return y
 
     def _attention(self, q, k_cache, v_cache, inp) -> torch.Tensor:
+        first = inp.attn_groups[0]
+        if first.in_order:  # one group, its query slots the tokens themselves
+            b = q.shape[0] // first.max_q
+            return self.ops.attention(q.view(b, first.max_q, *q.shape[1:]), k_cache, v_cache, first,
+                                      self.scale).reshape(q.shape)
         out = torch.empty_like(q)
         for grp in inp.attn_groups:
             nq = grp.max_q
@@ -225,5 +252,5 @@ class LlamaModel(torch.nn.Module):
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.head_weight
-        return (head.linear(hidden, None) if isinstance(head, Weight4bit) else F.linear(hidden, head)).float()
+        head = self.packed_head or (self.embed if self.lm_head is None else self.lm_head)
+        return (F.linear(hidden, head) if isinstance(head, torch.Tensor) else head.linear(hidden, None)).float()
