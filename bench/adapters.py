@@ -20,12 +20,15 @@ from quiver.bench.throughput import prompts, run_quiver, run_transformers
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapters(hf, root: Path, n: int, rank: int) -> list[Path]:
-    """n PEFT LoRA adapters with random non-zero weights, saved with save_pretrained."""
+def make_adapters(hf, root: Path, n: int, rank: int | tuple[int, ...]) -> list[Path]:
+    """n PEFT LoRA adapters on all seven projections with random non-zero weights, saved with
+    save_pretrained; adapter i of rank[i % len(rank)] when rank is a tuple."""
     from peft import LoraConfig, get_peft_model
 
+    ranks = (rank,) if isinstance(rank, int) else rank
     paths = []
     for i in range(n):
+        rank = ranks[i % len(ranks)]
         torch.manual_seed(1000 + i)
         model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL7))
         with torch.no_grad():

@@ -78,26 +78,13 @@ def make_adapters(root: Path, model: str | None) -> list[str]:
     """ADAPTERS PEFT LoRA adapters on the model (None: the embedded one), ranks 8 and 16 alternating, all seven
     projections."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from quiver.bench.adapters import ALL7
+    from quiver.bench.adapters import make_adapters as make_loras
     from quiver.server.model.checkpoint import resolve_model
 
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(model)[0], dtype=torch.float32)
-    paths = []
-    for i in range(ADAPTERS):
-        rank = 8 if i % 2 == 0 else 16
-        torch.manual_seed(1000 + i)
-        model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL7))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn_like(p) * 0.02)
-        model.save_pretrained(root / f"adapter{i}")
-        hf = model.unload()
-        paths.append(str(root / f"adapter{i}"))
-    return paths
+    return [str(p) for p in make_loras(hf, root, ADAPTERS, (8, 16))]
 
 
 class Worker:
