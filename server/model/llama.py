@@ -166,17 +166,18 @@ class LlamaModel(torch.nn.Module):
             raise ValueError(f"{keys}: some of these fused projections are 4-bit and some are not")
         return torch.nn.Parameter(torch.cat(parts).to(self.device, self.dtype), requires_grad=False)
 
+    def _weights(self) -> list:
+        """The tables and every fused projection, whatever form each is kept in (None where absent)."""
+        return [self.embed, self.lm_head, self.packed_head,
+                *(getattr(layer, group) for layer in self.layers for group in GROUPS)]
+
     def four_bit_weights(self) -> list[Weight4bit]:
-        weights = [self.embed, self.lm_head, *(w for layer in self.layers for w in (layer.qkv, layer.o, layer.gate_up,
-                                                                                     layer.down))]
-        return [w for w in weights if isinstance(w, Weight4bit)]
+        return [w for w in self._weights() if isinstance(w, Weight4bit)]
 
     def weight_bytes(self) -> int:
-        """What the base's weights hold in memory (4-bit projections packed, the scratch included)."""
+        """What the base's weights hold in memory (4-bit and prepacked projections, the scratch included)."""
         plain = sum(t.numel() * t.element_size() for t in self.parameters())
-        packed = sum(w.nbytes for w in (self.packed_head, *(w for layer in self.layers
-                                                     for w in (layer.qkv, layer.o, layer.gate_up, layer.down)))
-                     if isinstance(w, PackedWeight))
+        packed = sum(w.nbytes for w in self._weights() if isinstance(w, PackedWeight))
         four = self.four_bit_weights()
         return plain + packed + sum(w.nbytes for w in four) + (four[0].scratch.nbytes if four else 0)
 
