@@ -207,21 +207,16 @@ def request_limits(args: argparse.Namespace) -> RequestLimits:
                          max_name_chars=args.max_name_chars)
 
 
-def serve(args: argparse.Namespace) -> None:
-    import signal
-    import threading
-
-    import uvicorn
-
-    from quiver.server.http.app import create_app
+def build_server(args: argparse.Namespace):
+    """The engine (not yet running) and the HTTP app `quiver serve ARGS` serves: (AsyncEngine, FastAPI app).
+    Each Ray Serve replica builds the same pair from the same flags."""
     from quiver.server.engine.async_engine import AsyncEngine
     from quiver.server.engine.llm_engine import LLMEngine
-    from quiver.server.http.guard import Guard, install
     from quiver.server.engine.metrics import Metrics
+    from quiver.server.http.app import create_app
+    from quiver.server.http.guard import Guard, install
 
-    log = logging.getLogger(__name__)
     adapters = startup_adapters(args)
-    sock = listen_socket(args.host, args.port)
     quiet_progress_bars()
     engine = LLMEngine(engine_config(args))
     for name, path in adapters:
@@ -233,6 +228,19 @@ def serve(args: argparse.Namespace) -> None:
                      tool_parser=args.tool_call_parser)
     install(app, async_engine, Guard(api_key=args.api_key, admin_key=args.admin_key,
                                      metrics_public=args.metrics_public, max_waiting=args.max_waiting))
+    return async_engine, app
+
+
+def serve(args: argparse.Namespace) -> None:
+    import signal
+    import threading
+
+    import uvicorn
+
+    log = logging.getLogger(__name__)
+    startup_adapters(args)  # a bad flag is an error before the port is taken
+    sock = listen_socket(args.host, args.port)
+    async_engine, app = build_server(args)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                                            timeout_graceful_shutdown=args.shutdown_grace))
     http = threading.Thread(target=server.run, args=([sock],), name="quiver-http", daemon=True)
@@ -248,7 +256,7 @@ def serve(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-    log.info("serving %s on http://%s:%d", engine.model_name, args.host, sock.getsockname()[1])
+    log.info("serving %s on http://%s:%d", async_engine.model_name, args.host, sock.getsockname()[1])
     http.start()
     # the engine loop owns the main thread (see AsyncEngine.run); HTTP lives on its own thread and,
     # once it has drained and ended, stops the engine
@@ -259,6 +267,17 @@ def serve(args: argparse.Namespace) -> None:
     http.join(timeout=30)
     if not server.started:
         sys.exit("quiver serve: error: the HTTP server did not start (see its log above)")
+
+
+def ray_serve(args: argparse.Namespace) -> None:
+    startup_adapters(args)  # a bad flag is an error before Ray starts
+    try:
+        from quiver.server.rayserve.app import serve_forever
+        serve_forever(args)
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
+            raise
+        raise ValueError("Ray Serve is not installed: pip install 'quiver-serve[ray]'") from None
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -317,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", action="version", version=version(DISTRIBUTION))
     add_engine_args(p)
     add_serve_args(p)
+    r = sub.add_parser("ray", help="scale out on Ray Serve").add_subparsers(dest="ray_command", required=True)
+    rs = r.add_parser("serve", help="quiver serve's engine as Ray Serve replicas behind one OpenAI ingress "
+                                    "(needs quiver-serve[ray])")
+    from quiver.server.rayserve.app import add_ray_serve_args
+    add_ray_serve_args(rs)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -324,12 +348,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "serve":
             take_model_tag(args)
             serve(args)
+        elif args.command == "ray":
+            take_model_tag(args)
+            ray_serve(args)
         elif args.command == "merge":
             merge(args)
         elif args.command == "bench":  # a separate program: the server does not depend on the benchmarks
             os.execv(sys.executable, [sys.executable, "-m", "quiver.bench", *args.bench_args])
     except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
-        parser.exit(2, f"quiver {args.command}: error: {exc}\n")
+        command = "ray serve" if args.command == "ray" else args.command
+        parser.exit(2, f"quiver {command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,17 @@ class AsyncEngine:
         """A request's grammar (engine.grammar), compiled on the calling thread; raises InvalidParam."""
         return self.engine.grammars.compile(spec)
 
+    def discover(self, adapter: str | None) -> None:
+        """Make a request's adapter known if it has appeared in --adapter-dir since start (a worker thread
+        waits a step at most; a known name costs a lookup)."""
+        if adapter is not None and adapter not in self.engine.registry.known and self.engine.registry.dirs:
+            self.submit(lambda engine: engine.registry.discover(adapter)).result()
+
+    async def rescan(self) -> None:
+        """Make every folder now in --adapter-dir known (before listing adapters)."""
+        if self.engine.registry.dirs:
+            await self.call(lambda engine: engine.registry.scan())
+
     def known_adapters(self) -> list[str]:
         """Adapters a request may name, resident or on disk (a snapshot)."""
         return list(self.engine.registry.known)
@@ -160,7 +171,10 @@ class AsyncEngine:
         await self.call(lambda engine: engine.registry.unregister(name))
 
     async def list_adapters(self) -> list[dict]:
-        return await self.call(lambda engine: [engine.registry.info(n) for n in engine.registry.known_names()])
+        def listed(engine: LLMEngine) -> list[dict]:
+            engine.registry.scan()  # folders put in --adapter-dir since start
+            return [engine.registry.info(n) for n in engine.registry.known_names()]
+        return await self.call(listed)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -194,11 +208,14 @@ class AsyncEngine:
                 self._wake.clear()
 
     def _observe(self, outputs: list[RequestOutput] | None = None) -> None:
-        """Metrics from the engine's stats and events (after a step: outputs; when idle: None)."""
+        """Metrics from the engine's stats and events (after a step: outputs; when idle: None, and only the
+        gauges are refreshed, so that they show an abort or the last request leaving)."""
         if self.metrics is not None:
             self.metrics.observe_events(self.engine.take_events())
-            if outputs is not None:
-                self.metrics.observe_step(self.engine.stats(), outputs)
+            if outputs is None:
+                self.metrics.observe_state(self.engine.stats())
+            else:
+                self.metrics.observe_step(self.engine.stats(), outputs, ran_rows=self.engine.ran_rows)
 
     def _apply_pending(self) -> None:
         with self._lock:

@@ -62,6 +62,7 @@ class LLMEngine:
         self._failed_steps = 0  # steps in a row in which every row's forward failed
         self._last_progress = time.monotonic()  # the last step that ran a row (or found nothing to do)
         self.ran_rows = False  # whether the last step ran any row
+        self.step_adapters = 0  # distinct adapters among the last step's rows (0 when none ran)
 
     def _families(self) -> list:
         c, r = self.config, self.runner
@@ -175,6 +176,7 @@ class LLMEngine:
             outputs.append(self._fail(seq, RequestFailed(
                 "the request no longer fits in the KV cache beside the adapter prefixes it holds", "kv_cache_full", 503)))
         self.ran_rows = bool(batch)
+        self.step_adapters = len({seq.adapter for seq, _ in batch.rows} - {None})
         if not batch:
             if not self.scheduler.has_work() or batch.preempted:
                 self._last_progress = time.monotonic()
@@ -315,11 +317,21 @@ class LLMEngine:
     # ---- observability ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         reason = self.health()
-        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+        # rows still running (finish() and schedule() drop the others already; the check keeps stats() right)
+        running = [seq for seq in self.scheduler.running if seq.status is Status.RUNNING]
+        waiting = self.scheduler.waiting
+        return EngineStats(running=len(running), waiting=len(waiting),
                            kv_usage=self.blocks.usage, preemptions=self.num_preemptions,
                            adapters_resident=self.registry.resident(), adapter_evictions=self.registry.evictions(),
-                           step_failures=self.step_failures, healthy=reason is None, unhealthy_reason=reason)
+                           step_failures=self.step_failures, healthy=reason is None, unhealthy_reason=reason,
+                           running_lora_adapters=_slot_adapters(running), waiting_lora_adapters=_slot_adapters(waiting),
+                           max_loras=self.config.max_loras, step_adapters=self.step_adapters)
 
     def take_events(self) -> list[AdapterEvent]:
         """Adapter loads and unloads since the last call."""
         return self.registry.take_events()
+
+
+def _slot_adapters(seqs) -> tuple[str, ...]:
+    """The sorted distinct adapters of `seqs` that count against --max-loras (what vLLM's LoRA gauge lists)."""
+    return tuple(sorted({seq.slot_adapter for seq in seqs} - {None}))

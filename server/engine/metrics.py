@@ -1,9 +1,45 @@
-"""Prometheus metrics; per-request figures carry an `adapter` label ("base" for none)."""
+"""Prometheus metrics; per-request figures carry an `adapter` label ("base" for none).
+
+The `vllm:*` gauges are the names the Gateway API Inference Extension's model-server protocol scrapes,
+so that a Quiver pod can sit behind a LoRA-aware Kubernetes gateway unchanged.
+"""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class LoraRequestsInfo:
+    """vllm:lora_requests_info: one series, its value the Unix time of its last update.
+
+    vLLM keeps every label set it ever set; gateways then pick the newest by value. We keep only the
+    current one, replaced whole, so a scrape sees the old series or the new one: a Gauge cleared and
+    re-labelled could show no series, or one valued 0, to a scrape between those calls."""
+
+    name, labels = "vllm:lora_requests_info", ("max_lora", "running_lora_adapters", "waiting_lora_adapters")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.series: tuple[tuple[str, str, str], float] | None = None
+        registry.register(self)
+
+    def set(self, max_lora: int, running: tuple[str, ...], waiting: tuple[str, ...]) -> None:
+        self.series = ((str(max_lora), ",".join(running), ",".join(waiting)), time.time())
+
+    def collect(self):
+        family = GaugeMetricFamily(self.name, "Running and waiting LoRA adapters; value: Unix time of the update",
+                                   labels=self.labels)
+        series = self.series
+        if series is not None:
+            family.add_metric(*series)
+        yield family
+
+    def describe(self):
+        return [GaugeMetricFamily(self.name, "", labels=self.labels)]
 
 
 class Metrics:
@@ -47,26 +83,22 @@ class Metrics:
         self.weights = Gauge("quiver_model_weight_bytes", "Bytes the base model's weights hold (4-bit projections "
                              "packed, their dequantization scratch included)", ["quantization"], registry=r)
         self._evictions_seen: dict[str, int] = {}
+        self.step_adapters = Histogram("quiver_step_adapters", "Distinct adapters among a forward step's rows "
+                                       "(base rows not counted)", buckets=ADAPTER_BUCKETS, registry=r)
+        # the model-server protocol's names (vLLM's), for gateways
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests in the running batch", registry=r)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (1: full)", registry=r)
+        self.vllm_gpu_cache_usage = Gauge("vllm:gpu_cache_usage_perc", "Fraction of KV blocks in use (1: full; "
+                                          "the older name of vllm:kv_cache_usage_perc)", registry=r)
+        self.lora_info = LoraRequestsInfo(r)
 
-    def observe_step(self, stats, outputs) -> None:
-        """stats: the engine's EngineStats after the step; outputs: its RequestOutputs."""
-        self.running.set(stats.running)
-        self.waiting.set(stats.waiting)
-        self.kv_usage.set(stats.kv_usage)
-        for tier, n in stats.adapters_resident.items():
-            self.resident.labels(tier).set(n)
-        for tier, n in stats.adapter_evictions.items():
-            seen = self._evictions_seen.get(tier, 0)
-            if n > seen:
-                self.slot_evictions.labels(tier).inc(n - seen)
-                self._evictions_seen[tier] = n
-        self.healthy.set(1 if stats.healthy else 0)
-        if stats.step_failures > self._step_failures_seen:
-            self.step_failures.inc(stats.step_failures - self._step_failures_seen)
-            self._step_failures_seen = stats.step_failures
-        if stats.preemptions > self._preemptions_seen:
-            self.preemptions.inc(stats.preemptions - self._preemptions_seen)
-            self._preemptions_seen = stats.preemptions
+    def observe_step(self, stats, outputs, ran_rows: bool = False) -> None:
+        """stats: the engine's EngineStats after the step; outputs: its RequestOutputs; ran_rows: whether the
+        step ran a forward pass (then its adapter mix is observed; a step that found nothing to run is not)."""
+        self.observe_state(stats)
+        if ran_rows:
+            self.step_adapters.observe(stats.step_adapters)
         for out in outputs:
             seq = out.seq
             label = seq.adapter or "base"
@@ -85,6 +117,31 @@ class Metrics:
             if out.finished:
                 self.e2e.labels(label).observe(seq.last_token_time - seq.arrival_time)
                 self.requests.labels(label, out.finish_reason).inc()
+
+    def observe_state(self, stats) -> None:
+        """The gauges, and the counters kept as totals, from the engine's EngineStats (after a step or when idle)."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+        for tier, n in stats.adapters_resident.items():
+            self.resident.labels(tier).set(n)
+        for tier, n in stats.adapter_evictions.items():
+            seen = self._evictions_seen.get(tier, 0)
+            if n > seen:
+                self.slot_evictions.labels(tier).inc(n - seen)
+                self._evictions_seen[tier] = n
+        self.healthy.set(1 if stats.healthy else 0)
+        if stats.step_failures > self._step_failures_seen:
+            self.step_failures.inc(stats.step_failures - self._step_failures_seen)
+            self._step_failures_seen = stats.step_failures
+        if stats.preemptions > self._preemptions_seen:
+            self.preemptions.inc(stats.preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.preemptions
+        self.vllm_running.set(stats.running)
+        self.vllm_waiting.set(stats.waiting)
+        self.vllm_kv_usage.set(stats.kv_usage)
+        self.vllm_gpu_cache_usage.set(stats.kv_usage)
+        self.lora_info.set(stats.max_loras, stats.running_lora_adapters, stats.waiting_lora_adapters)
 
     def observe_events(self, events) -> None:
         """events: the engine's AdapterEvents (loads and unloads) since the last call."""

@@ -41,3 +41,8 @@ class EngineStats:
     step_failures: int  # forward passes that raised so far (each is retried without its culprit)
     healthy: bool
     unhealthy_reason: str | None = None
+    # for LoRA-aware gateways (vllm:lora_requests_info): sorted distinct adapters that take LoRA device slots
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    max_loras: int = 0  # --max-loras
+    step_adapters: int = 0  # distinct adapters (any family) among the last step's rows

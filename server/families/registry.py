@@ -84,6 +84,7 @@ class AdapterRegistry:
         self.device = {f: DeviceSlots(f) for f in families if f.num_slots}
         self.max_cpu_adapters = max_cpu_adapters
         self.known: dict[str, str] = {}  # every adapter a request may name -> its folder
+        self.dirs: list[Path] = []  # --adapter-dir: a name not known yet is looked for here (discover)
         self.owner: dict[str, AdapterFamily] = {}  # resident adapters
         self.failed: dict[str, str] = {}  # adapter -> why its read from disk failed
         self.fingerprints: dict[str, str | None] = {}  # resident adapters -> what their cached KV is keyed by
@@ -164,9 +165,16 @@ class AdapterRegistry:
         log.info("adapter %s (%s) evicted, tier %s (%s)", name, self.info(name)["family"], move, why)
 
     def add_dir(self, folder: str) -> list[str]:
-        """Make every adapter folder in `folder` known by its folder name; each is read on first use."""
+        """Make every adapter folder in `folder` known by its folder name; each is read on first use, and
+        a folder added later is found when a request first names it (discover)."""
+        if Path(folder) not in self.dirs:
+            self.dirs.append(Path(folder))
+        return self.scan([Path(folder)])
+
+    def scan(self, folders: list[Path] | None = None) -> list[str]:
+        """Make the adapter folders in `folders` (default: every adapter dir) known; the new names."""
         added = []
-        for sub in sorted(Path(folder).iterdir()):
+        for sub in sorted(p for folder in (self.dirs if folders is None else folders) for p in folder.iterdir()):
             if not (sub / "adapter_config.json").is_file():
                 continue
             try:
@@ -174,9 +182,25 @@ class AdapterRegistry:
             except InvalidName as exc:
                 log.warning("skipping %s: %s", sub, exc)
                 continue
-            self.known.setdefault(sub.name, str(sub.resolve()))
-            added.append(sub.name)
+            if sub.name not in self.known:
+                self.known[sub.name] = str(sub.resolve())
+                added.append(sub.name)
         return added
+
+    def discover(self, name: str) -> bool:
+        """Whether `name` is known, after looking for a folder of that name in the adapter dirs (engine
+        thread): replicas sharing one adapter dir each find a folder put there while they serve."""
+        if name in self.known:
+            return True
+        try:
+            check_name(name)
+        except InvalidName:
+            return False
+        for folder in self.dirs:
+            if (folder / name / "adapter_config.json").is_file():
+                self.known[name] = str((folder / name).resolve())
+                return True
+        return False
 
     # ---- names, tiers, info ----------------------------------------------------------------------
     def names(self) -> list[str]:

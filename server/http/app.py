@@ -59,11 +59,13 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
 
     @app.get("/v1/models", responses=doc.responses(401, ok=doc.ok(doc.ModelList)))
     async def models():
+        await engine.rescan()
         return {"object": "list", "data": model_cards()}
 
     @app.get("/v1/models/{model:path}", responses=doc.responses(401, 404, ok=doc.ok(doc.ModelCard)))
     async def retrieve_model(model: str):
         """The base model or an adapter, as GET /v1/models lists it."""
+        await engine.rescan()
         card = next((c for c in model_cards() if c["id"] == model), None)
         if card is None:
             return error(404, f"model {shown(model)} does not exist", param="model", code="model_not_found")

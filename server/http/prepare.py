@@ -35,7 +35,9 @@ class Preparer:
         in_model = None if req.model in (None, "", self.engine.model_name) else req.model
         if req.adapter and in_model and req.adapter != in_model:
             raise InvalidParam("adapter", f"adapter {req.adapter!r} and model {in_model!r} name different adapters")
-        return req.adapter or in_model
+        adapter = req.adapter or in_model
+        self.engine.discover(adapter)
+        return adapter
 
     def adapter_and_choices(self, req) -> str | None:
         """The adapter; and n as vLLM's V1 engine takes it (no best_of beyond n)."""

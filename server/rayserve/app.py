@@ -1,0 +1,130 @@
+"""`quiver ray serve`: the Ray Serve application, and starting it on a local or an existing Ray cluster.
+
+`serve run quiver.server.rayserve.app:app_builder model=... replicas=2` builds the same application
+from `key=value` arguments (the flags' names), for Serve's own CLI and config files.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+
+log = logging.getLogger(__name__)
+APP_NAME = "quiver"
+INGRESS_MAX_ONGOING = 4096  # the ingress only relays bytes; the replicas' limits are what bound the work
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas, each one base model on one device")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join this Ray cluster (env RAY_ADDRESS); default: start a local one, on loopback when "
+                        "--host is")
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                   help="CPUs Ray reserves for each replica (0 lets replicas share cores)")
+    p.add_argument("--num-gpus-per-replica", type=float, default=None,
+                   help="GPUs Ray reserves for each replica (default: 1 with --device cuda, else 0)")
+    p.add_argument("--max-adapters-per-replica", type=int, default=None,
+                   help="adapters Serve's router treats as warm on one replica, least recently used first out "
+                        "(default: --max-cpu-loras, else 64); a request for an adapter warm nowhere goes to the "
+                        "replica holding the fewest")
+
+
+def build_app(args: argparse.Namespace):
+    """The Serve application: `--replicas` QuiverEngine replicas behind one OpenAIIngress."""
+    from quiver.server.cli import engine_config
+    from quiver.server.rayserve.deployments import OpenAIIngress, QuiverEngine
+
+    config = engine_config(args)  # the replicas' batch capacity, with the device's defaults filled in
+    gpus = args.num_gpus_per_replica
+    if gpus is None:
+        gpus = 1 if config.device.startswith("cuda") else 0
+    max_adapters = args.max_adapters_per_replica or config.max_cpu_loras or 64
+    engine = QuiverEngine.options(
+        num_replicas=args.replicas,
+        # up to a full batch per replica: requests for several adapters share its steps, and beyond it a hot
+        # adapter spills to other replicas instead of queueing behind its own
+        max_ongoing_requests=config.max_num_seqs,
+        ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": gpus},
+        graceful_shutdown_timeout_s=args.shutdown_grace,
+        graceful_shutdown_wait_loop_s=min(2.0, args.shutdown_grace),
+    ).bind(args, max_adapters)
+    return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING,
+                                 ray_actor_options={"num_cpus": 0}).bind(engine)
+
+
+def start(args: argparse.Namespace, ray_init: dict | None = None):
+    """Join or start Ray, start Serve's HTTP proxy on --host/--port, deploy; return the ingress's handle.
+
+    A local cluster started here stays on loopback when --host is (every Ray listener on 127.0.0.1),
+    sends no usage statistics and writes no auth token to the home directory."""
+    local = not args.ray_address
+    loopback = local and args.host in ("127.0.0.1", "localhost")
+    if local:  # read when ray is first imported
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # in memory, not ~/.ray/auth_token
+    if loopback:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # single-node mode: no outward address
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        options = {"address": args.ray_address} if not local else {"include_dashboard": False, "log_to_driver": False}
+        if loopback:
+            options["_node_ip_address"] = "127.0.0.1"
+        ray.init(**options | (ray_init or {}))
+    serve.start(http_options={"host": args.host, "port": args.port})
+    return serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_forever(args: argparse.Namespace) -> None:
+    """`quiver ray serve`: start, serve until SIGINT/SIGTERM, then shut Serve and Ray down."""
+    import signal
+    import threading
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    start(args)
+    log.info("serving on http://%s:%d through Ray Serve, %d replica(s)", args.host, args.port, args.replicas)
+    done.wait()
+    log.info("shutting down")
+    stop()
+
+
+def add_ray_serve_args(p: argparse.ArgumentParser) -> None:
+    """`quiver serve`'s arguments, and where the replicas run."""
+    from quiver.server.cli import add_engine_args, add_serve_args
+
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the same as --model")
+    add_engine_args(p)
+    add_serve_args(p)
+    add_ray_args(p)
+
+
+def app_builder(args: dict):
+    """For `serve run quiver.server.rayserve.app:app_builder key=value ...`: the flags without their dashes
+    (model=/path, replicas=2, adapter_dir=/adapters, metrics_public=true); an unknown key is an error, as a
+    flag is."""
+    from quiver.server.cli import take_model_tag
+
+    argv = []
+    for key, value in args.items():
+        flag = f"--{key.replace('_', '-')}"
+        if str(value).lower() in ("true", "false"):
+            argv += [flag] if str(value).lower() == "true" else []
+        else:
+            argv += [flag, str(value)]
+    p = argparse.ArgumentParser(prog="serve run quiver.server.rayserve.app:app_builder")
+    add_ray_serve_args(p)
+    ns = p.parse_args(argv)
+    take_model_tag(ns)
+    return build_app(ns)

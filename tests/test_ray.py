@@ -1,0 +1,254 @@
+"""`quiver ray serve` on a local Ray cluster on loopback: two replicas of a tiny model behind the OpenAI
+ingress, driven with the openai client and compared with a single server built from the same flags.
+
+One cluster serves the whole module (about a minute on 2 cores), in order: the affinity test sends each
+adapter's first requests while no replica holds it yet, and the replica-loss test runs last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import LiveServer
+
+pytestmark = pytest.mark.ray
+
+ADAPTERS = ["lora_qv", "rslora_all7", "dora", "lora_r16_ko", "prompt_tuning"]
+PROMPTS = ["t5 t6 t7", "t9 t8 t30 t31", "t50 t7", "t44 t45 t46 t47 t48"]
+
+
+def _args(model: Path, adapter_dir: Path, port: int) -> argparse.Namespace:
+    from quiver.server.rayserve.app import add_ray_serve_args
+
+    p = argparse.ArgumentParser()
+    add_ray_serve_args(p)
+    args = p.parse_args(["--model", str(model), "--adapter-dir", str(adapter_dir), "--replicas", "2",
+                         "--num-cpus-per-replica", "0", "--num-threads", "1", "--dtype", "float32",
+                         "--max-model-len", "256", "--num-kv-blocks", "256", "--port", str(port),
+                         "--shutdown-grace", "1"])
+    args.model = args.model or args.model_tag
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_lora_set, tiny_prompt_set, plain_tokenizer, tmp_path_factory):
+    """The Ray Serve app on a fresh local cluster; afterwards Serve and Ray are down and every process
+    Ray started is gone, and nothing was written to the home directory."""
+    from quiver.server.rayserve.app import start, stop
+
+    base_dir, _, loras = tiny_lora_set
+    root = tmp_path_factory.mktemp("ray")
+    model = root / "tiny"
+    shutil.copytree(base_dir, model)
+    plain_tokenizer.save_pretrained(model)
+    adapter_dir = root / "adapters"
+    for name in ADAPTERS:
+        shutil.copytree(loras.get(name) or tiny_prompt_set[2][name], adapter_dir / name)
+    args = _args(model, adapter_dir, _free_port())
+    home = Path.home()
+    home_before = set(os.listdir(home)) if home.is_dir() else set()
+    children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+    temp = tempfile.mkdtemp(prefix="qr", dir="/tmp")  # Ray's Unix sockets need a short path
+    threads = torch.get_num_threads()
+    try:
+        start(args, ray_init={"num_cpus": 2, "_temp_dir": temp, "object_store_memory": 200 << 20})
+        ray_children = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
+        yield args, f"http://127.0.0.1:{args.port}", adapter_dir, root
+    finally:
+        stop()
+        torch.set_num_threads(threads)
+        shutil.rmtree(temp, ignore_errors=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in ray_children):
+        time.sleep(0.5)
+    assert not [p.pid for p in ray_children if _alive(p)], "Ray processes outlived ray.shutdown()"
+    assert not (home / ".ray").exists() or ".ray" in home_before, "Ray wrote ~/.ray"
+    assert (set(os.listdir(home)) if home.is_dir() else set()) <= home_before | {".cache"}
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _completion(client: openai.OpenAI, model: str, prompt: str, stream: bool, max_tokens: int = 12) -> tuple:
+    """(text, the replica that served it) through the openai client, streamed or not."""
+    kw = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    if not stream:
+        raw = client.completions.with_raw_response.create(**kw)
+        return raw.parse().choices[0].text, raw.headers.get("x-quiver-replica")
+    with client.completions.with_streaming_response.create(stream=True, **kw) as raw:
+        text = "".join(chunk.choices[0].text for chunk in raw.parse() if chunk.choices)
+        return text, raw.headers.get("x-quiver-replica")
+
+
+def _replica_of(header: str | None) -> str:
+    assert header, "the response names no replica"
+    return header.split()[0]
+
+
+def _engine_handle(adapter: str = ""):
+    from ray import serve
+
+    return serve.get_deployment_handle("QuiverEngine", app_name="quiver").options(multiplexed_model_id=adapter)
+
+
+def test_each_adapter_stays_on_one_replica_and_a_replica_mixes_adapters(cluster):
+    """Under light load every request for an adapter lands on the replica that already holds it, and the
+    adapters spread over both replicas; a burst for one replica's adapters shares its steps."""
+    _, url, _, _ = cluster
+    client = _client(url)
+    served: dict[str, set[str]] = {}
+    for _ in range(3):
+        for name in ADAPTERS:
+            served.setdefault(name, set()).add(_replica_of(_completion(client, name, "t5 t6", stream=False)[1]))
+    assert all(len(replicas) == 1 for replicas in served.values()), served
+    by_replica: dict[str, list[str]] = {}
+    for name, (replica,) in served.items():
+        by_replica.setdefault(replica, []).append(name)
+    assert len(by_replica) == 2, by_replica
+    replica, names = max(by_replica.items(), key=lambda kv: len(kv[1]))
+    assert len(names) >= 2
+
+    def histogram_counts() -> tuple[float, float]:
+        info = _engine_handle(names[0]).replica_info.remote().result()
+        assert info["replica"] == replica
+        family = next(f for f in text_string_to_metric_families(info["metrics"]) if f.name == "quiver_step_adapters")
+        count = next(s.value for s in family.samples if s.name.endswith("_count"))
+        one = next(s.value for s in family.samples if s.name.endswith("_bucket") and float(s.labels["le"]) == 1.0)
+        return count, one
+
+    burst = [threading.Thread(target=_completion, args=(client, names[k % len(names)], PROMPTS[k % 4], k % 2 == 0, 40))
+             for k in range(16)]
+    for t in burst:
+        t.start()
+    for t in burst:
+        t.join()
+    count, at_most_one = histogram_counts()
+    assert count > at_most_one, "no step on that replica ran more than one adapter"
+
+
+def test_outputs_equal_a_single_server(cluster):
+    """Mixed-adapter traffic, streamed and not, all at once: the same text as one `quiver serve` with the
+    same flags gives each request (greedy, float32: a row's output does not depend on its batch)."""
+    from quiver.server.cli import build_server
+
+    args, url, _, _ = cluster
+    client = _client(url)
+    jobs = [(model, prompt, k % 2 == 1) for k, (model, prompt) in
+            enumerate((m, p) for m in ["tiny", *ADAPTERS] for p in PROMPTS)]
+    got: dict[int, str] = {}
+
+    def run(k):
+        got[k] = _completion(client, *jobs[k])[0]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with LiveServer(build_server(args)[0]) as single:
+        want = {k: _completion(_client(single.url), *job)[0] for k, job in enumerate(jobs)}
+        for bad in ({"model": "no-such-adapter", "prompt": "t5"}, {"model": "tiny", "prompt": "t5", "top_p": 7}):
+            ours, theirs = httpx.post(f"{url}/v1/completions", json=bad), httpx.post(f"{single.url}/v1/completions",
+                                                                                       json=bad)
+            assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json())
+    assert got == want
+    assert len(set(want.values())) > len(PROMPTS), "the adapters should change the outputs"
+
+
+def test_models_lists_the_union_and_new_adapter_folders(cluster, tiny_lora_set):
+    """GET /v1/models lists the base and every adapter; a folder put into the shared --adapter-dir while
+    serving is served by name and listed, whichever replica answers."""
+    _, url, adapter_dir, _ = cluster
+    ids = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    assert ids == {"tiny", *ADAPTERS}
+    shutil.copytree(tiny_lora_set[2]["adalora"], adapter_dir / "late")
+    text, _ = _completion(_client(url), "late", "t5 t6", stream=False)
+    assert text
+    for _ in range(6):  # both replicas answer some of these
+        assert "late" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    # loading through the API would reach one replica: refused by name, nothing changes
+    for method, path, body in [("POST", "/v1/adapters", {"name": "x", "path": "late"}),
+                               ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "late"}),
+                               ("DELETE", "/v1/adapters/late", None)]:
+        refused = httpx.request(method, f"{url}{path}", json=body)
+        assert refused.status_code == 501 and refused.json()["error"]["code"] == "adapter_api_unavailable"
+    assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {"tiny", "late", *ADAPTERS}
+
+
+def test_a_lost_replica_fails_only_its_started_streams(cluster):
+    """SIGKILL the replica serving an adapter while two of its streams and two non-streamed requests run:
+    the streams end with an error event, the others are retried on the other replica and succeed, traffic
+    for every adapter goes on, and Serve starts a replacement."""
+    _, url, _, _ = cluster
+    client = _client(url)
+    _, header = _completion(client, "dora", "t5", stream=False)
+    victim, pid = _replica_of(header), int(header.split()[1])
+    assert pid in {p.pid for p in psutil.Process().children(recursive=True)}, "the replica is not ours"
+    started = threading.Barrier(3)
+    outcome: dict[str, object] = {}
+
+    def stream(k):
+        try:
+            chunks = client.completions.create(model="dora", prompt="t5 t6", max_tokens=240, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+            for i, _ in enumerate(chunks):
+                if i == 0:
+                    started.wait()
+            outcome[f"stream{k}"] = "finished"
+        except openai.APIError as exc:
+            outcome[f"stream{k}"] = exc
+
+    def plain(k):
+        raw = client.completions.with_raw_response.create(model="dora", prompt="t5 t6", max_tokens=240,
+                                                          temperature=0, extra_body={"ignore_eos": True})
+        outcome[f"plain{k}"] = (len(raw.parse().choices[0].text.split()), _replica_of(raw.headers["x-quiver-replica"]))
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(2)]
+    threads += [threading.Thread(target=plain, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=60)
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=120)
+    for k in range(2):
+        exc = outcome[f"stream{k}"]
+        assert isinstance(exc, openai.APIError) and "replica serving this stream was lost" in str(exc), exc
+        assert outcome[f"plain{k}"][0] == 240 and outcome[f"plain{k}"][1] != victim, outcome
+    for name in ["tiny", *ADAPTERS]:  # traffic goes on at once, on the survivor
+        assert _completion(client, name, "t5 t6", stream=False)[0]
+    deadline, seen = time.monotonic() + 120, set()
+    while time.monotonic() < deadline:
+        seen.add(_engine_handle().replica_info.remote().result()["replica"])
+        if len(seen - {victim}) == 2:
+            break
+        time.sleep(0.5)
+    assert len(seen - {victim}) == 2, f"no replacement replica came up: {seen}"
