@@ -21,7 +21,8 @@ BENCHMARKS = {"latency": "merged vs unmerged vs base: TTFT and time per output t
               "quantized": "the base kept 4-bit (NF4) against full precision: weight memory, decode at batch 1/8/32",
               "prefix": "prefix caching: time to first token of chats sharing a long system prompt, cache on and off",
               "roofline": "achieved GFLOP/s of decode and prefill steps against the measured matmul peak",
-              "workload": "the 8-adapter chat workload: LoRA vs base-only tok/s per dtype, against a baseline checkout"}
+              "workload": "the 8-adapter chat workload: LoRA vs base-only tok/s per dtype, against a baseline checkout",
+              "ray_hop": "latency the Ray Serve ingress adds per request: quiver ray serve against quiver serve"}
 
 
 def main(argv: list[str] | None = None) -> None:

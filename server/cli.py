@@ -238,7 +238,6 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     log = logging.getLogger(__name__)
-    startup_adapters(args)  # a bad flag is an error before the port is taken
     sock = listen_socket(args.host, args.port)
     async_engine, app = build_server(args)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
@@ -267,17 +266,6 @@ def serve(args: argparse.Namespace) -> None:
     http.join(timeout=30)
     if not server.started:
         sys.exit("quiver serve: error: the HTTP server did not start (see its log above)")
-
-
-def ray_serve(args: argparse.Namespace) -> None:
-    startup_adapters(args)  # a bad flag is an error before Ray starts
-    try:
-        from quiver.server.rayserve.app import serve_forever
-        serve_forever(args)
-    except ModuleNotFoundError as exc:
-        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
-            raise
-        raise ValueError("Ray Serve is not installed: pip install 'quiver-serve[ray]'") from None
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -336,21 +324,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", action="version", version=version(DISTRIBUTION))
     add_engine_args(p)
     add_serve_args(p)
-    r = sub.add_parser("ray", help="scale out on Ray Serve").add_subparsers(dest="ray_command", required=True)
-    rs = r.add_parser("serve", help="quiver serve's engine as Ray Serve replicas behind one OpenAI ingress "
-                                    "(needs quiver-serve[ray])")
-    from quiver.server.rayserve.app import add_ray_serve_args
-    add_ray_serve_args(rs)
+    from quiver.server.rayserve.app import add_ray_command
+    add_ray_command(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "serve":
+        if args.command in ("serve", "ray"):
             take_model_tag(args)
-            serve(args)
-        elif args.command == "ray":
-            take_model_tag(args)
-            ray_serve(args)
+            startup_adapters(args)  # a bad flag is an error before the port is taken or Ray starts
+            from quiver.server.rayserve.app import serve_forever
+            (serve if args.command == "serve" else serve_forever)(args)
         elif args.command == "merge":
             merge(args)
         elif args.command == "bench":  # a separate program: the server does not depend on the benchmarks

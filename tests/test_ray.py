@@ -252,3 +252,15 @@ def test_a_lost_replica_fails_only_its_started_streams(cluster):
             break
         time.sleep(0.5)
     assert len(seen - {victim}) == 2, f"no replacement replica came up: {seen}"
+
+
+def test_quiver_ray_serve_refuses_a_bad_flag_before_ray_starts():
+    import subprocess
+    import sys
+
+    quiver = str(Path(sys.executable).parent / "quiver")
+    proc = subprocess.run([quiver, "ray", "serve", "--adapter", "no-equals-sign"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["quiver ray serve: error: --adapter expects NAME=PATH, got "
+                                                "'no-equals-sign'"]

@@ -95,7 +95,7 @@ class AsyncEngine:
         """Make a request's adapter known if it has appeared in --adapter-dir since start (a worker thread
         waits a step at most; a known name costs a lookup)."""
         if adapter is not None and adapter not in self.engine.registry.known and self.engine.registry.dirs:
-            self.submit(lambda engine: engine.registry.discover(adapter)).result()
+            self.submit(lambda engine: engine.registry.scan()).result()
 
     async def rescan(self) -> None:
         """Make every folder now in --adapter-dir known (before listing adapters)."""

@@ -187,21 +187,6 @@ class AdapterRegistry:
                 added.append(sub.name)
         return added
 
-    def discover(self, name: str) -> bool:
-        """Whether `name` is known, after looking for a folder of that name in the adapter dirs (engine
-        thread): replicas sharing one adapter dir each find a folder put there while they serve."""
-        if name in self.known:
-            return True
-        try:
-            check_name(name)
-        except InvalidName:
-            return False
-        for folder in self.dirs:
-            if (folder / name / "adapter_config.json").is_file():
-                self.known[name] = str((folder / name).resolve())
-                return True
-        return False
-
     # ---- names, tiers, info ----------------------------------------------------------------------
     def names(self) -> list[str]:
         """Resident adapters (device or host memory)."""

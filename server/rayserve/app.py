@@ -65,8 +65,13 @@ def start(args: argparse.Namespace, ray_init: dict | None = None):
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # in memory, not ~/.ray/auth_token
     if loopback:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # single-node mode: no outward address
-    import ray
-    from ray import serve
+    try:
+        import ray
+        from ray import serve
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise ValueError("Ray Serve is not installed: pip install 'quiver-serve[ray]'") from None
 
     if not ray.is_initialized():
         options = {"address": args.ray_address} if not local else {"include_dashboard": False, "log_to_driver": False}
@@ -98,6 +103,13 @@ def serve_forever(args: argparse.Namespace) -> None:
     done.wait()
     log.info("shutting down")
     stop()
+
+
+def add_ray_command(commands) -> None:
+    """`quiver ray serve` among quiver's subcommands."""
+    ray = commands.add_parser("ray", help="scale out on Ray Serve").add_subparsers(dest="ray_command", required=True)
+    add_ray_serve_args(ray.add_parser("serve", help="quiver serve's engine as Ray Serve replicas behind one OpenAI "
+                                                    "ingress (needs quiver-serve[ray])"))
 
 
 def add_ray_serve_args(p: argparse.ArgumentParser) -> None:

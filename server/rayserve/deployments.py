@@ -9,6 +9,7 @@ multiplexed "model" Serve tracks is only a lease that tells its router where an 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -63,8 +64,6 @@ class QuiverEngine:
 
     async def _hold(self, adapter: str) -> None:
         """Tell Serve this replica holds `adapter` (a known one: a misspelt name gets its 404, not a lease)."""
-        import asyncio
-
         await asyncio.to_thread(self.engine.discover, adapter)
         if adapter in self.engine.known_adapters():
             await self.lease(adapter)
@@ -83,7 +82,8 @@ class QuiverEngine:
             raise RuntimeError(reason)
 
     def __del__(self):
-        self.engine.stop()
+        if hasattr(self, "engine"):
+            self.engine.stop()
 
 
 @serve.deployment(name="OpenAIIngress")
