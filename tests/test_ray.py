@@ -32,6 +32,7 @@ PROMPTS = ["t5 t6 t7", "t9 t8 t30 t31", "t50 t7", "t44 t45 t46 t47 t48"]
 
 
 def _args(model: Path, adapter_dir: Path, port: int) -> argparse.Namespace:
+    from quiver.server.cli import take_model_tag
     from quiver.server.rayserve.app import add_ray_serve_args
 
     p = argparse.ArgumentParser()
@@ -40,7 +41,7 @@ def _args(model: Path, adapter_dir: Path, port: int) -> argparse.Namespace:
                          "--num-cpus-per-replica", "0", "--num-threads", "1", "--dtype", "float32",
                          "--max-model-len", "256", "--num-kv-blocks", "256", "--port", str(port),
                          "--shutdown-grace", "1"])
-    args.model = args.model or args.model_tag
+    take_model_tag(args)
     return args
 
 

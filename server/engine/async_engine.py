@@ -171,10 +171,8 @@ class AsyncEngine:
         await self.call(lambda engine: engine.registry.unregister(name))
 
     async def list_adapters(self) -> list[dict]:
-        def listed(engine: LLMEngine) -> list[dict]:
-            engine.registry.scan()  # folders put in --adapter-dir since start
-            return [engine.registry.info(n) for n in engine.registry.known_names()]
-        return await self.call(listed)
+        await self.rescan()
+        return await self.call(lambda engine: [engine.registry.info(n) for n in engine.registry.known_names()])
 
     def abort(self, request_id: str) -> None:
         with self._lock:

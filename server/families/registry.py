@@ -84,7 +84,7 @@ class AdapterRegistry:
         self.device = {f: DeviceSlots(f) for f in families if f.num_slots}
         self.max_cpu_adapters = max_cpu_adapters
         self.known: dict[str, str] = {}  # every adapter a request may name -> its folder
-        self.dirs: list[Path] = []  # --adapter-dir: a name not known yet is looked for here (discover)
+        self.dirs: list[Path] = []  # --adapter-dir: scanned again for names not known yet (scan)
         self.owner: dict[str, AdapterFamily] = {}  # resident adapters
         self.failed: dict[str, str] = {}  # adapter -> why its read from disk failed
         self.fingerprints: dict[str, str | None] = {}  # resident adapters -> what their cached KV is keyed by
@@ -166,7 +166,7 @@ class AdapterRegistry:
 
     def add_dir(self, folder: str) -> list[str]:
         """Make every adapter folder in `folder` known by its folder name; each is read on first use, and
-        a folder added later is found when a request first names it (discover)."""
+        a folder added later is found by the next scan."""
         if Path(folder) not in self.dirs:
             self.dirs.append(Path(folder))
         return self.scan([Path(folder)])
