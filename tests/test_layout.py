@@ -14,7 +14,8 @@ TOP = ("server", "kernels", "adapters", "bench")
 LAYERS = ("rayserve", "http", "engine", "model", "families")
 # what each part of the runtime may import from Quiver besides itself: the layers, top to bottom
 MAY_IMPORT = {
-    "quiver.server.rayserve": {"quiver.server.cli", "quiver.server.http", "quiver.server.engine"},
+    "quiver.server.rayserve": {"quiver.server.cli", "quiver.server.http", "quiver.server.engine",
+                               "quiver.server.families", "quiver.adapters"},
     "quiver.server.http": {"quiver.server.engine", "quiver.server.families", "quiver.adapters"},
     "quiver.server.engine": {"quiver.server.families", "quiver.server.model", "quiver.kernels", "quiver.adapters"},
     "quiver.server.families": {"quiver.server.model", "quiver.kernels", "quiver.adapters"},

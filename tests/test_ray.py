@@ -32,12 +32,14 @@ PROMPTS = ["t5 t6 t7", "t9 t8 t30 t31", "t50 t7", "t44 t45 t46 t47 t48"]
 
 
 def _args(model: Path, adapter_dir: Path, port: int) -> argparse.Namespace:
+    """Two replicas sharing the cores; API loads may read anything under the adapter dir's parent."""
     from quiver.server.cli import take_model_tag
     from quiver.server.rayserve.app import add_ray_serve_args
 
     p = argparse.ArgumentParser()
     add_ray_serve_args(p)
     args = p.parse_args(["--model", str(model), "--adapter-dir", str(adapter_dir), "--replicas", "2",
+                         "--adapter-root", str(adapter_dir.parent),
                          "--num-cpus-per-replica", "0", "--num-threads", "1", "--dtype", "float32",
                          "--max-model-len", "256", "--num-kv-blocks", "256", "--port", str(port),
                          "--shutdown-grace", "1"])
@@ -65,6 +67,7 @@ def cluster(tiny_lora_set, tiny_prompt_set, plain_tokenizer, tmp_path_factory):
     adapter_dir = root / "adapters"
     for name in ADAPTERS:
         shutil.copytree(loras.get(name) or tiny_prompt_set[2][name], adapter_dir / name)
+    shutil.copytree(loras["lora_r1_mlp"], root / "extra" / "api1")  # outside --adapter-dir: loaded through the API
     args = _args(model, adapter_dir, _free_port())
     home = Path.home()
     home_before = set(os.listdir(home)) if home.is_dir() else set()
@@ -195,13 +198,34 @@ def test_models_lists_the_union_and_new_adapter_folders(cluster, tiny_lora_set):
     assert text
     for _ in range(6):  # both replicas answer some of these
         assert "late" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
-    # loading through the API would reach one replica: refused by name, nothing changes
-    for method, path, body in [("POST", "/v1/adapters", {"name": "x", "path": "late"}),
-                               ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "late"}),
-                               ("DELETE", "/v1/adapters/late", None)]:
-        refused = httpx.request(method, f"{url}{path}", json=body)
-        assert refused.status_code == 501 and refused.json()["error"]["code"] == "adapter_api_unavailable"
-    assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {"tiny", "late", *ADAPTERS}
+
+
+def test_api_loads_and_unloads_reach_every_replica(cluster):
+    """vLLM's load route loads on one replica; the next call reaching the other applies it there too (the
+    adapter is known and served by both); a second load of the name is a 409; an unload leaves it on
+    neither, and a request for it is then a 404."""
+    _, url, _, _ = cluster
+    client = _client(url)
+    one_per_replica = {_replica_of(_completion(client, name, "t5", stream=False)[1]): name for name in ADAPTERS}
+    assert len(one_per_replica) == 2
+
+    def adapters_of_each_replica() -> list[list[str]]:
+        for name in one_per_replica.values():  # a call through the ingress: each replica catches up first
+            _completion(client, name, "t5", stream=False)
+        infos = [_engine_handle(name).replica_info.remote().result() for name in one_per_replica.values()]
+        assert [i["replica"] for i in infos] == list(one_per_replica)
+        return [i["adapters"] for i in infos]
+
+    loaded = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "api1", "lora_path": "extra/api1"})
+    assert loaded.status_code == 200, loaded.text
+    assert all("api1" in names for names in adapters_of_each_replica())
+    assert _completion(client, "api1", "t5 t6", stream=False)[0]
+    again = httpx.post(f"{url}/v1/adapters", json={"name": "api1", "path": "extra/api1"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "adapter_exists"
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "api1"}).status_code == 200
+    assert not any("api1" in names for names in adapters_of_each_replica())
+    gone = httpx.post(f"{url}/v1/completions", json={"model": "api1", "prompt": "t5"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
 
 
 def test_a_lost_replica_fails_only_its_started_streams(cluster):

@@ -171,6 +171,10 @@ class AdapterRegistry:
             self.dirs.append(Path(folder))
         return self.scan([Path(folder)])
 
+    def know(self, name: str, folder: str) -> None:
+        """Make `name` known as `folder`, read on first use (an adapter loaded on another replica)."""
+        self.known[name] = folder
+
     def scan(self, folders: list[Path] | None = None) -> list[str]:
         """Make the adapter folders in `folders` (default: every adapter dir) known; the new names."""
         added = []

@@ -49,7 +49,7 @@ def build_app(args: argparse.Namespace):
         graceful_shutdown_timeout_s=args.shutdown_grace,
         graceful_shutdown_wait_loop_s=min(2.0, args.shutdown_grace),
     ).bind(args, max_adapters)
-    return OpenAIIngress.options(max_ongoing_requests=INGRESS_MAX_ONGOING,
+    return OpenAIIngress.options(num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,  # it owns the catalog
                                  ray_actor_options={"num_cpus": 0}).bind(engine)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from pathlib import Path
 
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -20,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from quiver.server.http.errors import error
-from quiver.server.http.guard import ADMIN_PREFIXES, GENERATE_PATHS
+from quiver.server.http.guard import GENERATE_PATHS
 from quiver.server.rayserve.asgi_call import Head, HttpCall, call_asgi
+from quiver.server.rayserve.catalog import Catalog, adapter_change, apply
 
 # a replica's process is gone (killed, out of memory, its node lost): the call can go to another one
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
@@ -44,6 +46,8 @@ class QuiverEngine:
 
         self.engine, self.app = build_server(args)
         self.engine.start()
+        self.adapter_root = Path(args.adapter_root or args.adapter_dir or Path.cwd()).resolve()  # as create_app's
+        self.catalog_version = 0  # of the API loads and unloads applied here
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.stamp = [(REPLICA_HEADER, f"{self.replica} {os.getpid()}".encode())]
 
@@ -52,8 +56,13 @@ class QuiverEngine:
 
         self.lease = serve.multiplexed(max_num_models_per_replica=max_adapters)(lease)
 
-    async def handle(self, call: HttpCall):
-        """The single server's answer to `call`: its Head (stamped with this replica), then body chunks."""
+    async def handle(self, call: HttpCall, catalog: Catalog):
+        """The single server's answer to `call`: its Head (stamped with this replica), then body chunks;
+        first the API's adapter loads and unloads this replica has not applied yet."""
+        if catalog.version > self.catalog_version:
+            changes, root = catalog.changes, self.adapter_root
+            if await self.engine.call(lambda engine: apply(engine.registry, changes, root)):
+                self.catalog_version = max(self.catalog_version, catalog.version)
         adapter = serve.get_multiplexed_model_id()
         if adapter:
             await self._hold(adapter)
@@ -72,8 +81,10 @@ class QuiverEngine:
         return self.engine.model_name
 
     def replica_info(self) -> dict:
-        """Who this replica is, and its engine's /metrics text (tests and operators, through a handle)."""
-        return {"replica": self.replica, "pid": os.getpid(), "metrics": self.engine.metrics.render().decode()}
+        """Who this replica is, its adapters and its engine's /metrics text (tests and operators, through a
+        handle)."""
+        return {"replica": self.replica, "pid": os.getpid(), "adapters": self.engine.known_adapters(),
+                "metrics": self.engine.metrics.render().decode()}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine no longer makes progress (as /health would answer 503)."""
@@ -90,29 +101,30 @@ class QuiverEngine:
 class OpenAIIngress:
     """Forwards every request to a replica's app. A request whose replica is lost before anything of
     its answer was sent is retried once on another replica; a stream already under way ends with an
-    error event."""
+    error event. Adapter loads and unloads through the API reach every replica (catalog.py), so the
+    deployment keeps one ingress replica: the catalog is its state."""
 
     def __init__(self, engine):
         self.engine = engine
         self.base_model: str | None = None
+        self.catalog = Catalog()
 
     async def __call__(self, request: Request) -> Response:
         call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
                         await request.body())
-        if call.method != "GET" and call.path.startswith(ADMIN_PREFIXES):
-            return error(501, "adapters are not loaded or unloaded through the API of a Ray Serve deployment (it "
-                              "would reach one replica): put the adapter's folder in the --adapter-dir every replica "
-                              "reads, where it is found by name on first use", type_="server_error",
-                         code="adapter_api_unavailable")
-        handle = self.engine.options(multiplexed_model_id=await self._adapter(call), stream=True)
+        change = adapter_change(call)  # a load or unload goes to a replica holding the adapter, if one does
+        adapter = change[0] if change else await self._adapter(call)
+        handle = self.engine.options(multiplexed_model_id=adapter, stream=True)
         for attempt in (1, 2):
-            stream = handle.handle.remote(call)
+            stream = handle.handle.remote(call, self.catalog.snapshot())
             try:
                 head = await stream.__anext__()
                 if _is_stream(head):
                     first = await anext(stream, b"")
                     return _streaming(head, first, stream)
                 body = b"".join([chunk async for chunk in stream])
+                if change and 200 <= head.status < 300:
+                    self.catalog.record(*change)
                 return _response(head, body)
             except REPLICA_LOST as exc:
                 stream.cancel()
