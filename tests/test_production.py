@@ -172,3 +172,35 @@ def _healthy(url) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_cancelled_non_streaming_route_stops_its_engine_requests():
+    """Ray Serve cancels a replica's call when its client leaves; collect() (the non-streaming routes')
+    then closes every engine request it was reading at once, so none runs on for nobody."""
+    import asyncio
+
+    from quiver.server.http.streams import collect
+
+    closed = []
+
+    async def endless(i):
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield i
+        finally:
+            closed.append(i)
+
+    class Connected:
+        async def is_disconnected(self):
+            return False
+
+    async def main():
+        task = asyncio.create_task(collect(Connected(), [endless(0), endless(1)]))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(closed) == [0, 1]
+
+    asyncio.run(main())

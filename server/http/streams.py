@@ -57,12 +57,15 @@ async def collect(request: Request, gens) -> list[list[RequestOutput]] | None:
             results[i].append(out)
 
     task = asyncio.create_task(run())
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            task.result()  # re-raises engine errors
-            return results
-        if await request.is_disconnected():
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                task.result()  # re-raises engine errors
+                return results
+            if await request.is_disconnected():
+                return None
+    finally:  # also when this is cancelled (a Ray Serve replica's caller left): the requests are aborted
+        if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            return None
