@@ -222,7 +222,7 @@ def build_server(args: argparse.Namespace):
     for name, path in adapters:
         engine.load_adapter(name, path)
     if args.adapter_dir:
-        engine.registry.add_dir(args.adapter_dir)
+        engine.add_adapter_dir(args.adapter_dir)
     async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
     app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir, limits=request_limits(args),
                      tool_parser=args.tool_call_parser)

@@ -214,4 +214,4 @@ def test_tool_choice_auto_with_a_named_parser(family_server):
     req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "Weather?"}],
                                                 "tools": [WEATHER], "max_tokens": 4})
     job = Preparer(family_server.async_engine, RequestLimits(), "hermes").chat(req)
-    assert job.tools.mode == "auto" and job.tools.parser == "hermes" and job.params[0][0].grammar is None
+    assert job.tools.mode == "auto" and job.tools.parser == "hermes" and job.requests[0][0].params.grammar is None

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from quiver.server.engine.llm_engine import LLMEngine
 from quiver.server.engine.outputs import RequestOutput
+from quiver.server.engine.requests import PreparedRequest
 from quiver.server.engine.metrics import Metrics
 from quiver.server.engine.sampling import SamplingParams
 
@@ -82,10 +83,10 @@ class AsyncEngine:
         return len(self._adds) + self.engine.num_waiting()
 
     # ---- requests --------------------------------------------------------------------------
-    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
-        """Raise InvalidParam / UnknownAdapter now, before a response starts (a snapshot check;
-        the engine checks again when it takes the request)."""
-        self.engine.check_request(prompt_ids, params, adapter)
+    def prepare(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> PreparedRequest:
+        """The request checked once, on the calling thread, before a response starts (LLMEngine.prepare);
+        raises InvalidParam, UnknownAdapter or AdapterFailed."""
+        return self.engine.prepare(prompt_ids, params, adapter)
 
     def compile_grammar(self, spec):
         """A request's grammar (engine.grammar), compiled on the calling thread; raises InvalidParam."""
@@ -116,16 +117,15 @@ class AsyncEngine:
             return "the engine loop has stopped"
         return self.engine.health()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                       request_id: str | None = None, fork_of: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: PreparedRequest, request_id: str | None = None,
+                       fork_of: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes; abandoning the iterator aborts it. fork_of: see
-        LLMEngine.add_request (the request is queued when iteration starts)."""
-        self.check_request(prompt_ids, params, adapter)
+        LLMEngine.add (the request is queued when iteration starts)."""
         rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._streams[rid] = (asyncio.get_running_loop(), queue)
-            self._adds.append((prompt_ids, params, adapter, rid, fork_of))
+            self._adds.append((request, rid, fork_of))
         self._wake.set()
         finished = False
         loop = asyncio.get_running_loop()
@@ -227,13 +227,13 @@ class AsyncEngine:
                 future.set_exception(exc)
         for rid in aborts:
             self.engine.abort(rid)
-        for prompt_ids, params, adapter, rid, fork_of in adds:
+        for request, rid, fork_of in adds:
             with self._lock:
                 if rid not in self._streams:  # aborted while it waited
                     continue
             try:
-                self.engine.add_request(prompt_ids, params, adapter, request_id=rid, fork_of=fork_of)
-            except Exception as exc:  # checked before queueing, so only a race gets here
+                self.engine.add(request, request_id=rid, fork_of=fork_of)
+            except Exception as exc:  # its adapter was unloaded since it was prepared
                 self._deliver(rid, exc, last=True)
 
     def _deliver(self, rid: str, item, last: bool) -> None:

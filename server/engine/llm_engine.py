@@ -18,6 +18,7 @@ from quiver.server.engine.device import resolve_device
 from quiver.server.engine.grammar import Grammars
 from quiver.server.engine.model_runner import ModelRunner
 from quiver.server.engine.outputs import EngineStats, RequestFailed, RequestOutput
+from quiver.server.engine.requests import PreparedRequest, check_length
 from quiver.server.engine.sampling import InvalidParam, SamplingParams
 from quiver.server.engine.scheduler import Scheduler
 from quiver.server.engine.sequence import Sequence, Status, TokenLogprob
@@ -82,9 +83,15 @@ class LLMEngine:
     def adapter_names(self) -> list[str]:
         return self.registry.names()
 
+    def add_adapter_dir(self, folder: str) -> list[str]:
+        """Make every adapter folder in `folder` known by its name, read on first use; a folder added there
+        later is found by the next scan. Returns the names found now."""
+        return self.registry.add_dir(folder)
+
     # ---- requests --------------------------------------------------------------------------
-    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
-        """Raise InvalidParam / UnknownAdapter for a request that cannot run."""
+    def prepare(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> PreparedRequest:
+        """Check a request once (any thread: it reads a snapshot of the adapters); raise InvalidParam,
+        UnknownAdapter or AdapterFailed for one that cannot run."""
         if adapter is not None:
             self.registry.check_usable(adapter)
         if not prompt_ids:
@@ -92,34 +99,36 @@ class LLMEngine:
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
             raise InvalidParam("prompt", f"token ids must be integers in [0, {self.vocab_size})")
         params.validate(self.vocab_size)
-        self._check_length(len(prompt_ids), params.max_tokens, self.registry.virtual_tokens(adapter))
+        virtual = self.registry.virtual_tokens(adapter)
+        self._check_length(len(prompt_ids), params.max_tokens, virtual)
+        return PreparedRequest(list(prompt_ids), params, adapter, virtual)
 
     def _check_length(self, prompt: int, max_tokens: int, virtual: int) -> None:
-        extra = f" + the adapter's {virtual} virtual tokens" if virtual else ""
-        if virtual + prompt + max_tokens > self.max_model_len:
-            raise InvalidParam(
-                "max_tokens", f"prompt ({prompt} tokens){extra} + max_tokens ({max_tokens}) "
-                f"exceeds the context length of {self.max_model_len} tokens")
-        bs = self.blocks.block_size
-        need, have = -(-(virtual + prompt + max_tokens) // bs), self.blocks.num_blocks - self.blocks.num_shared
-        if need > have:
-            raise InvalidParam(
-                "max_tokens", f"prompt ({prompt} tokens){extra} + max_tokens ({max_tokens}) needs {need} KV-cache "
-                f"blocks; the cache has {have} besides the adapter prefixes it holds")
+        check_length(prompt, max_tokens, virtual, self.max_model_len, self.blocks.block_size,
+                     self.blocks.num_blocks - self.blocks.num_shared)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                     request_id: str | None = None, fork_of: str | None = None) -> Sequence:
-        """Queue a request. One naming an adapter on disk is parked until a worker has read it.
+        """prepare() and add() in one call."""
+        return self.add(self.prepare(prompt_ids, params, adapter), request_id, fork_of)
+
+    def add(self, request: PreparedRequest, request_id: str | None = None, fork_of: str | None = None) -> Sequence:
+        """Queue a prepared request. One naming an adapter on disk is parked until a worker has read it.
 
         fork_of: the id of an earlier request with the same prompt and adapter (another choice of the
         same n > 1 request): this one waits until that one has computed the prompt's full KV blocks,
         shares them, and computes only the rest of the prompt itself."""
-        self.check_request(prompt_ids, params, adapter)
+        prompt_ids, params, adapter = request.prompt_ids, request.params, request.adapter
+        if adapter is not None:
+            self.registry.check_usable(adapter)  # not unloaded since it was prepared
+            virtual = self.registry.virtual_tokens(adapter)
+            if virtual != request.virtual_tokens:  # unloaded and loaded again as another adapter
+                self._check_length(len(prompt_ids), params.max_tokens, virtual)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
         leader = self.seqs.get(fork_of) if fork_of is not None else None
-        if leader is not None and (leader.prompt_ids != list(prompt_ids) or leader.adapter != adapter):
+        if leader is not None and (leader.prompt_ids != prompt_ids or leader.adapter != adapter):
             raise ValueError("a fork has its leader's prompt and adapter")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         resident = adapter is None or self.registry.is_resident(adapter)

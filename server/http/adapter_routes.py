@@ -7,8 +7,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
-from quiver.adapters.paths import check_name, resolve_path
-from quiver.server.engine.async_engine import AsyncEngine
+from quiver.server.engine.public import AsyncEngine, check_name, resolve_path
 from quiver.server.http import openapi as doc
 
 # 400: a bad name or path; 404: no such folder; 409: the name is taken; 422: the folder is not a usable adapter

@@ -13,9 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from quiver.server.engine.async_engine import AsyncEngine
-from quiver.server.engine.metrics import Metrics
-from quiver.server.families.registry import shown
+from quiver.server.engine.public import AsyncEngine, Metrics, shown
 from quiver.server.http import openapi as doc
 from quiver.server.http.adapter_routes import add_adapter_routes
 from quiver.server.http.errors import error, install_error_handlers

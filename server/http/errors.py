@@ -12,12 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quiver.adapters.errors import AdapterError
-from quiver.adapters.paths import InvalidName, PathNotAllowed
-from quiver.server.engine.async_engine import RequestTimeout
-from quiver.server.engine.outputs import RequestFailed
-from quiver.server.engine.sampling import InvalidParam
-from quiver.server.families.registry import AdapterExists, AdapterInUse, UnknownAdapter
+from quiver.server.engine.public import (AdapterError, AdapterExists, AdapterInUse, InvalidName, InvalidParam,
+                                        PathNotAllowed, RequestFailed, RequestTimeout, UnknownAdapter)
 from quiver.server.http.protocol import REFUSED
 
 # exception -> (HTTP status, the request field it names, OpenAI-style code)

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
-from quiver.server.engine.async_engine import AsyncEngine
+from quiver.server.engine.public import AsyncEngine
 from quiver.server.http import openapi as doc
 from quiver.server.http.errors import stream_error
 from quiver.server.http.limits import RequestLimits
@@ -55,18 +55,17 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
     def launch(job: Job, share: bool = True) -> list:
         """One engine request per choice, prompt-major; choices after the first fork the first."""
         gens = []
-        for ids, choices in zip(job.prompts, job.params):
+        for choices in job.requests:
             first = uuid.uuid4().hex
-            for j, params in enumerate(choices):
+            for j, request in enumerate(choices):
                 rid = first if j == 0 else uuid.uuid4().hex
-                gens.append(engine.generate(ids, params, job.adapter, request_id=rid,
-                                            fork_of=first if j and share else None))
+                gens.append(engine.generate(request, request_id=rid, fork_of=first if j and share else None))
         return gens
 
     def counted(job: Job, latest: list) -> dict:
         """Usage from each choice's latest output (None before its first); a prompt, and how much of it the
         prefix cache held, count once, from its first choice (the others share its blocks)."""
-        firsts = itertools.accumulate([0] + [len(c) for c in job.params[:-1]])
+        firsts = itertools.accumulate([0] + [len(c) for c in job.requests[:-1]])
         cached = sum(latest[k].num_cached_tokens for k in firsts if latest[k] is not None)
         return usage(sum(len(ids) for ids in job.prompts), sum(o.num_output_tokens for o in latest if o is not None),
                      cached)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from quiver.server.engine.async_engine import AsyncEngine
+from quiver.server.engine.public import AsyncEngine
 from quiver.server.http.errors import error
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quiver.server.engine.sampling import InvalidParam, SamplingParams
+from quiver.server.engine.public import InvalidParam, SamplingParams
 from quiver.server.http.errors import error
 
 

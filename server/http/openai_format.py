@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from quiver.server.engine.sequence import TokenLogprob
+from quiver.server.engine.public import TokenLogprob
 
 
 def new_id(prefix: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from quiver.server.engine.sampling import InvalidParam, SamplingParams
+from quiver.server.engine.public import InvalidParam, PreparedRequest, SamplingParams
 from quiver.server.http.limits import RequestLimits
 from quiver.server.http.structured import grammar_spec
 from quiver.server.http.tools import ToolPlan, plan_tools
@@ -19,7 +19,7 @@ from quiver.server.http.tools import ToolPlan, plan_tools
 class Job:
     adapter: str | None
     prompts: list[list[int]]
-    params: list[list[SamplingParams]]  # [prompt][choice]
+    requests: list[list[PreparedRequest]]  # [prompt][choice], each checked by the engine
     echo: list[str]  # text put before each prompt's choices (completions' echo)
     prompt_logprobs: int | None = None  # completions' echo with logprobs
     tools: ToolPlan | None = None
@@ -52,11 +52,11 @@ class Preparer:
         want_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         grammar = self._grammar(req)
-        params = [self._choices(req, max_tokens, req.logprobs, want_lp, grammar) for _ in prompts]
-        for ids, choices in zip(prompts, params):
-            self.engine.check_request(ids, choices[0], adapter)
+        requests = [[self.engine.prepare(ids, p, adapter) for p in self._choices(req, max_tokens, req.logprobs,
+                                                                                   want_lp, grammar)]
+                    for ids in prompts]
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
-        return Job(adapter, prompts, params, echo, want_lp)
+        return Job(adapter, prompts, requests, echo, want_lp)
 
     def chat(self, req) -> Job:
         adapter = self.adapter_and_choices(req)
@@ -68,8 +68,7 @@ class Preparer:
             max_tokens = max(self.engine.max_model_len - len(ids) - self.engine.virtual_tokens(adapter), 1)
         choices = self._choices(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, None,
                                 self._grammar(req, tools.grammar if tools else None))
-        self.engine.check_request(ids, choices[0], adapter)
-        return Job(adapter, [ids], [choices], [""], None, tools)
+        return Job(adapter, [ids], [[self.engine.prepare(ids, p, adapter) for p in choices]], [""], None, tools)
 
     # ---- pieces ----------------------------------------------------------------------------
     def _grammar(self, req, tool_grammar=None):

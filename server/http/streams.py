@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from quiver.server.engine.outputs import RequestOutput
+from quiver.server.engine.public import RequestOutput
 
 DISCONNECT_POLL_S = 0.25
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 
-from quiver.server.engine.grammar import GrammarSpec, json_spec, refuse
-from quiver.server.engine.sampling import InvalidParam
+from quiver.server.engine.public import GrammarSpec, InvalidParam, json_spec, refuse
 
 
 def _schema(value, param: str):

@@ -14,8 +14,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-from quiver.server.engine.grammar import GrammarSpec, json_spec
-from quiver.server.engine.sampling import InvalidParam
+from quiver.server.engine.public import GrammarSpec, InvalidParam, json_spec
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PARSERS = ("hermes",)
