@@ -2,7 +2,7 @@
 side in one run (SmolLM2's shapes by default: 9 query heads, 3 KV heads, head size 64):
 
   planned  what the engine runs: rows packed into groups whose padding stays bounded (long chunks split
-           into query tiles: engine.step_inputs.plan_attention), one fused SDPA with a mask per group;
+           into query tiles: kernels.torch_meta.plan_attention), one fused SDPA with a mask per group;
   padded   the layout before it: decode rows in one group and prefill rows in another, each padded to
            its longest chunk x its longest context, keys gathered block by block, an additive mask;
   sdpa     torch.nn.functional.scaled_dot_product_attention once per row, over that row's own keys.
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from quiver.bench.common import add_device_args, dtype_name, machine, synchronize, write_json
-from quiver.kernels.torch_ops import attention_mask, paged_attention
+from quiver.kernels.torch_meta import attention_mask, plan_attention
+from quiver.kernels.torch_ops import paged_attention
 from quiver.server.engine.device import make_current, resolve_device
-from quiver.server.engine.step_inputs import plan_attention
 
 BLOCK = 16
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # atol = rtol of the cross-check

@@ -19,7 +19,6 @@ import torch
 
 from quiver.bench.common import machine, write_json
 from quiver.kernels import torch_ops
-from quiver.kernels.meta import build_lora_meta
 
 LORA_CASES = {  # name -> (tokens per adapter segment, adapters)
     "decode 32 rows, 32 adapters": ([1] * 32, 32),
@@ -47,7 +46,7 @@ def timed_us(fn, repeats: int) -> float:
 def lora_case(segments, adapters, dtype, device, rank, repeats):
     from quiver.kernels import lora_triton
     from quiver.kernels.ops import TorchOps, TritonOps
-    from quiver.server.model.upload import StepUpload
+    from quiver.server.engine.upload import StepUpload
 
     hidden, outs = 4096, [4096, 1024, 1024]
     offsets = tuple(sum(outs[:k]) for k in range(4))
@@ -62,10 +61,8 @@ def lora_case(segments, adapters, dtype, device, rank, repeats):
             for i, n in enumerate(outs):
                 ops.lora_write(buf, s, i, torch.randn(rank, hidden, dtype=dtype, device=device) * 0.01,
                                torch.randn(rank, n, dtype=dtype, device=device) * 0.01)
-        meta = build_lora_meta(slots, set(), adapters, forms=ops.name)
-        upload = StepUpload(device)
-        meta.upload(upload)
-        upload.upload()
+        meta = ops.lora_meta(slots)
+        StepUpload(device).send(meta)
         results[label] = timed_us(lambda: ops.lora_apply(x, y, buf, meta), repeats)
         if label == "triton":
             a, b = buf.a, buf.b
@@ -86,7 +83,7 @@ def lora_case(segments, adapters, dtype, device, rank, repeats):
 
 def attention_case(rows, context, dtype, device, repeats):
     from quiver.kernels.attention_triton import prefix_paged_attention
-    from quiver.kernels.meta import attention_tiles
+    from quiver.kernels.grouping import attention_tiles
 
     heads, kv_heads, d, bs = 32, 8, 128, 16
     nb = context // bs

@@ -109,16 +109,16 @@ class RssSampler:
 # ---- the checks ------------------------------------------------------------------------------------
 def kv_state(engine) -> dict:
     """Engine thread: what is still held once idle."""
-    registry = engine.registry
-    prefix = [b for blocks in registry.by_kind["prefix"].prefix_blocks.values() for b in blocks]
+    residency = engine.residency
+    prefix = [b for blocks in residency.by_kind["prefix"].prefix_blocks.values() for b in blocks]
     users = Counter(seq.adapter for seq in engine.seqs.values() if seq.adapter is not None)
     return {"seqs": len(engine.seqs), "running": len(engine.scheduler.running),
             "waiting": len(engine.scheduler.waiting), "blocks_total": engine.blocks.num_blocks,
             "blocks_free": engine.blocks.num_free, "prefix_blocks": len(prefix),
             "prefix_block_refcounts": sorted(Counter(engine.blocks.refcount(b) for b in prefix).items()),
-            "adapter_users": dict(users), "adapter_pins": dict(registry.pins),
-            "lora_slots_used": sum(len(s.slot_of) for s in registry.device.values()),
-            "adapters": registry.names()}
+            "adapter_users": dict(users), "adapter_pins": dict(residency.pins),
+            "lora_slots_used": sum(len(s.slot_of) for s in residency.device.values()),
+            "adapters": residency.names()}
 
 
 def leak_failures(state: dict, unload_errors: dict[str, str], final: dict) -> list[str]:

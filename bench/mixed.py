@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine.step()  # all decoders past their prompts: from here every step decodes them
     kinds: dict[str, list[float]] = {"decode": [], "mixed": []}
     seen: list = []
-    engine.runner.observers.append(lambda inp, _: seen.append(max(n for _, n in inp.rows.rows)))
+    engine.observers.append(lambda step, _: seen.append(max(n for _, n in step.rows)))
     step, arrived = 0, 0
     while engine.has_work():
         if arrived < args.arrivals and step % 8 == 0:

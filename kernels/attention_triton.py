@@ -3,7 +3,7 @@ kernels.torch_ops.prefix_paged_attention.
 
 One program per (row tile, KV head). A row tile holds BLOCK_M (query position, head of the KV
 group) pairs of one row, so a decode step of a GQA model fills a tile with the group's heads; the
-tiles are listed per step (kernels.meta.attention_tiles), so a step launches programs in proportion
+tiles are listed per step (kernels.grouping.attention_tiles), so a step launches programs in proportion
 to its queries, not rows x its longest chunk. Keys are walked in BLOCK_N chunks through the block
 table (each key finds its own cache block, so BLOCK_N does not depend on the cache block size), up to
 the last key the tile's last query may see, with an online softmax in float32. bf16 and fp16 q, k, v
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quiver.kernels.meta import ROW_TILE, attention_tiles
+from quiver.kernels.grouping import ROW_TILE, attention_tiles
 
 
 @triton.jit
@@ -83,7 +83,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, kv_offset, prefix_len, scale,
                            tiles: torch.Tensor | None = None):
-    """tiles: the step's [n, 2] int32 (row, block) list (kernels.meta.attention_tiles); made here
+    """tiles: the step's [n, 2] int32 (row, block) list (kernels.grouping.attention_tiles); made here
     (a device-to-host read of q_lens) when not given."""
     b, nq, h, d = q.shape
     kv, _, bs, _ = k_cache.shape

@@ -1,7 +1,7 @@
 """Triton batched-LoRA kernels (the CUDA path); the maths of kernels.torch_ops.lora_shrink_ref / lora_expand_ref.
 
 Segmented form (SGMV, for prefill): tokens grouped by adapter; one program per (row tile of a
-segment, column block), the row tiles listed per step (LoraMeta.m_tiles: only tiles that hold
+segment, column block), the row tiles listed per step (TritonLoraMeta.m_tiles: only tiles that hold
 tokens are launched), tensor-core dots with float32 accumulation. Gathered form (BGMV, for decode):
 one program per (adapter token, column block), each token reading its own adapter's weights.
 Both expand kernels cover every slice of a fused projection (q/k/v, gate/up) in one launch: each
@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quiver.kernels.meta import ROW_TILE, LoraMeta
+from quiver.kernels.grouping import ROW_TILE
+from quiver.kernels.triton_meta import TritonLoraMeta
 
 
 @triton.jit
@@ -152,7 +153,7 @@ def _tiles(offsets: tuple[int, ...], block_n: int, device: str):
     return as_t(slice_of), as_t(start), as_t(list(offsets[1:]))
 
 
-def lora_shrink_sgmv(x, a, meta: LoraMeta) -> torch.Tensor:
+def lora_shrink_sgmv(x, a, meta: TritonLoraMeta) -> torch.Tensor:
     t, k = x.shape
     n = a.shape[1]
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)  # rows of base tokens stay unread
@@ -163,7 +164,7 @@ def lora_shrink_sgmv(x, a, meta: LoraMeta) -> torch.Tensor:
     return out
 
 
-def lora_expand_sgmv(xa, b, offsets, meta: LoraMeta, y) -> torch.Tensor:
+def lora_expand_sgmv(xa, b, offsets, meta: TritonLoraMeta, y) -> torch.Tensor:
     tile_slice, tile_n0, slice_end = _tiles(tuple(offsets), BLOCK_N, str(y.device))
     grid = (meta.m_tiles.shape[0], tile_slice.numel())
     _expand_sgmv[grid](xa, b, y, meta.m_tiles, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots,
@@ -173,7 +174,7 @@ def lora_expand_sgmv(xa, b, offsets, meta: LoraMeta, y) -> torch.Tensor:
     return y
 
 
-def lora_shrink_bgmv(x, a, meta: LoraMeta) -> torch.Tensor:
+def lora_shrink_bgmv(x, a, meta: TritonLoraMeta) -> torch.Tensor:
     t, k = x.shape
     n = a.shape[1]
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
@@ -183,7 +184,7 @@ def lora_shrink_bgmv(x, a, meta: LoraMeta) -> torch.Tensor:
     return out
 
 
-def lora_expand_bgmv(xa, b, offsets, meta: LoraMeta, y) -> torch.Tensor:
+def lora_expand_bgmv(xa, b, offsets, meta: TritonLoraMeta, y) -> torch.Tensor:
     tile_slice, tile_n0, slice_end = _tiles(tuple(offsets), BLOCK_N, str(y.device))
     _expand_bgmv[(meta.seg_index.numel(), tile_slice.numel())](
         xa, b, y, meta.seg_index, meta.token_slots, tile_slice, tile_n0, slice_end, b.shape[1], xa.stride(0),
@@ -191,7 +192,7 @@ def lora_expand_bgmv(xa, b, offsets, meta: LoraMeta, y) -> torch.Tensor:
     return y
 
 
-def _check(x, y, a, b, offsets, meta: LoraMeta) -> None:
+def _check(x, y, a, b, offsets, meta: TritonLoraMeta) -> None:
     """The layout the kernels assume (they index raw pointers): fail loudly instead of reading wrong memory."""
     t, k = x.shape
     assert y.shape == (t, offsets[-1]) and a.dim() == 3 and b.dim() == 3, (x.shape, y.shape, a.shape, b.shape)
@@ -203,7 +204,7 @@ def _check(x, y, a, b, offsets, meta: LoraMeta) -> None:
     assert meta.m_tiles.dtype == torch.int32 and meta.m_tiles.device == x.device
 
 
-def lora_apply(x, y, a, b, offsets, meta: LoraMeta) -> None:
+def lora_apply(x, y, a, b, offsets, meta: TritonLoraMeta) -> None:
     """Segmented kernels when adapters own long runs of tokens (prefill), gathered ones otherwise."""
     _check(x, y, a, b, offsets, meta)
     if meta.max_len >= BLOCK_M:

@@ -1,138 +1,193 @@
-"""The op surface the model and the adapter families call: one implementation per device,
-chosen once (ops_for), with one contract whatever the device. TorchOps is the CPU path and the
-oracle (kernels.torch_ops); TritonOps runs the same maths in Triton kernels on CUDA.
+"""The op surface the model and the adapter families call: one protocol (Ops), two implementations chosen
+once per device (ops_for): TorchOps, the CPU path and the oracle (kernels.torch_ops), and TritonOps, the
+same maths in Triton kernels on CUDA. Each builds the per-step metadata its kernels read (attention_meta,
+lora_meta, bottleneck_meta: host tensors, sent to the device with the step's one copy), so no caller ever
+asks which backend it has.
 
-Ops and their maths (T tokens, KV heads, paged cache of num_blocks blocks of bs tokens):
-  write_kv(k_cache, v_cache, k, v, slot_mapping)
-      k_cache, v_cache [KV, num_blocks, bs, D]; k, v [T, KV, D]; slot_mapping [T]:
-      k_cache[:, s // bs, s % bs] = k[t] for s = slot_mapping[t] (the same for v).
-  zero_blocks(k_cache, v_cache, blocks)
-      k_cache[:, blocks] = v_cache[:, blocks] = 0 (blocks [n] int64): a block is zeroed when handed out.
-  attention(q, k_cache, v_cache, group, scale) -> [B, Q, H, D]
-      q [B, Q, H, D], the rows of one attention group (engine.step_inputs.AttnGroup): their block tables
-      [B, NB], and either ("masked" layout) a [B, Q, NB * bs] bool mask built once per step, or ("paged")
-      q_start, q_lens, kv_offset, prefix_len [B]. Query i of row b is the row's token q_start + i; it
-      attends, with grouped KV heads (h -> h // (H / KV)), to the row's own keys 0..q_start + i stored from
-      cache index kv_offset on and to its adapter's prefix keys at cache indices 0..prefix_len - 1, with
-      softmax(scale * q.k) accumulated in float32. Queries i >= q_lens are padding.
-  lora_buffers(num_slots, rank, in_features, slice_outs, dtype, device) -> LoraBuffers
-      zeroed slots for one fused projection (slices of widths slice_outs), in this backend's layout.
-  lora_write(buf, slot, slice, a [r, in], b_t [r, out_slice]), lora_clear(buf, slot)
-      put one adapter's A and (scaled, transposed) B for one slice into a cleared slot, rank r <= R
-      zero-padded (copies are non-blocking: a and b_t are pinned on CUDA); zero a slot.
-  lora_apply(x [T, in], y [T, out], buf, meta)
-      y[t] += B_slot (A_slot x[t]) for every token t whose slot (meta.token_slots[t]) is >= 0, each
-      slice's columns from that slice's rank rows (kernels.torch_ops gives the per-token definition).
-  bottleneck_apply(z, y, down, down_b, up, up_b, acts, meta)
-      y[t] += up[s]^T act_s(down[s] z[t] + down_b[s]) + up_b[s] for s = slot of t >= 0.
+Shapes: T tokens in the step, H query heads, KV key/value heads, D head dim, a paged cache of num_blocks
+blocks of bs tokens, L adapter slots, R the largest LoRA rank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from quiver.kernels import torch_ops
-from quiver.kernels.meta import LoraMeta
+from quiver.kernels.grouping import attend_groups
+from quiver.kernels.torch_meta import TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
+from quiver.kernels.triton_meta import TritonLoraMeta, paged_attention_meta, triton_lora_meta
 
 
 @dataclass
 class LoraBuffers:
-    """One fused projection's LoRA slots. a [L, S*R, in] in every backend; b is [L, S*R, out]
-    block-diagonal for TorchOps and [L, R, out] for TritonOps; offsets are the slices' bounds."""
+    """One fused projection's LoRA slots, in its backend's layout: a [L, S*R, in] in both; b [L, S*R, out]
+    block-diagonal for TorchOps, [L, R, out] for TritonOps; offsets are the S slices' column bounds."""
     a: torch.Tensor
     b: torch.Tensor
     offsets: tuple[int, ...]
     rank: int
-    # TorchOps: (a[slot].T, b[slot]) made once, for steps whose tokens all use one adapter (two
-    # matmuls, no per-call view ops)
+    # TorchOps: (a[slot].T, b[slot]) made once, for steps whose tokens all use one adapter
     slot_views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
-class TorchOps:
-    name = "torch"
-    attention_layout = "masked"  # the step builder makes each group's mask once per step
+class Ops(Protocol):
+    name: str
 
-    write_kv = staticmethod(torch_ops.write_kv)
-    zero_blocks = staticmethod(torch_ops.zero_blocks)
-    bottleneck_apply = staticmethod(torch_ops.bottleneck_apply)
+    def write_kv(self, k_cache, v_cache, k, v, slot_mapping) -> None:
+        """k_cache, v_cache [KV, num_blocks, bs, D]; k, v [T, KV, D]; slot_mapping [T]:
+        k_cache[:, s // bs, s % bs] = k[t] for s = slot_mapping[t] (the same for v)."""
 
-    @staticmethod
-    def attention(q, k_cache, v_cache, group, scale: float) -> torch.Tensor:
-        return torch_ops.paged_attention(q, k_cache, v_cache, group.block_tables, group.allowed, scale)
+    def zero_blocks(self, k_cache, v_cache, blocks) -> None:
+        """k_cache[:, blocks] = v_cache[:, blocks] = 0 (blocks [n] int64): a block is zeroed when handed out."""
+
+    def attention_meta(self, layout, heads_per_kv: int) -> list:
+        """The step's attention groups from its rows (layout: engine.step.RowLayout, host tensors)."""
+
+    def attention(self, q, k_cache, v_cache, meta: list, scale: float) -> torch.Tensor:
+        """q [T, H, D] -> [T, H, D]. Token t of row b, the row's token p, attends, with grouped KV heads
+        (h -> h // (H / KV)), to the row's own keys 0..p stored from cache index kv_offset[b] on and to
+        its adapter's prefix keys at cache indices 0..prefix_len[b] - 1 (through the row's block table),
+        with softmax(scale * q.k) accumulated in float32."""
 
     def lora_buffers(self, num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
                      device) -> LoraBuffers:
-        offsets = tuple(sum(slice_outs[:k]) for k in range(len(slice_outs) + 1))
+        """Zeroed slots for one fused projection (slices of widths slice_outs)."""
+
+    def lora_write(self, buf: LoraBuffers, slot: int, slice_index: int, a, b_t) -> None:
+        """Put one adapter's A [r, in] and (scaled, transposed) B^T [r, out_slice] for one slice into a cleared
+        slot, rank r <= R zero-padded (non-blocking copies: a and b_t are pinned on CUDA)."""
+
+    def lora_clear(self, buf: LoraBuffers, slot: int) -> None:
+        """Zero a slot."""
+
+    def lora_meta(self, token_slots: torch.Tensor):
+        """token_slots [T] int64 (-1: no adapter) -> what lora_apply reads, None when no token has one."""
+
+    def lora_apply(self, x, y, buf: LoraBuffers, meta) -> None:
+        """x [T, in], y [T, out]: y[t] += B_s (A_s x[t]) for every token t of slot s >= 0, each slice's columns
+        from that slice's rank rows (kernels.torch_ops gives the per-token definition)."""
+
+    def bottleneck_meta(self, token_slots: torch.Tensor):
+        """token_slots [T] int64 (-1: no adapter) -> what bottleneck_apply reads, None when no token has one."""
+
+    def bottleneck_apply(self, z, y, down, down_b, up, up_b, acts: list[str], meta, kind_of) -> None:
+        """z, y [T, hidden]: y[t] += up[s]^T act_s(down[s] z[t] + down_b[s]) + up_b[s] for s = slot of t >= 0
+        (down [L, m, hidden], down_b [L, m], up [L, m, hidden], up_b [L, hidden])."""
+
+
+def _write_slot(buf: LoraBuffers, slot: int, slice_index: int, a, b_t, b_row: int) -> None:
+    r, rank = a.shape[0], buf.rank
+    lo, hi = buf.offsets[slice_index], buf.offsets[slice_index + 1]
+    buf.a[slot, slice_index * rank:slice_index * rank + r].copy_(a, non_blocking=True)
+    buf.b[slot, b_row:b_row + r, lo:hi].copy_(b_t, non_blocking=True)
+
+
+def _clear_slot(buf: LoraBuffers, slot: int) -> None:
+    buf.a[slot].zero_()
+    buf.b[slot].zero_()
+
+
+def _slices(slice_outs: list[int]) -> tuple[int, ...]:
+    return tuple(sum(slice_outs[:k]) for k in range(len(slice_outs) + 1))
+
+
+class TorchOps:
+    """Masked attention groups (a mask built once per step); LoRA's B block-diagonal, so the expand of every
+    slice is one matmul and tiny decode steps pay two matmuls per projection rather than 1 + S."""
+    name = "torch"
+    write_kv = staticmethod(torch_ops.write_kv)
+    zero_blocks = staticmethod(torch_ops.zero_blocks)
+    lora_clear = staticmethod(_clear_slot)
+
+    @staticmethod
+    def attention_meta(layout, heads_per_kv: int) -> list:
+        return masked_attention_meta(layout)
+
+    @staticmethod
+    def attention(q, k_cache, v_cache, meta: list, scale: float) -> torch.Tensor:
+        return attend_groups(q, meta, lambda qg, g: torch_ops.paged_attention(qg, k_cache, v_cache, g.block_tables,
+                                                                              g.allowed, scale))
+
+    @staticmethod
+    def lora_buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
+                     device) -> LoraBuffers:
+        offsets = _slices(slice_outs)
         a = torch.zeros(num_slots, len(slice_outs) * rank, in_features, dtype=dtype, device=device)
-        b = torch.zeros(num_slots, self._b_rows(len(slice_outs), rank), offsets[-1], dtype=dtype, device=device)
-        return LoraBuffers(a, b, offsets, rank, self._slot_views(a, b))
+        b = torch.zeros(num_slots, len(slice_outs) * rank, offsets[-1], dtype=dtype, device=device)
+        return LoraBuffers(a, b, offsets, rank, [(a[s].T, b[s]) for s in range(num_slots)])
 
     @staticmethod
-    def _b_rows(num_slices: int, rank: int) -> int:
-        return num_slices * rank  # block-diagonal: slice s's rows at s*R..
+    def lora_write(buf: LoraBuffers, slot: int, slice_index: int, a, b_t) -> None:
+        _write_slot(buf, slot, slice_index, a, b_t, slice_index * buf.rank)  # slice s's rows at s*R..
 
     @staticmethod
-    def _slot_views(a, b) -> list:
-        return [(a[s].T, b[s]) for s in range(a.shape[0])]
+    def lora_meta(token_slots: torch.Tensor) -> TorchAdapterMeta | None:
+        return torch_adapter_meta(token_slots)
 
     @staticmethod
-    def _b_row(slice_index: int, rank: int) -> int:
-        return slice_index * rank
-
-    def lora_write(self, buf: LoraBuffers, slot: int, slice_index: int, a: torch.Tensor, b_t: torch.Tensor) -> None:
-        r, rank = a.shape[0], buf.rank
-        lo, hi = buf.offsets[slice_index], buf.offsets[slice_index + 1]
-        buf.a[slot, slice_index * rank:slice_index * rank + r].copy_(a, non_blocking=True)
-        row = self._b_row(slice_index, rank)
-        buf.b[slot, row:row + r, lo:hi].copy_(b_t, non_blocking=True)
-
-    @staticmethod
-    def lora_clear(buf: LoraBuffers, slot: int) -> None:
-        buf.a[slot].zero_()
-        buf.b[slot].zero_()
-
-    @staticmethod
-    def lora_apply(x: torch.Tensor, y: torch.Tensor, buf: LoraBuffers, meta: LoraMeta) -> None:
+    def lora_apply(x, y, buf: LoraBuffers, meta: TorchAdapterMeta) -> None:
         if meta.single_slot is not None:  # every token uses one adapter: y += (x A^T) B
             a_t, b = buf.slot_views[meta.single_slot]
             y.addmm_(torch.mm(x, a_t), b)
             return
         torch_ops.lora_apply(x, y, buf.a, buf.b, meta, buf.offsets)
 
+    bottleneck_meta = lora_meta
+    bottleneck_apply = staticmethod(torch_ops.bottleneck_apply)
 
-class TritonOps(TorchOps):
+
+class TritonOps:
+    """Paged attention walking each row's keys itself (kernels.attention_triton); SGMV/BGMV LoRA over B
+    stored [L, R, out], every slice's rank rows at 0..R over its own columns (kernels.lora_triton).
+    Bottleneck adapters take the torch op on every device."""
     name = "triton"
-    attention_layout = "paged"
+    write_kv = staticmethod(torch_ops.write_kv)
+    zero_blocks = staticmethod(torch_ops.zero_blocks)
+    lora_clear = staticmethod(_clear_slot)
 
     @staticmethod
-    def attention(q, k_cache, v_cache, group, scale: float) -> torch.Tensor:
+    def attention_meta(layout, heads_per_kv: int) -> list:
+        return paged_attention_meta(layout, heads_per_kv)
+
+    @staticmethod
+    def attention(q, k_cache, v_cache, meta: list, scale: float) -> torch.Tensor:
         from quiver.kernels.attention_triton import prefix_paged_attention
-        return prefix_paged_attention(q, k_cache, v_cache, group.block_tables, group.q_start, group.q_lens,
-                                      group.kv_offset, group.prefix_len, scale, tiles=group.m_tiles)
+
+        return attend_groups(q, meta, lambda qg, g: prefix_paged_attention(
+            qg, k_cache, v_cache, g.block_tables, g.q_start, g.q_lens, g.kv_offset, g.prefix_len, scale,
+            tiles=g.tiles))
 
     @staticmethod
-    def _b_rows(num_slices: int, rank: int) -> int:
-        return rank  # every slice's rank rows at 0..R, each over its own columns
+    def lora_buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
+                     device) -> LoraBuffers:
+        offsets = _slices(slice_outs)
+        a = torch.zeros(num_slots, len(slice_outs) * rank, in_features, dtype=dtype, device=device)
+        return LoraBuffers(a, torch.zeros(num_slots, rank, offsets[-1], dtype=dtype, device=device), offsets, rank)
 
     @staticmethod
-    def _slot_views(a, b) -> list:
-        return []
+    def lora_write(buf: LoraBuffers, slot: int, slice_index: int, a, b_t) -> None:
+        _write_slot(buf, slot, slice_index, a, b_t, 0)
 
     @staticmethod
-    def _b_row(slice_index: int, rank: int) -> int:
-        return 0
+    def lora_meta(token_slots: torch.Tensor) -> TritonLoraMeta | None:
+        return triton_lora_meta(token_slots)
 
     @staticmethod
-    def lora_apply(x: torch.Tensor, y: torch.Tensor, buf: LoraBuffers, meta: LoraMeta) -> None:
+    def lora_apply(x, y, buf: LoraBuffers, meta: TritonLoraMeta) -> None:
         from quiver.kernels import lora_triton
+
         lora_triton.lora_apply(x, y, buf.a, buf.b, buf.offsets, meta)
+
+    bottleneck_meta = staticmethod(torch_adapter_meta)
+    bottleneck_apply = staticmethod(torch_ops.bottleneck_apply)
 
 
 BACKENDS = {"torch": TorchOps, "triton": TritonOps}
 
 
-def ops_for(device: torch.device | str, backend: str = "auto") -> TorchOps:
+def ops_for(device: torch.device | str, backend: str = "auto") -> Ops:
     """The ops for `device`: Triton on CUDA, torch elsewhere, unless `backend` names one."""
     if backend == "auto":
         backend = "triton" if torch.device(device).type == "cuda" else "torch"

@@ -16,14 +16,14 @@ Batched bottleneck adapters: for each token t with adapter slot s = slot[t] >= 0
   y[t] += up[s]^T act_s(down[s] z[t] + down_b[s]) + up_b[s]
 with down [L, m, hidden], down_b [L, m], up [L, m, hidden] (stored [m, out] like LoRA's b),
 up_b [L, hidden], and act_s the slot's non-linearity. Grouping comes from the same per-step
-metadata as LoRA (kernels.meta), so each step runs one bmm pair for all adapters.
+metadata as LoRA (kernels.torch_meta), so each step runs one bmm pair for all adapters.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from quiver.kernels.meta import LoraMeta, add_padded_rows, padded_rows
+from quiver.kernels.torch_meta import TorchAdapterMeta, add_padded_rows, attention_mask, padded_rows
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -42,19 +42,6 @@ def zero_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tens
     """k_cache[:, blocks] = v_cache[:, blocks] = 0: blocks handed out hold nothing of a former owner."""
     k_cache.index_fill_(1, blocks, 0)
     v_cache.index_fill_(1, blocks, 0)
-
-
-def attention_mask(q_start: torch.Tensor, q_lens: torch.Tensor, kv_offset: torch.Tensor, prefix_len: torch.Tensor,
-                   max_q: int, num_keys: int) -> torch.Tensor:
-    """[B, max_q, num_keys] bool for paged_attention: query i of row b is the row's token q_start + i;
-    it sees the row's own tokens 0..q_start + i, stored from cache index kv_offset on, and the
-    adapter's prefix keys 0..prefix_len - 1. Padded queries (i >= q_lens) see what the row's last
-    real query sees."""
-    steps = torch.arange(max_q, device=q_start.device)
-    q_idx = q_start[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
-    key = torch.arange(num_keys, device=q_start.device)[None, None, :]
-    off = kv_offset[:, None, None]
-    return ((key >= off) & (key - off <= q_idx[:, :, None])) | (key < prefix_len[:, None, None])
 
 
 # queries per row up to which paged_attention uses batched matmuls (decode steps) instead of the
@@ -177,7 +164,7 @@ def _expand(xa: torch.Tensor, y: torch.Tensor, b: torch.Tensor, offsets: tuple[i
         y[:, :, lo:hi].baddbmm_(xa[:, :, s * rank:(s + 1) * rank], b[:, s * rank:(s + 1) * rank, lo:hi])
 
 
-def lora_apply(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: LoraMeta,
+def lora_apply(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: TorchAdapterMeta,
                offsets: tuple[int, ...]) -> None:
     """y += the LoRA delta of every token, b block-diagonal ([L, S*R, out]).
 
@@ -234,7 +221,7 @@ def _activate(h: torch.Tensor, acts: list[str], lo: int, kind_of: dict[str, torc
     return out
 
 
-def bottleneck_apply(z, y, down, down_b, up, up_b, acts: list[str], meta: LoraMeta,
+def bottleneck_apply(z, y, down, down_b, up, up_b, acts: list[str], meta: TorchAdapterMeta,
                      kind_of: dict[str, torch.Tensor] | None = None) -> None:
     if meta.padded:
         lo, n = meta.slot_lo, meta.num_slots

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -135,7 +134,6 @@ def check_merge(model_dir: str | Path, merged_dir: str | Path, adapters: list[tu
     unmerged (read again through the engine's own adapter loader), at the last position of each prompt."""
     from quiver.server.engine.config import EngineConfig
     from quiver.server.engine.llm_engine import LLMEngine
-    from quiver.server.families.registry import ReadAdapter
 
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -155,8 +153,7 @@ def check_merge(model_dir: str | Path, merged_dir: str | Path, adapters: list[tu
     mix = combined_adapter("unmerged", adapters, mc.num_layers, module_shapes(mc), lambda l, m: weights[_key(l, m)],
                            **combination)
     base = engine(model_dir, max_rank=mix.rank)
-    lora = base.registry.by_kind["lora"]
-    base.registry.register(ReadAdapter(lora.stage(mix), lora, "lora", str(mix.spec.path), time.monotonic()))
+    base.adopt_adapter(mix, "lora", str(mix.spec.path))
     ours = _final_logits(base, ids, "unmerged")
     return max((a - b).abs().max().item() for a, b in zip(ours, theirs))
 
@@ -166,8 +163,8 @@ def _final_logits(engine, prompts: list[list[int]], adapter: str | None = None) 
     from quiver.server.engine.sampling import SamplingParams
 
     seen = []
-    observe = lambda inp, logits: seen.append(logits)  # noqa: E731
-    engine.runner.observers.append(observe)
+    observe = lambda step, logits: seen.append(logits)  # noqa: E731
+    engine.observers.append(observe)
     try:
         out = []
         for i, ids in enumerate(prompts):
@@ -178,4 +175,4 @@ def _final_logits(engine, prompts: list[list[int]], adapter: str | None = None) 
             out.append(seen[-1][0].float())
         return out
     finally:
-        engine.runner.observers.remove(observe)
+        engine.observers.remove(observe)

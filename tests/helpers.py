@@ -75,12 +75,10 @@ def capture_logits(engine) -> list[dict]:
     """Record, for every step the engine runs, request id -> the logits its sampled token was drawn from."""
     seen = []
 
-    def observe(inp, logits):
-        rows = inp.rows.rows
-        seen.append({rows[r][0].request_id: logits[pos]
-                     for r, pos in zip(inp.sample_rows, inp.sample_logits_pos.tolist())})
+    def observe(step, logits):
+        seen.append({seq.request_id: logits[pos] for seq, pos in zip(step.sampled, step.sample_index.tolist())})
 
-    engine.runner.observers.append(observe)
+    engine.observers.append(observe)
     return seen
 
 

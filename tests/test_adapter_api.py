@@ -75,8 +75,8 @@ def test_load_use_list_and_unload_every_family(hot, tokenizer):
         r = complete(server, name)
         assert r.status_code == 404, name
     assert names(server) == [] and engine.blocks.num_free == free0
-    slots = engine.registry.device_slots("lora")
-    assert len(slots.free) == 2 and not slots.slot_of  # slots given back
+    stats = engine.stats()
+    assert stats.lora_slots_free == 2 and stats.adapters_resident["device"] == 0  # slots given back
 
 
 def test_vllm_aliases(hot):
@@ -268,7 +268,7 @@ def test_unload_and_reload_100_times_keeps_memory_flat(smollm2_dir, tokenizer, t
     for _ in range(5):  # warm-up: slot buffers, allocator pools
         cycle()
     gc.collect()
-    modules = engine.registry.read("big", str(tmp_path / "big")).adapter.adapter.modules.values()
+    modules = engine.read_adapter("big", str(tmp_path / "big")).result().adapter.adapter.modules.values()
     size = sum(t.numel() * t.element_size() for m in modules for t in (m.a, m.b))
     before = proc.memory_info().rss
     for _ in range(100):
@@ -276,7 +276,7 @@ def test_unload_and_reload_100_times_keeps_memory_flat(smollm2_dir, tokenizer, t
     gc.collect()
     grown = proc.memory_info().rss - before
     assert grown < size, f"RSS grew {grown / 2**20:.1f} MiB over 100 cycles; one adapter is {size / 2**20:.1f} MiB"
-    assert engine.adapter_names() == [] and not engine.registry.device_slots("lora").slot_of
+    assert engine.adapter_names() == [] and engine.stats().lora_slots_free == engine.config.max_loras
 
 
 def test_tiers_round_robin_six_adapters_over_two_slots_and_three_in_memory(api_model, tokenizer, tmp_path):
@@ -293,7 +293,7 @@ def test_tiers_round_robin_six_adapters_over_two_slots_and_three_in_memory(api_m
     engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=256, block_size=4,
                                     max_model_len=128,
                                     served_model_name="tiny", max_loras=2, max_cpu_loras=3), tokenizer=tokenizer)
-    assert engine.registry.add_dir(str(tmp_path)) == [f"a{i}" for i in range(6)]
+    assert engine.add_adapter_dir(str(tmp_path)) == [f"a{i}" for i in range(6)]
     assert engine.adapter_names() == []  # nothing read yet
     metrics = Metrics()
     with LiveServer(AsyncEngine(engine, metrics), adapter_root=tmp_path) as server:
@@ -311,7 +311,7 @@ def test_tiers_round_robin_six_adapters_over_two_slots_and_three_in_memory(api_m
         for i, r in enumerate(results):
             want = tokenizer.decode(peft_greedy(hf, tmp_path / f"a{i % 6}", PROMPT, 5), skip_special_tokens=True)
             assert r.json()["choices"][0]["text"] == want, i
-        tiers = engine.registry.resident()
+        tiers = engine.stats().adapters_resident
         assert tiers["device"] + tiers["cpu"] <= 3 and tiers["device"] <= 2
         text = httpx.get(server.url + "/metrics").text
         assert 'quiver_adapter_evictions_total{tier="device"}' in text

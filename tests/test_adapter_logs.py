@@ -22,8 +22,8 @@ def run(engine, adapter: str) -> None:
 
 @pytest.fixture
 def registry_log(caplog):
-    caplog.set_level(logging.INFO, logger="quiver.server.families.registry")
-    return lambda: [r.getMessage() for r in caplog.records if r.name == "quiver.server.families.registry"]
+    caplog.set_level(logging.INFO, logger="quiver.server.families")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "quiver.server.families"]
 
 
 def test_loads_and_evictions_are_logged_with_family_and_tier(tiny_lora_set, plain_tokenizer, registry_log):
@@ -54,7 +54,7 @@ def test_failed_loads_are_logged(tiny_lora_set, plain_tokenizer, registry_log, t
     (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "NOPE"}')
     with pytest.raises(ValueError):
         engine.load_adapter("api", str(tmp_path / "broken"))  # as a load through the API or the command line
-    engine.registry.add_dir(str(tmp_path))
+    engine.add_adapter_dir(str(tmp_path))
     run(engine, "broken")  # read on first use
     logged = registry_log()
     assert len(logged) == 3, logged

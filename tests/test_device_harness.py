@@ -14,7 +14,6 @@ from quiver.kernels import ops
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
 from quiver.server.engine.sampling import SamplingParams
-from quiver.server.families.registry import ReadAdapter
 
 CASTS = {"aten::_to_copy", "aten::copy_", "aten::lift_fresh", "aten::detach", "aten::clone", "aten::_local_scalar_dense"}
 
@@ -46,10 +45,12 @@ class CheckedTritonOps(ops.TritonOps):
     seen: list[str] = []
 
     @staticmethod
-    def attention(q, k_cache, v_cache, group, scale):
-        for t in (group.block_tables, group.q_start, group.q_lens, group.kv_offset, group.prefix_len):
-            assert t.device == q.device and t.dtype == torch.int64, (t.device, t.dtype)
-        assert group.m_tiles.device == q.device and group.m_tiles.dtype == torch.int32
+    def attention(q, k_cache, v_cache, groups, scale):
+        for group in groups:
+            for t in (group.block_tables, group.q_start, group.q_lens, group.kv_offset, group.prefix_len,
+                      group.slots.query_index, group.slots.token_index):
+                assert t.device == q.device and t.dtype == torch.int64, (t.device, t.dtype)
+            assert group.tiles.device == q.device and group.tiles.dtype == torch.int32
         assert q.dtype == k_cache.dtype == v_cache.dtype and q.stride(-1) == k_cache.stride(-1) == 1
         CheckedTritonOps.seen.append("attention")
         return torch.empty_like(q)
@@ -74,7 +75,7 @@ def adapter_reads(tiny_lora_set, tiny_prompt_set, plain_tokenizer, tmp_path_fact
     cpu = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=64, block_size=4,
                                  max_loras=len(lora_paths)),
                     tokenizer=plain_tokenizer)
-    return base_dir, {name: cpu.registry.read(name, str(path)) for name, path in paths.items()}
+    return base_dir, {name: cpu.read_adapter(name, str(path)).result() for name, path in paths.items()}
 
 
 @pytest.mark.parametrize("kernels", ["torch", "checked"])
@@ -86,10 +87,8 @@ def test_engine_on_meta_mixes_no_device_or_dtype(adapter_reads, plain_tokenizer,
     monkeypatch.setattr(sampler, "to_host", lambda t: [[1.0] * t.shape[1] for _ in range(t.shape[0])])
     engine = LLMEngine(EngineConfig(model=str(base_dir), device="meta", dtype=dtype, kernels=kernels,
                                     num_kv_blocks=64, block_size=4, max_loras=8), tokenizer=plain_tokenizer)
-    for name, read in reads.items():  # host copies registered into the meta engine's families
-        family = engine.registry.by_kind[read.kind]
-        adapter = family.stage(read.adapter.adapter) if read.kind == "lora" else read.adapter
-        engine.registry.register(ReadAdapter(adapter, family, read.kind, read.path, read.started))
+    for read in reads.values():  # host copies registered into the meta engine's families
+        engine.adopt_adapter(read.adapter, read.kind, read.path)
     params = [SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=3, temperature=0.8, top_k=5, top_p=0.9, seed=1, ignore_eos=True),
               SamplingParams(max_tokens=3, temperature=0.7, logprobs=2, ignore_eos=True)]

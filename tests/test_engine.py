@@ -101,7 +101,7 @@ def test_abort_and_preempt_return_every_block(tiny_models, tokenizer):
 
 
 def test_request_validation(tiny_models, tokenizer):
-    from quiver.server.families.registry import UnknownAdapter
+    from quiver.server.families.errors import UnknownAdapter
     from quiver.server.engine.sampling import InvalidParam
 
     engine = make_engine(tiny_models["llama_gqa"][0], tokenizer, max_model_len=32, num_kv_blocks=8)

@@ -108,10 +108,10 @@ def test_405_allows_every_method_of_the_path(fuzz_app):
 def test_unloading_an_adapter_known_only_on_disk(fuzz_app, tmp_path):
     from fastapi.testclient import TestClient
 
-    registry = fuzz_app.state.engine.engine.registry
-    registry.known["on-disk"] = str(tmp_path)  # as --adapter-dir or the CPU tier's eviction leave one
+    engine = fuzz_app.state.engine.engine
+    engine.know_adapter("on-disk", str(tmp_path))  # as --adapter-dir or the CPU tier's eviction leave one
     r = TestClient(fuzz_app).delete("/v1/adapters/on-disk")  # KeyError 'family': 500
-    assert r.status_code == 200 and "on-disk" not in registry.known
+    assert r.status_code == 200 and "on-disk" not in engine.known_adapters()
 
 
 def test_guard_refusals_match_the_document(fuzz_app, api_schema, tmp_path):

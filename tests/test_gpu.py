@@ -28,13 +28,12 @@ def test_every_family_on_the_gpu_matches_peft(tiny_lora_set, tiny_prompt_set, pl
     paths = {**lora_paths, **prompt_paths, "bn": tmp_path / "bn"}
     engine = LLMEngine(EngineConfig(model=str(base_dir), device="cuda", dtype=dtype, num_kv_blocks=256, block_size=16,
                                     max_loras=len(lora_paths)), tokenizer=plain_tokenizer)
-    assert engine.runner.ops.name == "triton"
+    assert engine.kernels == "triton"
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
     seen = []
-    engine.runner.observers.append(lambda inp, logits: seen.append(
-        {inp.rows.rows[r][0].request_id: logits[pos].float().cpu()
-         for r, pos in zip(inp.sample_rows, inp.sample_logits_pos.tolist())}))
+    engine.observers.append(lambda step, logits: seen.append(
+        {seq.request_id: logits[pos].float().cpu() for seq, pos in zip(step.sampled, step.sample_index.tolist())}))
     g = torch.Generator().manual_seed(0)
     rows = [None, *paths]
     prompts = {f"r{i}": torch.randint(3, hf.config.vocab_size, (3 + 2 * i,), generator=g).tolist()

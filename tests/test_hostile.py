@@ -77,8 +77,9 @@ def run_case(server, send) -> tuple[httpx.Response | Exception, float]:
     deadline = time.monotonic() + 30
     while (engine.seqs or engine.has_work()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not engine.seqs and not engine.registry.pins  # nothing held once idle
-    assert engine.blocks.num_free == engine.blocks.num_blocks - engine.blocks.num_shared
+    stats = engine.stats()
+    assert not engine.seqs and not stats.adapters_in_use  # nothing held once idle
+    assert stats.kv_blocks_free == stats.kv_blocks - stats.kv_blocks_adapters
     return answer, slowest
 
 
@@ -176,7 +177,7 @@ def test_an_adapter_that_fails_on_first_use_answers_its_requests_and_stays_faile
     n = 8192  # = max_model_len
     save_file({"prompt_embeddings": tensors["prompt_embeddings"][:1].repeat(n, 1)}, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps({**cfg, "num_virtual_tokens": n}))
-    hostile.engine.registry.add_dir(str(hostile.adapters))
+    hostile.engine.add_adapter_dir(str(hostile.adapters))
     r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": "too_long", "prompt": "x"}))
     assert "virtual tokens" in error_of(r, 422)["message"]
     listed = {a["name"]: a for a in httpx.get(hostile.url + "/v1/adapters").json()["data"]}
@@ -209,15 +210,15 @@ def test_an_adapter_with_overflowing_weights_fails_only_its_own_requests(hostile
 def test_a_failing_forward_pass_fails_only_the_request_that_causes_it(hostile):
     """An observer that raises whenever one marked request is in the step: the step is retried
     without it, the neighbour gets its usual tokens, the marked request alone fails."""
-    def poison(inp, _):
-        if any(len(seq.prompt_ids) == 13 for seq, _ in inp.rows.rows):
+    def poison(step, _):
+        if any(len(seq.prompt_ids) == 13 for seq, _ in step.rows):
             raise RuntimeError("injected failure")
 
-    hostile.engine.runner.observers.append(poison)
+    hostile.engine.observers.append(poison)
     try:
         r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"prompt": [7] * 13, "max_tokens": 2}))
     finally:
-        hostile.engine.runner.observers.remove(poison)
+        hostile.engine.observers.remove(poison)
     body = error_of(r, 500)
     assert body["code"] == "step_failed" and "injected failure" in body["message"]
     assert httpx.get(hostile.url + "/health").status_code == 200
@@ -242,23 +243,23 @@ def test_the_base_model_answers_as_before_after_everything(hostile):
 def test_names_known_in_any_tier_cannot_be_rebound_and_parked_adapters_cannot_be_unloaded(hostile):
     make_adapter(hostile.hf, hostile.adapters / "on_disk", lora_variants(2)["lora_qv"], seed=6)
     make_adapter(hostile.hf, hostile.adapters / "other", lora_variants(2)["lora_r16_ko"], seed=7)
-    hostile.engine.registry.add_dir(str(hostile.adapters))
+    hostile.engine.add_adapter_dir(str(hostile.adapters))
     r = httpx.post(hostile.url + "/v1/adapters", json={"name": "on_disk", "path": "other"})
     assert error_of(r, 409, "name")["code"] == "adapter_exists"
     # a request parked on the adapter's first read holds it: unloading it meanwhile is a 409
-    registry, seen = hostile.engine.registry, []
-    read = registry.read
+    loader, seen = hostile.engine.loader, []  # the one function every adapter read goes through
+    read = loader.read
 
     def slow_read(name, path):
         seen.append(httpx.delete(hostile.url + f"/v1/adapters/{name}").status_code)
         return read(name, path)
 
-    registry.read = slow_read
+    loader.read = slow_read
     try:
         r = httpx.post(hostile.url + "/v1/completions", json={"model": "on_disk", "prompt": "x", "max_tokens": 2},
                        timeout=60)
     finally:
-        del registry.read
+        del loader.read
     assert r.status_code == 200 and seen == [409]
     assert httpx.delete(hostile.url + "/v1/adapters/on_disk").status_code == 200
 

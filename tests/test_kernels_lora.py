@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from quiver.kernels.torch_ops import block_diagonal, lora_apply, lora_expand_ref, lora_shrink_ref
-from quiver.kernels.meta import build_lora_meta
+from quiver.kernels.torch_meta import torch_adapter_meta
+from quiver.kernels.triton_meta import triton_lora_meta
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -57,7 +58,7 @@ def test_reference_and_cpu_path_match_definition(n_tokens, popularity):
     ref = lora_expand_ref(lora_shrink_ref(x, a, slots), b, offsets, slots, torch.zeros(n_tokens, offsets[-1]))
     torch.testing.assert_close(ref.double(), want, atol=1e-4, rtol=1e-5)
     for padded in (True, False):  # both CPU forms, whichever the heuristic would pick
-        meta = build_lora_meta(slots, set(), a.shape[0], padded=padded)
+        meta = torch_adapter_meta(slots, padded=padded)
         if meta is None:
             assert (slots < 0).all()
             return
@@ -77,18 +78,16 @@ def _nan_fill_unused(a, b, slots):
 
 def _on_device(meta):
     """The meta's tensors where the kernels run, as the engine's step upload puts them."""
-    from quiver.server.model.upload import StepUpload
+    from quiver.server.engine.upload import StepUpload
 
-    upload = StepUpload(DEVICE)
-    meta.upload(upload)
-    upload.upload()
+    StepUpload(DEVICE).send(meta)
     return meta
 
 
 def _run_triton(form, x, a, b, offsets, slots, y):
     from quiver.kernels import lora_triton as lt
 
-    meta = build_lora_meta(slots, set(), a.shape[0], forms="triton")
+    meta = triton_lora_meta(slots)
     if meta is None:
         return None
     meta = _on_device(meta)
@@ -145,7 +144,7 @@ def test_triton_dispatch_uses_both_forms():
     calls = []
     for n_tokens, popularity in ((40, "single"), (6, "uniform")):
         x, a, b, offsets, slots = make_case(n_tokens, popularity)
-        meta = _on_device(build_lora_meta(slots, set(), a.shape[0], forms="triton"))
+        meta = _on_device(triton_lora_meta(slots))
         calls.append(meta.max_len >= lt.BLOCK_M)
         y = torch.zeros(n_tokens, offsets[-1], device=DEVICE)
         lt.lora_apply(x.to(DEVICE), y, a.to(DEVICE), b.to(DEVICE), offsets, meta)
@@ -156,7 +155,7 @@ def test_triton_dispatch_uses_both_forms():
 def test_launch_grids_follow_the_tokens():
     """A mixed step (one 2048-token prefill segment, 31 one-token decode segments) launches SGMV and
     attention programs in proportion to its tokens, not segments x the longest segment."""
-    from quiver.kernels.meta import ROW_TILE, attention_tiles, row_tiles
+    from quiver.kernels.grouping import ROW_TILE, attention_tiles, row_tiles
 
     seg_lens = torch.tensor([2048] + [1] * 31)
     tiles = row_tiles(seg_lens)
@@ -174,7 +173,7 @@ def test_cpu_path_without_gather_when_rows_are_grouped():
     """Rows sorted by adapter with equal counts (the usual decode step): the padded layout is a view."""
     x, a, b, offsets, _ = make_case(32, "uniform")
     slots = torch.cat([torch.full((4,), -1), torch.arange(28) // 7])  # base rows first, then 4 adapters x 7
-    meta = build_lora_meta(slots, set(), a.shape[0])
+    meta = torch_adapter_meta(slots)
     assert meta.padded and meta.contiguous_from == 4
     y = torch.zeros(32, offsets[-1])
     lora_apply(x, y, a, block_diagonal(b, offsets), meta, offsets)
@@ -186,13 +185,12 @@ def test_cpu_path_on_slices_when_long_segments_are_in_order():
     y (no padding, no gather), and the result is the definition."""
     x, a, b, offsets, _ = make_case(146, "uniform")
     slots = torch.cat([torch.full((3,), -1), torch.full((40,), 0), torch.full((70,), 2), torch.full((33,), 3)])
-    meta = build_lora_meta(slots, set(), a.shape[0])
+    meta = torch_adapter_meta(slots)
     assert not meta.padded and meta.segments_from == 3
     y = torch.zeros(146, offsets[-1])
     lora_apply(x, y, a, block_diagonal(b, offsets), meta, offsets)
     torch.testing.assert_close(y.double(), per_token(x, a, b, offsets, slots), atol=1e-4, rtol=1e-5)
-    shuffled = build_lora_meta(slots[torch.randperm(146, generator=torch.Generator().manual_seed(0))], set(),
-                               a.shape[0])
+    shuffled = torch_adapter_meta(slots[torch.randperm(146, generator=torch.Generator().manual_seed(0))])
     assert shuffled.segments_from is None  # out of order: the gathering forms
 
 
@@ -204,7 +202,7 @@ def test_cpu_path_expands_wide_slices_one_by_one():
     offsets = (0, WIDE_SLICES, 2 * WIDE_SLICES + 8)
     x, a, b, offsets, _ = make_case(24, "uniform", offsets=offsets)
     slots = torch.arange(24) // 6  # 4 adapters x 6 rows, grouped
-    meta = build_lora_meta(slots, set(), a.shape[0])
+    meta = torch_adapter_meta(slots)
     assert meta.padded and meta.contiguous_from == 0
     y = torch.zeros(24, offsets[-1])
     lora_apply(x, y, a, block_diagonal(b, offsets), meta, offsets)

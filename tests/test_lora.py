@@ -11,7 +11,7 @@ from peft_fixtures import lora_variants, make_adapter, peft_greedy
 from quiver.adapters.errors import AdapterError
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
-from quiver.server.families.registry import UnknownAdapter
+from quiver.server.families.errors import UnknownAdapter
 from quiver.server.engine.sampling import SamplingParams
 
 
@@ -48,7 +48,7 @@ def test_more_adapters_than_slots_all_match_and_stay_within_limit(tiny_lora_set,
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
     per_step = []  # the LoRA adapters of each step
-    engine.runner.observers.append(lambda inp, _: per_step.append({seq.slot_adapter for seq, _ in inp.rows.rows} - {None}))
+    engine.observers.append(lambda step, _: per_step.append({seq.slot_adapter for seq, _ in step.rows} - {None}))
     names = list(paths)
     g = torch.Generator().manual_seed(5)
     arrivals = [(i // 3, torch.randint(3, 512, (4 + i % 5,), generator=g).tolist(),
@@ -180,8 +180,8 @@ def test_pickle_only_with_allow_pickle_and_size_limit(tiny_lora_set, tokenizer, 
     engine = lora_engine(base_dir, tokenizer, allow_pickle=True)
     engine.load_adapter("p", str(pickled))
     engine.load_adapter("s", str(paths["lora_qv"]))
-    held = engine.registry.by_kind["lora"].adapters
-    pa, sa = held["p"].adapter, held["s"].adapter
+    pa, sa = (engine.read_adapter(n, str(p)).result().adapter.adapter for n, p in (("p", pickled),
+                                                                                   ("s", paths["lora_qv"])))
     assert all(torch.equal(pa.modules[k].b, sa.modules[k].b) for k in sa.modules)
     with pytest.raises(AdapterError, match="size limit"):
         lora_engine(base_dir, tokenizer, max_adapter_mb=0).load_adapter("s", str(paths["lora_qv"]))
@@ -192,7 +192,7 @@ def test_mixed_batch_through_the_triton_lora_kernels(tiny_lora_set, tokenizer):
     CPU's block-diagonal one) written by the LoRA family and read by SGMV/BGMV, against PEFT."""
     base_dir, hf, paths = tiny_lora_set
     engine = lora_engine(base_dir, tokenizer, kernels="triton")
-    assert engine.runner.ops.name == "triton"
+    assert engine.kernels == "triton"
     check_mixed_batch(engine, hf, {k: paths[k] for k in ("rank_pattern", "dora")}, hf.config.vocab_size)
 
 

@@ -24,8 +24,8 @@ def test_every_family_matches_peft_in_one_mixed_batch(tiny_prompt_set, tiny_lora
     paths = {**prompt_paths, "dora": lora_paths["dora"], "rslora_all7": lora_paths["rslora_all7"]}
     engine = engine_for(base_dir, tokenizer)
     check_mixed_batch(engine, hf, paths, hf.config.vocab_size)
-    held = sum(len(b) for b in engine.registry.by_kind["prefix"].prefix_blocks.values())
-    assert engine.blocks.num_free == engine.blocks.num_blocks - held
+    stats = engine.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks - stats.kv_blocks_adapters
 
 
 @pytest.mark.slow
@@ -52,7 +52,7 @@ def test_requests_share_one_copy_of_a_prefix(tiny_prompt_set, tokenizer):
     engine = engine_for(base_dir, tokenizer, num_kv_blocks=64)
     free0 = engine.blocks.num_free
     engine.load_adapter("v2", str(paths["ptuning_v2"]))  # 7 virtual tokens: 2 blocks of 4
-    prefix = engine.registry.by_kind["prefix"].prefix_blocks["v2"]
+    prefix = engine.residency.by_kind["prefix"].prefix_blocks["v2"]  # which blocks: the family's own record
     assert len(prefix) == 2 and engine.blocks.num_free == free0 - 2
     a = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0), adapter="v2")
     b = engine.add_request([8, 9, 10, 11, 12], SamplingParams(max_tokens=3, temperature=0), adapter="v2")
@@ -120,6 +120,6 @@ def test_mixed_batch_through_the_triton_attention_kernel(tiny_prompt_set, tokeni
     rows, soft-prompt rows and base rows still equal PEFT."""
     base_dir, hf, paths = tiny_prompt_set
     engine = engine_for(base_dir, tokenizer, kernels="triton")
-    assert engine.runner.ops.name == "triton"
+    assert engine.kernels == "triton"
     check_mixed_batch(engine, hf, {k: paths[k] for k in ("prompt_tuning", "prefix_projection", "ptuning_v2")},
                       hf.config.vocab_size)

@@ -12,7 +12,6 @@ from quiver.server.engine.llm_engine import LLMEngine
 from quiver.server.engine.sampler import filter_top_k_top_p, hashed_uniform, prepare, sample
 from quiver.server.engine.sampling import InvalidParam, SamplingParams
 from quiver.server.engine.sequence import Sequence
-from quiver.server.model.upload import StepUpload
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_sampled_frequencies_follow_the_distribution():
     params = SamplingParams(temperature=0.7)
     n = 4000
     seqs = [Sequence(f"s{i}", [1], params, seed=i) for i in range(n)]
-    tokens = sample(logits.expand(n, 5).contiguous(), prepare(seqs, 5, StepUpload('cpu'))).tokens
+    tokens = sample(logits.expand(n, 5).contiguous(), prepare(seqs, 5)).tokens
     counts.index_add_(0, torch.tensor(tokens), torch.ones(n))
     # each frequency within 5 standard errors of its probability
     se = torch.sqrt(probs * (1 - probs) / n)
@@ -73,7 +72,7 @@ def test_greedy_rows_and_logprobs():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
     seqs = [Sequence("a", [1], SamplingParams(temperature=0, logprobs=2), seed=0),
             Sequence("b", [1], SamplingParams(temperature=1.0, top_k=1), seed=0)]
-    res = sample(logits, prepare(seqs, 3, StepUpload('cpu')))
+    res = sample(logits, prepare(seqs, 3))
     assert res.tokens == [1, 0]
     lp = torch.log_softmax(logits, dim=-1)
     assert math.isclose(res.logprobs[0], lp[0, 1].item(), rel_tol=1e-6)

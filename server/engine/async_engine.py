@@ -41,18 +41,17 @@ class AsyncEngine:
         # facts fixed at start, safe to read from any thread
         self.model_name, self.model_dir = engine.model_name, engine.model_dir
         self.max_model_len, self.tokenizer = engine.max_model_len, engine.tokenizer
-        self.quantization = engine.runner.quantization  # the base's: "nf4", "fp4" or None
-        self.weight_bytes = engine.runner.model.weight_bytes()
+        self.quantization = engine.quantization  # the base's: "nf4", "fp4" or None
+        self.weight_bytes = engine.weight_bytes()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        engine.registry.on_ready = self._wake.set  # a parked adapter has been read
+        engine.loader.on_ready = self._wake.set  # requests parked on an adapter's first read can go on
         self._adds: list[tuple] = []
         self._aborts: list[str] = []
         self._commands: list[tuple[Callable, concurrent.futures.Future]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.steps = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
     def run(self) -> None:
@@ -93,23 +92,21 @@ class AsyncEngine:
         return self.engine.grammars.compile(spec)
 
     def discover(self, adapter: str | None) -> None:
-        """Make a request's adapter known if it has appeared in --adapter-dir since start (a worker thread
-        waits a step at most; a known name costs a lookup)."""
-        if adapter is not None and adapter not in self.engine.registry.known and self.engine.registry.dirs:
-            self.submit(lambda engine: engine.registry.scan()).result()
+        """Make a request's adapter known if it has appeared in --adapter-dir since the last scan (on the
+        calling thread: the catalog is thread-safe; a known name costs a lookup)."""
+        self.engine.rescan(adapter)
 
     async def rescan(self) -> None:
-        """Make every folder now in --adapter-dir known (before listing adapters)."""
-        if self.engine.registry.dirs:
-            await self.call(lambda engine: engine.registry.scan())
+        """Make every folder now in --adapter-dir known (before listing adapters), off the event loop."""
+        await asyncio.to_thread(self.engine.rescan)
 
     def known_adapters(self) -> list[str]:
         """Adapters a request may name, resident or on disk (a snapshot)."""
-        return list(self.engine.registry.known)
+        return self.engine.known_adapters()
 
     def virtual_tokens(self, adapter: str | None) -> int:
         """Context tokens the adapter spends before a request's own (a snapshot)."""
-        return self.engine.registry.virtual_tokens(adapter)
+        return self.engine.virtual_tokens(adapter)
 
     def health(self) -> str | None:
         """None while the engine makes progress; else why not."""
@@ -163,16 +160,17 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.submit(fn))
 
     async def load_adapter(self, name: str, path: str) -> dict:
-        """Read the adapter on a worker thread (the batch keeps decoding), then register it between steps."""
-        read = await asyncio.to_thread(self.engine.registry.read, name, path)
-        return await self.call(lambda engine: (engine.registry.register(read), engine.registry.info(name))[1])
+        """Read the adapter on the engine's reader pool (the batch keeps decoding), then register it between
+        steps; its info."""
+        read = await asyncio.wrap_future(self.engine.read_adapter(name, path))
+        return await self.call(lambda engine: engine.register_adapter(read))
 
     async def unload_adapter(self, name: str) -> None:
-        await self.call(lambda engine: engine.registry.unregister(name))
+        await self.call(lambda engine: engine.unload_adapter(name))
 
     async def list_adapters(self) -> list[dict]:
         await self.rescan()
-        return await self.call(lambda engine: [engine.registry.info(n) for n in engine.registry.known_names()])
+        return await self.call(lambda engine: engine.list_adapters())
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -183,7 +181,7 @@ class AsyncEngine:
     # ---- engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
-        engine.runner.bind_thread()
+        engine.bind_thread()
         while not self._stop:
             self._apply_pending()
             if not engine.has_work():
@@ -197,7 +195,6 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(EngineError(f"internal engine error: {exc}"))
                 continue
-            self.steps += 1
             self._observe(outputs)
             for out in outputs:
                 self._deliver(out.request_id, out, last=out.finished)

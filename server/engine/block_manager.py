@@ -1,18 +1,28 @@
-"""Paged KV-cache bookkeeping: a free list of fixed-size blocks with reference counts, and the
-automatic prefix cache.
+"""Paged KV-cache bookkeeping: a free list of fixed-size blocks with reference counts, and the one way a
+request's prompt KV is shared with another.
 
-Prefix caching: every full block a request computes is keyed by a hash chain over its tokens and
-everything before them, and by what produced their K/V: the base ("") or an adapter's fingerprint
-(adapters.fingerprint, a hash of its weights, never its name). A block nobody holds stays in the
-cache, least recently used first out when a block is needed; a new request whose tokens start with
-a cached chain takes those blocks and skips their prefill. Soft prompts and prefixes are not cached
-(their rows' layouts are not keyed); their adapters' own prefix blocks are held as before.
+Every full block a request computes can be entered under a chain hash (block_hash) of its tokens,
+everything before them, and a key for what produced their K/V. A later request whose tokens start with
+a chain takes those blocks (match) and skips their prefill. Two kinds of key:
+- the prefix cache's (when on): "" for the base or an adapter's fingerprint (adapters.fingerprint, a
+  hash of its weights, never its name). Any request may take these blocks; a block nobody holds stays
+  cached, least recently used first out when a block is needed. Soft prompts and prefixes are not
+  cached (their sequences have no cache key);
+- a prompt group's own, for the n > 1 choices of one request (LLMEngine.add's fork_of): only the group
+  takes these, whatever the adapter and with the cache off, and they go with the last holder.
+An adapter prefix's own blocks (allocate_shared) are held by the adapter and put at the head of each of
+its requests' block tables.
 """
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 
 from quiver.server.engine.sequence import Sequence
+
+
+def block_hash(previous: int | None, key, tokens: list[int]) -> int:
+    """The chain hash of one full block: its tokens, the chain before it, what produced its K/V."""
+    return hash((previous, key, tuple(tokens)))
 
 
 class BlockManager:
@@ -23,9 +33,10 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
         self.num_shared = 0  # blocks held by their owners (adapter prefixes) rather than by requests
-        self.fresh: list[int] = []  # blocks handed out and not yet zeroed (the model runner zeroes and empties it)
+        self.fresh: list[int] = []  # blocks handed out and not yet zeroed (the engine empties it once they are)
         self._cached: dict[int, int] = {}  # chain hash -> block holding those tokens' K/V
         self._hash_of: dict[int, int] = {}  # the reverse
+        self._private: set[int] = set()  # blocks entered under a prompt group's key: freed with their last holder
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, least recent first
 
     @property
@@ -50,15 +61,19 @@ class BlockManager:
         return self.blocks_needed(seq, num_tokens) + reserve <= self.num_free
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
-        if not seq.block_table and seq.shared_blocks:  # share the adapter's prefix blocks, read-only
-            for block in seq.shared_blocks:
-                self._refs[block] += 1
-            seq.block_table = list(seq.shared_blocks)
+        if not seq.block_table:
+            self._share_prefix(seq)
         for _ in range(self.blocks_needed(seq, num_tokens)):
             block = self._take()
             self._refs[block] = 1
             seq.block_table.append(block)
             self.fresh.append(block)
+
+    def _share_prefix(self, seq: Sequence) -> None:
+        """An adapter prefix's blocks at the head of the block table, read-only."""
+        for block in seq.shared_blocks:
+            self._refs[block] += 1
+        seq.block_table = list(seq.shared_blocks)
 
     def _take(self) -> int:
         if self._free:
@@ -68,13 +83,6 @@ class BlockManager:
         block, _ = self._idle.popitem(last=False)  # the least recently used cached block
         del self._cached[self._hash_of.pop(block)]
         return block
-
-    def share(self, seq: Sequence, blocks: list[int]) -> None:
-        """`seq`, holding no blocks, starts with `blocks` (another sequence's full, read-only ones)."""
-        assert not seq.block_table
-        for block in blocks:
-            self._hold(block)
-        seq.block_table = list(blocks)
 
     def free(self, seq: Sequence) -> None:
         self.release(seq.block_table)
@@ -99,11 +107,15 @@ class BlockManager:
     def release(self, blocks) -> None:
         for block in blocks:
             self._refs[block] -= 1
-            if self._refs[block] == 0:
-                if block in self._hash_of:
-                    self._idle[block] = None  # stays cached until the space is needed
-                else:
-                    self._free.append(block)
+            if self._refs[block]:
+                continue
+            if block in self._private:  # a prompt group's: gone with its last holder
+                self._private.discard(block)
+                del self._cached[self._hash_of.pop(block)]
+            if block in self._hash_of:
+                self._idle[block] = None  # stays cached until the space is needed
+            else:
+                self._free.append(block)
 
     def _hold(self, block: int) -> None:
         if self._refs[block] == 0:
@@ -113,39 +125,64 @@ class BlockManager:
     def refcount(self, block: int) -> int:
         return self._refs[block]
 
-    # ---- the prefix cache ----------------------------------------------------------------------
+    # ---- sharing prompt KV ---------------------------------------------------------------------
+    def _key(self, seq: Sequence) -> tuple[object, bool]:
+        """What seq's blocks are entered under, and whether any request may take them (the prefix cache)
+        or only its prompt group."""
+        if self.caching and seq.cache_key is not None:
+            return seq.cache_key, True
+        return ("prompt group", seq.prompt_group), False
+
     def match(self, seq: Sequence) -> int:
-        """Give `seq` (holding no blocks) the cached blocks its tokens start with; return how many
-        tokens they hold (its num_computed is set to that). At least its last token is left to compute,
-        so that the step that finishes its prompt has its logits."""
-        key = seq.cache_key
-        if not self.caching or key is None or seq.block_table or seq.wants_prompt_logprobs:
+        """Give `seq` (holding no blocks of its own) the blocks entered under its key that its tokens start
+        with; return how many tokens they hold (its num_computed is set to that). At least its last token
+        is left to compute, so that the step that finishes its prompt has its logits."""
+        if seq.block_table or seq.wants_prompt_logprobs:
             return 0
+        self._share_prefix(seq)
+        key, _ = self._key(seq)
         bs, tokens, h = self.block_size, seq.token_ids, None
         for i in range((len(tokens) - 1) // bs):
-            h = hash((h, key, tuple(tokens[i * bs:(i + 1) * bs])))
+            h = block_hash(h, key, tokens[i * bs:(i + 1) * bs])
             block = self._cached.get(h)
             if block is None:
                 break
             self._hold(block)
             seq.block_table.append(block)
             seq.block_hashes.append(h)
-        seq.num_computed = len(seq.block_table) * bs
+        seq.num_computed = len(seq.block_hashes) * bs
         return seq.num_computed
 
     def commit(self, seq: Sequence) -> None:
-        """Enter the blocks `seq` has filled since the last call into the cache (after each step)."""
+        """Enter the blocks `seq` has filled since the last call (after each step): into the prefix cache,
+        or, while choices of its prompt wait for them, under its prompt group's key."""
+        key, public = self._key(seq)
         bs, done = self.block_size, seq.num_computed // self.block_size
-        if len(seq.block_hashes) >= done or not self.caching:
-            return
-        key = seq.cache_key
-        if key is None:
+        if len(seq.block_hashes) >= done or not (public or seq.forks):
             return
         h = seq.block_hashes[-1] if seq.block_hashes else None
+        head = len(seq.shared_blocks)
         for i in range(len(seq.block_hashes), done):
-            h = hash((h, key, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            h = block_hash(h, key, seq.token_ids[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)
-            block = seq.block_table[i]
+            block = seq.block_table[head + i]
             if h not in self._cached and block not in self._hash_of:
                 self._cached[h] = block
                 self._hash_of[block] = h
+                if not public:
+                    self._private.add(block)
+
+    def release_forks(self, leader: Sequence, share: bool) -> None:
+        """Let the requests waiting on `leader`'s prompt (its other choices) go: once its full prompt blocks
+        are computed they take them as matched blocks (share), or they compute the prompt themselves (the
+        leader is gone)."""
+        if not leader.forks:
+            return
+        full = (leader.num_virtual + leader.num_prompt_tokens - 1) // self.block_size
+        if share and leader.num_computed < full * self.block_size:
+            return
+        for seq in leader.forks:
+            seq.fork_from = None
+            if share:
+                self.match(seq)
+        leader.forks = []

@@ -43,3 +43,23 @@ def releasable_text(seq: Sequence) -> str:
     out = seq.text[seq.emitted_chars:end]
     seq.emitted_chars = end
     return out
+
+
+def stop_reason(tokenizer, seq: Sequence, token: int, max_model_len: int) -> str | None:
+    """After `token` was appended to seq: "stop" (a stop token or string, or a complete grammar), "length"
+    (max_tokens or the context), or None to go on; the text grows by the token (cut at a stop string)."""
+    p = seq.params
+    if token in seq.stop_ids:
+        return "stop"
+    before = len(seq.text)
+    append_text(tokenizer, seq)
+    if p.stop and len(seq.text) > before and seq.num_output_tokens >= p.min_tokens:
+        end = find_stop(seq, before)
+        if end is not None:
+            seq.text = seq.text[:end]
+            return "stop"
+    if seq.grammar is not None and seq.grammar.finished:
+        return "stop"  # the grammar is complete and allows nothing but a stop token
+    if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= max_model_len:
+        return "length"
+    return None

@@ -1,8 +1,8 @@
-"""The synchronous engine: add requests, abort them, step the batch forward, report stats.
+"""The synchronous engine: add requests, abort them, step the batch forward, report stats; and the one
+door to adapters, whoever loads them (the API, a start-up flag, a request's first use, another replica).
 
-Adapters are the registry's (families.registry): the engine pins a request's adapter while the
-request lives, binds it when the adapter is resident (or parks the request while it is read from
-disk), and asks the registry for each step's slots and hooks.
+A step flows one way: the scheduler picks the rows, residency places their adapters, the engine builds
+the Step (engine.step), the adapter families add their hooks, and the model runner runs it.
 """
 from __future__ import annotations
 
@@ -10,22 +10,24 @@ import itertools
 import logging
 import random
 import time
+from concurrent.futures import Future
 
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.config import EngineConfig
-from quiver.server.engine.detokenizer import append_text, find_stop, releasable_text
+from quiver.server.engine.detokenizer import releasable_text, stop_reason
 from quiver.server.engine.device import resolve_device
 from quiver.server.engine.grammar import Grammars
-from quiver.server.engine.model_runner import ModelRunner
+from quiver.server.engine.model_runner import ModelRunner, StepOutcome
 from quiver.server.engine.outputs import EngineStats, RequestFailed, RequestOutput
-from quiver.server.engine.requests import PreparedRequest, check_length
+from quiver.server.engine.requests import PreparedRequest, check_length, check_prompt
 from quiver.server.engine.sampling import InvalidParam, SamplingParams
 from quiver.server.engine.scheduler import Scheduler
 from quiver.server.engine.sequence import Sequence, Status, TokenLogprob
-from quiver.server.families.bottleneck import BottleneckFamily
-from quiver.server.families.lora import LoraFamily
-from quiver.server.families.prompt import PromptFamily
-from quiver.server.families.registry import AdapterEvent, AdapterRegistry
+from quiver.server.engine.step import build_step
+from quiver.server.families import make_families
+from quiver.server.families.catalog import AdapterCatalog
+from quiver.server.families.loader import AdapterLoader, ReadAdapter
+from quiver.server.families.residency import AdapterEvent, Residency
 from quiver.server.model.checkpoint import resolve_model
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,18 @@ class LLMEngine:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer = tokenizer
         self.runner = ModelRunner(config, model_dir)
-        self.max_model_len = self.runner.max_model_len
+        self.max_model_len, self.quantization = self.runner.max_model_len, self.runner.quantization  # base's 4-bit
+        self.kernels = self.runner.ops.name  # the op backend: "torch" or "triton"
         self.vocab_size = self.runner.model_config.vocab_size
+        self.observers = self.runner.observers  # each called with (step, logits) after every forward pass
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras, config.lora_starvation_steps)
-        self.registry = AdapterRegistry(self._families(), config.max_cpu_loras)
+        families = make_families(self.runner, self.blocks, config.max_loras, config.max_lora_rank,
+                                 dict(allow_pickle=config.allow_pickle, max_bytes=config.max_adapter_mb * 2**20))
+        self.catalog = AdapterCatalog()
+        self.residency = Residency(families, self.catalog, config.max_cpu_loras)
+        self.loader = AdapterLoader(families)  # its on_ready: called when a first-use read is done (step() takes it)
         eos = set(self.runner.model_config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -65,47 +73,79 @@ class LLMEngine:
         self.ran_rows = False  # whether the last step ran any row
         self.step_adapters = 0  # distinct adapters among the last step's rows (0 when none ran)
 
-    def _families(self) -> list:
-        c, r = self.config, self.runner
-        files = dict(allow_pickle=c.allow_pickle, max_bytes=c.max_adapter_mb * 2**20)
-        return [PromptFamily(r.model_config, r.ops, self.blocks, r.kv_caches, r.max_model_len, r.dtype, r.device, files),
-                BottleneckFamily(r.model_config, r.ops, r.dtype, r.device, files),
-                LoraFamily(r.model, r.ops, c.max_loras, c.max_lora_rank, files)]
+    def weight_bytes(self) -> int:
+        return self.runner.model.weight_bytes()
 
-    # ---- adapters (the registry's; these are the common calls) -----------------------------
-    def load_adapter(self, name: str, path: str) -> None:
-        """Read, check and register an adapter of any supported family; on any error nothing changes."""
-        self.registry.register(self.registry.read(name, path))
+    def bind_thread(self) -> None:
+        """Make this engine's device current on the calling thread (the one that steps it)."""
+        self.runner.bind_thread()
+
+    # ---- adapters: every load, whoever asks, reads through the loader and registers here ----------
+    def read_adapter(self, name: str, path: str) -> Future:
+        """Any thread: read an adapter folder on the loader's worker pool; a future of its ReadAdapter."""
+        return self.loader.submit(name, path)
+
+    def register_adapter(self, read: ReadAdapter) -> dict:
+        """Make a read adapter usable (engine thread, between steps); its info. On any error nothing changes."""
+        self.residency.register(read)
+        return self.residency.info(read.name)
+
+    def load_adapter(self, name: str, path: str) -> dict:
+        """Read and register now, on the calling thread's time (start-up, benchmarks)."""
+        return self.register_adapter(self.read_adapter(name, path).result())
+
+    def adopt_adapter(self, adapter, kind: str, path: str) -> dict:
+        """Register an adapter parsed in host memory elsewhere (another engine, `quiver merge`)."""
+        return self.register_adapter(self.loader.adopt(adapter, kind, path))
 
     def unload_adapter(self, name: str) -> None:
-        self.registry.unregister(name)
+        """Forget an adapter and free what it holds; AdapterInUse while a request holds it."""
+        self.residency.unregister(name)
 
-    def adapter_names(self) -> list[str]:
-        return self.registry.names()
+    def know_adapter(self, name: str, folder: str) -> None:
+        """Make `name` known as `folder`, read on its first use (an adapter loaded on another replica)."""
+        self.catalog.know(name, folder)
+
+    def adapter_folder(self, name: str) -> str | None:
+        return self.catalog.folder(name)
 
     def add_adapter_dir(self, folder: str) -> list[str]:
-        """Make every adapter folder in `folder` known by its name, read on first use; a folder added there
-        later is found by the next scan. Returns the names found now."""
-        return self.registry.add_dir(folder)
+        """Make every adapter folder in `folder` known by its name, read on first use (later ones too, at
+        the next rescan); the names found now."""
+        return self.catalog.add_dir(folder)
+
+    def rescan(self, name: str | None = None) -> None:
+        """Any thread: make the folders now in the adapter dirs known (only if `name` is not known yet)."""
+        if self.catalog.dirs and (name is None or name not in self.catalog):
+            self.catalog.scan()
+
+    def known_adapters(self) -> list[str]:
+        """Any thread: every adapter a request may name, resident or on disk."""
+        return self.catalog.names()
+
+    def adapter_names(self) -> list[str]:
+        """Adapters read into memory (device or host)."""
+        return self.residency.names()
+
+    def list_adapters(self) -> list[dict]:
+        """What GET /v1/adapters shows: resident adapters first, then those only on disk."""
+        return [self.residency.info(n) for n in dict.fromkeys(self.residency.names() + self.catalog.names())]
+
+    def virtual_tokens(self, adapter: str | None) -> int:
+        """Any thread (a snapshot): context tokens the adapter spends before a request's own."""
+        return self.residency.virtual_tokens(adapter)
 
     # ---- requests --------------------------------------------------------------------------
     def prepare(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> PreparedRequest:
         """Check a request once (any thread: it reads a snapshot of the adapters); raise InvalidParam,
         UnknownAdapter or AdapterFailed for one that cannot run."""
         if adapter is not None:
-            self.registry.check_usable(adapter)
-        if not prompt_ids:
-            raise InvalidParam("prompt", "prompt must not be empty")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
-            raise InvalidParam("prompt", f"token ids must be integers in [0, {self.vocab_size})")
+            self.catalog.check_usable(adapter)
+        check_prompt(prompt_ids, self.vocab_size)
         params.validate(self.vocab_size)
-        virtual = self.registry.virtual_tokens(adapter)
-        self._check_length(len(prompt_ids), params.max_tokens, virtual)
+        virtual = self.residency.virtual_tokens(adapter)
+        check_length(len(prompt_ids), params.max_tokens, virtual, self.max_model_len, self.blocks)
         return PreparedRequest(list(prompt_ids), params, adapter, virtual)
-
-    def _check_length(self, prompt: int, max_tokens: int, virtual: int) -> None:
-        check_length(prompt, max_tokens, virtual, self.max_model_len, self.blocks.block_size,
-                     self.blocks.num_blocks - self.blocks.num_shared)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                     request_id: str | None = None, fork_of: str | None = None) -> Sequence:
@@ -117,13 +157,13 @@ class LLMEngine:
 
         fork_of: the id of an earlier request with the same prompt and adapter (another choice of the
         same n > 1 request): this one waits until that one has computed the prompt's full KV blocks,
-        shares them, and computes only the rest of the prompt itself."""
+        takes them from the block manager as a cache hit, and computes only the rest of the prompt."""
         prompt_ids, params, adapter = request.prompt_ids, request.params, request.adapter
         if adapter is not None:
-            self.registry.check_usable(adapter)  # not unloaded since it was prepared
-            virtual = self.registry.virtual_tokens(adapter)
+            self.catalog.check_usable(adapter)  # not unloaded since it was prepared
+            virtual = self.residency.virtual_tokens(adapter)
             if virtual != request.virtual_tokens:  # unloaded and loaded again as another adapter
-                self._check_length(len(prompt_ids), params.max_tokens, virtual)
+                check_length(len(prompt_ids), params.max_tokens, virtual, self.max_model_len, self.blocks)
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -131,23 +171,23 @@ class LLMEngine:
         if leader is not None and (leader.prompt_ids != prompt_ids or leader.adapter != adapter):
             raise ValueError("a fork has its leader's prompt and adapter")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        resident = adapter is None or self.registry.is_resident(adapter)
-        binding = self.registry.bind(adapter) if adapter is not None and resident else None
+        resident = adapter is None or self.residency.is_resident(adapter)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter, binding=binding,
+        seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter,
+                       binding=self.residency.bind(adapter) if adapter is not None and resident else None,
                        stop_ids=tuple(sorted(stop_ids)),
                        grammar=None if params.grammar is None else params.grammar.matcher())
         self.seqs[rid] = seq
         if leader is not None and leader.num_computed == 0:
-            seq.fork_from = leader
+            seq.fork_from, seq.prompt_group = leader, leader.prompt_group
             leader.forks.append(seq)
         if adapter is not None:
-            self.registry.pin(adapter)
+            self.residency.pin(adapter)
         if resident:
             self.scheduler.add(seq)
         else:
             seq.status = Status.PARKED
-            self.registry.park(adapter, seq)
+            self.loader.park(adapter, self.catalog.folder(adapter), seq)
         return seq
 
     def abort(self, request_id: str) -> None:
@@ -157,24 +197,24 @@ class LLMEngine:
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         """Finish a request wherever it is: its blocks and its adapter pin go back."""
-        self._release_forks(seq, share=False)
+        self.blocks.release_forks(seq, share=False)
         if seq.fork_from is not None:
             seq.fork_from.forks.remove(seq)
             seq.fork_from = None
         if seq.status is Status.PARKED:
-            self.registry.unpark(seq)
+            self.loader.unpark(seq)
         if not seq.finished:
             self.scheduler.finish(seq, reason)
             if seq.adapter is not None:
-                self.registry.unpin(seq.adapter)
+                self.residency.unpin(seq.adapter)
         self.seqs.pop(seq.request_id, None)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.registry.has_ready()
+        return self.scheduler.has_work() or self.loader.has_ready()
 
     def num_waiting(self) -> int:
         """Requests queued and not yet running, parked ones included."""
-        return len(self.scheduler.waiting) + self.registry.num_parked()
+        return len(self.scheduler.waiting) + self.loader.num_parked()
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -199,15 +239,25 @@ class LLMEngine:
         self._failed_steps = 0 if ran else self._failed_steps + 1
         if ran:
             self._last_progress = time.monotonic()
-        self.registry.trim()
+        self.residency.trim()
         return outputs
+
+    def _run(self, rows: list[tuple[Sequence, int]]) -> StepOutcome:
+        """One forward pass: adapters placed, the Step built and filled, the runner runs it."""
+        self.residency.place([seq.binding for seq, _ in rows if seq.binding is not None])
+        step = build_step(rows, self.blocks.block_size, self.runner.pad_block, self.vocab_size, self.blocks.fresh)
+        self.residency.prepare(step)
+        try:
+            return self.runner.run(step)
+        finally:
+            if step.zeroed:  # once only: a retried step must not wipe what a first part wrote since
+                self.blocks.fresh.clear()
 
     def _forward(self, rows: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         """One forward pass over `rows`. If it raises, the rows are retried in halves, so that only the
         request that causes the failure fails; the others produce the tokens they would have."""
         try:
-            self.registry.begin_step([seq.binding for seq, _ in rows if seq.binding is not None])
-            outcome = self.runner.step(rows, self.registry.step_hooks, self.blocks.fresh)
+            outcome = self._run(rows)
         except Exception as exc:  # noqa: BLE001 - isolated below, one row at a time at worst
             self.step_failures += 1
             if len(rows) == 1:
@@ -224,8 +274,7 @@ class LLMEngine:
             if not seq.finished:
                 seq.num_computed += n
                 self.blocks.commit(seq)
-                if seq.forks:
-                    self._release_forks(seq, share=True)
+                self.blocks.release_forks(seq, share=True)
         now = time.monotonic()
         result = outcome.result
         for i, seq in enumerate(outcome.sampled):
@@ -235,25 +284,9 @@ class LLMEngine:
             outputs.append(self._append_token(seq, result.tokens[i], logprob, now))
         return outputs
 
-    def _release_forks(self, leader: Sequence, share: bool) -> None:
-        """Let the requests waiting on `leader`'s prompt go: sharing its full prompt blocks once they are
-        computed (share), or computing the prompt themselves (the leader is gone)."""
-        if not leader.forks:
-            return
-        bs = self.blocks.block_size
-        full = (leader.num_virtual + leader.num_prompt_tokens - 1) // bs  # the last prompt token stays each one's
-        if share and leader.num_computed < full * bs:
-            return
-        for seq in leader.forks:
-            seq.fork_from = None
-            if share and full:
-                self.blocks.share(seq, leader.block_table[:len(leader.shared_blocks) + full])
-                seq.num_computed = full * bs
-        leader.forks = []
-
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
         self._retire(seq, "error")
-        return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error", seq=seq, error=error)
+        return RequestOutput.failed(seq, error)
 
     def health(self) -> str | None:
         """None when the engine makes progress; else why not."""
@@ -267,18 +300,21 @@ class LLMEngine:
     def _unpark(self) -> list[RequestOutput]:
         """Requests whose adapter has been read join the queue; those whose read failed end with its error."""
         failed = []
-        for seqs, error in self.registry.take_ready():
+        for name, result, seqs in self.loader.take_ready():
+            error = self.residency.admit(name, result)
             for seq in seqs:
-                if error is None:
-                    seq.bind(self.registry.bind(seq.adapter))
+                reason = error
+                if reason is None:
+                    seq.bind(self.residency.bind(seq.adapter))
                     try:  # the adapter's virtual tokens are known only now
-                        self._check_length(seq.num_prompt_tokens, seq.params.max_tokens, seq.num_virtual)
+                        check_length(seq.num_prompt_tokens, seq.params.max_tokens, seq.num_virtual,
+                                     self.max_model_len, self.blocks)
                     except InvalidParam as exc:
-                        error = exc
-                if error is None:
+                        reason = exc
+                if reason is None:
                     self.scheduler.add(seq)
-                    continue
-                failed.append(self._fail(seq, error))
+                else:
+                    failed.append(self._fail(seq, reason))
         return failed
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
@@ -289,32 +325,12 @@ class LLMEngine:
         seq.token_ids.append(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
-        p = seq.params
-        reason = None
         if seq.grammar is not None and not seq.grammar.accept(token):
             return self._fail(seq, RequestFailed(f"token {token} broke the request's grammar", "grammar_rejected"))
-        if token in seq.stop_ids:
-            reason = "stop"
-        else:
-            before = len(seq.text)
-            append_text(self.tokenizer, seq)
-            if p.stop and len(seq.text) > before and seq.num_output_tokens >= p.min_tokens:
-                end = find_stop(seq, before)
-                if end is not None:
-                    seq.text = seq.text[:end]
-                    reason = "stop"
-        if reason is None and seq.grammar is not None and seq.grammar.finished:
-            reason = "stop"  # the grammar is complete and allows nothing but a stop token
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+        reason = stop_reason(self.tokenizer, seq, token, self.max_model_len)
         if reason is not None:
             self._retire(seq, reason)
-        return RequestOutput(
-            request_id=seq.request_id, new_token_ids=[token], new_text=releasable_text(seq),
-            new_logprobs=[logprob] if logprob is not None else [], finished=seq.finished,
-            finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens, num_cached_tokens=seq.num_cached_tokens,
-            prompt_logprobs=seq.prompt_logprobs if first and p.prompt_logprobs is not None else None, seq=seq)
+        return RequestOutput.token(seq, token, releasable_text(seq), logprob, first)
 
     def fail_all(self, reason: str = "error") -> list[Sequence]:
         """Retire every request (after an internal error) so that all blocks and pins return."""
@@ -325,22 +341,8 @@ class LLMEngine:
 
     # ---- observability ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        reason = self.health()
-        # rows still running (finish() and schedule() drop the others already; the check keeps stats() right)
-        running = [seq for seq in self.scheduler.running if seq.status is Status.RUNNING]
-        waiting = self.scheduler.waiting
-        return EngineStats(running=len(running), waiting=len(waiting),
-                           kv_usage=self.blocks.usage, preemptions=self.num_preemptions,
-                           adapters_resident=self.registry.resident(), adapter_evictions=self.registry.evictions(),
-                           step_failures=self.step_failures, healthy=reason is None, unhealthy_reason=reason,
-                           running_lora_adapters=_slot_adapters(running), waiting_lora_adapters=_slot_adapters(waiting),
-                           max_loras=self.config.max_loras, step_adapters=self.step_adapters)
+        return EngineStats.of(self)
 
     def take_events(self) -> list[AdapterEvent]:
         """Adapter loads and unloads since the last call."""
-        return self.registry.take_events()
-
-
-def _slot_adapters(seqs) -> tuple[str, ...]:
-    """The sorted distinct adapters of `seqs` that count against --max-loras (what vLLM's LoRA gauge lists)."""
-    return tuple(sorted({seq.slot_adapter for seq in seqs} - {None}))
+        return self.residency.take_events()

@@ -1,7 +1,7 @@
 """What requests change in their logits before a token is chosen: bias, bans, penalties, grammars.
 
 plan() reads the sampled rows' parameters and state on the host, once per step, and lays out flat
-tensors that travel with the step's upload; apply() changes the [N, V] logits in place with a few
+tensors that travel with the step's one copy to the device; apply() changes the [N, V] logits in place with a few
 batched ops, whatever mix of rows the step has. Rows that ask for nothing cost nothing: they appear
 in no tensor. In order (vLLM's):
 
@@ -43,6 +43,10 @@ class Adjustments:
     grammar_rows: torch.Tensor | None = None  # [G] int64
     bitmask: torch.Tensor | None = None  # [G, ceil(V / 32)] int32
 
+    UPLOAD = ("add_rows", "add_tokens", "add_values", "allow_rows", "allow_index", "allow_tokens", "pen_rows",
+              "hist_index", "hist_tokens", "hist_output", "presence", "frequency", "repetition", "grammar_rows",
+              "bitmask")
+
 
 def _ints(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
@@ -52,7 +56,7 @@ def _floats(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def plan(seqs: list[Sequence], vocab: int, upload) -> Adjustments | None:
+def plan(seqs: list[Sequence], vocab: int) -> Adjustments | None:
     """The adjustments for the sampled rows `seqs` (row i of the logits is seqs[i]); None when none."""
     adj, any_set = Adjustments(), False
     add_r, add_t, add_v = [], [], []
@@ -98,12 +102,7 @@ def plan(seqs: list[Sequence], vocab: int, upload) -> Adjustments | None:
         for k, i in enumerate(grammar):
             seqs[i].grammar.fill_bitmask(adj.bitmask, k)
         any_set = True
-    if not any_set:
-        return None
-    for name, value in vars(adj).items():
-        if value is not None:
-            upload.defer(adj, name, value)
-    return adj
+    return adj if any_set else None
 
 
 def _bad_word_bans(words: list[list[int]], output: list[int]) -> list[int]:

@@ -13,14 +13,12 @@ import torch
 from quiver.kernels.ops import ops_for
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.device import kv_cache_blocks, make_current, resolve_device, resolve_dtype
-from quiver.server.engine.sampler import SampleResult, prepare, sample, top_logprobs
+from quiver.server.engine.sampler import SampleResult, sample, top_logprobs
 from quiver.server.engine.sequence import Sequence, TokenLogprob
-from quiver.server.engine.step_inputs import StepInputs, build_step
-from quiver.server.families.base import StepRows
+from quiver.server.engine.step import Step
+from quiver.server.engine.upload import StepUpload
 from quiver.server.model.config import ModelConfig
-from quiver.server.model.hooks import StepHooks
 from quiver.server.model.llama import LlamaModel
-from quiver.server.model.upload import StepUpload
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +30,6 @@ class StepOutcome:
     sampled: list[Sequence] = field(default_factory=list)  # rows that drew a token, in result order
     result: SampleResult | None = None
     non_finite: list[Sequence] = field(default_factory=list)  # rows whose logits were NaN or Inf
-
-
-@dataclass
-class _Fresh:
-    index: torch.Tensor  # blocks to zero, travelling with the step's upload
 
 
 class ModelRunner:
@@ -80,7 +73,7 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(mc.num_layers)]
         self.upload = StepUpload(self.device)  # the step's host tensors, one copy to the device per step
-        self.observers: list[Callable[[StepInputs, torch.Tensor | None], None]] = []  # see step()
+        self.observers: list[Callable[[Step, torch.Tensor | None], None]] = []  # see run()
         log.info("model loaded: %d layers, KV cache %d blocks x %d tokens, max_model_len %d",
                  mc.num_layers, self.num_blocks, self.block_size, self.max_model_len)
 
@@ -89,49 +82,37 @@ class ModelRunner:
         make_current(self.device)
 
     @torch.inference_mode()
-    def step(self, rows: list[tuple[Sequence, int]], step_hooks: Callable[[StepRows], StepHooks],
-             fresh_blocks: list[int] | None = None) -> StepOutcome:
+    def run(self, step: Step) -> StepOutcome:
         """Run one forward pass; record prompt logprobs; sample the rows that need a token.
 
-        The step's host tensors (its own, the families' hooks', the sampling parameters) reach the
-        device in one upload; sampled tokens come back in one copy. step_hooks gives the adapter
-        families' hooks for the step's rows. Each observer sees the step's inputs and the logits it
-        computed for the rows of inp.logits_index (None if none), before sampling. A row with a
-        non-finite logit is neither recorded nor sampled. fresh_blocks, just handed out, are zeroed
-        before the forward writes (nothing of a former owner, even NaN, can be read from them), and the
-        list emptied once they are."""
-        # rows grouped by adapter: each adapter's tokens are contiguous
-        rows = sorted(rows, key=lambda row: row[0].binding.sort_key if row[0].binding is not None else (-1, -1))
+        The op backend adds its attention metadata; the step's host tensors reach the device in one copy,
+        and sampled tokens come back in one. The step's fresh blocks are zeroed before the forward writes
+        (nothing of a former owner, even NaN, can be read from them). Each observer sees the step and the
+        logits it computed for step.logits_index (None if none), before sampling. A row with a non-finite
+        logit is neither recorded nor sampled."""
         mc = self.model_config
-        inp = build_step(rows, self.block_size, self.upload, self.ops.attention_layout, self.pad_block,
-                         mc.num_heads // mc.num_kv_heads)
-        seqs = [rows[r][0] for r in inp.sample_rows]
-        batch = prepare(seqs, self.model_config.vocab_size, self.upload) if seqs else None
-        inp.hooks = step_hooks(inp.rows)
-        fresh_blocks = [] if fresh_blocks is None else fresh_blocks
-        fresh = _Fresh(torch.tensor(fresh_blocks, dtype=torch.long))
-        self.upload.defer(fresh, "index", fresh.index)
-        self.upload.upload()
-        if fresh.index.numel():
+        step.attention = self.ops.attention_meta(step.layout, mc.num_heads // mc.num_kv_heads)
+        self.upload.send(step)
+        if step.fresh_blocks.numel():
             for k_cache, v_cache in self.kv_caches:
-                self.ops.zero_blocks(k_cache, v_cache, fresh.index)
-            fresh_blocks.clear()  # zeroed once: a retried step must not wipe what a first part wrote since
-        hidden = self.model(inp, self.kv_caches)
-        logits = self.model.logits(hidden.index_select(0, inp.logits_index)) if inp.logits_index.numel() else None
+                self.ops.zero_blocks(k_cache, v_cache, step.fresh_blocks)
+        step.zeroed = True
+        hidden = self.model(step, self.kv_caches)
+        logits = self.model.logits(hidden.index_select(0, step.logits_index)) if step.logits_index.numel() else None
         for observe in self.observers:
-            observe(inp, logits)
+            observe(step, logits)
         if logits is None:
             return StepOutcome()
         bad = {}  # request id -> sequence, for rows whose logits are not finite
-        for row, first, count in inp.prompt_logprob_spans:
-            seq = rows[row][0]
+        for seq, first, count in step.prompt_logprob_spans:
             if not self._record_prompt_logprobs(seq, logits[first:first + count], seq.num_computed):
                 bad[seq.request_id] = seq
+        seqs, batch = step.sampled, step.sampling
         if not seqs:
             return StepOutcome(non_finite=list(bad.values()))
         # sample adjusts its logits in place: they go as they are only when every row is sampled and none adjusted
         as_is = batch.adjust is None and len(seqs) == logits.shape[0]
-        result = sample(logits if as_is else logits.index_select(0, inp.sample_logits_pos), batch)
+        result = sample(logits if as_is else logits.index_select(0, step.sample_index), batch)
         bad.update({seq.request_id: seq for seq, ok in zip(seqs, result.finite) if not ok})
         if not bad:
             return StepOutcome(seqs, result)

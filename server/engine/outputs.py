@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from quiver.server.engine.sequence import Sequence, TokenLogprob
+from quiver.server.engine.sequence import Sequence, Status, TokenLogprob
 
 
 class RequestFailed(RuntimeError):
@@ -29,6 +29,17 @@ class RequestOutput:
     seq: Sequence | None = None  # for timing metrics; read-only to consumers
     error: Exception | None = None  # the request failed (e.g. its adapter could not be read)
 
+    @classmethod
+    def token(cls, seq: Sequence, token: int, text: str, logprob: TokenLogprob | None, first: bool) -> RequestOutput:
+        """seq's output for the token it just drew (its prompt logprobs with its first one)."""
+        return cls(seq.request_id, [token], text, [logprob] if logprob is not None else [], seq.finished,
+                   seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens,
+                   seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None, seq)
+
+    @classmethod
+    def failed(cls, seq: Sequence, error: Exception) -> RequestOutput:
+        return cls(seq.request_id, [], "", finished=True, finish_reason="error", seq=seq, error=error)
+
 
 @dataclass
 class EngineStats:
@@ -46,3 +57,30 @@ class EngineStats:
     waiting_lora_adapters: tuple[str, ...] = ()
     max_loras: int = 0  # --max-loras
     step_adapters: int = 0  # distinct adapters (any family) among the last step's rows
+    # what is held: every count returns to its idle value once requests are gone (the invariants' check)
+    kv_blocks: int = 0  # in the cache
+    kv_blocks_free: int = 0  # free or cached by nobody
+    kv_blocks_adapters: int = 0  # held by adapter prefixes
+    lora_slots_free: int = 0  # LoRA device slots holding no adapter
+    adapters_in_use: dict[str, int] = field(default_factory=dict)  # adapter -> requests holding it
+
+    @classmethod
+    def of(cls, engine) -> EngineStats:
+        """The state of an LLMEngine (engine.llm_engine), read between steps."""
+        reason = engine.health()
+        # rows still running (finish() and schedule() drop the others already; the check keeps stats right)
+        running = [seq for seq in engine.scheduler.running if seq.status is Status.RUNNING]
+        waiting = engine.scheduler.waiting
+        return cls(running=len(running), waiting=len(waiting), kv_usage=engine.blocks.usage,
+                   preemptions=engine.num_preemptions, adapters_resident=engine.residency.resident(),
+                   adapter_evictions=engine.residency.evictions(), step_failures=engine.step_failures,
+                   healthy=reason is None, unhealthy_reason=reason, running_lora_adapters=_slot_adapters(running),
+                   waiting_lora_adapters=_slot_adapters(waiting), max_loras=engine.config.max_loras,
+                   step_adapters=engine.step_adapters, kv_blocks=engine.blocks.num_blocks,
+                   kv_blocks_free=engine.blocks.num_free, kv_blocks_adapters=engine.blocks.num_shared,
+                   lora_slots_free=engine.residency.free_slots(), adapters_in_use=dict(engine.residency.pins))
+
+
+def _slot_adapters(seqs) -> tuple[str, ...]:
+    """The sorted distinct adapters of `seqs` that count against --max-loras (what vLLM's LoRA gauge lists)."""
+    return tuple(sorted({seq.slot_adapter for seq in seqs} - {None}))

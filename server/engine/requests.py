@@ -17,10 +17,11 @@ class PreparedRequest:
     virtual_tokens: int  # the adapter's when it was checked
 
 
-def check_length(prompt: int, max_tokens: int, virtual: int, max_model_len: int, block_size: int,
-                 blocks: int) -> None:
-    """Raise InvalidParam (max_tokens) when a request cannot fit the context length, or `blocks` KV blocks
-    (the cache's, less what adapter prefixes hold): prompt and virtual tokens and max_tokens, all at once."""
+def check_length(prompt: int, max_tokens: int, virtual: int, max_model_len: int, kv) -> None:
+    """Raise InvalidParam (max_tokens) when a request cannot fit the context length, or the KV cache (kv:
+    engine.block_manager.BlockManager) less what adapter prefixes hold: prompt and virtual tokens and
+    max_tokens, all at once."""
+    block_size, blocks = kv.block_size, kv.num_blocks - kv.num_shared
     extra = f" + the adapter's {virtual} virtual tokens" if virtual else ""
     if virtual + prompt + max_tokens > max_model_len:
         raise InvalidParam("max_tokens", f"prompt ({prompt} tokens){extra} + max_tokens ({max_tokens}) exceeds the "
@@ -29,3 +30,10 @@ def check_length(prompt: int, max_tokens: int, virtual: int, max_model_len: int,
     if need > blocks:
         raise InvalidParam("max_tokens", f"prompt ({prompt} tokens){extra} + max_tokens ({max_tokens}) needs {need} "
                                          f"KV-cache blocks; the cache has {blocks} besides the adapter prefixes it holds")
+
+
+def check_prompt(prompt_ids: list[int], vocab_size: int) -> None:
+    if not prompt_ids:
+        raise InvalidParam("prompt", "prompt must not be empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_ids):
+        raise InvalidParam("prompt", f"token ids must be integers in [0, {vocab_size})")

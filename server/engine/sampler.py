@@ -4,10 +4,10 @@ Random rows use Gumbel-max with noise hashed from (request seed, output index, t
 a row's draw depends on nothing but its own request, so the same seed gives the same
 output whatever else is in the batch, and no per-row generator is needed.
 
-The rows' parameters are laid out on the host before the forward pass and travel with the step's
-upload (prepare); what comes back (tokens, whether each row's logits were finite, logprobs) comes
-in one device-to-host copy (sample). Logprobs are the model's raw ones, before any adjustment
-(logit_adjust) or temperature, as vLLM reports them.
+The rows' parameters are laid out on the host before the forward pass and travel with the step's one
+copy to the device (prepare; engine.upload); what comes back (tokens, whether each row's logits were
+finite, logprobs) comes in one device-to-host copy (sample). Logprobs are the model's raw ones, before
+any adjustment (logit_adjust) or temperature, as vLLM reports them.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class SampleResult:
 
 @dataclass
 class SamplingBatch:
-    """The sampled rows' parameters, as host tensors handed to the step's upload."""
+    """The sampled rows' parameters, as host tensors (sent with the step)."""
     greedy_all: bool
     filtered: bool  # some row has top-k or top-p
     n_top: int | None  # most top logprobs a row asks for
@@ -44,26 +44,25 @@ class SamplingBatch:
     steps: torch.Tensor | None = None  # [N] int64, output index of the token being drawn
     greedy: torch.Tensor | None = None  # [N] bool
 
+    UPLOAD = ("adjust", "min_p", "temps", "top_k", "top_p", "seeds", "steps", "greedy")
 
-def prepare(seqs: list[Sequence], vocab: int, upload) -> SamplingBatch:
+
+def prepare(seqs: list[Sequence], vocab: int) -> SamplingBatch:
     params = [s.params for s in seqs]
     batch = SamplingBatch(greedy_all=all(p.greedy for p in params), filtered=any(p.top_k > 0 or p.top_p < 1
                                                                                  for p in params),
                           n_top=max((p.logprobs for p in params if p.logprobs is not None), default=None),
-                          adjust=logit_adjust.plan(seqs, vocab, upload))
+                          adjust=logit_adjust.plan(seqs, vocab))
     if batch.greedy_all:
         return batch
     if any(p.min_p > 0 and not p.greedy for p in params):
         batch.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-        upload.defer(batch, "min_p", batch.min_p)
     batch.temps = torch.tensor([p.temperature or 1.0 for p in params], dtype=torch.float32)
     batch.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
     batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
     batch.seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64)
     batch.steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
     batch.greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool)
-    for name in ("temps", "top_k", "top_p", "seeds", "steps", "greedy"):
-        upload.defer(batch, name, getattr(batch, name))
     return batch
 
 

@@ -36,6 +36,7 @@ class Sequence:
     # n > 1: the other choices wait for the first one's prompt, then share its full KV blocks (read-only)
     fork_from: Sequence | None = field(default=None, repr=False)
     forks: list[Sequence] = field(default_factory=list, repr=False)
+    prompt_group: str = ""  # the request id of the first choice of its prompt (its own, unless a fork)
     blocked_steps: int = 0  # steps spent waiting on --max-loras
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
@@ -59,6 +60,7 @@ class Sequence:
     read_offset: int = 0
 
     def __post_init__(self) -> None:
+        self.prompt_group = self.prompt_group or self.request_id
         if not self.token_ids:
             self.bind(self.binding)
 

@@ -1,8 +1,9 @@
 """What an adapter family is to the engine: one protocol, and the binding of a request to an adapter.
 
 A family reads its checkpoints (through quiver.adapters), holds their device copies, binds requests
-to them, and gives the model its per-step hooks (quiver.server.model.hooks). The registry
-(families.registry) owns names, tiers and pins; the engine core sees only Bindings.
+to them, and gives the model its per-step hooks (quiver.server.model.hooks). The catalog
+(families.catalog) owns names and folders, residency (families.residency) tiers, pins and placement,
+the loader (families.loader) reads; the engine core sees only Bindings.
 """
 from __future__ import annotations
 
@@ -32,27 +33,6 @@ class Binding:
         return self.family.order, self.slot
 
 
-@dataclass
-class StepRows:
-    """A step's rows as the families' step hooks need them: (sequence, new tokens) per row, in step
-    order, each row's token count and its first token's index in the flat batch; `upload` takes the
-    hooks' host tensors to the device with the step's (server.model.upload)."""
-    rows: list
-    lens: torch.Tensor  # [rows] on the CPU
-    offsets: list[int]
-    device: torch.device
-    upload: object  # server.model.upload.StepUpload
-
-    def token_slots(self, family) -> torch.Tensor | None:
-        """[tokens] int64: each token's slot in `family`, -1 for tokens of other rows; None when no
-        row of the step is the family's."""
-        slots = [seq.binding.slot if seq.binding is not None and seq.binding.family is family else -1
-                 for seq, _ in self.rows]
-        if max(slots) < 0:
-            return None
-        return torch.repeat_interleave(torch.tensor(slots), self.lens)
-
-
 class AdapterFamily(Protocol):
     kinds: tuple[str, ...]  # what quiver.adapters.spec.detect_family calls the checkpoints it serves
     num_slots: int  # device slots its adapters share per step (the registry's LRU), 0: none
@@ -61,6 +41,10 @@ class AdapterFamily(Protocol):
     def read(self, name: str, path: str):
         """Parse and check an adapter folder into host memory (any thread; touches no family state).
         Raises quiver.adapters.errors.AdapterError for a checkpoint it cannot serve."""
+
+    def stage(self, adapter):
+        """A parsed adapter (quiver.adapters) in the form register() takes, made off the engine thread
+        (read() returns it staged already)."""
 
     def register(self, adapter) -> None:
         """Make a read adapter usable (engine thread, between steps); raise to refuse it unchanged."""
@@ -86,9 +70,10 @@ class AdapterFamily(Protocol):
     def clear_slot(self, slot: int) -> None:
         """Zero a device slot (families with num_slots)."""
 
-    def step_hook(self, step: StepRows):
+    def step_hook(self, step):
         """The object the model calls for this step's rows (an EmbedHook, LinearHook or ResidualHook
-        of quiver.server.model.hooks), or None when no row uses this family."""
+        of quiver.server.model.hooks), or None when no row uses this family. step: engine.step.Step, its
+        adapters placed; the hook names its host tensors in UPLOAD (engine.upload sends them)."""
 
     def info(self, name: str) -> dict:
         """What GET /v1/adapters shows of a registered adapter (family, sizes, bytes, path)."""

@@ -6,16 +6,15 @@ from __future__ import annotations
 import torch
 
 from quiver.adapters.bottleneck import BottleneckAdapter, load_bottleneck
-from quiver.kernels.meta import LoraMeta, build_lora_meta
-from quiver.kernels.ops import TorchOps
-from quiver.server.families.base import Binding, StepRows
+from quiver.kernels.ops import Ops
+from quiver.server.families.base import Binding
 
 
 class BottleneckFamily:
     kinds = ("bottleneck",)
     num_slots = 0  # all resident: an adapter's slot is its place in the stack
 
-    def __init__(self, cfg, ops: TorchOps, dtype: torch.dtype, device, files: dict):
+    def __init__(self, cfg, ops: Ops, dtype: torch.dtype, device, files: dict):
         self.cfg, self.ops, self.dtype, self.device, self.files = cfg, ops, dtype, device, files
         self.num_layers, self.hidden = cfg.num_layers, cfg.hidden_size
         self.order = 0
@@ -29,6 +28,9 @@ class BottleneckFamily:
     def read(self, name: str, path: str) -> BottleneckAdapter:
         cfg = self.cfg
         return load_bottleneck(name, path, cfg.num_layers, cfg.hidden_size, cfg.model_type, **self.files)
+
+    def stage(self, adapter: BottleneckAdapter) -> BottleneckAdapter:
+        return adapter  # stacked on the device at registration
 
     def register(self, adapter: BottleneckAdapter) -> None:
         self.adapters.append(adapter)
@@ -84,21 +86,20 @@ class BottleneckFamily:
                         for kind in set(self.activations)}
         self.input_is_sum = torch.tensor([float(a.input_is_sum) for a in self.adapters] + [0.0])
 
-    def step_hook(self, step: StepRows):
+    def step_hook(self, step):
         token_slots = step.token_slots(self)
         if token_slots is None:
             return None
-        meta = build_lora_meta(token_slots, set(), 0)  # the torch op on every device
-        meta.upload(step.upload)
-        out = BottleneckStep(self, meta, self.input_is_sum[token_slots][:, None].to(self.dtype))
-        step.upload.defer(out, "input_is_sum", out.input_is_sum)
-        return out
+        return BottleneckStep(self, self.ops.bottleneck_meta(token_slots),
+                              self.input_is_sum[token_slots][:, None].to(self.dtype))
 
 
 class BottleneckStep:
     """y = r + o, plus each bottleneck row's s·up(act(down(z))) with z = r + o or o per adapter."""
 
-    def __init__(self, family: BottleneckFamily, meta: LoraMeta, input_is_sum: torch.Tensor):
+    UPLOAD = ("meta", "input_is_sum")
+
+    def __init__(self, family: BottleneckFamily, meta, input_is_sum: torch.Tensor):
         self.family, self.meta, self.input_is_sum = family, meta, input_is_sum  # [T, 1]
 
     def residual(self, layer: int, loc: str, r: torch.Tensor, o: torch.Tensor, y: torch.Tensor) -> None:

@@ -13,9 +13,8 @@ import torch
 
 from quiver.adapters.errors import AdapterError
 from quiver.adapters.lora import LoraAdapter, load_lora
-from quiver.kernels.meta import LoraMeta, build_lora_meta
-from quiver.kernels.ops import LoraBuffers, TorchOps
-from quiver.server.families.base import Binding, StepRows
+from quiver.kernels.ops import LoraBuffers, Ops
+from quiver.server.families.base import Binding
 from quiver.server.model.layout import GROUP_OF, GROUPS, module_shapes
 
 
@@ -39,7 +38,7 @@ class GroupSlots:
 class LoraFamily:
     kinds = ("lora",)
 
-    def __init__(self, model, ops: TorchOps, max_loras: int, max_rank: int, files: dict):
+    def __init__(self, model, ops: Ops, max_loras: int, max_rank: int, files: dict):
         self.model, self.ops, self.files = model, ops, files
         self.cfg = model.cfg
         self.num_slots, self.max_rank = max_loras, max_rank
@@ -55,10 +54,12 @@ class LoraFamily:
         return self.stage(load_lora(name, path, self.cfg.num_layers, module_shapes(self.cfg), self.model.base_weight,
                                     self.max_rank, **self.files))
 
-    def stage(self, adapter: LoraAdapter) -> StagedLora:
+    def stage(self, adapter: LoraAdapter | StagedLora) -> StagedLora:
         """The adapter's tensors as a slot load copies them (B transposed, in the serving dtype, pinned
         when the slots are on a GPU): done when read, off the engine thread, so that putting it in a
-        slot is a few non-blocking copies."""
+        slot is a few non-blocking copies. (Staged for another engine: staged again for this one.)"""
+        if isinstance(adapter, StagedLora):
+            adapter = adapter.adapter
         pin = self.model.device.type == "cuda"
         dtype = self.model.dtype
 
@@ -132,27 +133,31 @@ class LoraFamily:
             self.dora_slots.add(slot)
 
     # ---- steps -----------------------------------------------------------------------------------
-    def step_hook(self, step: StepRows):
+    def step_hook(self, step):
         token_slots = step.token_slots(self)
         if token_slots is None:
             return None
-        meta = build_lora_meta(token_slots, self.dora_slots, self.num_slots, self.ops.name)
-        meta.upload(step.upload)
-        return LoraStep(self, meta)
+        dora = None
+        if self.dora_slots and any(s in self.dora_slots for s in token_slots.unique().tolist()):
+            dora = torch.where(token_slots >= 0, token_slots, self.num_slots)  # the last, all-zero row for others
+        return LoraStep(self.layers, self.ops, self.ops.lora_meta(token_slots), dora)
 
 
 class LoraStep:
     """y += each token's LoRA delta; for DoRA slots also (g - 1)·(Wx) per output column."""
 
-    def __init__(self, family: LoraFamily, meta: LoraMeta):
-        self.layers, self.ops, self.meta = family.layers, family.ops, meta
+    UPLOAD = ("meta", "dora_index")
+
+    def __init__(self, layers: list[dict[str, GroupSlots]], ops: Ops, meta, dora_index: torch.Tensor | None):
+        self.layers, self.ops, self.meta = layers, ops, meta
+        self.dora_index = dora_index  # [T] each token's row of dora_m1, when a DoRA adapter has tokens
 
     def linear(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias) -> torch.Tensor:
-        g, meta = self.layers[layer][group], self.meta
+        g = self.layers[layer][group]
         dora = None
-        if meta.dora_index is not None:  # DoRA: y += (g - 1) * (Wx), g per slot and column
-            dora = g.dora_m1.index_select(0, meta.dora_index) * (y if bias is None else y - bias)
-        self.ops.lora_apply(x, y, g.weights, meta)
+        if self.dora_index is not None:  # DoRA: y += (g - 1) * (Wx), g per slot and column
+            dora = g.dora_m1.index_select(0, self.dora_index) * (y if bias is None else y - bias)
+        self.ops.lora_apply(x, y, g.weights, self.meta)
         if dora is not None:
             y += dora
         return y

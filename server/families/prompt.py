@@ -12,15 +12,15 @@ import torch
 
 from quiver.adapters.errors import AdapterError
 from quiver.adapters.prompt import PromptAdapter, load_prompt_adapter
-from quiver.kernels.ops import TorchOps
-from quiver.server.families.base import Binding, StepRows
+from quiver.kernels.ops import Ops
+from quiver.server.families.base import Binding
 
 
 class PromptFamily:
     kinds = ("soft_prompt", "prefix")
     num_slots = 0
 
-    def __init__(self, cfg, ops: TorchOps, blocks, kv_caches, max_model_len: int, dtype: torch.dtype, device,
+    def __init__(self, cfg, ops: Ops, blocks, kv_caches, max_model_len: int, dtype: torch.dtype, device,
                  files: dict):
         self.cfg, self.ops, self.blocks, self.kv_caches = cfg, ops, blocks, kv_caches
         self.max_model_len, self.dtype, self.device, self.files = max_model_len, dtype, device, files
@@ -32,6 +32,9 @@ class PromptFamily:
     def read(self, name: str, path: str) -> PromptAdapter:
         c = self.cfg
         return load_prompt_adapter(name, path, c.num_layers, c.hidden_size, c.num_kv_heads, c.head_dim, **self.files)
+
+    def stage(self, adapter: PromptAdapter) -> PromptAdapter:
+        return adapter  # put on the device at registration
 
     def register(self, adapter: PromptAdapter) -> None:
         n = adapter.num_virtual
@@ -80,10 +83,10 @@ class PromptFamily:
         return {"name": name, "family": a.family, "peft_type": a.spec.peft_type, "virtual_tokens": a.num_virtual,
                 "bytes": a.nbytes}
 
-    def step_hook(self, step: StepRows):
+    def step_hook(self, step):
         """The soft-prompt vectors of every chunk that covers placeholder tokens."""
         index, embeds = [], []
-        for (seq, n), first in zip(step.rows, step.offsets):
+        for (seq, n), first in zip(step.rows, step.layout.offsets.tolist()):
             b, start = seq.binding, seq.num_computed
             if b is not None and b.family is self and start < b.num_virtual:
                 end = min(start + n, b.num_virtual)
@@ -91,14 +94,14 @@ class PromptFamily:
                 embeds.append(b.soft_prompt[start:end])
         if not index:
             return None
-        out = SoftPromptStep(torch.tensor(index, dtype=torch.long), torch.cat(embeds))
-        step.upload.defer(out, "index", out.index)
-        return out
+        return SoftPromptStep(torch.tensor(index, dtype=torch.long), torch.cat(embeds))
 
 
 class SoftPromptStep:
+    UPLOAD = ("index",)
+
     def __init__(self, index: torch.Tensor, embeds: torch.Tensor):
-        self.index, self.embeds = index, embeds  # [V] token indices, [V, hidden]
+        self.index, self.embeds = index, embeds  # [V] token indices, [V, hidden] on the device
 
     def embed(self, x: torch.Tensor) -> None:
         x.index_copy_(0, self.index, self.embeds.to(x.dtype))

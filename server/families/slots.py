@@ -15,7 +15,7 @@ class DeviceSlots:
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self.free = list(range(family.num_slots))  # a heap: lowest first keeps used slots compact
         self.last_used: dict[str, int] = {}
-        self.loads = self.evictions = self._clock = 0
+        self.evictions = self._clock = 0
 
     def activate(self, names: set[str]) -> dict[str, int]:
         """Put every adapter in `names` in a slot (evicting others, least recently used first)."""
@@ -34,7 +34,6 @@ class DeviceSlots:
             slot = heapq.heappop(self.free)
             self.family.load_slot(slot, name)
             self.slot_of[name] = slot
-            self.loads += 1
         return {name: self.slot_of[name] for name in names}
 
     def drop(self, name: str) -> None:

@@ -1,8 +1,8 @@
 """Where adapter effects enter the decoder: the model calls these hooks, the adapter families
-implement them. A step's hooks come from the families that have rows in it (usually none)."""
+implement them. A step carries the hooks of the families that have rows in it (usually none), in
+three lists: step.hooks.embed, .linear and .residual (engine.step.StepHooks)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -24,10 +24,3 @@ class ResidualHook(Protocol):
     def residual(self, layer: int, loc: str, r: torch.Tensor, o: torch.Tensor, y: torch.Tensor) -> None:
         """After a sub-block ("attn" or "mlp") whose output o joined the residual r as y = r + o,
         add each token's adapter term to y in place."""
-
-
-@dataclass
-class StepHooks:
-    embed: list[EmbedHook] = field(default_factory=list)
-    linear: list[LinearHook] = field(default_factory=list)
-    residual: list[ResidualHook] = field(default_factory=list)

@@ -10,11 +10,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quiver.kernels.ops import TorchOps
+from quiver.kernels.ops import Ops
 from quiver.server.model.checkpoint import Checkpoint
 from quiver.server.model.config import ModelConfig
 from quiver.server.model.fourbit import Packed4bit, Scratch, Weight4bit, quantize, read_packed
-from quiver.server.model.hooks import StepHooks
 from quiver.server.model.layout import GROUPS, slice_bounds
 from quiver.server.model.packed import PackedWeight, can_pack
 from quiver.server.model.rope import apply_rope, rope_table
@@ -53,7 +52,7 @@ class DecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: TorchOps, dtype: torch.dtype = torch.float32, max_len: int | None = None,
+    def __init__(self, cfg: ModelConfig, ops: Ops, dtype: torch.dtype = torch.float32, max_len: int | None = None,
                  quantization: str | None = None, double_quant: bool = True, quantize_embeddings: bool = False):
         """quantization: "nf4"/"fp4" quantizes the projections at load (bitsandbytes, with or without
         double quantization); a checkpoint saved in bitsandbytes' 4-bit format (cfg.quantization) is read
@@ -192,28 +191,29 @@ class LlamaModel(torch.nn.Module):
         return weight[start:end]
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, inp, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, step, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for every token of the step.
 
-        inp: the step's tensors (engine.step_inputs.StepInputs); its `hooks` carry the adapter effects."""
-        c, ops, hooks = self.cfg, self.ops, inp.hooks
-        t = inp.input_ids.shape[0]
+        step (engine.step.Step): its input_ids, positions and slot_mapping [T] on the device, its attention
+        metadata (the op backend's) and its `hooks`, the adapter effects (model.hooks)."""
+        c, ops, hooks = self.cfg, self.ops, step.hooks
+        t = step.input_ids.shape[0]
         d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
         if isinstance(self.embed, Weight4bit):
-            x = self.embed.lookup(inp.input_ids, self.dtype)
+            x = self.embed.lookup(step.input_ids, self.dtype)
         else:
-            x = F.embedding(inp.input_ids, self.embed)
+            x = F.embedding(step.input_ids, self.embed)
         for hook in hooks.embed:
             hook.embed(x)
-        cos, sin = self.rope_cos[inp.positions], self.rope_sin[inp.positions]
+        cos, sin = self.rope_cos[step.positions], self.rope_sin[step.positions]
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
             qkv = self._linear(h, layer.qkv, layer.qkv_bias, hooks, i, "qkv")
             q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
             q = apply_rope(q.view(t, nh, d), cos, sin)
             k = apply_rope(k.view(t, nkv, d), cos, sin)
-            ops.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), inp.slot_mapping)
-            attn = self._attention(q, k_cache, v_cache, inp).reshape(t, nh * d)
+            ops.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), step.slot_mapping)
+            attn = ops.attention(q, k_cache, v_cache, step.attention, self.scale).reshape(t, nh * d)
             x = self._residual(x, self._linear(attn, layer.o, layer.o_bias, hooks, i, "o"), hooks, i, "attn")
             h = rms_norm(x, layer.post_attn_norm, c.rms_norm_eps)
             gate, up = self._linear(h, layer.gate_up, layer.gate_up_bias, hooks, i, "gate_up").chunk(2, dim=-1)
@@ -222,35 +222,18 @@ class LlamaModel(torch.nn.Module):
         return rms_norm(x, self.norm, c.rms_norm_eps)
 
     @staticmethod
-    def _residual(r, o, hooks: StepHooks, layer: int, loc: str) -> torch.Tensor:
+    def _residual(r, o, hooks, layer: int, loc: str) -> torch.Tensor:
         y = r + o
         for hook in hooks.residual:
             hook.residual(layer, loc, r, o, y)
         return y
 
     @staticmethod
-    def _linear(x, weight, bias, hooks: StepHooks, layer: int, group: str) -> torch.Tensor:
+    def _linear(x, weight, bias, hooks, layer: int, group: str) -> torch.Tensor:
         y = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else weight.linear(x, bias)  # 4-bit, packed
         for hook in hooks.linear:
             y = hook.linear(layer, group, x, y, bias)
         return y
-
-    def _attention(self, q, k_cache, v_cache, inp) -> torch.Tensor:
-        first = inp.attn_groups[0]
-        if first.in_order:  # one group, its query slots the tokens themselves
-            b = q.shape[0] // first.max_q
-            return self.ops.attention(q.view(b, first.max_q, *q.shape[1:]), k_cache, v_cache, first,
-                                      self.scale).reshape(q.shape)
-        out = torch.empty_like(q)
-        for grp in inp.attn_groups:
-            nq = grp.max_q
-            b = grp.query_index.shape[0] // nq
-            qg = q.index_select(0, grp.query_index).view(b, nq, *q.shape[1:])
-            og = self.ops.attention(qg, k_cache, v_cache, grp, self.scale).reshape(b * nq, *q.shape[1:])
-            if grp.valid_index is not None:
-                og = og.index_select(0, grp.valid_index)
-            out.index_copy_(0, grp.token_index, og)
-        return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.packed_head or (self.embed if self.lm_head is None else self.lm_head)

@@ -12,8 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quiver.adapters.paths import resolve_path
-from quiver.server.families.registry import AdapterInUse
+from quiver.server.engine.public import AdapterInUse, resolve_path
 from quiver.server.rayserve.asgi_call import HttpCall
 
 log = logging.getLogger(__name__)
@@ -52,8 +51,9 @@ def adapter_change(call: HttpCall) -> tuple[str, str | None] | None:
     return (name, path) if isinstance(name, str) and (path is None or isinstance(path, str)) else None
 
 
-def apply(registry, changes: dict[str, str | None], root: Path) -> bool:
-    """Bring `registry` to `changes` (on the engine thread); False while an unload waits on running requests."""
+def apply(engine, changes: dict[str, str | None], root: Path) -> bool:
+    """Bring the engine's adapters (an LLMEngine, on its thread) to `changes`; False while an unload waits on
+    running requests."""
     complete = True
     for name, path in changes.items():
         try:
@@ -61,14 +61,15 @@ def apply(registry, changes: dict[str, str | None], root: Path) -> bool:
         except (ValueError, OSError) as exc:  # checked where it was loaded; here the folder is missing
             log.warning("adapter %s, loaded through the API on another replica, is not readable here: %s", name, exc)
             continue
-        if registry.known.get(name) == folder:
+        known = engine.adapter_folder(name)
+        if known == folder:
             continue
-        if name in registry.known:
+        if known is not None:
             try:
-                registry.unregister(name)
+                engine.unload_adapter(name)
             except AdapterInUse:
                 complete = False
                 continue
         if folder is not None:
-            registry.know(name, folder)
+            engine.know_adapter(name, folder)
     return complete

@@ -61,7 +61,7 @@ class QuiverEngine:
         first the API's adapter loads and unloads this replica has not applied yet."""
         if catalog.version > self.catalog_version:
             changes, root = catalog.changes, self.adapter_root
-            if await self.engine.call(lambda engine: apply(engine.registry, changes, root)):
+            if await self.engine.call(lambda engine: apply(engine, changes, root)):
                 self.catalog_version = max(self.catalog_version, catalog.version)
         adapter = serve.get_multiplexed_model_id()
         if adapter:
