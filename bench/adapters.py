@@ -54,7 +54,7 @@ def quiver_and_peft(args, root: Path, n: int, with_peft: bool = True):
                                     dtype=args.dtype, max_loras=n, max_lora_rank=args.rank,
                                     max_num_seqs=max(64, args.batch)))
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.runner.dtype).to(args.device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(args.device).eval()
     paths = make_adapters(hf, root, n, args.rank)
     names = [p.name for p in paths]
     for name, path in zip(names, paths):
@@ -70,9 +70,9 @@ def quiver_and_peft(args, root: Path, n: int, with_peft: bool = True):
 def describe(name: str, args, engine, threads: int) -> dict:
     """The fields every multi-adapter benchmark's JSON starts with (with the CUDA peak so far)."""
     return {"benchmark": name, "model": engine.model_name, "device": args.device,
-            "dtype": dtype_name(engine.runner.dtype), "threads": threads, "batch": args.batch,
+            "dtype": dtype_name(engine.dtype), "threads": threads, "batch": args.batch,
             "new_tokens": args.new_tokens, "rank": args.rank, "targets": ALL7, "machine": machine(),
-            **cuda_peak(engine.runner.device)}
+            **cuda_peak(engine.device)}
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:

@@ -88,10 +88,10 @@ def decode_step_ms(engine, rows: int, prompt_tokens: int, params, seed: int) -> 
         engine.step()
     times = []
     while engine.has_work():
-        synchronize(engine.runner.device)
+        synchronize(engine.device)
         t0 = time.perf_counter()
         engine.step()
-        synchronize(engine.runner.device)
+        synchronize(engine.device)
         times.append((time.perf_counter() - t0) * 1000)
     return times[1:-1]
 

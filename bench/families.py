@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
                                     max_num_seqs=max(64, args.batch)))
     threads = torch.get_num_threads()
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.runner.dtype).to(args.device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(args.device).eval()
     texts = prompts(args.batch)
     families: dict[str, list[str | None]] = {"base": [None] * args.batch}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        mc = engine.runner.model_config
+        mc = engine.model_config
         for kind in ("lora", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck"):
             if kind == "lora":
                 paths = make_adapters(hf, root, args.adapters, args.rank)
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{base_decode:7.1f})   end to end {e2e:7.1f} tok/s", flush=True)
     out_dir = args.out or RESULTS
     result = {"benchmark": "families", "model": engine.model_name, "device": args.device,
-              "dtype": dtype_name(engine.runner.dtype), "threads": threads,
+              "dtype": dtype_name(engine.dtype), "threads": threads,
               "batch": args.batch, "new_tokens": args.new_tokens, "adapters_per_family": args.adapters,
               "virtual_tokens": args.virtual_tokens, "lora_rank": args.rank, "machine": machine(),
-              **cuda_peak(engine.runner.device), "rows": rows}
+              **cuda_peak(engine.device), "rows": rows}
     base = rows[0]["decode_tokens_per_s"]
     result["plot"] = str(bar_plot(out_dir / "families.png", [r["family"] for r in rows],
                                   [r["decode_tokens_per_s"] for r in rows], "decode tokens/s",

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                              tokenizer=tokenizer)
 
         base, merged = engine(model_dir), engine(merged_dir)
-        assert base.runner.dtype == merged.runner.dtype == dtype, (base.runner.dtype, merged.runner.dtype, dtype)
+        assert base.dtype == merged.dtype == dtype, (base.dtype, merged.dtype, dtype)
         base.load_adapter("adapter", str(adapter))
         runs = {"base": (base, None), "merged": (merged, None), "unmerged": (base, "adapter")}
         warm = prompt_ids(tokenizer, max(args.concurrency), args.prompt_tokens)

@@ -54,9 +54,8 @@ def build_adapters(engine, root: Path, rank: int, virtual: int) -> dict[str, str
     from quiver.bench.adapters import make_adapters
     from quiver.bench.families import make_bottleneck_adapters, make_prompt_adapters
 
-    runner = engine.runner
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=runner.dtype).to(runner.device).eval()
-    mc = runner.model_config
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(engine.device).eval()
+    mc = engine.model_config
     families: dict[str, str] = {}
     for kind, n in PLAN.items():
         if kind == "lora":
@@ -70,7 +69,7 @@ def build_adapters(engine, root: Path, rank: int, virtual: int) -> dict[str, str
             engine.load_adapter(name, str(path))
             families[name] = kind
     del hf
-    release(runner.device)
+    release(engine.device)
     return families
 
 
@@ -275,9 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{rss_info['end_mib']:.0f} MiB (limit {rss_info['limit_mib']:.0f})")
 
     result = {"benchmark": "load", "model": engine.model_name, "device": args.device,
-              "dtype": dtype_name(engine.runner.dtype), "clients": args.clients, "duration": args.duration,
+              "dtype": dtype_name(engine.dtype), "clients": args.clients, "duration": args.duration,
               "max_tokens": args.max_tokens, "seed": args.seed, "adapters": families,
-              "prompts": prompts, "machine": machine(), **cuda_peak(engine.runner.device), **summary,
+              "prompts": prompts, "machine": machine(), **cuda_peak(engine.device), **summary,
               "rss_mib": {"after_warm_up": rss_info["after_warm_up_mib"], "end": rss_info["end_mib"]},
               "rss_flat": rss_info["flat"], "rss": rss_info,
               "kv_after_load": kv_after_load, "kv_after_unload": kv_final, "unload_errors": unload_errors,

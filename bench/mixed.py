@@ -49,16 +49,16 @@ def main(argv: list[str] | None = None) -> dict:
             engine.add_request(ids(args.prompt_tokens), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
             arrived += 1
         seen.clear()
-        synchronize(engine.runner.device)
+        synchronize(engine.device)
         t0 = time.perf_counter()
         engine.step()
-        synchronize(engine.runner.device)
+        synchronize(engine.device)
         took = time.perf_counter() - t0
         if seen and len(engine.seqs) > 1:
             kinds["mixed" if seen[0] > 1 else "decode"].append(took * 1000)
         step += 1
-    result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engine.runner.dtype),
-              **cuda_peak(engine.runner.device), "decoders": args.decoders,
+    result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engine.dtype),
+              **cuda_peak(engine.device), "decoders": args.decoders,
               "prompt_tokens": args.prompt_tokens, "arrivals": args.arrivals,
               **{f"{k}_steps": len(v) for k, v in kinds.items()},
               **{f"{k}_step_ms_median": statistics.median(v) if v else None for k, v in kinds.items()}}

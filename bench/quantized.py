@@ -50,7 +50,7 @@ def memory_child(model, kind: dict, device, dtype) -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     after = proc.memory_info().rss
     kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in e.runner.kv_caches)
-    print(json.dumps({"weight_bytes": e.runner.model.weight_bytes(), "rss_added": after - before, "kv_bytes": kv}))
+    print(json.dumps({"weight_bytes": e.weight_bytes(), "rss_added": after - before, "kv_bytes": kv}))
 
 
 def memory(model, kind: dict, device, dtype) -> dict:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         for b in args.batches:
             for name in (list(kinds) if r % 2 == 0 else list(kinds)[::-1]):  # alternate who goes first
                 steps[name, b] += decode_steps(engines[name], b, args.prompt_tokens, args.new_tokens, seed=r)
-    result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engines["full"].runner.dtype),
+    result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engines["full"].dtype),
               "quantization": args.quantization, "kv_cache_mb": KV_MB, "memory": mem,
               "weights_shrink": {k: mem["full"]["weight_bytes"] / mem[k]["weight_bytes"] for k in kinds},
               "rss_shrink": {k: mem["full"]["rss_added"] / mem[k]["rss_added"] for k in kinds},

@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                                     max_num_seqs=max(args.batches), max_num_batched_tokens=8192))
-    runner, mc = engine.runner, engine.runner.model_config
-    peak = matmul_peak(runner.dtype, runner.device, args.peak_repeats)
+    mc = engine.model_config
+    peak = matmul_peak(engine.dtype, engine.device, args.peak_repeats)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    result = {"machine": machine(), "dtype": dtype_name(runner.dtype), "matmul_peak_gflops": peak, "steps": {}}
-    print(f"matmul peak ({dtype_name(runner.dtype)}, 2048^3): {peak:.0f} GFLOP/s")
+    result = {"machine": machine(), "dtype": dtype_name(engine.dtype), "matmul_peak_gflops": peak, "steps": {}}
+    print(f"matmul peak ({dtype_name(engine.dtype)}, 2048^3): {peak:.0f} GFLOP/s")
     for b in args.batches:
         decode_step_ms(engine, 1, 8, lambda i: params, seed=0)  # warm-up
         ms = statistics.median(decode_step_ms(engine, b, args.prompt_tokens, lambda i: params, seed=b))
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(b):
             engine.add_request(torch.randint(100, 20000, (args.prompt_tokens,), generator=g).tolist(),
                                SamplingParams(max_tokens=1, temperature=0))
-        synchronize(runner.device)
+        synchronize(engine.device)
         t0 = time.perf_counter()
         engine.step()  # every prompt in one prefill step
-        synchronize(runner.device)
+        synchronize(engine.device)
         prefill_ms = (time.perf_counter() - t0) * 1000
         while engine.has_work():
             engine.step()

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
             steps[name] += run(engine, table[name], params_cls, args.rows, args.prompt_tokens, args.new_tokens,
                                seed=r)
     medians = {name: statistics.median(v) for name, v in steps.items()}
-    result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engine.runner.dtype),
+    result = {"machine": machine(), "device": args.device, "dtype": dtype_name(engine.dtype),
               "rows": args.rows, "prompt_tokens": args.prompt_tokens,
               "configs": {name: {"decode_step_ms_median": medians[name], "vs_plain": medians[name] / medians["plain"],
                                  "steps": len(steps[name])} for name in table}}

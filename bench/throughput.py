@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     dtype=args.dtype))
     threads = torch.get_num_threads()
     tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.runner.dtype).to(args.device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).to(args.device).eval()
     run_quiver(engine, tokenizer, prompts(2), 4)  # warm-up both
     run_transformers(hf, tokenizer, prompts(2), 4)
     rows = []
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"concurrency {c:3d}: quiver {q:8.1f} tok/s   transformers {h:8.1f} tok/s   ratio {q / h:5.2f}x",
               flush=True)
     result = {"benchmark": "throughput", "model": engine.model_name, "device": args.device,
-              "dtype": dtype_name(engine.runner.dtype), "threads": threads,
-              "new_tokens": args.new_tokens, "machine": machine(), **cuda_peak(engine.runner.device), "rows": rows}
+              "dtype": dtype_name(engine.dtype), "threads": threads,
+              "new_tokens": args.new_tokens, "machine": machine(), **cuda_peak(engine.device), "rows": rows}
     if not args.no_server:
         del hf, engine
         release(args.device)  # the server is another process: leave it the device

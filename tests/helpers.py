@@ -82,6 +82,12 @@ def capture_logits(engine) -> list[dict]:
     return seen
 
 
+def all_blocks_free(engine) -> bool:
+    """Every KV block is free (or cached and held by nobody), as the engine reports it (EngineStats)."""
+    stats = engine.stats()
+    return stats.kv_blocks_free == stats.kv_blocks
+
+
 def auto_cpu_dtype() -> str:
     """What --dtype auto gives on this machine's CPU: bfloat16 where it has AVX512-BF16 or AMX, else float32."""
     from quiver.server.engine.device import cpu_bf16_flag

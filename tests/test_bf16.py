@@ -42,7 +42,7 @@ def test_bf16_mixed_batch_matches_peft_bf16_within_stated_tolerance(smollm2_dir,
 
     engine = LLMEngine(EngineConfig(model=str(smollm2_dir), dtype="bfloat16", max_loras=4, max_model_len=256,
                                     block_size=16, num_kv_blocks=64), tokenizer=tokenizer)
-    assert engine.runner.dtype == torch.bfloat16
+    assert engine.dtype == torch.bfloat16
     for name, path in paths.items():
         engine.load_adapter(name, str(path))
     seen = capture_logits(engine)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_CONFIGS, capture_logits, hf_greedy, run_staggered
+from helpers import TINY_CONFIGS, all_blocks_free, capture_logits, hf_greedy, run_staggered
 
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
@@ -35,7 +35,7 @@ def test_staggered_greedy_matches_transformers_with_preemption(name, tiny_models
     assert engine.num_preemptions >= 1
     for i, (p, m) in enumerate(zip(prompts, new_tokens)):
         assert got[f"r{i}"] == hf_greedy(hf, p, m), f"prompt {i} (length {len(p)}) diverged"
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all_blocks_free(engine)
 
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
@@ -93,11 +93,11 @@ def test_abort_and_preempt_return_every_block(tiny_models, tokenizer):
             engine.abort(f"r{step}")
             engine.abort(f"r{29 - step}")
     assert engine.num_preemptions >= 1
-    assert engine.blocks.num_free < engine.blocks.num_blocks
+    assert not all_blocks_free(engine)
     while engine.has_work():
         engine.step()
-    assert engine.blocks.num_free == engine.blocks.num_blocks
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert all_blocks_free(engine)
+    assert engine.stats().running == engine.stats().waiting == 0
 
 
 def test_request_validation(tiny_models, tokenizer):
@@ -134,7 +134,7 @@ def test_smollm2_staggered_greedy_matches_transformers(smollm2_dir, tokenizer):
     assert engine.num_preemptions >= 1
     for i, p in enumerate(prompts):
         assert got[f"r{i}"] == hf_greedy(hf, p, 10 + i), texts[i]
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all_blocks_free(engine)
     # and raw logits of one prompt
     seen = capture_logits(engine)
     engine.add_request(prompts[0], SamplingParams(max_tokens=1, temperature=0.0), request_id="one")

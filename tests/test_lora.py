@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import FP32_ATOL_30_LAYERS, check_mixed_batch, run_staggered
+from helpers import FP32_ATOL_30_LAYERS, all_blocks_free, check_mixed_batch, run_staggered
 from peft_fixtures import lora_variants, make_adapter, peft_greedy
 
 from quiver.adapters.errors import AdapterError
@@ -64,7 +64,7 @@ def test_more_adapters_than_slots_all_match_and_stay_within_limit(tiny_lora_set,
         want = peft_greedy(hf, paths[adapters[i]], prompt, 5) if adapters[i] else \
             hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0, len(prompt):].tolist()
         assert got[f"r{i}"] == want, (i, adapters[i])
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all_blocks_free(engine)
 
 
 def test_blocked_adapter_is_not_starved(tiny_lora_set, tokenizer):

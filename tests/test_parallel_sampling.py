@@ -3,6 +3,7 @@ give alone."""
 from __future__ import annotations
 
 import pytest
+from helpers import all_blocks_free
 
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
@@ -43,12 +44,14 @@ def test_choices_share_the_prompt_blocks_and_match_lone_requests(tiny_lora_set, 
     for s in seqs[1:]:
         assert s.block_table[:len(s.shared_blocks) + full] == leader.block_table[:len(s.shared_blocks) + full]
     engine.step()  # the others compute only the rest of the prompt
-    in_use = engine.blocks.num_blocks - engine.blocks.num_free - engine.blocks.num_shared
+    stats = engine.stats()
+    in_use = stats.kv_blocks - stats.kv_blocks_free - stats.kv_blocks_adapters
     alone = -(-(leader.num_virtual + len(prompt) + 1) // BS)  # what one choice holds after its first token
     assert in_use < 4 * alone and in_use == full + 4 * (alone - full)
     while engine.has_work():
         engine.step()
-    assert engine.blocks.num_free + engine.blocks.num_shared == engine.blocks.num_blocks
+    stats = engine.stats()
+    assert stats.kv_blocks_free + stats.kv_blocks_adapters == stats.kv_blocks
 
     lone = make_engine(base_dir, plain_tokenizer, adapters)
     for j in range(4):
@@ -70,7 +73,7 @@ def test_a_leader_that_goes_first_lets_its_forks_compute_alone(tiny_models, plai
     while engine.has_work():
         engine.step()
     assert leader.finish_reason == "abort" and all(len(f.output_ids) == 10 for f in forks)
-    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all_blocks_free(engine)
 
 
 def test_a_leader_that_finishes_in_its_prefill_step_still_shares(tiny_models, plain_tokenizer):

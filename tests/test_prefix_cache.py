@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import torch
+from helpers import all_blocks_free
 
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
@@ -47,8 +48,8 @@ def test_shared_prefix_is_reused_per_adapter_and_changes_nothing(tiny_lora_set, 
     # the output itself enters the cache: a prompt that continues a finished request reuses its blocks
     first, _ = run(on, PREFIX + [7, 8, 9])
     assert run(on, PREFIX + [7, 8, 9] + first + [5])[1] == (len(PREFIX) + 3 + len(first)) // 4 * 4
-    assert on.blocks.num_free == on.blocks.num_blocks and on.blocks.num_cached > 0
-    assert off.blocks.num_cached == 0
+    assert all_blocks_free(on) and on.stats().kv_blocks_cached > 0
+    assert off.stats().kv_blocks_cached == 0
     seq = on.add_request(PREFIX, SamplingParams(max_tokens=2, temperature=0), adapter="lora")
     while on.has_work():
         metrics.observe_step(on.stats(), on.step())
@@ -100,7 +101,7 @@ def test_cached_blocks_are_evicted_when_memory_runs_short(tiny_lora_set, plain_t
     while on.has_work():
         assert all(o.error is None for o in on.step())
     assert [s.output_ids for s in outs] == [run(off, p, n=8)[0] for p in prompts]
-    assert on.blocks.num_free == on.blocks.num_blocks
+    assert all_blocks_free(on)
 
 
 def test_usage_reports_the_cached_prompt_tokens(tiny_server):

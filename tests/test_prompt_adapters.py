@@ -50,21 +50,21 @@ def test_every_family_matches_peft_on_smollm2(smollm2_dir, tokenizer, tmp_path):
 def test_requests_share_one_copy_of_a_prefix(tiny_prompt_set, tokenizer):
     base_dir, _, paths = tiny_prompt_set
     engine = engine_for(base_dir, tokenizer, num_kv_blocks=64)
-    free0 = engine.blocks.num_free
+    free0 = engine.stats().kv_blocks_free
     engine.load_adapter("v2", str(paths["ptuning_v2"]))  # 7 virtual tokens: 2 blocks of 4
     prefix = engine.residency.by_kind["prefix"].prefix_blocks["v2"]  # which blocks: the family's own record
-    assert len(prefix) == 2 and engine.blocks.num_free == free0 - 2
+    assert len(prefix) == 2 and engine.stats().kv_blocks_free == free0 - 2
     a = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0), adapter="v2")
     b = engine.add_request([8, 9, 10, 11, 12], SamplingParams(max_tokens=3, temperature=0), adapter="v2")
     engine.step()
     assert a.block_table[:2] == list(prefix) and b.block_table[:2] == list(prefix)
     assert all(engine.blocks.refcount(blk) == 3 for blk in prefix)  # the adapter and two requests
     own = len(a.block_table) - 2 + len(b.block_table) - 2
-    assert engine.blocks.num_free == free0 - 2 - own  # the prefix was not copied per request
+    assert engine.stats().kv_blocks_free == free0 - 2 - own  # the prefix was not copied per request
     while engine.has_work():
         engine.step()
     assert all(engine.blocks.refcount(blk) == 1 for blk in prefix)
-    assert engine.blocks.num_free == free0 - 2
+    assert engine.stats().kv_blocks_free == free0 - 2
 
 
 def test_virtual_tokens_count_toward_context_not_usage(tiny_prompt_set, tokenizer):

@@ -75,7 +75,7 @@ def engine_on(model_dir, tokenizer, **kw) -> LLMEngine:
 def test_mixed_batch_logits_equal_peft_on_bitsandbytes(qlora_set, plain_tokenizer):
     _, qdir, hf, paths, (quant_type, _) = qlora_set
     engine = engine_on(qdir, plain_tokenizer)
-    assert engine.runner.quantization == quant_type
+    assert engine.quantization == quant_type
     assert engine.runner.model.layers[0].qkv.__class__ is Weight4bit  # kept 4-bit, not expanded at load
     check_mixed_batch(engine, hf, paths, vocab=512, atol=1e-4)
     assert_fp32_path(hf)
@@ -187,7 +187,7 @@ def test_smollm2_nf4_mixed_batch_equals_peft_on_bitsandbytes(smollm2_dir, tokeni
     engine = LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path / "q"), num_kv_blocks=64, block_size=16,
                                     max_model_len=256),
                        tokenizer=tokenizer)
-    assert engine.runner.quantization == "nf4"
+    assert engine.quantization == "nf4"
     check_mixed_batch(engine, hf, {"qlora": tmp_path / "qlora", "qdora": tmp_path / "qdora"}, vocab=49152, atol=1e-4)
     assert_fp32_path(hf)
 

@@ -45,12 +45,12 @@ class LLMEngine:
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, model_dir)
-        self.max_model_len, self.quantization = self.runner.max_model_len, self.runner.quantization  # base's 4-bit
-        self.kernels = self.runner.ops.name  # the op backend: "torch" or "triton"
-        self.vocab_size = self.runner.model_config.vocab_size
-        self.observers = self.runner.observers  # each called with (step, logits) after every forward pass
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, caching=config.enable_prefix_caching)
+        self.runner = r = ModelRunner(config, model_dir)
+        self.device, self.dtype, self.model_config = r.device, r.dtype, r.model_config
+        self.max_model_len, self.vocab_size = r.max_model_len, r.model_config.vocab_size
+        self.quantization, self.kernels = r.quantization, r.ops.name  # the base's 4-bit type; "torch" or "triton"
+        self.observers = r.observers  # each called with (step, logits) after every forward pass
+        self.blocks = BlockManager(r.num_blocks, config.block_size, caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras, config.lora_starvation_steps)
         families = make_families(self.runner, self.blocks, config.max_loras, config.max_lora_rank,
@@ -222,8 +222,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         for seq in batch.failed:
-            outputs.append(self._fail(seq, RequestFailed(
-                "the request no longer fits in the KV cache beside the adapter prefixes it holds", "kv_cache_full", 503)))
+            outputs.append(self._fail(seq, RequestFailed("the request no longer fits in the KV cache beside the "
+                                                         "adapter prefixes it holds", "kv_cache_full", 503)))
         self.ran_rows = bool(batch)
         self.step_adapters = len({seq.adapter for seq, _ in batch.rows} - {None})
         if not batch:

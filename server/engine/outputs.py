@@ -61,6 +61,7 @@ class EngineStats:
     kv_blocks: int = 0  # in the cache
     kv_blocks_free: int = 0  # free or cached by nobody
     kv_blocks_adapters: int = 0  # held by adapter prefixes
+    kv_blocks_cached: int = 0  # entered in the prefix cache (held or not)
     lora_slots_free: int = 0  # LoRA device slots holding no adapter
     adapters_in_use: dict[str, int] = field(default_factory=dict)  # adapter -> requests holding it
 
@@ -78,6 +79,7 @@ class EngineStats:
                    waiting_lora_adapters=_slot_adapters(waiting), max_loras=engine.config.max_loras,
                    step_adapters=engine.step_adapters, kv_blocks=engine.blocks.num_blocks,
                    kv_blocks_free=engine.blocks.num_free, kv_blocks_adapters=engine.blocks.num_shared,
+                   kv_blocks_cached=engine.blocks.num_cached,
                    lora_slots_free=engine.residency.free_slots(), adapters_in_use=dict(engine.residency.pins))
 
 
