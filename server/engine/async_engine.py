@@ -45,7 +45,7 @@ class AsyncEngine:
         self.weight_bytes = engine.weight_bytes()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        engine.loader.on_ready = self._wake.set  # requests parked on an adapter's first read can go on
+        engine.on_adapter_read(self._wake.set)  # requests parked on an adapter's first read can go on
         self._adds: list[tuple] = []
         self._aborts: list[str] = []
         self._commands: list[tuple[Callable, concurrent.futures.Future]] = []

@@ -26,6 +26,7 @@ from quiver.server.engine.sequence import Sequence, Status, TokenLogprob
 from quiver.server.engine.step import build_step
 from quiver.server.families import make_families
 from quiver.server.families.catalog import AdapterCatalog
+from quiver.server.families.errors import AdapterFailed
 from quiver.server.families.loader import AdapterLoader, ReadAdapter
 from quiver.server.families.residency import AdapterEvent, Residency
 from quiver.server.model.checkpoint import resolve_model
@@ -57,7 +58,7 @@ class LLMEngine:
                                  dict(allow_pickle=config.allow_pickle, max_bytes=config.max_adapter_mb * 2**20))
         self.catalog = AdapterCatalog()
         self.residency = Residency(families, self.catalog, config.max_cpu_loras)
-        self.loader = AdapterLoader(families)  # its on_ready: called when a first-use read is done (step() takes it)
+        self.loader = AdapterLoader(families)
         eos = set(self.runner.model_config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -130,6 +131,10 @@ class LLMEngine:
     def list_adapters(self) -> list[dict]:
         """What GET /v1/adapters shows: resident adapters first, then those only on disk."""
         return [self.residency.info(n) for n in dict.fromkeys(self.residency.names() + self.catalog.names())]
+
+    def on_adapter_read(self, callback) -> None:
+        """Call `callback` (from a reader thread) when a first-use read has finished: step() takes it."""
+        self.loader.on_ready = callback
 
     def virtual_tokens(self, adapter: str | None) -> int:
         """Any thread (a snapshot): context tokens the adapter spends before a request's own."""
@@ -303,18 +308,15 @@ class LLMEngine:
         for name, result, seqs in self.loader.take_ready():
             error = self.residency.admit(name, result)
             for seq in seqs:
-                reason = error
-                if reason is None:
-                    seq.bind(self.residency.bind(seq.adapter))
-                    try:  # the adapter's virtual tokens are known only now
-                        check_length(seq.num_prompt_tokens, seq.params.max_tokens, seq.num_virtual,
-                                     self.max_model_len, self.blocks)
-                    except InvalidParam as exc:
-                        reason = exc
-                if reason is None:
+                try:
+                    if error is not None:
+                        raise error
+                    seq.bind(self.residency.bind(seq.adapter))  # its virtual tokens are known only now:
+                    check_length(seq.num_prompt_tokens, seq.params.max_tokens, seq.num_virtual, self.max_model_len,
+                                 self.blocks)
                     self.scheduler.add(seq)
-                else:
-                    failed.append(self._fail(seq, reason))
+                except (AdapterFailed, InvalidParam) as exc:
+                    failed.append(self._fail(seq, exc))
         return failed
 
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:

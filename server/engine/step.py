@@ -74,17 +74,11 @@ class Step:
         return torch.repeat_interleave(torch.tensor(slots), self.layout.lens)
 
 
-def sort_key(row: tuple[Sequence, int]) -> tuple[int, int]:
-    """Rows run in this order, so that each adapter's tokens are contiguous and slots ascend."""
-    b = row[0].binding
-    return (-1, -1) if b is None else (b.family.order, b.slot)
-
-
 def build_step(rows: list[tuple[Sequence, int]], block_size: int, pad_block: int, vocab: int,
                fresh_blocks: list[int]) -> Step:
     """rows: (sequence, new tokens) as scheduled, with their adapters already placed; pad_block: a cache
     block that always holds zeros (padding of the block tables)."""
-    rows = sorted(rows, key=sort_key)
+    rows = sorted(rows, key=lambda row: (-1, -1) if row[0].binding is None else row[0].binding.sort_key)
     ids: list[int] = []
     starts, lens, tables, kv_offs, prefix_lens = [], [], [], [], []
     for seq, n in rows:
