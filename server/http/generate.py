@@ -25,6 +25,7 @@ from quiver.server.http.limits import RequestLimits
 from quiver.server.http.openai_format import LogprobFormatter, merge_completion_logprobs, new_id, now, usage
 from quiver.server.http.prepare import Job, Preparer
 from quiver.server.http.protocol import ChatCompletionRequest, CompletionRequest
+from quiver.server.http.responses import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk
 from quiver.server.http.streams import collect, merge
 from quiver.server.http.tools import ToolOutput, template_parser
 
@@ -71,7 +72,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                      cached)
 
     @app.post("/v1/completions", openapi_extra=doc.request_body(CompletionRequest),
-              responses=doc.responses(*GENERATION_ERRORS, ok=doc.ok(doc.Completion, stream=doc.CompletionChunk)))
+              responses=doc.responses(*GENERATION_ERRORS, ok=doc.ok(Completion, stream=CompletionChunk)))
     async def completions(request: Request):
         req, job, model = await start(request, CompletionRequest, prep.completion)
         n, rid, created = req.n, f"cmpl-{req.request_id}" if req.request_id else new_id("cmpl"), now()
@@ -112,7 +113,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                         running = counted(job, latest) if options and options.continuous_usage_stats else None
                         yield _sse(body([choice], running))
                 except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
-                    yield _sse(stream_error(exc))
+                    yield _sse(stream_error(exc).model_dump())
                 if options and options.include_usage:
                     yield _sse(body([], counted(job, latest)))
                 yield "data: [DONE]\n\n"
@@ -131,7 +132,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                             "finish_reason": outs[-1].finish_reason})
         return body(choices, counted(job, [outs[-1] for outs in results]))
 
-    chat_ok = doc.ok(doc.ChatCompletion, stream=doc.ChatCompletionChunk)
+    chat_ok = doc.ok(ChatCompletion, stream=ChatCompletionChunk)
 
     @app.post("/v1/chat/completions", openapi_extra=doc.request_body(ChatCompletionRequest),
               responses=doc.responses(*GENERATION_ERRORS, ok=chat_ok))
@@ -175,7 +176,7 @@ def add_generate_routes(app: FastAPI, engine: AsyncEngine, limits: RequestLimits
                             yield _sse(chunk(k, delta, finish if last else None, lp if d == 0 else None,
                                              running if last else None))
                 except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
-                    yield _sse(stream_error(exc))
+                    yield _sse(stream_error(exc).model_dump())
                 if options and options.include_usage:
                     yield _sse(chunk(None, {}, use=counted(job, latest)))
                 yield "data: [DONE]\n\n"

@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 
 from quiver.server.http.errors import error
 from quiver.server.http.guard import GENERATE_PATHS
+from quiver.server.http.responses import ErrorDetail, ErrorResponse, sse
 from quiver.server.rayserve.asgi_call import Head, HttpCall, call_asgi
 from quiver.server.rayserve.catalog import Catalog, adapter_change, apply
 
@@ -174,10 +175,9 @@ def _streaming(head: Head, first: bytes, stream) -> StreamingResponse:
             async for chunk in stream:
                 yield chunk
         except REPLICA_LOST as exc:
-            event = {"error": {"message": f"the replica serving this stream was lost ({type(exc).__name__}); "
-                                          "the output so far is all there is", "type": "server_error",
-                               "param": None, "code": "replica_lost"}}
-            yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+            lost = ErrorDetail(message=f"the replica serving this stream was lost ({type(exc).__name__}); the output "
+                                       "so far is all there is", type="server_error", param=None, code="replica_lost")
+            yield (sse(ErrorResponse(error=lost)) + "data: [DONE]\n\n").encode()
         finally:
             stream.cancel()  # a client that left: the replica aborts its engine requests
 
