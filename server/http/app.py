@@ -16,10 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from quiver.server.engine.public import AsyncEngine, Metrics, shown
 from quiver.server.http import openapi as doc
 from quiver.server.http.adapter_routes import add_adapter_routes
+from quiver.server.http.chat import add_chat_route
+from quiver.server.http.completions import add_completions_route
 from quiver.server.http.errors import error, install_error_handlers
-from quiver.server.http.generate import add_generate_routes
 from quiver.server.http.limits import BodyLimit, RequestLimits
 from quiver.server.http.openai_format import now
+from quiver.server.http.respond import Generation
 from quiver.server.http.responses import Health, ModelCard, ModelList, json_body
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,9 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     install_error_handlers(app, log)
     add_adapter_routes(app, engine, Path(adapter_root or Path.cwd()))
-    add_generate_routes(app, engine, limits, app.state.prep_pool, tool_parser)
+    generation = Generation.build(engine, limits, app.state.prep_pool, tool_parser)
+    add_completions_route(app, generation)
+    add_chat_route(app, generation)
 
     @app.get("/health", responses=doc.responses(503, ok=doc.ok(Health)))
     async def health():

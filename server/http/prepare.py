@@ -24,6 +24,11 @@ class Job:
     prompt_logprobs: int | None = None  # completions' echo with logprobs
     tools: ToolPlan | None = None
 
+    @property
+    def choices(self) -> int:
+        """Engine requests in all: prompts x n."""
+        return sum(len(c) for c in self.requests)
+
 
 class Preparer:
     def __init__(self, engine, limits: RequestLimits, tool_parser: str | None = None):

@@ -2,23 +2,25 @@
 
 A body holds the fields its route set: `null` where the route set None (a choice's `logprobs`, an assistant's
 `content` when it only calls tools), absent where it set nothing (a chunk's `usage`, most of a delta). So
-bodies are written with exclude_unset, through json_body() and sse().
+bodies are written with exclude_unset, through json_body() and sse(), and as the json module writes them
+(Starlette's JSONResponse compact, an event with json.dumps' defaults), whatever pydantic's own writer does.
 """
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 
-def json_body(body: BaseModel) -> Response:
-    return Response(body.model_dump_json(exclude_unset=True), media_type="application/json")
+def json_body(body: BaseModel) -> JSONResponse:
+    return JSONResponse(body.model_dump(exclude_unset=True))
 
 
 def sse(body: BaseModel) -> str:
     """One server-sent event."""
-    return f"data: {body.model_dump_json(exclude_unset=True)}\n\n"
+    return f"data: {json.dumps(body.model_dump(exclude_unset=True))}\n\n"
 
 
 # ---- errors ----------------------------------------------------------------------------------
