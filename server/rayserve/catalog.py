@@ -12,8 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quiver.adapters.paths import resolve_path
-from quiver.server.families.registry import AdapterInUse
+from quiver.server.engine.public import AdapterInUse, resolve_path
 from quiver.server.rayserve.asgi_call import HttpCall
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from quiver.server.assemble import build_server
 from quiver.server.http.errors import error
 from quiver.server.http.guard import GENERATE_PATHS
 from quiver.server.http.responses import ErrorDetail, ErrorResponse, sse
@@ -43,8 +44,6 @@ class AdapterLease:
 @serve.deployment(name="QuiverEngine")
 class QuiverEngine:
     def __init__(self, args, max_adapters: int):
-        from quiver.server.cli import build_server
-
         self.engine, self.app = build_server(args)
         self.engine.start()
         self.adapter_root = Path(args.adapter_root or args.adapter_dir or Path.cwd()).resolve()  # as create_app's
