@@ -96,6 +96,23 @@ def test_echo_with_logprobs(tiny_server, tokenizer):
     assert lp["text_offset"] == sorted(lp["text_offset"])
 
 
+def test_bodies_hold_what_their_route_set(tiny_server):
+    """null where the route sets None (a choice's logprobs and finish_reason), absent where it sets nothing
+    (usage before a stream's last chunk, the fields a delta does not carry)."""
+    with httpx.stream("POST", tiny_server.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert all("usage" not in e for e in events[:-1]) and events[-1]["choices"] == [] and events[-1]["usage"]
+    assert events[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]
+    assert all(set(e["choices"][0]["delta"]) <= {"content"} for e in events[1:-1])
+    body = post(tiny_server, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).json()
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert set(body["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
+    assert body["choices"][0]["logprobs"] is None
+
+
 BAD_REQUESTS = [
     ({"prompt": "hi", "temperature": -1}, "temperature"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature"),

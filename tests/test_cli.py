@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from quiver.server import cli
-from quiver.server.cli import add_engine_args, engine_config, main, parse_adapters, startup_adapters
+from quiver.server.assemble import add_engine_args, engine_config, parse_adapters, startup_adapters
+from quiver.server.cli import main
 
 
 def test_flags_reach_engine_config():
@@ -110,3 +112,36 @@ def test_version_is_the_installed_distributions(argv, capsys):
 def test_invalid_device_string_is_one_line(tiny_models, capsys):
     err = one_line_error(["serve", str(tiny_models["llama_gqa"][0]), "--device", "cuda:x", "--port", "0"], capsys)
     assert err.startswith("quiver serve: error: --device cuda:x: "), err
+
+
+@pytest.mark.parametrize("argv, program", [
+    (["ray", "serve", "--adapter", "a=/x"], ["-m", "quiver.server.rayserve", "serve", "--adapter", "a=/x"]),
+    (["ray", "--help"], ["-m", "quiver.server.rayserve", "--help"]),
+    (["bench", "latency", "--help"], ["-m", "quiver.bench", "latency", "--help"]),
+])
+def test_ray_and_bench_are_programs_quiver_becomes(argv, program, monkeypatch):
+    """`quiver ray ...` and `quiver bench ...` replace this process (so a signal to it reaches them) with
+    their own program, every argument after the name handed on as it is."""
+    became = []
+
+    def execv(path, args):
+        became.append((path, args))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.os, "execv", execv)
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert became == [(sys.executable, [sys.executable, *program])]
+
+
+def test_quiver_ray_serve_help_and_one_line_errors(capsys):
+    from quiver.server.rayserve.__main__ import main as ray_main
+
+    for argv, usage in ((["--help"], "usage: quiver ray "), (["serve", "--help"], "usage: quiver ray serve ")):
+        with pytest.raises(SystemExit) as e:
+            ray_main(argv)
+        assert e.value.code == 0 and capsys.readouterr().out.startswith(usage)
+    with pytest.raises(SystemExit) as e:
+        ray_main(["serve", "--adapter", "oops"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "quiver ray serve: error: --adapter expects NAME=PATH, got 'oops'"

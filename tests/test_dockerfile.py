@@ -90,7 +90,7 @@ def parse_serve(argv: list[str], monkeypatch):
 
 
 def test_entrypoint_and_cmd_are_a_valid_quiver_serve(dockerfile, monkeypatch):
-    from quiver.server.cli import engine_config
+    from quiver.server.assemble import engine_config
 
     entry, cmd = exec_form(only(dockerfile, "ENTRYPOINT")), exec_form(only(dockerfile, "CMD"))
     assert entry[0] == "quiver" and pyproject()["project"]["scripts"]["quiver"] == "quiver.server.cli:main"

@@ -33,7 +33,7 @@ PROMPTS = ["t5 t6 t7", "t9 t8 t30 t31", "t50 t7", "t44 t45 t46 t47 t48"]
 
 def _args(model: Path, adapter_dir: Path, port: int) -> argparse.Namespace:
     """Two replicas sharing the cores; API loads may read anything under the adapter dir's parent."""
-    from quiver.server.cli import take_model_tag
+    from quiver.server.assemble import take_model_tag
     from quiver.server.rayserve.app import add_ray_serve_args
 
     p = argparse.ArgumentParser()
@@ -161,7 +161,7 @@ def test_each_adapter_stays_on_one_replica_and_a_replica_mixes_adapters(cluster)
 def test_outputs_equal_a_single_server(cluster):
     """Mixed-adapter traffic, streamed and not, all at once: the same text as one `quiver serve` with the
     same flags gives each request (greedy, float32: a row's output does not depend on its batch)."""
-    from quiver.server.cli import build_server
+    from quiver.server.assemble import build_server
 
     args, url, _, _ = cluster
     client = _client(url)

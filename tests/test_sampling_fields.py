@@ -167,3 +167,27 @@ def test_bad_fields_are_refused_by_name():
         with pytest.raises(InvalidParam) as info:
             SamplingParams(**fields).validate(512)
         assert info.value.param == name
+
+
+def test_request_fields_reach_sampling_params_through_one_table():
+    """Every field FROM_REQUEST names is a field of both APIs' requests and of SamplingParams, and arrives as
+    the request gives it; one the request leaves None keeps SamplingParams' default; the computed ones are
+    the preparer's."""
+    import dataclasses
+
+    from quiver.server.engine.sampling import FROM_REQUEST
+    from quiver.server.http.protocol import ChatCompletionRequest, CompletionRequest
+
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    for model in (CompletionRequest, ChatCompletionRequest):
+        assert set(FROM_REQUEST) <= set(model.model_fields) & fields, model
+    given = dict(temperature=0.5, top_p=0.9, top_k=7, min_p=0.1, stop_token_ids=[5, 6], include_stop_str_in_output=True,
+                 ignore_eos=True, min_tokens=2, presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.5,
+                 allowed_token_ids=[3, 4], skip_special_tokens=False)
+    assert set(given) == set(FROM_REQUEST)
+    req = CompletionRequest(prompt="x", stop="!", seed=3, **given)
+    params = SamplingParams.from_request(req, max_tokens=9, stop=req.stop, seed=req.seed + 1)
+    assert {name: getattr(params, name) for name in FROM_REQUEST} == given
+    assert (params.max_tokens, params.stop, params.seed) == (9, ["!"], 4)
+    plain = SamplingParams.from_request(CompletionRequest(prompt="x"))
+    assert (plain.stop_token_ids, plain.allowed_token_ids, plain.top_k) == ([], None, 0)

@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 5
 MAX_LOGIT_BIAS = 300  # entries (OpenAI's own limit)
+# the request fields (OpenAI's and vLLM's names, which are these fields' own) that from_request() takes as
+# they are; the others a request's preparer computes: max_tokens, stop, logit_bias, bad_words_ids, logprobs,
+# prompt_logprobs, grammar, seed
+FROM_REQUEST = ("temperature", "top_p", "top_k", "min_p", "stop_token_ids", "include_stop_str_in_output",
+                "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                "allowed_token_ids", "skip_special_tokens")
 
 
 class InvalidParam(ValueError):
@@ -44,6 +50,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same for prompt tokens (completions' echo + logprobs)
     skip_special_tokens: bool = True
     grammar: object | None = None  # a compiled grammar (engine.grammar) the output must follow
+
+    @classmethod
+    def from_request(cls, req, **computed) -> SamplingParams:
+        """`req`'s FROM_REQUEST fields (one it leaves None takes the default here), and the `computed` ones."""
+        given = {name: value for name in FROM_REQUEST if (value := getattr(req, name)) is not None}
+        return cls(**given, **computed)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from quiver.server.engine.public import AsyncEngine, check_name, resolve_path
 from quiver.server.http import openapi as doc
+from quiver.server.http.responses import AdapterInfo, AdapterList, AdapterUnloaded, json_body
 
 # 400: a bad name or path; 404: no such folder; 409: the name is taken; 422: the folder is not a usable adapter
 LOAD_ERRORS = (400, 401, 404, 409, 422)
@@ -34,30 +35,30 @@ def add_adapter_routes(app: FastAPI, engine: AsyncEngine, root: Path) -> None:
     """Paths are resolved inside `root`; reading happens off the engine loop, registration between steps."""
     root = root.resolve()
 
-    def public(info: dict) -> dict:
+    def public(info: dict) -> AdapterInfo:
         """An adapter's info without the server's paths: its folder relative to the root, or its name."""
         info = dict(info)
         path = Path(info.pop("path"))
         info["source"] = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
-        return info
+        return AdapterInfo(**info)
 
-    async def load(name: str, path: str) -> dict:
+    async def load(name: str, path: str) -> AdapterInfo:
         check_name(name)
         return public(await engine.load_adapter(name, str(resolve_path(path, root))))
 
-    @app.post("/v1/adapters", responses=doc.responses(*LOAD_ERRORS, ok=doc.ok(doc.AdapterInfo)))
+    @app.post("/v1/adapters", responses=doc.responses(*LOAD_ERRORS, ok=doc.ok(AdapterInfo)))
     async def add_adapter(req: LoadAdapter):
-        return await load(req.name, req.path)
+        return json_body(await load(req.name, req.path))
 
-    @app.delete("/v1/adapters/{name}", responses=doc.responses(*UNLOAD_ERRORS, ok=doc.ok(doc.AdapterUnloaded)))
+    @app.delete("/v1/adapters/{name}", responses=doc.responses(*UNLOAD_ERRORS, ok=doc.ok(AdapterUnloaded)))
     async def remove_adapter(name: str):
         await engine.unload_adapter(name)
-        return {"name": name, "unloaded": True}
+        return json_body(AdapterUnloaded(name=name, unloaded=True))
 
-    @app.get("/v1/adapters", responses=doc.responses(401, ok=doc.ok(doc.AdapterList)))
+    @app.get("/v1/adapters", responses=doc.responses(401, ok=doc.ok(AdapterList)))
     async def list_adapters():
-        return {"object": "list", "base_quantization": engine.quantization,
-                "data": [public(info) for info in await engine.list_adapters()]}
+        return json_body(AdapterList(object="list", base_quantization=engine.quantization,
+                                     data=[public(info) for info in await engine.list_adapters()]))
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
               responses=doc.responses(*LOAD_ERRORS, ok=doc.ok(text=True)))

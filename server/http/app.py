@@ -1,6 +1,6 @@
 """The FastAPI application: OpenAI-style generation, adapter management, models, health, metrics.
 
-It knows the engine only through quiver.server.engine.async_engine.AsyncEngine.
+It knows the engine only through quiver.server.engine.public (the AsyncEngine).
 """
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from quiver.server.engine.public import AsyncEngine, Metrics, shown
 from quiver.server.http import openapi as doc
 from quiver.server.http.adapter_routes import add_adapter_routes
+from quiver.server.http.chat import add_chat_route
+from quiver.server.http.completions import add_completions_route
 from quiver.server.http.errors import error, install_error_handlers
-from quiver.server.http.generate import add_generate_routes
 from quiver.server.http.limits import BodyLimit, RequestLimits
 from quiver.server.http.openai_format import now
+from quiver.server.http.respond import Generation
+from quiver.server.http.responses import Health, ModelCard, ModelList, json_body
 
 log = logging.getLogger(__name__)
 
@@ -37,37 +40,39 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     install_error_handlers(app, log)
     add_adapter_routes(app, engine, Path(adapter_root or Path.cwd()))
-    add_generate_routes(app, engine, limits, app.state.prep_pool, tool_parser)
+    generation = Generation.build(engine, limits, app.state.prep_pool, tool_parser)
+    add_completions_route(app, generation)
+    add_chat_route(app, generation)
 
-    @app.get("/health", responses=doc.responses(503, ok=doc.ok(doc.Health)))
+    @app.get("/health", responses=doc.responses(503, ok=doc.ok(Health)))
     async def health():
         """200 while the engine makes progress; 503 (code engine_unhealthy) when its forward passes keep
         failing, or requests wait and none runs."""
         reason = engine.health()
         if reason is not None:
             return error(503, reason, type_="server_error", code="engine_unhealthy", headers={"Retry-After": "5"})
-        return {"status": "ok"}
+        return json_body(Health(status="ok"))
 
-    def model_cards() -> list[dict]:
-        card = {"object": "model", "created": now(), "owned_by": "quiver", "max_model_len": engine.max_model_len,
-                "quantization": engine.quantization}
-        base = {"id": engine.model_name, "root": engine.model_name, "parent": None, **card}
-        return [base, *({"id": name, "root": name, "parent": engine.model_name, **card}
+    def model_cards() -> list[ModelCard]:
+        card = dict(object="model", created=now(), owned_by="quiver", max_model_len=engine.max_model_len,
+                    quantization=engine.quantization)
+        base = ModelCard(id=engine.model_name, root=engine.model_name, parent=None, **card)
+        return [base, *(ModelCard(id=name, root=name, parent=engine.model_name, **card)
                         for name in engine.known_adapters())]
 
-    @app.get("/v1/models", responses=doc.responses(401, ok=doc.ok(doc.ModelList)))
+    @app.get("/v1/models", responses=doc.responses(401, ok=doc.ok(ModelList)))
     async def models():
         await engine.rescan()
-        return {"object": "list", "data": model_cards()}
+        return json_body(ModelList(object="list", data=model_cards()))
 
-    @app.get("/v1/models/{model:path}", responses=doc.responses(401, 404, ok=doc.ok(doc.ModelCard)))
+    @app.get("/v1/models/{model:path}", responses=doc.responses(401, 404, ok=doc.ok(ModelCard)))
     async def retrieve_model(model: str):
         """The base model or an adapter, as GET /v1/models lists it."""
         await engine.rescan()
-        card = next((c for c in model_cards() if c["id"] == model), None)
+        card = next((c for c in model_cards() if c.id == model), None)
         if card is None:
             return error(404, f"model {shown(model)} does not exist", param="model", code="model_not_found")
-        return card
+        return json_body(card)
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses=doc.responses(401, ok=doc.ok(description="Prometheus text exposition format")))

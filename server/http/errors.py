@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from quiver.server.engine.public import (AdapterError, AdapterExists, AdapterInUse, InvalidName, InvalidParam,
                                         PathNotAllowed, RequestFailed, RequestTimeout, UnknownAdapter)
 from quiver.server.http.protocol import REFUSED
+from quiver.server.http.responses import ErrorDetail, ErrorResponse
 
 # exception -> (HTTP status, the request field it names, OpenAI-style code)
 ERROR_STATUS = {
@@ -36,13 +37,16 @@ def public(message: str) -> str:
     return _PATH.sub(lambda m: m.group(1) or "<path>", message)
 
 
+def body(message: str, type_: str, param: str | None, code: str | None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorDetail(message=public(message), type=type_, param=param, code=code))
+
+
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": public(message), "type": type_, "param": param, "code": code}})
+    return JSONResponse(body(message, type_, param, code).model_dump(), status_code=status, headers=headers)
 
 
-def stream_error(exc: Exception) -> dict:
+def stream_error(exc: Exception) -> ErrorResponse:
     """The error event that ends a stream whose status line has already gone out."""
     if isinstance(exc, RequestTimeout):
         type_, code = "server_error", "request_timeout"
@@ -51,7 +55,7 @@ def stream_error(exc: Exception) -> dict:
     else:
         spec = next((v for k, v in ERROR_STATUS.items() if isinstance(exc, k)), None)
         type_, code = ("invalid_request_error", spec[2]) if spec else ("internal_error", None)
-    return {"error": {"message": public(str(exc)), "type": type_, "param": None, "code": code}}
+    return body(str(exc), type_, None, code)
 
 
 def install_error_handlers(app: FastAPI, log) -> None:
@@ -60,7 +64,8 @@ def install_error_handlers(app: FastAPI, log) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
-            return error(400, f"request body is not valid JSON: {first.get('msg', '')}", param=None, code="json_invalid")
+            return error(400, f"request body is not valid JSON: {first.get('msg', '')}", param=None,
+                         code="json_invalid")
         param = loc[0] if loc else None
         message = first.get("msg", "invalid value")
         if first.get("type") == "extra_forbidden":  # a field this server does not serve, named

@@ -1,34 +1,25 @@
 """The OpenAPI document, kept truthful: every status a route can answer, with the body it sends.
 
-Routes name their statuses with `responses(...)`; `install(app)` makes the final document
-(FastAPI's own 422 HTTPValidationError goes: request validation answers 400 with the OpenAI
-error body) and adds the optional bearer-token scheme. Response models here are documentation
-only: the routes build their bodies themselves, and tests/test_fuzz.py checks that they conform.
+Routes name their statuses with `responses(...)` and their bodies with `ok(...)`, the models of
+responses.py that they build their bodies from; `install(app)` makes the final document (FastAPI's
+own 422 HTTPValidationError goes: request validation answers 400 with the OpenAI error body) and
+adds the optional bearer-token scheme.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-# ---- error body ------------------------------------------------------------------------------
+from quiver.server.http.responses import ErrorResponse
 
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error body."""
-    error: ErrorDetail
-
+# bodies the document names by $ref only (error bodies, and the stream chunks ok() names), added to its
+# components by build()
+REFERENCED: list[type[BaseModel]] = [ErrorResponse]
 
 _ERROR_TEXT = {
     400: "Invalid request: malformed JSON, a field of the wrong type or out of range, an unsupported value.",
@@ -88,186 +79,14 @@ def ok(model: type[BaseModel] | None = None, *, stream: type[BaseModel] | None =
     if model is not None:
         out["model"] = model
     if stream is not None:
+        if stream not in REFERENCED:
+            REFERENCED.append(stream)
         out["content"] = {"text/event-stream": {"schema": _sse_event(stream.__name__)}}
     if text:
         out["content"] = {"text/plain": {"schema": {"type": "string"}}}
     return out
 
 
-# ---- success bodies --------------------------------------------------------------------------
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    root: str
-    parent: str | None
-    max_model_len: int
-    quantization: Literal["nf4", "fp4"] | None = Field(description="the base model's (adapters run on it)")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class AdapterInfo(BaseModel):
-    """Fields beyond these depend on the adapter's family (rank, target_modules, virtual_tokens, ...)."""
-    name: str
-    source: str = Field(description="its folder, relative to the adapter root (or the folder's name)")
-    tier: Literal["device", "cpu", "disk", "failed"]
-    requests_served: int
-    family: str | None = Field(None, description="absent while the adapter is only on disk")
-    bytes: int | None = None
-    error: str | None = Field(None, description="why it failed to load on first use (tier failed)")
-
-
-class AdapterList(BaseModel):
-    object: Literal["list"]
-    base_quantization: Literal["nf4", "fp4"] | None = Field(description="the base model's: every adapter runs on it")
-    data: list[AdapterInfo]
-
-
-class AdapterUnloaded(BaseModel):
-    name: str
-    unloaded: Literal[True]
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = Field(description="prompt tokens whose K/V came from the prefix cache")
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: str | None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class CompletionChunk(BaseModel):
-    """One streamed event; with stream_options.include_usage the last has no choices and the usage."""
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob]
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str = Field(description="JSON text, valid for the function's parameters schema")
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"]
-    function: FunctionCall
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str | None = Field(description="null when the message is tool calls only")
-    tool_calls: list[ToolCall] | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: str | None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class FunctionCallDelta(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class ToolCallDelta(BaseModel):
-    """The first delta of a call has its id, type and name; later ones add to its arguments."""
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: FunctionCallDelta | None = None
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: str | None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One streamed event; with stream_options.include_usage the last has no choices and the usage."""
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-# bodies the document names by $ref only (error bodies, stream chunks), added to its components by build()
-REFERENCED = (ErrorResponse, CompletionChunk, ChatCompletionChunk)
 REQUESTS: list[type[BaseModel]] = []  # request bodies the routes parse themselves (off the event loop)
 
 

@@ -24,6 +24,11 @@ class Job:
     prompt_logprobs: int | None = None  # completions' echo with logprobs
     tools: ToolPlan | None = None
 
+    @property
+    def choices(self) -> int:
+        """Engine requests in all: prompts x n."""
+        return sum(len(c) for c in self.requests)
+
 
 class Preparer:
     def __init__(self, engine, limits: RequestLimits, tool_parser: str | None = None):
@@ -76,18 +81,13 @@ class Preparer:
         return self.engine.compile_grammar(spec) if spec is not None else None
 
     def _choices(self, req, max_tokens: int, logprobs, prompt_logprobs, grammar) -> list[SamplingParams]:
-        """One SamplingParams per choice; choice j of a seeded request draws with seed + j, as in vLLM."""
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        base = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                    min_p=req.min_p, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
-                    include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
-                    min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                    logit_bias=_logit_bias(req.logit_bias), allowed_token_ids=req.allowed_token_ids,
-                    bad_words_ids=self._bad_words(req.bad_words or []), logprobs=logprobs,
-                    prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens, grammar=grammar)
-        # seed + j wraps within int64 (the draws use its low 32 bits, which wrapping keeps)
-        out = [SamplingParams(**base, seed=None if req.seed is None else (req.seed + j) % 2**63) for j in range(req.n)]
+        """One SamplingParams per choice; choice j of a seeded request draws with seed + j, as in vLLM (wrapped
+        within int64: the draws use its low 32 bits, which wrapping keeps)."""
+        computed = dict(max_tokens=max_tokens, stop=req.stop or [], logit_bias=_logit_bias(req.logit_bias),
+                        bad_words_ids=self._bad_words(req.bad_words or []), logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs, grammar=grammar)
+        out = [SamplingParams.from_request(req, **computed, seed=None if req.seed is None else (req.seed + j) % 2**63)
+               for j in range(req.n)]
         self.limits.check_sampling(out[0])
         return out
 

@@ -10,6 +10,8 @@ import logging
 import os
 import secrets
 
+from quiver.server.assemble import add_engine_args, add_serve_args, engine_config, take_model_tag
+
 log = logging.getLogger(__name__)
 APP_NAME = "quiver"
 INGRESS_MAX_ONGOING = 4096  # the ingress only relays bytes; the replicas' limits are what bound the work
@@ -32,7 +34,6 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
 
 def build_app(args: argparse.Namespace):
     """The Serve application: `--replicas` QuiverEngine replicas behind one OpenAIIngress."""
-    from quiver.server.cli import engine_config
     from quiver.server.rayserve.deployments import OpenAIIngress, QuiverEngine
 
     config = engine_config(args)  # the replicas' batch capacity, with the device's defaults filled in
@@ -105,17 +106,8 @@ def serve_forever(args: argparse.Namespace) -> None:
     stop()
 
 
-def add_ray_command(commands) -> None:
-    """`quiver ray serve` among quiver's subcommands."""
-    ray = commands.add_parser("ray", help="scale out on Ray Serve").add_subparsers(dest="ray_command", required=True)
-    add_ray_serve_args(ray.add_parser("serve", help="quiver serve's engine as Ray Serve replicas behind one OpenAI "
-                                                    "ingress (needs quiver-serve[ray])"))
-
-
 def add_ray_serve_args(p: argparse.ArgumentParser) -> None:
     """`quiver serve`'s arguments, and where the replicas run."""
-    from quiver.server.cli import add_engine_args, add_serve_args
-
     p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the same as --model")
     add_engine_args(p)
     add_serve_args(p)
@@ -126,8 +118,6 @@ def app_builder(args: dict):
     """For `serve run quiver.server.rayserve.app:app_builder key=value ...`: the flags without their dashes
     (model=/path, replicas=2, adapter_dir=/adapters, metrics_public=true); an unknown key is an error, as a
     flag is."""
-    from quiver.server.cli import take_model_tag
-
     argv = []
     for key, value in args.items():
         flag = f"--{key.replace('_', '-')}"

@@ -20,8 +20,10 @@ from ray.serve.exceptions import RayServeException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from quiver.server.assemble import build_server
 from quiver.server.http.errors import error
 from quiver.server.http.guard import GENERATE_PATHS
+from quiver.server.http.responses import ErrorDetail, ErrorResponse, sse
 from quiver.server.rayserve.asgi_call import Head, HttpCall, call_asgi
 from quiver.server.rayserve.catalog import Catalog, adapter_change, apply
 
@@ -42,8 +44,6 @@ class AdapterLease:
 @serve.deployment(name="QuiverEngine")
 class QuiverEngine:
     def __init__(self, args, max_adapters: int):
-        from quiver.server.cli import build_server
-
         self.engine, self.app = build_server(args)
         self.engine.start()
         self.adapter_root = Path(args.adapter_root or args.adapter_dir or Path.cwd()).resolve()  # as create_app's
@@ -174,10 +174,9 @@ def _streaming(head: Head, first: bytes, stream) -> StreamingResponse:
             async for chunk in stream:
                 yield chunk
         except REPLICA_LOST as exc:
-            event = {"error": {"message": f"the replica serving this stream was lost ({type(exc).__name__}); "
-                                          "the output so far is all there is", "type": "server_error",
-                               "param": None, "code": "replica_lost"}}
-            yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
+            lost = ErrorDetail(message=f"the replica serving this stream was lost ({type(exc).__name__}); the output "
+                                       "so far is all there is", type="server_error", param=None, code="replica_lost")
+            yield (sse(ErrorResponse(error=lost)) + "data: [DONE]\n\n").encode()
         finally:
             stream.cancel()  # a client that left: the replica aborts its engine requests
 
