@@ -11,8 +11,7 @@ import sys
 
 from fastapi import FastAPI
 
-from quiver.server.engine.llm_engine import LLMEngine  # the one engine module besides public.py: it is built here
-from quiver.server.engine.public import DTYPES, AsyncEngine, EngineConfig, Metrics
+from quiver.server.engine.public import DTYPES, AsyncEngine, EngineConfig, LLMEngine, Metrics
 from quiver.server.http.app import create_app
 from quiver.server.http.guard import Guard, install
 from quiver.server.http.limits import RequestLimits

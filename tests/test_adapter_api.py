@@ -55,7 +55,7 @@ def names(server):
 def test_load_use_list_and_unload_every_family(hot, tokenizer):
     server, hf, root = hot
     engine = server.engine
-    free0 = engine.blocks.num_free
+    free0 = engine.stats().kv_blocks_free
     for name in ("lora_qv", "dora", "ptuning_v2", "bottleneck"):
         r = post(server, "/v1/adapters", {"name": name, "path": name})
         assert r.status_code == 200, r.text
@@ -69,12 +69,12 @@ def test_load_use_list_and_unload_every_family(hot, tokenizer):
     assert complete(server, "bottleneck").status_code == 200
     info = {a["name"]: a for a in httpx.get(server.url + "/v1/adapters").json()["data"]}
     assert info["lora_qv"]["requests_served"] == 1
-    assert engine.blocks.num_free == free0 - 2  # the prefix's two blocks
+    assert engine.stats().kv_blocks_free == free0 - 2  # the prefix's two blocks
     for name in ("lora_qv", "dora", "ptuning_v2", "bottleneck"):
         assert httpx.delete(server.url + f"/v1/adapters/{name}").status_code == 200
         r = complete(server, name)
         assert r.status_code == 404, name
-    assert names(server) == [] and engine.blocks.num_free == free0
+    assert names(server) == [] and engine.stats().kv_blocks_free == free0
     stats = engine.stats()
     assert stats.lora_slots_free == 2 and stats.adapters_resident["device"] == 0  # slots given back
 

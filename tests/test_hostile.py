@@ -277,11 +277,11 @@ def test_a_request_that_cannot_fit_beside_the_prefixes_is_refused_not_stalled(to
                        tokenizer=tokenizer)
     make_prompt_adapter(hf, tmp_path / "v2", prompt_variants()["ptuning_v2"], seed=8)  # 7 tokens: 2 blocks
     engine.load_adapter("v2", str(tmp_path / "v2"))
-    assert engine.blocks.num_shared == 2
+    assert engine.stats().kv_blocks_adapters == 2
     with pytest.raises(InvalidParam, match="KV-cache blocks") as e:
         engine.add_request([5] * 44, SamplingParams(max_tokens=16), adapter=None)  # 60 tokens: 15 blocks > 16 - 2
     assert e.value.param == "max_tokens"
     seq = engine.add_request([5] * 20, SamplingParams(max_tokens=8, ignore_eos=True), adapter="v2")
     while engine.has_work():
         engine.step()
-    assert seq.finish_reason == "length" and engine.blocks.num_free == 14
+    assert seq.finish_reason == "length" and engine.stats().kv_blocks_free == 14

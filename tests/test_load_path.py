@@ -31,7 +31,7 @@ def reads(monkeypatch):
 def served(reads, tiny_lora_set, plain_tokenizer, tmp_path):
     """`quiver serve`'s engine and app over the tiny model, built from its flags: one adapter by a
     start-up flag, a folder of adapters read on first use."""
-    from quiver.server.cli import add_engine_args, add_serve_args, build_server
+    from quiver.server.assemble import add_engine_args, add_serve_args, build_server
 
     base_dir, _, paths = tiny_lora_set
     model = tmp_path / "tiny"
