@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
@@ -70,3 +71,8 @@ def test_api_startup_first_use_and_the_ray_catalog_read_through_one_function(ser
         assert all(thread.startswith("quiver-adapter-read") for _, thread in reads)
         listed = {a["name"]: a["tier"] for a in httpx.get(server.url + "/v1/adapters").json()["data"]}
         assert set(listed) == {"startup", "api", "on_disk", "replica"} and "disk" not in listed.values()
+    # no reader outlives its read: a live thread that has run a parallel torch op slows the engine's own
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("quiver-adapter-read") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]
+        time.sleep(0.05)

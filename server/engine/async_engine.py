@@ -15,9 +15,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from quiver.server.engine.llm_engine import LLMEngine
+from quiver.server.engine.metrics import Metrics
 from quiver.server.engine.outputs import RequestOutput
 from quiver.server.engine.requests import PreparedRequest
-from quiver.server.engine.metrics import Metrics
 from quiver.server.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.submit(fn))
 
     async def load_adapter(self, name: str, path: str) -> dict:
-        """Read the adapter on the engine's reader pool (the batch keeps decoding), then register it between
+        """Read the adapter on a reader thread (the batch keeps decoding), then register it between
         steps; its info."""
         read = await asyncio.wrap_future(self.engine.read_adapter(name, path))
         return await self.call(lambda engine: engine.register_adapter(read))

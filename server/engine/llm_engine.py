@@ -83,7 +83,7 @@ class LLMEngine:
 
     # ---- adapters: every load, whoever asks, reads through the loader and registers here ----------
     def read_adapter(self, name: str, path: str) -> Future:
-        """Any thread: read an adapter folder on the loader's worker pool; a future of its ReadAdapter."""
+        """Any thread: read an adapter folder on a reader thread; a future of its ReadAdapter."""
         return self.loader.submit(name, path)
 
     def register_adapter(self, read: ReadAdapter) -> dict:

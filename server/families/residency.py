@@ -131,9 +131,14 @@ class Residency:
         return "cpu" if family in self.device and name not in self.device[family].slot_of else "device"
 
     def virtual_tokens(self, name: str | None) -> int:
-        """Placeholder tokens a request for `name` carries (0 unless a resident soft prompt or prefix)."""
+        """Placeholder tokens a request for `name` carries (0 unless a resident soft prompt or prefix). Read
+        from other threads too (a request's check): an adapter unloaded meanwhile counts 0, and the engine
+        refuses its request when it takes it."""
         family = self.owner.get(name)
-        return 0 if family is None else family.virtual_tokens(name)
+        try:
+            return 0 if family is None else family.virtual_tokens(name)
+        except KeyError:
+            return 0
 
     def info(self, name: str) -> dict:
         """What GET /v1/adapters shows of a known adapter."""
