@@ -89,8 +89,12 @@ def _clear_slot(buf: LoraBuffers, slot: int) -> None:
     buf.b[slot].zero_()
 
 
-def _slices(slice_outs: list[int]) -> tuple[int, ...]:
-    return tuple(sum(slice_outs[:k]) for k in range(len(slice_outs) + 1))
+def _buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], b_rows: int, dtype,
+             device) -> LoraBuffers:
+    """Zeroed a [L, S*R, in] and b [L, b_rows, out]."""
+    offsets = tuple(sum(slice_outs[:k]) for k in range(len(slice_outs) + 1))
+    a = torch.zeros(num_slots, len(slice_outs) * rank, in_features, dtype=dtype, device=device)
+    return LoraBuffers(a, torch.zeros(num_slots, b_rows, offsets[-1], dtype=dtype, device=device), offsets, rank)
 
 
 class TorchOps:
@@ -113,10 +117,9 @@ class TorchOps:
     @staticmethod
     def lora_buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
                      device) -> LoraBuffers:
-        offsets = _slices(slice_outs)
-        a = torch.zeros(num_slots, len(slice_outs) * rank, in_features, dtype=dtype, device=device)
-        b = torch.zeros(num_slots, len(slice_outs) * rank, offsets[-1], dtype=dtype, device=device)
-        return LoraBuffers(a, b, offsets, rank, [(a[s].T, b[s]) for s in range(num_slots)])
+        buf = _buffers(num_slots, rank, in_features, slice_outs, len(slice_outs) * rank, dtype, device)
+        buf.slot_views = [(buf.a[s].T, buf.b[s]) for s in range(num_slots)]
+        return buf
 
     @staticmethod
     def lora_write(buf: LoraBuffers, slot: int, slice_index: int, a, b_t) -> None:
@@ -162,9 +165,7 @@ class TritonOps:
     @staticmethod
     def lora_buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
                      device) -> LoraBuffers:
-        offsets = _slices(slice_outs)
-        a = torch.zeros(num_slots, len(slice_outs) * rank, in_features, dtype=dtype, device=device)
-        return LoraBuffers(a, torch.zeros(num_slots, rank, offsets[-1], dtype=dtype, device=device), offsets, rank)
+        return _buffers(num_slots, rank, in_features, slice_outs, rank, dtype, device)
 
     @staticmethod
     def lora_write(buf: LoraBuffers, slot: int, slice_index: int, a, b_t) -> None:

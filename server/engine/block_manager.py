@@ -156,9 +156,11 @@ class BlockManager:
     def commit(self, seq: Sequence) -> None:
         """Enter the blocks `seq` has filled since the last call (after each step): into the prefix cache,
         or, while choices of its prompt wait for them, under its prompt group's key."""
-        key, public = self._key(seq)
         bs, done = self.block_size, seq.num_computed // self.block_size
-        if len(seq.block_hashes) >= done or not (public or seq.forks):
+        if len(seq.block_hashes) >= done:  # most steps: no block filled since
+            return
+        key, public = self._key(seq)
+        if not (public or seq.forks):
             return
         h = seq.block_hashes[-1] if seq.block_hashes else None
         head = len(seq.shared_blocks)

@@ -14,7 +14,7 @@ from quiver.server.http.prepare import Job
 from quiver.server.http.protocol import ChatCompletionRequest
 from quiver.server.http.respond import GENERATION_ERRORS, Generation
 from quiver.server.http.responses import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
-                                          ChatCompletionChunk, ChatDelta, ChatLogprobs, Usage)
+                                          ChatCompletionChunk, ChatDelta, ChatLogprobs, Usage, stream_chunk)
 from quiver.server.http.tools import ToolOutput
 
 
@@ -69,10 +69,7 @@ class Chat:
         return self.chunk([], usage)
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None) -> ChatCompletionChunk:
-        fields = dict(self.stamp, object="chat.completion.chunk", choices=choices)
-        if usage is not None:  # absent, not null, from the chunks without it
-            fields["usage"] = usage
-        return ChatCompletionChunk(**fields)
+        return stream_chunk(ChatCompletionChunk, {**self.stamp, "object": "chat.completion.chunk"}, choices, usage)
 
     # ---- whole -----------------------------------------------------------------------------
     def whole(self, results: list[list[RequestOutput]], usage: Usage) -> ChatCompletion:

@@ -14,7 +14,7 @@ from quiver.server.http.prepare import Job
 from quiver.server.http.protocol import CompletionRequest
 from quiver.server.http.respond import GENERATION_ERRORS, Generation
 from quiver.server.http.responses import (Completion, CompletionChoice, CompletionChunk, CompletionLogprobs,
-                                          Usage)
+                                          Usage, stream_chunk)
 
 
 def add_completions_route(app: FastAPI, gen: Generation) -> None:
@@ -63,10 +63,7 @@ class Completions:
         return self.chunk([], usage)
 
     def chunk(self, choices: list[CompletionChoice], usage: Usage | None) -> CompletionChunk:
-        fields = dict(self.stamp, choices=choices)
-        if usage is not None:  # absent, not null, from the chunks without it
-            fields["usage"] = usage
-        return CompletionChunk(**fields)
+        return stream_chunk(CompletionChunk, self.stamp, choices, usage)
 
     def whole(self, results: list[list[RequestOutput]], usage: Usage) -> Completion:
         choices = []

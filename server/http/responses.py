@@ -23,6 +23,12 @@ def sse(body: BaseModel) -> str:
     return f"data: {json.dumps(body.model_dump(exclude_unset=True))}\n\n"
 
 
+def stream_chunk(model: type[BaseModel], stamp: dict, choices: list, usage: BaseModel | None) -> BaseModel:
+    """A streamed chunk of `model` (id, object, created, model from `stamp`): `usage` absent, not null, from
+    the chunks without it."""
+    return model(**stamp, choices=choices, **({} if usage is None else {"usage": usage}))
+
+
 # ---- errors ----------------------------------------------------------------------------------
 
 
