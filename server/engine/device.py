@@ -1,8 +1,9 @@
 """The one place that decides where the engine runs: the device (checked to exist, made current for
 Triton's launches), the dtype `auto` resolves to, and how many KV-cache blocks fit.
 
-On a GPU the KV cache takes what the weights, the LoRA slots and a working reserve leave of
---gpu-memory-utilization x the device's memory, as vLLM sizes it; on the CPU it is
+On a GPU the KV cache takes what this engine's weights, LoRA slots and working reserve leave of
+--gpu-memory-utilization x the device's memory, as vLLM sizes it (other engines' memory only caps it by
+what is free); on the CPU it is
 --kv-cache-memory-mb (512 MiB unless given).
 """
 from __future__ import annotations
@@ -93,31 +94,50 @@ def lora_slot_bytes(mc, max_loras: int, max_rank: int, dtype: torch.dtype) -> in
 
 
 def working_reserve(mc, max_num_batched_tokens: int, max_num_seqs: int, dtype: torch.dtype) -> int:
-    """A bound on one step's transient memory: activations of the widest layer for every token, and the
-    sampler's float64 [rows, vocab] temporaries."""
+    """A bound on one step's transient memory: activations of the widest layer for every token, the
+    sampler's float64 [rows, vocab] temporaries, and the float32 logits of a prompt-logprob chunk with
+    their log-softmax (the scheduler caps such a row's chunk at PROMPT_LOGPROB_CHUNK tokens)."""
+    from quiver.server.engine.scheduler import PROMPT_LOGPROB_CHUNK
+
     widest = max(2 * mc.intermediate_size, (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim, mc.hidden_size)
     activations = 4 * max_num_batched_tokens * (widest + 2 * mc.hidden_size) * max(dtype.itemsize, 4)
     sampler = 6 * max_num_seqs * mc.vocab_size * 8
-    return activations + sampler + 256 * MiB
+    prompt_logprobs = 3 * min(PROMPT_LOGPROB_CHUNK, max_num_batched_tokens) * mc.vocab_size * 4
+    return activations + sampler + prompt_logprobs + 256 * MiB
 
 
-def kv_cache_blocks(config, mc, dtype: torch.dtype, device: torch.device,
-                    memory_info: Callable[[], tuple[int, int]] | None = None) -> int:
+def allocated(device: torch.device) -> int:
+    """Bytes torch's allocator holds for tensors on `device` (0 off CUDA): the difference across a model's
+    load is that engine's own use."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, counting as free what torch's allocator caches unused here."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
+def kv_cache_blocks(config, mc, dtype: torch.dtype, device: torch.device, own_bytes: int = 0,
+                    memory_info: Callable[[], tuple[int, int]] | None = None, extra_bytes: int = 0) -> int:
     """KV-cache blocks for this configuration: --num-kv-blocks, else --kv-cache-memory-mb, else (on a
-    GPU) what memory_info() = (free, total) bytes leaves under --gpu-memory-utilization, after the
-    weights already placed, the LoRA slots and the working reserve."""
+    GPU) --gpu-memory-utilization x the device's memory less this engine's own use (own_bytes, the
+    weights it placed; extra_bytes, other buffers it will hold), its LoRA slots and its working reserve,
+    and never more than memory_info() = (free, total) bytes says is free. Only this engine's use counts
+    against its share: two engines in one process, or two Ray replicas of half a GPU each, each get their
+    fraction (the memory others hold only caps what is left)."""
     per_block = kv_block_bytes(mc, config.block_size, dtype)
     if config.num_kv_blocks:
         return config.num_kv_blocks
     if config.kv_cache_memory_mb is not None or device.type != "cuda":
         return max(1, (config.kv_cache_memory_mb or CPU_KV_CACHE_MB) * MiB // per_block)
-    free, total = (memory_info or (lambda: torch.cuda.mem_get_info(device)))()
-    used = total - free  # the weights, and anything else on the device
-    budget = (config.gpu_memory_utilization * total - used
-              - lora_slot_bytes(mc, config.max_loras, config.max_lora_rank, dtype)
-              - working_reserve(mc, config.max_num_batched_tokens, config.max_num_seqs, dtype))
+    free, total = (memory_info or (lambda: device_memory(device)))()
+    held = (lora_slot_bytes(mc, config.max_loras, config.max_lora_rank, dtype) + extra_bytes
+            + working_reserve(mc, config.max_num_batched_tokens, config.max_num_seqs, dtype))
+    share = config.gpu_memory_utilization * total - own_bytes
+    budget = min(share, free) - held
     blocks = int(max(budget, 0) // per_block)
-    log.info("KV cache: %d blocks of %d tokens (%.1f GiB) from %.0f%% of %.1f GiB, %.1f GiB already in use",
-             blocks, config.block_size, blocks * per_block / 2**30, 100 * config.gpu_memory_utilization,
-             total / 2**30, used / 2**30)
+    log.info("KV cache: %d blocks of %d tokens (%.1f GiB) from %.0f%% of %.1f GiB, %.1f GiB ours already, "
+             "%.1f GiB free", blocks, config.block_size, blocks * per_block / 2**30,
+             100 * config.gpu_memory_utilization, total / 2**30, own_bytes / 2**30, free / 2**30)
     return blocks

@@ -12,7 +12,7 @@ import torch
 
 from quiver.kernels.ops import ops_for
 from quiver.server.engine.config import EngineConfig
-from quiver.server.engine.device import kv_cache_blocks, make_current, resolve_device, resolve_dtype
+from quiver.server.engine.device import allocated, kv_cache_blocks, make_current, resolve_device, resolve_dtype
 from quiver.server.engine.sampler import SampleResult, sample, top_logprobs
 from quiver.server.engine.sequence import Sequence, TokenLogprob
 from quiver.server.engine.step import Step
@@ -55,6 +55,7 @@ class ModelRunner:
         if config.quantization and mc.quantization and config.quantization != mc.quantization:
             raise ValueError(f"--quantization {config.quantization}: the checkpoint is already {mc.quantization}")
         self.quantization = mc.quantization or config.quantization  # None: full-precision projections
+        before = allocated(self.device)
         with torch.device(self.device):
             self.model = LlamaModel(mc, self.ops, self.dtype, self.max_model_len,
                                     quantization=None if mc.quantization else config.quantization,
@@ -62,7 +63,7 @@ class ModelRunner:
         self.model.load_weights(model_dir)
         self.model.eval()
         self.block_size = config.block_size
-        self.num_blocks = kv_cache_blocks(config, mc, self.dtype, self.device)
+        self.num_blocks = kv_cache_blocks(config, mc, self.dtype, self.device, allocated(self.device) - before)
         if self.num_blocks * self.block_size < self.max_model_len:
             raise ValueError(f"the KV cache ({self.num_blocks} blocks of {self.block_size} tokens) cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}: give it more memory (--kv-cache-memory-mb, "

@@ -12,6 +12,17 @@ from dataclasses import dataclass, field
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.sequence import Sequence, Status
 
+# prompt tokens per step of a row that wants prompt logprobs: each gets a float32 [vocab] row of logits
+# and its log-softmax, which the device's working reserve must hold (engine.device.working_reserve)
+PROMPT_LOGPROB_CHUNK = 256
+
+
+def chunk(seq: Sequence, budget: int, start: int) -> int:
+    """Tokens from position `start` this step: what is left, within the budget, and a row owing prompt
+    logprobs PROMPT_LOGPROB_CHUNK at most."""
+    n = min(seq.num_tokens - start, budget)
+    return min(n, PROMPT_LOGPROB_CHUNK) if seq.wants_prompt_logprobs else n
+
 
 @dataclass
 class ScheduledBatch:
@@ -50,7 +61,7 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = chunk(seq, budget, seq.num_computed)
             while not self.blocks.can_grow(seq, seq.num_computed + n):
                 victim = running.pop()
                 self._preempt(victim)
@@ -85,10 +96,10 @@ class Scheduler:
                 continue
             if not seq.block_table:
                 seq.num_cached_tokens = self.blocks.match(seq)  # skips the prefill of a cached prefix
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = chunk(seq, budget, seq.num_computed)
             if not self.blocks.can_grow(seq, seq.num_computed + n, reserve=self.admit_reserve):
                 self._unmatch(seq)
-                n = min(seq.num_tokens, budget)
+                n = chunk(seq, budget, 0)
                 if self.running or batch.rows:
                     break
                 if not self.blocks.can_grow(seq, seq.num_computed + n):
