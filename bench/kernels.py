@@ -105,6 +105,14 @@ def attention_case(rows, context, dtype, device, repeats):
     return {k: {"us": v, "gb_s": nbytes / v / 1e3} for k, v in results.items()} | {"bytes": nbytes}
 
 
+def copy_gb_s(device, repeats: int) -> float:
+    """The device's copy bandwidth (bytes read + written per second by a 512 MiB device-to-device copy): the
+    ceiling a memory-bound kernel's GB/s is read against."""
+    src = torch.empty(2**29, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / timed_us(lambda: dst.copy_(src), repeats) / 1e3
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="quiver bench kernels")
     ap.add_argument("--device", default="cuda", help="a CUDA device: the Triton kernels run only there")
@@ -118,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("quiver bench kernels: needs a CUDA GPU (the Triton kernels run only there)")
     dtype = getattr(torch, args.dtype)
     out = {"machine": machine(), "device": str(device), "dtype": args.dtype, "rank": args.rank,
-           "lora": {}, "attention": {}}
+           "lora": {}, "attention": {}, "copy_gb_s": copy_gb_s(device, 10)}
+    print(f"device copy {out['copy_gb_s']:.0f} GB/s")
     with torch.inference_mode():
         for name, (segments, adapters) in LORA_CASES.items():
             out["lora"][name] = r = lora_case(segments, adapters, dtype, device, args.rank, args.repeats)

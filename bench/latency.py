@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def engine(model):
             return LLMEngine(EngineConfig(model=str(model), num_threads=args.threads, device=args.device,
-                                          dtype=args.dtype, max_loras=1,
+                                          dtype=args.dtype, max_loras=1, gpu_memory_utilization=0.4,  # 2 engines
                                           max_lora_rank=args.rank, max_num_seqs=max(64, max(args.concurrency))),
                              tokenizer=tokenizer)
 

@@ -30,8 +30,26 @@ def plain_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t1", eos_token="t2", unk_token="<unk>")
 
 
+def random_tokenizer(vocab_size: int, seed: int = 0):
+    """A character-level tokenizer for random models: each printable character is one fixed token drawn at
+    random from the vocabulary (<s> 1, </s> 2 also the pad token, <unk> 0), so benchmark prompts become
+    varied token ids (a word-level one maps every English word to <unk>, and a prompt of one repeated
+    token measures prefix-cache hits), and batched generation can pad."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    ids = (torch.randperm(vocab_size - 3, generator=torch.Generator().manual_seed(seed))[:len(chars)] + 3).tolist()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **dict(zip(chars, ids))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
 def random_model(path: Path, shape: str = "smollm2-135m", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """A Llama-family checkpoint folder with random weights in `shape`, its tokenizer beside it."""
+    """A Llama-family checkpoint folder with random weights in `shape`, its tokenizer (random_tokenizer)
+    beside it."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     path = Path(path)
@@ -42,6 +60,6 @@ def random_model(path: Path, shape: str = "smollm2-135m", dtype: torch.dtype = t
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.save_pretrained(path)
-    plain_tokenizer(cfg.vocab_size).save_pretrained(path)
+    random_tokenizer(cfg.vocab_size, seed).save_pretrained(path)
     (path / "RANDOM.md").write_text(json.dumps({"shape": shape, "seed": seed, "weights": "random"}) + "\n")
     return path

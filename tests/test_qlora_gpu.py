@@ -8,7 +8,9 @@ import torch
 from helpers import capture_logits, make_tiny_model
 from peft import LoraConfig
 from peft_fixtures import ALL7, make_adapter
-from test_qlora import bnb_4bit
+
+pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (make gpu-wheels carries it to a GPU machine)")
+from test_qlora import bnb_4bit  # noqa: E402 (imports bitsandbytes)
 
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
