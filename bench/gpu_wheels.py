@@ -1,9 +1,10 @@
 """make gpu-wheels: the packages `make gpu-check` needs that the GPU machine's python3 lacks, as wheels.
 
-The machine (CPython 3.12, glibc >= 2.31, no network) has torch, Triton, transformers, PEFT, pytest, numpy and
-the rest of KINDS.md's list, but not the server's packages. This downloads those, at the lock's versions, for
-CPython 3.12 manylinux x86_64 into .whl/, drops bitsandbytes' libraries for other CUDA, ROCm and XPU builds (its
-wheel holds eleven: only CUDA 13's and the CPU one are loaded there), and checks what a device call carries:
+The machine (no network; its python3 is 3.12.3, Ubuntu 24.04's, so glibc 2.31 or later is assumed) has torch,
+Triton, transformers, PEFT, pytest, numpy and the rest of KINDS.md's list, but not the server's packages. This
+downloads those, at the lock's versions, for CPython 3.12 manylinux x86_64 into .whl/, drops bitsandbytes'
+libraries for other CUDA, ROCm and XPU releases (43 MB of its wheel; torch 2.11+cu130 loads the CUDA 13 one,
+and the CPU one is kept), and checks what a device call carries:
 under 64 MiB, one wheel per package, tags that install on CPython 3.12, every Requires-Dist met by a wheel
 or by the machine, and an install and import from a --target with a python3.12 found here (else tags alone).
 
