@@ -14,7 +14,7 @@ UV_VERSION := 0.13.8
 TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 LATEST_VENV ?= .venv-latest
 
-.PHONY: venv serve test test-latest lock bench gpu-check clean
+.PHONY: venv serve test test-latest lock bench gpu-check gpu-wheels clean
 
 venv: $(VENV)/.installed
 
@@ -59,6 +59,13 @@ test-latest:
 	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|peft|tokenizers)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -m 'not slow' --ignore=tests/test_lock.py $(PYTEST_ARGS)
 
+# Here, with PyPI: the packages gpu-check needs that the GPU machine's python3 lacks (the server's, llguidance,
+# gguf, bitsandbytes with its CUDA 13 library alone), as CPython 3.12 wheels at the lock's versions, into .whl/;
+# checks the size (under 64 MiB), the tags and an install and import with a python3.12 here, then prints the
+# install line for the machine. Send .whl as a carried path.
+gpu-wheels: venv
+	$(PY) bench/gpu_wheels.py
+
 bench: venv
 	$(PY) -m quiver.bench throughput
 
@@ -74,4 +81,4 @@ gpu-check:
 	PYTHONPATH=$(CURDIR)/.gpu-check $(GPU_PY) -m quiver.bench gpu_check $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .quiver-cache .gpu-check
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .quiver-cache .gpu-check .whl
