@@ -69,16 +69,16 @@ gpu-wheels: venv
 bench: venv
 	$(PY) -m quiver.bench throughput
 
-# On a GPU machine: every CUDA test and the key benchmarks in one pass of under 8 minutes
-# (bench/gpu_check.py), into bench/results/gpu-check/gpu-check.json. It runs on that machine's own
-# python3 (its CUDA torch, Triton, transformers, PEFT and pytest: e.g. the CUDA image, or a GPU box's
-# environment), with Quiver put on the path as the quiver namespace, not installed.
+# On a GPU machine: every CUDA test and the key benchmarks under one deadline (7 minutes unless
+# GPU_CHECK_ARGS has --deadline), on that machine's own python3 (its CUDA torch, Triton, transformers, PEFT,
+# pytest; never installed here), with the wheels of make gpu-wheels (.whl/) installed beside it when present.
+# Results in $OUT, else bench/results/gpu-check: gpu-check.json, gpu-check.md, gpu-check.tgz, rewritten after
+# every step. DRY=1 proves the plan on any machine (the CUDA tests collected, stand-ins for the benchmarks).
+# The same without make: python3 bench/gpu_check.py [--dry].
 GPU_PY ?= python3
 GPU_CHECK_ARGS ?=
 gpu-check:
-	mkdir -p .gpu-check/quiver
-	for d in server kernels adapters bench; do ln -sfn ../../$$d .gpu-check/quiver/$$d; done
-	PYTHONPATH=$(CURDIR)/.gpu-check $(GPU_PY) -m quiver.bench gpu_check $(GPU_CHECK_ARGS)
+	$(GPU_PY) bench/gpu_check.py $(if $(DRY),--dry) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .quiver-cache .gpu-check .whl

@@ -74,6 +74,23 @@ def bootstrap() -> Path:
     return ns
 
 
+def install_wheels(wheels: Path, site: Path) -> str:
+    """The wheels of make gpu-wheels, installed into `site` (put on the path) with the machine's own pip,
+    no index, no dependencies: the packages the machine lacks, without touching its environment."""
+    found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
+    if not found:
+        return f"no wheels in {wheels}"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, found)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        return f"pip install of {len(found)} wheels failed: {(done.stdout + done.stderr).strip()[-500:]}"
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join((str(site), os.environ["PYTHONPATH"]))
+    importlib.invalidate_caches()
+    return f"installed {len(found)} wheels from {wheels} into {site}"
+
+
 def missing(modules, blocked=()) -> list[str]:
     return [m for m in modules if m in blocked or importlib.util.find_spec(m) is None]
 
@@ -216,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quiver-gpu-check",
                     help="where the random model and each step's own files go (kept out of the results)")
     ap.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, help="seconds for the whole check")
+    ap.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="wheels to install first (make gpu-wheels)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="smollm2-135m", help="model shapes for the benchmarks (bench.models)")
     ap.add_argument("--skip", nargs="*", default=[], help="steps not to run")
@@ -230,8 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     for folder in (out, check.logs, check.figures):
         folder.mkdir(parents=True, exist_ok=True)
     blocked = GPU_MACHINE_LACKS if args.dry else ()
+    wheels = "not installed (--dry)" if args.dry else install_wheels(args.wheels, args.work / "site")
     steps = [s for s in plan(args, args.work, check.figures, blocked) if s.name not in args.skip]
-    check.result = {"deadline_s": args.deadline, "dry": args.dry, "environment": environment(blocked),
+    check.result = {"deadline_s": args.deadline, "dry": args.dry, "wheels": wheels, "environment": environment(blocked),
                     "plan": [{"step": s.name, "limit_s": s.limit, "needs": list(s.needs)} for s in steps],
                     "steps": {}, "finished": False}
     save(check)

@@ -11,7 +11,7 @@ import sys
 
 from fastapi import FastAPI
 
-from quiver.server.engine.public import DTYPES, AsyncEngine, EngineConfig, LLMEngine, Metrics
+from quiver.server.engine.public import DTYPES, AsyncEngine, EngineConfig, LLMEngine, Metrics, warm_up
 from quiver.server.http.app import create_app
 from quiver.server.http.guard import Guard, install
 from quiver.server.http.limits import RequestLimits
@@ -211,6 +211,7 @@ def build_server(args: argparse.Namespace) -> tuple[AsyncEngine, FastAPI]:
         engine.load_adapter(name, path)
     if args.adapter_dir:
         engine.add_adapter_dir(args.adapter_dir)
+    warm_up(engine)  # the Triton kernels compile before /health answers, not on the first requests
     async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
     app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir, limits=request_limits(args),
                      tool_parser=args.tool_call_parser)

@@ -14,11 +14,12 @@ from quiver.server.engine.outputs import RequestFailed, RequestOutput
 from quiver.server.engine.requests import PreparedRequest
 from quiver.server.engine.sampling import InvalidParam, SamplingParams
 from quiver.server.engine.sequence import TokenLogprob
+from quiver.server.engine.warmup import warm_up
 from quiver.server.families.errors import AdapterExists, AdapterFailed, AdapterInUse, UnknownAdapter, shown
 
 __all__ = [
     "AdapterError", "AdapterExists", "AdapterFailed", "AdapterInUse", "AsyncEngine", "DTYPES", "EngineConfig",
     "EngineError", "GrammarSpec", "InvalidName", "InvalidParam", "LLMEngine", "Metrics", "PathNotAllowed", "PreparedRequest",
     "RequestFailed", "RequestOutput", "RequestTimeout", "SamplingParams", "TokenLogprob", "UnknownAdapter",
-    "check_name", "json_spec", "refuse", "resolve_path", "shown",
+    "check_name", "json_spec", "refuse", "resolve_path", "shown", "warm_up",
 ]
