@@ -11,7 +11,6 @@ import time
 
 import torch
 
-from quiver.kernels.grouping import ROW_TILE
 from quiver.server.engine.sampling import SamplingParams
 from quiver.server.engine.upload import StepUpload
 
@@ -41,7 +40,7 @@ def warm_up(engine) -> float:
     upload = StepUpload(device)
     for in_features, outs in lora_shapes(mc):
         buf = ops.lora_buffers(1, engine.config.max_lora_rank, in_features, outs, dtype, device)
-        for tokens in (ROW_TILE, 1):  # a segment of a row tile's tokens takes SGMV, a single token BGMV
+        for tokens in (64, 1):  # one adapter's 64 tokens (several row tiles) take SGMV, a single token BGMV
             meta = ops.lora_meta(torch.zeros(tokens, dtype=torch.long))
             upload.send(meta)
             x = torch.zeros(tokens, in_features, dtype=dtype, device=device)
