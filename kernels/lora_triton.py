@@ -4,9 +4,16 @@ Segmented form (SGMV, for prefill): tokens grouped by adapter; one program per (
 segment, column block), the row tiles listed per step (TritonLoraMeta.m_tiles: only tiles that hold
 tokens are launched), tensor-core dots with float32 accumulation. Gathered form (BGMV, for decode):
 one program per (adapter token, column block), each token reading its own adapter's weights.
+xa, the shrink's output, holds only the adapter tokens, in seg_index order (row i: token seg_index[i]).
 Both expand kernels cover every slice of a fused projection (q/k/v, gate/up) in one launch: each
 column tile belongs to exactly one slice and reads that slice's rank columns of xa. The rank is
 walked in BLOCK_R steps, so shared memory does not grow with --max-lora-rank.
+
+Split-K shrink: a launch with fewer programs than the GPU has SMs (decode: a few tokens, one column
+block at rank 16) also splits the input dimension K into chunks, a third grid axis; each program writes
+its chunk's partial dot to fp32 partials [chunks, n, N], summed in torch in a fixed order (deterministic,
+no atomics). Arguments that change from step to step (the chunk length, the partials' stride) are not
+specialized on, so a live server compiles each kernel once per dtype and output type.
 
 Precision: float32 inputs use exact fp32 dots (no TF32: fp32 serving matches PEFT to 1e-4); bf16 and
 fp16 inputs use their tensor-core dots. Triton's CPU interpreter computes bf16 wrongly, so there
@@ -24,29 +31,33 @@ import triton.language as tl
 from quiver.kernels.grouping import ROW_TILE
 from quiver.kernels.triton_meta import TritonLoraMeta
 
+PER_STEP = ["K_CHUNK", "stride_os"]  # int arguments that change with the step's tokens: never specialized on
+
 
 @triton.jit
 def _tile_rows(m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M: tl.constexpr):
-    """This program's adapter slot, and the token rows (with their mask) of its row tile."""
+    """This program's adapter slot, and the rows of its row tile: tokens, their rows of xa, their mask."""
     pid = tl.program_id(0).to(tl.int64)
     seg = tl.load(m_tiles_ptr + 2 * pid).to(tl.int64)
     m0 = tl.load(m_tiles_ptr + 2 * pid + 1).to(tl.int64) * BLOCK_M
     rm = m0 + tl.arange(0, BLOCK_M)
     m_mask = rm < tl.load(seg_lens_ptr + seg)
-    tok = tl.load(seg_index_ptr + tl.load(seg_starts_ptr + seg) + rm, mask=m_mask, other=0).to(tl.int64)
-    return tl.load(seg_slots_ptr + seg).to(tl.int64), tok, m_mask
+    row = tl.load(seg_starts_ptr + seg).to(tl.int64) + rm
+    tok = tl.load(seg_index_ptr + row, mask=m_mask, other=0).to(tl.int64)
+    return tl.load(seg_slots_ptr + seg).to(tl.int64), tok, row, m_mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP)
 def _shrink_sgmv(x_ptr, a_ptr, out_ptr, m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr,
-                 K, N, stride_xt, stride_al, stride_an, stride_ot,
+                 K, N, K_CHUNK, stride_xt, stride_al, stride_an, stride_os, stride_ot,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr):
-    slot, tok, m_mask = _tile_rows(m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
+    slot, tok, row, m_mask = _tile_rows(m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
+    k_lo = tl.program_id(2) * K_CHUNK
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
         xt = tl.load(x_ptr + tok[:, None] * stride_xt + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -55,7 +66,8 @@ def _shrink_sgmv(x_ptr, a_ptr, out_ptr, m_tiles_ptr, seg_index_ptr, seg_starts_p
         if UPCAST:
             xt, at = xt.to(tl.float32), at.to(tl.float32)
         acc += tl.dot(xt, at, input_precision=PRECISION)
-    tl.store(out_ptr + tok[:, None] * stride_ot + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+    out_ptr += tl.program_id(2).to(tl.int64) * stride_os
+    tl.store(out_ptr + row[:, None] * stride_ot + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -64,7 +76,7 @@ def _expand_sgmv(xa_ptr, b_ptr, y_ptr, m_tiles_ptr, seg_index_ptr, seg_starts_pt
                  tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R, stride_xat, stride_bl, stride_br, stride_yt,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                  UPCAST: tl.constexpr):
-    slot, tok, m_mask = _tile_rows(m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
+    slot, tok, row, m_mask = _tile_rows(m_tiles_ptr, seg_index_ptr, seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, BLOCK_M)
     pid_n = tl.program_id(1)
     s = tl.load(tile_slice_ptr + pid_n)
     rn = tl.load(tile_n0_ptr + pid_n) + tl.arange(0, BLOCK_N)
@@ -73,7 +85,7 @@ def _expand_sgmv(xa_ptr, b_ptr, y_ptr, m_tiles_ptr, seg_index_ptr, seg_starts_pt
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < R
-        xat = tl.load(xa_ptr + tok[:, None] * stride_xat + s * R + rr[None, :],
+        xat = tl.load(xa_ptr + row[:, None] * stride_xat + s * R + rr[None, :],
                       mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         bt = tl.load(b_ptr + slot * stride_bl + rr[:, None] * stride_br + rn[None, :],
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -86,28 +98,32 @@ def _expand_sgmv(xa_ptr, b_ptr, y_ptr, m_tiles_ptr, seg_index_ptr, seg_starts_pt
     tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _shrink_bgmv(x_ptr, a_ptr, out_ptr, tokens_ptr, slots_ptr, K, N, stride_xt, stride_al, stride_an, stride_ot,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.load(tokens_ptr + tl.program_id(0).to(tl.int64)).to(tl.int64)
+@triton.jit(do_not_specialize=PER_STEP)
+def _shrink_bgmv(x_ptr, a_ptr, out_ptr, tokens_ptr, slots_ptr, K, N, K_CHUNK, stride_xt, stride_al, stride_an,
+                 stride_os, stride_ot, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(tokens_ptr + row).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
+    k_lo = tl.program_id(2) * K_CHUNK
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + K_CHUNK, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
         xv = tl.load(x_ptr + t * stride_xt + rk, mask=k_mask, other=0.0).to(tl.float32)
         at = tl.load(a_ptr + slot * stride_al + rn[:, None] * stride_an + rk[None, :],
                      mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(at * xv[None, :], axis=1)
-    tl.store(out_ptr + t * stride_ot + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    out_ptr += tl.program_id(2).to(tl.int64) * stride_os
+    tl.store(out_ptr + row * stride_ot + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
 def _expand_bgmv(xa_ptr, b_ptr, y_ptr, tokens_ptr, slots_ptr, tile_slice_ptr, tile_n0_ptr, slice_end_ptr, R,
                  stride_xat, stride_bl, stride_br, stride_yt, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    t = tl.load(tokens_ptr + tl.program_id(0).to(tl.int64)).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(tokens_ptr + row).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     pid_n = tl.program_id(1)
     s = tl.load(tile_slice_ptr + pid_n)
@@ -117,7 +133,7 @@ def _expand_bgmv(xa_ptr, b_ptr, y_ptr, tokens_ptr, slots_ptr, tile_slice_ptr, ti
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = rr < R
-        xv = tl.load(xa_ptr + t * stride_xat + s * R + rr, mask=r_mask, other=0.0).to(tl.float32)
+        xv = tl.load(xa_ptr + row * stride_xat + s * R + rr, mask=r_mask, other=0.0).to(tl.float32)
         bt = tl.load(b_ptr + slot * stride_bl + rr[None, :] * stride_br + rn[:, None],
                      mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(bt * xv[None, :], axis=1)
@@ -130,6 +146,9 @@ def _expand_bgmv(xa_ptr, b_ptr, y_ptr, tokens_ptr, slots_ptr, tile_slice_ptr, ti
 
 BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R = ROW_TILE, 64, 32, 16
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+SMS = 132  # a nominal GPU's SMs (H100): a shrink launch with fewer programs than this splits K
+PROGRAMS_PER_SM = 4  # what a split aims for: a few programs per SM to hide memory latency
+MIN_TRIPS = 8  # BLOCK_K steps each K chunk walks at least
 
 
 def _precision(t: torch.Tensor) -> str | None:
@@ -153,15 +172,36 @@ def _tiles(offsets: tuple[int, ...], block_n: int, device: str):
     return as_t(slice_of), as_t(start), as_t(list(offsets[1:]))
 
 
-def lora_shrink_sgmv(x, a, meta: TritonLoraMeta) -> torch.Tensor:
-    t, k = x.shape
-    n = a.shape[1]
-    out = torch.empty(t, n, dtype=x.dtype, device=x.device)  # rows of base tokens stay unread
-    grid = (meta.m_tiles.shape[0], triton.cdiv(n, BLOCK_N))
-    _shrink_sgmv[grid](x, a, out, meta.m_tiles, meta.seg_index, meta.seg_starts, meta.seg_lens, meta.seg_slots, k, n,
-                       x.stride(0), a.stride(0), a.stride(1), out.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                       BLOCK_K=BLOCK_K, PRECISION=_precision(x), UPCAST=_upcast(x))
-    return out
+def split_k(programs: int, k: int, split: int | None = None) -> tuple[int, int]:
+    """(chunks, chunk length) of K for a shrink launch of `programs` (rows x column blocks): 1 chunk when
+    the launch fills every SM already, else enough for PROGRAMS_PER_SM per SM, each chunk at least
+    MIN_TRIPS BLOCK_K steps; `split` asks for that many chunks instead. Chunks are whole BLOCK_K steps."""
+    trips = triton.cdiv(k, BLOCK_K)
+    if split is None:
+        split = 1 if programs >= SMS else min(triton.cdiv(PROGRAMS_PER_SM * SMS, programs), trips // MIN_TRIPS)
+    per_chunk = triton.cdiv(trips, max(1, min(split, trips)))
+    return triton.cdiv(trips, per_chunk), per_chunk * BLOCK_K
+
+
+def _shrink(kernel, grid_mn: tuple[int, int], x, a, meta: TritonLoraMeta, meta_args, split: int | None,
+            **consts) -> torch.Tensor:
+    """xa [n, N]: row i = x[seg_index[i]] @ a[its slot]^T. With K split, each chunk's fp32 partials are
+    summed here, in chunk order."""
+    k, n = x.shape[1], a.shape[1]
+    rows = meta.seg_index.shape[0]
+    chunks, chunk = split_k(grid_mn[0] * grid_mn[1], k, split)
+    out = (torch.empty(rows, n, dtype=x.dtype, device=x.device) if chunks == 1
+           else torch.empty(chunks, rows, n, dtype=torch.float32, device=x.device))
+    kernel[(*grid_mn, chunks)](x, a, out, *meta_args, k, n, chunk, x.stride(0), a.stride(0), a.stride(1),
+                               out.stride(0) if chunks > 1 else 0, out.stride(-2), BLOCK_K=BLOCK_K, **consts)
+    return out if chunks == 1 else out.sum(0).to(x.dtype)
+
+
+def lora_shrink_sgmv(x, a, meta: TritonLoraMeta, split: int | None = None) -> torch.Tensor:
+    grid = (meta.m_tiles.shape[0], triton.cdiv(a.shape[1], BLOCK_N))
+    return _shrink(_shrink_sgmv, grid, x, a, meta, (meta.m_tiles, meta.seg_index, meta.seg_starts, meta.seg_lens,
+                                                    meta.seg_slots), split,
+                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(x), UPCAST=_upcast(x))
 
 
 def lora_expand_sgmv(xa, b, offsets, meta: TritonLoraMeta, y) -> torch.Tensor:
@@ -174,14 +214,9 @@ def lora_expand_sgmv(xa, b, offsets, meta: TritonLoraMeta, y) -> torch.Tensor:
     return y
 
 
-def lora_shrink_bgmv(x, a, meta: TritonLoraMeta) -> torch.Tensor:
-    t, k = x.shape
-    n = a.shape[1]
-    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    _shrink_bgmv[(meta.seg_index.numel(), triton.cdiv(n, BLOCK_N))](
-        x, a, out, meta.seg_index, meta.token_slots, k, n, x.stride(0), a.stride(0), a.stride(1), out.stride(0),
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return out
+def lora_shrink_bgmv(x, a, meta: TritonLoraMeta, split: int | None = None) -> torch.Tensor:
+    grid = (meta.seg_index.numel(), triton.cdiv(a.shape[1], BLOCK_N))
+    return _shrink(_shrink_bgmv, grid, x, a, meta, (meta.seg_index, meta.token_slots), split, BLOCK_N=BLOCK_N)
 
 
 def lora_expand_bgmv(xa, b, offsets, meta: TritonLoraMeta, y) -> torch.Tensor:

@@ -84,20 +84,23 @@ def _on_device(meta):
     return meta
 
 
-def _run_triton(form, x, a, b, offsets, slots, y):
+def _run_triton(form, x, a, b, offsets, slots, y, split=None):
+    """y += the delta through one form's shrink and expand; returns xa with its rows as the tokens' rows
+    (NaN for tokens with no adapter), None when no token has one."""
     from quiver.kernels import lora_triton as lt
 
     meta = triton_lora_meta(slots)
     if meta is None:
         return None
     meta = _on_device(meta)
-    if form == "sgmv":
-        xa = lt.lora_shrink_sgmv(x, a, meta)
-        lt.lora_expand_sgmv(xa, b, offsets, meta, y)
-    else:
-        xa = lt.lora_shrink_bgmv(x, a, meta)
-        lt.lora_expand_bgmv(xa, b, offsets, meta, y)
-    return xa
+    shrink, expand = ((lt.lora_shrink_sgmv, lt.lora_expand_sgmv) if form == "sgmv"
+                      else (lt.lora_shrink_bgmv, lt.lora_expand_bgmv))
+    xa = shrink(x, a, meta, split=split)
+    assert xa.shape == (meta.seg_index.numel(), a.shape[1]) and xa.dtype == x.dtype  # adapter tokens only
+    expand(xa, b, offsets, meta, y)
+    by_token = torch.full((len(slots), a.shape[1]), float("nan"), dtype=torch.float64)
+    by_token[meta.seg_index.cpu()] = xa.double().cpu()
+    return by_token
 
 
 @pytest.mark.parametrize("form", ["sgmv", "bgmv"])
@@ -113,9 +116,9 @@ def test_triton_kernels_match_reference(form, n_tokens, popularity):
     if xa is None:
         assert (slots < 0).all()
         return
-    lora_rows = (slots >= 0).to(DEVICE)  # base tokens' rows of xa are never read (nor written)
-    want_xa = lora_shrink_ref(x.cpu(), a.cpu().nan_to_num(), slots)
-    torch.testing.assert_close(xa[lora_rows].cpu(), want_xa[lora_rows.cpu()], atol=1e-4, rtol=1e-5)
+    lora_rows = (slots >= 0).to(DEVICE)
+    want_xa = lora_shrink_ref(x.cpu().double(), a.cpu().nan_to_num().double(), slots)
+    torch.testing.assert_close(xa[lora_rows.cpu()], want_xa[lora_rows.cpu()], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close((y - y0).double().cpu(), want, atol=1e-4, rtol=1e-5)
     assert torch.equal(y[~lora_rows], y0[~lora_rows])  # base tokens untouched
 
@@ -207,3 +210,92 @@ def test_cpu_path_expands_wide_slices_one_by_one():
     y = torch.zeros(24, offsets[-1])
     lora_apply(x, y, a, block_diagonal(b, offsets), meta, offsets)
     torch.testing.assert_close(y.double(), per_token(x, a, b, offsets, slots), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("rank,dtype", [(1, torch.float32), (16, torch.float32), (64, torch.float32),
+                                        (16, torch.bfloat16)])
+def test_split_k_shrink_matches_reference(form, split, rank, dtype):
+    """K split into chunks (K = 200 is no multiple of a chunk: 3 chunks of 96, 96 and 8), each chunk's fp32
+    partial summed: the reference's shrink, and the whole delta, at ranks 1 to 64 (3 column blocks at 64)."""
+    from quiver.kernels import lora_triton as lt
+
+    k = 200
+    assert lt.split_k(1, k, split) == ((3, 96) if split == 3 else (1, 224))
+    x, a, b, offsets, slots = make_case(20, "with_base", k=k, rank=rank, n_slots=3, seed=rank, dtype=dtype)
+    want = per_token(x.double(), a.double(), b.double(), offsets, slots)
+    want_xa = lora_shrink_ref(x.double(), a.double(), slots)
+    _nan_fill_unused(a, b, slots)
+    y = torch.zeros(20, offsets[-1], dtype=dtype, device=DEVICE)
+    xa = _run_triton(form, x.to(DEVICE), a.to(DEVICE), b.to(DEVICE), offsets, slots, y, split)
+    rows = slots >= 0
+    tol = HALF_TOL[dtype]
+    torch.testing.assert_close(xa[rows], want_xa[rows], atol=tol * want_xa.abs().max().item(), rtol=tol)
+    torch.testing.assert_close(y.double().cpu(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+def test_split_k_is_chosen_by_shape():
+    """Decode-like launches (few programs, long K) split K; prefill-like ones (a row tile per 16 tokens)
+    and short K do not. Every chunk is whole BLOCK_K steps, the chunks cover K, none is empty."""
+    from quiver.kernels import lora_triton as lt
+
+    k = 4096  # Llama-8B's hidden size
+    for programs in (1, 8, 32, 100):  # decode: tokens x 1 column block (rank 16)
+        chunks, chunk = lt.split_k(programs, k)
+        assert chunks > 1 and chunk % lt.BLOCK_K == 0 and chunk >= lt.MIN_TRIPS * lt.BLOCK_K
+        assert (chunks - 1) * chunk < k <= chunks * chunk
+    assert lt.split_k(32, k)[0] * 32 >= lt.SMS  # batch 32 fills the SMs
+    assert lt.split_k(4096 // lt.BLOCK_M, k) == (1, k)  # a 4096-token prefill: 256 row tiles
+    assert lt.split_k(lt.SMS, k)[0] == 1
+    assert lt.split_k(4, 72)[0] == 1  # too short to split
+
+
+def test_decode_shrink_splits_and_is_reproducible():
+    """A decode-like step (2 tokens, K = 1024) takes the split path by itself; the sum of its partials is
+    the reference's, and the same bits on a rerun."""
+    from quiver.kernels import lora_triton as lt
+
+    k = 1024
+    assert lt.split_k(2, k)[0] > 1
+    x, a, b, offsets, slots = make_case(2, "uniform", k=k, n_slots=3)
+    want_xa = lora_shrink_ref(x.double(), a.double(), slots)
+    _nan_fill_unused(a, b, slots)
+    meta = _on_device(triton_lora_meta(slots))
+    x, a = x.to(DEVICE), a.to(DEVICE)
+    xa = lt.lora_shrink_bgmv(x, a, meta)
+    torch.testing.assert_close(xa.double().cpu(), want_xa[meta.seg_index.cpu()], atol=1e-4, rtol=1e-5)
+    assert torch.equal(lt.lora_shrink_bgmv(x, a, meta), xa)
+
+
+def test_only_unspecialized_arguments_change_between_steps(monkeypatch):
+    """Triton compiles a kernel again when an int argument it specializes on (== 1, divisible by 16)
+    changes: every int argument that differs between steps of different sizes (decode and prefill, split
+    and not) must be one of PER_STEP. The launches are recorded, not run."""
+    from quiver.kernels import lora_triton as lt
+
+    launched: dict[str, list[dict]] = {}
+
+    class Record:
+        def __init__(self, name):
+            self.name, self.arg_names = name, getattr(lt, name).arg_names
+
+        def __getitem__(self, grid):
+            return lambda *args, **consts: launched.setdefault(self.name, []).append(
+                {n: v for n, v in zip(self.arg_names, args) if isinstance(v, int)})
+
+    for name in ("_shrink_sgmv", "_expand_sgmv", "_shrink_bgmv", "_expand_bgmv"):
+        monkeypatch.setattr(lt, name, Record(name))
+    k, offsets = 1024, (0, 40, 56, 72)
+    a, b = torch.zeros(10, 48, k, device=DEVICE), torch.zeros(10, 16, 72, device=DEVICE)
+    for slots in (torch.arange(2) % 2, torch.arange(5) % 3, torch.arange(140) % 10,  # BGMV, split and not
+                  torch.zeros(40, dtype=torch.long), torch.zeros(2200, dtype=torch.long)):  # SGMV, likewise
+        x = torch.zeros(len(slots), k, device=DEVICE)
+        lt.lora_apply(x, torch.zeros(len(slots), 72, device=DEVICE), a, b, offsets, _on_device(triton_lora_meta(slots)))
+    assert {n: len(v) for n, v in launched.items()} == {"_shrink_bgmv": 3, "_expand_bgmv": 3, "_shrink_sgmv": 2,
+                                                         "_expand_sgmv": 2}
+    for name, calls in launched.items():
+        varying = {n for n in calls[0] if len({c[n] for c in calls}) > 1}
+        assert varying <= set(lt.PER_STEP), (name, varying)
+        if name.startswith("_shrink"):
+            assert varying == {"K_CHUNK", "stride_os"}  # the steps did differ in their split

@@ -21,22 +21,23 @@ def signatures(p: str, prec, upcast: bool):
     tiles = {"tile_slice_ptr": "*i32", "tile_n0_ptr": "*i32", "slice_end_ptr": "*i32"}
     gather = {"tokens_ptr": "*i64", "slots_ptr": "*i64"}
     lora = dict(PRECISION=prec, UPCAST=upcast)
+    outs = (("", p), ("_split", "*fp32"))  # each shrink writes the input dtype, or split-K's fp32 partials
     attention = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "tiles_ptr": "*i32", "tables_ptr": "*i64",
                  "q_start_ptr": "*i64", "q_lens_ptr": "*i64", "kv_off_ptr": "*i64", "prefix_ptr": "*i64",
                  "scale": "fp32", "GROUP": "i32", "BLOCK_SIZE": "i32", "D": "i32",
                  **{k: "i32" for k in ("stride_qb", "stride_qq", "stride_qh", "stride_kh", "stride_kb", "stride_ks",
                                        "stride_tb", "stride_ob", "stride_oq", "stride_oh")}}
+    shrink = {"K": "i32", "N": "i32", "K_CHUNK": "i32", "stride_xt": "i32", "stride_al": "i32", "stride_an": "i32",
+              "stride_os": "i32", "stride_ot": "i32"}
     return [
-        ("shrink_sgmv", lt._shrink_sgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": p, **seg, "K": "i32", "N": "i32",
-                                          "stride_xt": "i32", "stride_al": "i32", "stride_an": "i32", "stride_ot": "i32"},
-         dict(BLOCK_M=lt.BLOCK_M, BLOCK_N=lt.BLOCK_N, BLOCK_K=lt.BLOCK_K, **lora)),
+        *[(f"shrink_sgmv{tag}", lt._shrink_sgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": out, **seg, **shrink},
+           dict(BLOCK_M=lt.BLOCK_M, BLOCK_N=lt.BLOCK_N, BLOCK_K=lt.BLOCK_K, **lora)) for tag, out in outs],
         ("expand_sgmv", lt._expand_sgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, **seg, **tiles, "R": "i32",
                                           "stride_xat": "i32", "stride_bl": "i32", "stride_br": "i32",
                                           "stride_yt": "i32"},
          dict(BLOCK_M=lt.BLOCK_M, BLOCK_N=lt.BLOCK_N, BLOCK_R=lt.BLOCK_R, **lora)),
-        ("shrink_bgmv", lt._shrink_bgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": p, **gather, "K": "i32", "N": "i32",
-                                          "stride_xt": "i32", "stride_al": "i32", "stride_an": "i32", "stride_ot": "i32"},
-         dict(BLOCK_N=lt.BLOCK_N, BLOCK_K=lt.BLOCK_K)),
+        *[(f"shrink_bgmv{tag}", lt._shrink_bgmv, {"x_ptr": p, "a_ptr": p, "out_ptr": out, **gather, **shrink},
+           dict(BLOCK_N=lt.BLOCK_N, BLOCK_K=lt.BLOCK_K)) for tag, out in outs],
         ("expand_bgmv", lt._expand_bgmv, {"xa_ptr": p, "b_ptr": p, "y_ptr": p, **gather, **tiles, "R": "i32",
                                           "stride_xat": "i32", "stride_bl": "i32", "stride_br": "i32",
                                           "stride_yt": "i32"},
