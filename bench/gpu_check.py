@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,7 +63,10 @@ class Check:
 
 def bootstrap() -> Path:
     """Put this checkout on the path as the `quiver` namespace (not installed on a GPU machine): a folder of
-    links, prepended to sys.path and to the children's PYTHONPATH (appended to, never replaced)."""
+    links, prepended to sys.path and to the children's PYTHONPATH (appended to, never replaced). bench/
+    itself leaves sys.path: its modules (kernels, models, common) would shadow packages of those names."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     ns = ROOT / ".gpu-check"
     (ns / "quiver").mkdir(parents=True, exist_ok=True)
     for part in ("server", "kernels", "adapters", "bench"):
@@ -100,8 +104,9 @@ def plan(args, work: Path, figures: Path, blocked: tuple[str, ...]) -> list[Step
     model = str(work / f"model-{args.shape}")
     gpu = ["--device", args.device, "--dtype", "bfloat16", "--model", model]
     timeout = ["--timeout", "120"] if not missing(["pytest_timeout"]) else []
+    workers = ["-n", "4"] if not missing(["xdist"]) else []
     tests = [py, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-             *timeout, *CUDA_TESTS]
+             *timeout, *workers, *CUDA_TESTS]
     if args.dry:  # collect only, as the GPU machine would, without its missing packages
         tests = [py, "-c", f"import sys; sys.modules.update(dict.fromkeys({list(blocked)!r}));"
                            f"import pytest; sys.exit(pytest.main({tests[3:]!r} + ['--collect-only']))"]
@@ -160,8 +165,9 @@ def run(step: Step, check: Check, blocked: tuple[str, ...]) -> dict:
     t0 = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(step.argv, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        # the benchmarks run from the work folder: nothing of the checkout's top level on their path
+        proc = subprocess.Popen(step.argv, cwd=ROOT if step.name == "tests" else check.figures, stdout=sink,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -169,10 +175,18 @@ def run(step: Step, check: Check, blocked: tuple[str, ...]) -> dict:
             stop_group(proc)
             with open(log, "a") as note:
                 note.write(f"\n[gpu-check] killed at its limit of {limit:.0f} s\n")
-    tail = log.read_text(errors="replace").strip().splitlines()[-40:]
+    text = log.read_text(errors="replace")
+    tail = text.strip().splitlines()[-40:]
     took = round(time.monotonic() - t0, 1)
     print(f"{step.name:10s} rc={rc} {took:6.1f} s  {tail[-1] if tail else ''}", flush=True)
-    return {"command": step.argv, "returncode": rc, "seconds": took, "limit": round(limit, 1), "tail": tail}
+    record = {"command": step.argv, "returncode": rc, "seconds": took, "limit": round(limit, 1), "tail": tail}
+    outcomes = dict(m[::-1] for m in OUTCOME.findall(text)) | dict(OUTCOME_AFTER.findall(text))
+    return record | ({"tests": outcomes} if outcomes else {})
+
+
+# pytest -v's one line per test: "tests/x.py::t[p] PASSED", or with xdist "[gw0] [ 5%] PASSED tests/x.py::t[p]"
+OUTCOME_AFTER = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", re.M)
+OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+::\S+)", re.M)
 
 
 def stop_group(proc: subprocess.Popen) -> None:

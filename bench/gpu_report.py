@@ -24,10 +24,15 @@ def table(result: dict) -> str:
 
 
 def tests(steps: dict) -> list[str]:
-    tail = steps.get("tests", {}).get("tail", [])
+    step = steps.get("tests", {})
+    tail, outcomes = step.get("tail", []), step.get("tests", {})
+    if not tail:
+        return []
     summary = next((t for t in reversed(tail) if re.search(r"\b(passed|failed|error|skipped|collected)\b", t)), None)
-    failures = [t for t in tail if t.startswith(("FAILED", "ERROR"))]
-    return ["", "## CUDA tests", "", summary or "(no summary line)", *(f"- {f}" for f in failures)] if tail else []
+    counts = {o: list(outcomes.values()).count(o) for o in sorted(set(outcomes.values()))}
+    bad = [f"- {o} {name}" for name, o in outcomes.items() if o in ("FAILED", "ERROR")]
+    return ["", "## CUDA tests", "", summary or "(no summary line)",
+            *([", ".join(f"{n} {o.lower()}" for o, n in counts.items())] if counts else []), *bad]
 
 
 def kernels(steps: dict) -> list[str]:
