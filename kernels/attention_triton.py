@@ -116,16 +116,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NOMINAL_SMS, KEYS_PER_SPLIT, MAX_SPLITS = 132, 256, 16
 
 
+# (largest head size, 2-byte dtype) -> BLOCK_N, num_warps: the widest key tile with no register spill
+# on sm_80 or sm_90 (ptxas -v, Triton 3.9); the q, K and V pointer tiles are what fill the registers
+CONFIGS = {(64, True): (64, 4), (64, False): (32, 8), (128, True): (64, 8), (128, False): (32, 8),
+           (256, True): (32, 8), (256, False): (16, 8)}
+
+
 def config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile and launch sizes by head size and dtype (a table, not @triton.autotune, which benchmarks at
-    first use and cannot run in the interpreter). float32 at D=128 already holds 255 registers at
-    BLOCK_N=32 (the tiles live in registers), so it keeps the narrower key tile."""
+    """Tile and launch sizes by head size and dtype: a table, not @triton.autotune, which benchmarks at
+    first use (on a live request) and cannot run in the interpreter."""
     half = dtype.itemsize == 2
-    if head_dim <= 64:
-        return dict(BLOCK_N=64, num_warps=4, num_stages=3 if half else 2)
-    if head_dim <= 128:
-        return dict(BLOCK_N=64 if half else 32, num_warps=4, num_stages=2 if half else 1)
-    return dict(BLOCK_N=32, num_warps=8, num_stages=1)
+    top = next((top for top in (64, 128) if head_dim <= top), 256)
+    block_n, warps = CONFIGS[top, half]
+    return dict(BLOCK_N=block_n, num_warps=warps, num_stages=2)
 
 
 def kv_splits(programs: int, max_keys: int) -> int:
