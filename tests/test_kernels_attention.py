@@ -174,8 +174,8 @@ def launches(monkeypatch):
 
     from quiver.kernels import attention_triton as at
 
-    kernel, seen = at._prefix_paged_attention, []
-    names = list(inspect.signature(kernel.fn).parameters)
+    seen = []
+    names = list(inspect.signature(at._prefix_paged_attention.fn).parameters)
 
     class Spy:
         kernel = at._prefix_paged_attention
@@ -183,7 +183,7 @@ def launches(monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 seen.append((grid, {**dict(zip(names, args)), **kw}))
-                return kernel[grid](*args, **kw)
+                return self.kernel[grid](*args, **kw)
             return launch
 
     monkeypatch.setattr(at, "_prefix_paged_attention", Spy())
