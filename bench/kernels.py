@@ -82,7 +82,7 @@ def lora_case(segments, adapters, dtype, device, rank, repeats):
 
 
 def attention_case(rows, context, dtype, device, repeats):
-    from quiver.kernels.attention_triton import prefix_paged_attention
+    from quiver.kernels.attention_triton import kv_splits, prefix_paged_attention
     from quiver.kernels.grouping import attention_tiles
 
     heads, kv_heads, d, bs = 32, 8, 128, 16
@@ -93,12 +93,14 @@ def attention_case(rows, context, dtype, device, repeats):
     q = torch.randn(rows, 1, heads, d, dtype=dtype, device=device)
     q_start = torch.full((rows,), context - 1, device=device)
     ones, zeros = torch.ones(rows, dtype=torch.long, device=device), torch.zeros(rows, dtype=torch.long, device=device)
+    q_offset = torch.arange(rows, device=device)
     tiles = attention_tiles(ones.cpu(), heads // kv_heads).to(device)
+    q_flat, splits = q.view(rows, heads, d), kv_splits(tiles.shape[0] * kv_heads, context)  # split-KV as served
     allowed = torch.ones(rows, 1, context, dtype=torch.bool, device=device)
     scale = d ** -0.5
     results = {
-        "triton": timed_us(lambda: prefix_paged_attention(q, k_cache, v_cache, tables, q_start, ones, zeros, zeros,
-                                                          scale, tiles=tiles), repeats),
+        "triton": timed_us(lambda: prefix_paged_attention(q_flat, k_cache, v_cache, tables, q_offset, q_start, ones,
+                                                          zeros, zeros, scale, tiles=tiles, splits=splits), repeats),
         "torch_sdpa": timed_us(lambda: torch_ops.paged_attention(q, k_cache, v_cache, tables, allowed, scale), repeats),
     }
     nbytes = 2 * rows * context * kv_heads * d * dtype.itemsize  # K and V read once

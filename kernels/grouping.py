@@ -1,5 +1,5 @@
 """What both backends' step metadata is made of: a step's tokens grouped by adapter slot, the row tiles
-the Triton kernels launch, and attention's padded query slots. Built once per step, on the host, with no
+the Triton kernels launch, and the padded query slots of the torch backend's attention. Built once per step, on the host, with no
 per-token Python; the backends (kernels.torch_backend, kernels.triton_backend) turn them into their own forms.
 
 Each metadata object names its tensor fields in UPLOAD: the engine sends exactly those to the device with

@@ -17,7 +17,7 @@ import torch
 from quiver.kernels import torch_ops
 from quiver.kernels.grouping import attend_groups
 from quiver.kernels.torch_meta import TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
-from quiver.kernels.triton_meta import TritonLoraMeta, paged_attention_meta, triton_lora_meta
+from quiver.kernels.triton_meta import PagedAttention, TritonLoraMeta, paged_attention_meta, triton_lora_meta
 
 
 @dataclass
@@ -142,7 +142,8 @@ class TorchOps:
 
 
 class TritonOps:
-    """Paged attention walking each row's keys itself (kernels.attention_triton); SGMV/BGMV LoRA over B
+    """Paged attention over the flat tokens, one launch walking each row's keys itself, split-KV when a
+    launch is too small for the GPU (kernels.attention_triton); SGMV/BGMV LoRA over B
     stored [L, R, out], every slice's rank rows at 0..R over its own columns (kernels.lora_triton).
     Bottleneck adapters take the torch op on every device."""
     name = "triton"
@@ -155,12 +156,13 @@ class TritonOps:
         return paged_attention_meta(layout, heads_per_kv)
 
     @staticmethod
-    def attention(q, k_cache, v_cache, meta: list, scale: float) -> torch.Tensor:
-        from quiver.kernels.attention_triton import prefix_paged_attention
+    def attention(q, k_cache, v_cache, meta: list[PagedAttention], scale: float) -> torch.Tensor:
+        from quiver.kernels.attention_triton import kv_splits, prefix_paged_attention
 
-        return attend_groups(q, meta, lambda qg, g: prefix_paged_attention(
-            qg, k_cache, v_cache, g.block_tables, g.q_start, g.q_lens, g.kv_offset, g.prefix_len, scale,
-            tiles=g.tiles))
+        (m,) = meta  # one launch over the flat tokens: no padded gather, no scatter
+        splits = kv_splits(m.tiles.shape[0] * k_cache.shape[0], m.max_keys)
+        return prefix_paged_attention(q, k_cache, v_cache, m.block_tables, m.q_offset, m.q_start, m.q_lens,
+                                      m.kv_offset, m.prefix_len, scale, tiles=m.tiles, splits=splits)
 
     @staticmethod
     def lora_buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,

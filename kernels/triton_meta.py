@@ -1,5 +1,5 @@
 """The Triton kernels' per-step metadata (kernels.grouping says what it is made of): adapter tokens as
-segments with the row tiles SGMV launches, and attention rows as a decode group and a prefill group, each
+segments with the row tiles SGMV launches, and attention's rows as one launch over the flat tokens, each
 row's keys walked by the kernel itself through its block table."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quiver.kernels.grouping import QuerySlots, attention_tiles, group_tokens, mark_in_order, query_slots, row_tiles
+from quiver.kernels.grouping import ROW_TILE, attention_tiles, group_tokens, row_tiles
 
 
 @dataclass
@@ -35,32 +35,31 @@ def triton_lora_meta(token_slots: torch.Tensor) -> TritonLoraMeta | None:
 
 
 @dataclass
-class PagedGroup:
-    """Rows of one kernel launch: query i of row b is its token q_start[b] + i, stored from cache index
-    kv_offset[b] on, after prefix_len[b] adapter prefix keys."""
-    slots: QuerySlots
+class PagedAttention:
+    """Every row of a step in one kernel launch (kernels.attention_triton): query i of row b is flat token
+    q_offset[b] + i, the row's token q_start[b] + i, stored from cache index kv_offset[b] on, after
+    prefix_len[b] adapter prefix keys. Nothing is padded: the kernel reads q and writes out as [T, H, D]."""
     block_tables: torch.Tensor  # [B, NB]
+    q_offset: torch.Tensor  # [B]
     q_start: torch.Tensor  # [B]
     q_lens: torch.Tensor  # [B]
     kv_offset: torch.Tensor  # [B]
     prefix_len: torch.Tensor  # [B]
-    tiles: torch.Tensor  # [tiles, 2] int32 (row, block of queries x heads): the kernel's grid
+    tiles: torch.Tensor  # [tiles, 2] int32 (row, block of queries x heads): the kernel's grid, longest first
+    max_keys: int  # keys the step's longest row sees: how far split-KV may split it
 
-    UPLOAD = ("slots", "block_tables", "q_start", "q_lens", "kv_offset", "prefix_len", "tiles")
-
-
-def paged_attention_meta(layout, heads_per_kv: int) -> list[PagedGroup]:
-    """Decode rows (one query) and prefill rows form one group each (layout: engine.step.RowLayout)."""
-    lens = layout.lens
-    groups = [_paged_group(members, layout, heads_per_kv)
-              for members in ((lens == 1).nonzero().squeeze(1), (lens > 1).nonzero().squeeze(1)) if members.numel()]
-    mark_in_order(groups, layout.num_tokens)
-    return groups
+    UPLOAD = ("block_tables", "q_offset", "q_start", "q_lens", "kv_offset", "prefix_len", "tiles")
 
 
-def _paged_group(members: torch.Tensor, layout, heads_per_kv: int) -> PagedGroup:
-    q_lens, starts = layout.lens[members], layout.starts[members]
-    kv_off = layout.kv_offsets[members]
-    nb = -(-int((kv_off + starts + q_lens).max()) // layout.block_size)  # blocks the rows' keys span
-    return PagedGroup(query_slots(layout.offsets[members], q_lens), layout.block_tables[members, :nb], starts, q_lens,
-                      kv_off, layout.prefix_lens[members], attention_tiles(q_lens, heads_per_kv))
+def paged_attention_meta(layout, heads_per_kv: int) -> list[PagedAttention]:
+    """The step's rows, decode and prefill alike, as one launch (layout: engine.step.RowLayout)."""
+    q_lens, starts, kv_off = layout.lens, layout.starts, layout.kv_offsets
+    keys = kv_off + starts + q_lens  # each row's last query sees keys 0 .. keys - 1
+    nb = -(-int(keys.max()) // layout.block_size)  # blocks the rows' keys span
+    tiles = attention_tiles(q_lens, heads_per_kv)
+    # the tiles that walk the most keys start first, so the launch does not end on a long tile alone
+    row, blk = tiles[:, 0].long(), tiles[:, 1].long()
+    last_q = torch.minimum(((blk + 1) * ROW_TILE - 1) // heads_per_kv, q_lens[row] - 1)
+    tiles = tiles[torch.argsort(kv_off[row] + starts[row] + last_q, descending=True, stable=True)]
+    return [PagedAttention(layout.block_tables[:, :nb], layout.offsets, starts, q_lens, kv_off, layout.prefix_lens,
+                           tiles, int(keys.max()))]

@@ -45,13 +45,12 @@ class CheckedTritonOps(ops.TritonOps):
     seen: list[str] = []
 
     @staticmethod
-    def attention(q, k_cache, v_cache, groups, scale):
-        for group in groups:
-            for t in (group.block_tables, group.q_start, group.q_lens, group.kv_offset, group.prefix_len,
-                      group.slots.query_index, group.slots.token_index):
-                assert t.device == q.device and t.dtype == torch.int64, (t.device, t.dtype)
-            assert group.tiles.device == q.device and group.tiles.dtype == torch.int32
-        assert q.dtype == k_cache.dtype == v_cache.dtype and q.stride(-1) == k_cache.stride(-1) == 1
+    def attention(q, k_cache, v_cache, meta, scale):
+        from quiver.kernels.attention_triton import _check
+
+        (m,) = meta
+        _check(q, k_cache, v_cache, m.block_tables, (m.q_offset, m.q_start, m.q_lens, m.kv_offset, m.prefix_len),
+               m.tiles)
         CheckedTritonOps.seen.append("attention")
         return torch.empty_like(q)
 

@@ -87,23 +87,38 @@ def test_reference_matches_definition(shape, kind):
         torch.testing.assert_close(got[r, :n].double(), want[r, :n], atol=1e-5, rtol=1e-5)
 
 
+def flat(q, lens):
+    """Padded [B, Q, H, D] queries -> the step's flat [T, H, D] and each row's first token index."""
+    q_flat = torch.cat([q[r, :int(n)] for r, n in enumerate(lens)])
+    return q_flat, torch.cumsum(lens, 0) - lens
+
+
+def run_triton(q, kc, vc, bt, start, lens, off, prefix, scale, **kw):
+    """The Triton kernel on the flat form of a make_case step (on the GPU when there is one)."""
+    from quiver.kernels.attention_triton import prefix_paged_attention as triton_attention
+
+    q_flat, q_off = flat(q, lens)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    return triton_attention(dev(q_flat), dev(kc), dev(vc), dev(bt), dev(q_off), dev(start), dev(lens), dev(off),
+                            dev(prefix), scale, **kw).cpu()
+
+
+def assert_rows_close(got_flat, want, lens, tol):
+    """got_flat [T, H, D] against want [B, Q, H, D] padded, row by row."""
+    assert got_flat.shape[0] == int(lens.sum())
+    torch.testing.assert_close(got_flat.double(), flat(want, lens)[0], atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("kind", list(ROWS))
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_triton_kernel_matches_reference(shape, kind, block_size):
-    from quiver.kernels.attention_triton import prefix_paged_attention as triton_attention
-
     q, kc, vc, bt, (start, lens, off, prefix) = make_case(*SHAPES[shape], ROWS[kind], block_size=block_size,
                                                         num_blocks=24, seed=block_size)
     scale = 1 / math.sqrt(q.shape[-1])
     want = direct(q, kc, vc, bt, start, lens, off, prefix, scale)
     # unreferenced cache blocks stay NaN: reading one would poison the output
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    got = triton_attention(dev(q), dev(kc), dev(vc), dev(bt), dev(start), dev(lens), dev(off), dev(prefix), scale)
-    got = got.cpu()
-    for r in range(q.shape[0]):
-        n = int(lens[r])
-        torch.testing.assert_close(got[r, :n].double(), want[r, :n], atol=1e-4, rtol=1e-4)
+    assert_rows_close(run_triton(q, kc, vc, bt, start, lens, off, prefix, scale), want, lens, 1e-4)
 
 
 HALF_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -115,14 +130,130 @@ HALF_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 def test_triton_kernel_in_every_dtype_and_head_size(dtype, head_dim, kind):
     """bf16 and fp16 (tensor-core dots on a GPU; in the interpreter widened, as bf16 must be there) and
     head sizes 64 and 128, against float64 maths on the same rounded inputs."""
-    from quiver.kernels.attention_triton import prefix_paged_attention as triton_attention
-
     q, kc, vc, bt, (start, lens, off, prefix) = make_case(4, 2, ROWS[kind], d=head_dim, num_blocks=24, seed=head_dim)
     q, kc, vc = q.to(dtype), kc.to(dtype), vc.to(dtype)
     scale = 1 / math.sqrt(head_dim)
     want = direct(q, kc, vc, bt, start, lens, off, prefix, scale)
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    got = triton_attention(dev(q), dev(kc), dev(vc), dev(bt), dev(start), dev(lens), dev(off), dev(prefix), scale).cpu()
-    for r in range(q.shape[0]):
-        n = int(lens[r])
-        torch.testing.assert_close(got[r, :n].double(), want[r, :n], atol=HALF_TOL[dtype], rtol=HALF_TOL[dtype])
+    assert_rows_close(run_triton(q, kc, vc, bt, start, lens, off, prefix, scale), want, lens, HALF_TOL[dtype])
+
+
+# rows whose keys outrun one BLOCK_N tile several times, beside rows too short to reach the later splits
+LONG_ROWS = [(1, 150, 0), (1, 3, 5), (1, 97, 5), (6, 120, 0), (2, 0, 0)]
+
+
+@pytest.mark.parametrize("splits,dtype", [(2, torch.float32), (3, torch.float32), (3, torch.bfloat16)])
+def test_split_kv_matches_reference(splits, dtype):
+    """Split-KV: each split walks its share of a row's keys, a log-sum-exp combine joins them; splits
+    that see no key of a short row weigh nothing. Decode and prefill rows in one launch."""
+    q, kc, vc, bt, (start, lens, off, prefix) = make_case(4, 2, LONG_ROWS, block_size=16, num_blocks=36, seed=splits)
+    q, kc, vc = q.to(dtype), kc.to(dtype), vc.to(dtype)
+    scale = 1 / math.sqrt(q.shape[-1])
+    want = direct(q, kc, vc, bt, start, lens, off, prefix, scale)
+    got = run_triton(q, kc, vc, bt, start, lens, off, prefix, scale, splits=splits)
+    assert_rows_close(got, want, lens, HALF_TOL[dtype])
+
+
+def test_split_count_follows_the_step():
+    """Splits only while a launch has too few programs for the GPU and its keys are long."""
+    from quiver.kernels.attention_triton import KEYS_PER_SPLIT, MAX_SPLITS, NOMINAL_SMS, kv_splits
+
+    assert kv_splits(8, 8192) == MAX_SPLITS  # batch-1 Llama-8B decode over a long context
+    assert kv_splits(8 * 8, 8192) == -(-NOMINAL_SMS // 64)  # batch 8: enough splits to fill the SMs
+    assert kv_splits(32 * 8, 8192) == 1  # batch 32 fills the GPU
+    assert kv_splits(8, KEYS_PER_SPLIT - 1) == 1  # short contexts: no split
+    assert kv_splits(8, 3 * KEYS_PER_SPLIT) == 3
+
+
+# ---- TritonOps.attention: the step's flat tokens, one launch --------------------------------------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records every launch of the attention kernel (grid, arguments by name) and runs it."""
+    import inspect
+
+    from quiver.kernels import attention_triton as at
+
+    seen = []
+    names = list(inspect.signature(at._prefix_paged_attention.fn).parameters)
+
+    class Spy:
+        kernel = at._prefix_paged_attention
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((grid, {**dict(zip(names, args)), **kw}))
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(at, "_prefix_paged_attention", Spy())
+    return seen
+
+
+def layout_of(start, lens, off, prefix, bt, block_size):
+    from quiver.server.engine.step import RowLayout
+
+    return RowLayout(start, lens, torch.cumsum(lens, 0) - lens, off, prefix, bt, block_size, int(lens.sum()))
+
+
+# one 48-token chunk beside decode rows and short prefill rows, with and without prefixes
+MIXED = [(48, 5, 0), *[(1, c, p) for c, p in ((6, 0), (13, 5), (2, 5), (30, 0), (0, 1))],
+         *[(q, c, p) for q, c, p in ((3, 9, 5), (2, 1, 0), (5, 0, 1))], (1, 9, 0), (1, 17, 5), (4, 4, 0)]
+
+
+def test_triton_ops_attention_memory_follows_real_tokens(launches):
+    """K1: a mixed step (a long chunk beside many short rows) reaches the kernel as one launch over the
+    flat [T, H, D] queries and output; no tensor of rows x longest chunk is made; the result is the torch
+    backend's (kernels.torch_ops) on the same step, with every unreferenced cache block NaN."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from quiver.kernels.ops import TorchOps, TritonOps
+
+    q, kc, vc, bt, (start, lens, off, prefix) = make_case(4, 2, MIXED, block_size=4, num_blocks=60, seed=3)
+    b, max_q, h, d = q.shape
+    t = int(lens.sum())
+    assert b * max_q >= 5 * t  # padding would show
+    q_flat, _ = flat(q, lens)
+    scale = 1 / math.sqrt(d)
+    layout = layout_of(start, lens, off, prefix, bt, 4)
+    meta = TritonOps.attention_meta(layout, h // 2)
+
+    class Allocations(TorchDispatchMode):
+        """The largest tensor any op makes (outputs that alias an input, views and in-place ops, are none)."""
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for x, ret in zip(outs, func._schema.returns):
+                if isinstance(x, torch.Tensor) and ret.alias_info is None:
+                    self.largest = max(self.largest, x.numel())
+            return out
+
+    with Allocations() as mode:
+        got = TritonOps.attention(q_flat, kc, vc, meta, scale)
+    assert mode.largest <= t * h * d  # the output itself; a padded gather would be b * max_q * h * d
+    (grid, args), = launches
+    assert args["q_ptr"] is q_flat and args["out_ptr"] is got and got.shape == (t, h, d)
+    assert grid[0] == sum(-(-int(n) * 2 // 16) for n in lens)  # tiles in proportion to the real queries
+    want = TorchOps.attention(q_flat, kc.nan_to_num(), vc.nan_to_num(), TorchOps.attention_meta(layout, h // 2), scale)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_per_step_arguments_are_not_specialised(launches):
+    """K7: every int argument that changes between steps of one model (decode, mixed, split-KV) is
+    compiled unspecialised, so a live server compiles no new variant per step shape."""
+    from quiver.kernels import attention_triton as at
+
+    for rows, splits in ((ROWS["decode"], 1), (MIXED, 1), (LONG_ROWS, 2)):
+        q, kc, vc, bt, (start, lens, off, prefix) = make_case(4, 2, rows, block_size=4, num_blocks=120)
+        run_triton(q, kc, vc, bt, start, lens, off, prefix, 0.25, splits=splits)
+    first = launches[0][1]
+    varying = {k for _, args in launches[1:] for k, v in args.items()
+               if type(v) is int and v != first[k]}
+    assert {"stride_tb", "pairs"} <= varying  # the steps differ in block count and tokens
+    kernel = at._prefix_paged_attention.kernel
+    dns = getattr(kernel, "do_not_specialize", None)
+    if dns is None:  # the interpreter's function keeps the decorator's arguments
+        dns = kernel.kwargs["do_not_specialize"]
+    assert varying <= set(dns), varying

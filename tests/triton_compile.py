@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -22,11 +23,13 @@ def signatures(p: str, prec, upcast: bool):
     gather = {"tokens_ptr": "*i64", "slots_ptr": "*i64"}
     lora = dict(PRECISION=prec, UPCAST=upcast)
     outs = (("", p), ("_split", "*fp32"))  # each shrink writes the input dtype, or split-K's fp32 partials
-    attention = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "tiles_ptr": "*i32", "tables_ptr": "*i64",
-                 "q_start_ptr": "*i64", "q_lens_ptr": "*i64", "kv_off_ptr": "*i64", "prefix_ptr": "*i64",
-                 "scale": "fp32", "GROUP": "i32", "BLOCK_SIZE": "i32", "D": "i32",
-                 **{k: "i32" for k in ("stride_qb", "stride_qq", "stride_qh", "stride_kh", "stride_kb", "stride_ks",
-                                       "stride_tb", "stride_ob", "stride_oq", "stride_oh")}}
+    attention = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "part_ptr": "*fp32", "ml_ptr": "*fp32",
+                 "tiles_ptr": "*i32", "tables_ptr": "*i64",
+                 **{k: "*i64" for k in ("q_off_ptr", "q_start_ptr", "q_lens_ptr", "kv_off_ptr", "prefix_ptr")},
+                 "scale": "fp32", "GROUP": "i32", "D": "i32",
+                 **{k: "i32" for k in ("stride_qt", "stride_qh", "stride_kh", "stride_kb", "stride_ks", "stride_tb",
+                                       "stride_ot", "stride_oh", "pairs")}}
+    dtype = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}[p]
     shrink = {"K": "i32", "N": "i32", "K_CHUNK": "i32", "stride_xt": "i32", "stride_al": "i32", "stride_an": "i32",
               "stride_os": "i32", "stride_ot": "i32"}
     return [
@@ -43,7 +46,9 @@ def signatures(p: str, prec, upcast: bool):
                                           "stride_yt": "i32"},
          dict(BLOCK_N=lt.BLOCK_N, BLOCK_R=lt.BLOCK_R)),
         *[(f"attention_d{d}", at._prefix_paged_attention, attention,
-           dict(BLOCK_M=at.BLOCK_M, BLOCK_N=at.BLOCK_N, BLOCK_D=d, PRECISION=prec, UPCAST=upcast)) for d in (64, 128)],
+           dict(BLOCK_SIZE=16, BLOCK_M=at.BLOCK_M, BLOCK_N=cfg.pop("BLOCK_N"), BLOCK_D=d, PRECISION=prec,
+                UPCAST=upcast), cfg)  # cfg: what is left of the launch table, num_warps and num_stages
+          for d in (64, 128) for cfg in [at.config(d, dtype)]],
     ]
 
 
@@ -51,9 +56,11 @@ def main(archs: list[int]) -> None:
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
         for dt, prec in (("fp32", "ieee"), ("bf16", None), ("fp16", None)):
-            for name, fn, sig, consts in signatures(f"*{dt}", prec, upcast=False):
+            for name, fn, sig, consts, *options in signatures(f"*{dt}", prec, upcast=False):
+                options = options[0] if options else {}
                 sig = {**sig, **{k: "constexpr" for k in consts}}
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                                          options=options)
                 assert compiled.asm.get("ptx"), name
                 shared = compiled.metadata.shared
                 assert shared <= SHARED_LIMIT[arch], f"{name} {dt} sm_{arch}: {shared} bytes of shared memory"
