@@ -15,6 +15,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 def signatures(p: str, prec, upcast: bool):
     from quiver.kernels import attention_triton as at
     from quiver.kernels import lora_triton as lt
+    from quiver.kernels import nf4_triton as nt
 
     seg = {"m_tiles_ptr": "*i32", "seg_index_ptr": "*i64", "seg_starts_ptr": "*i64", "seg_lens_ptr": "*i64",
            "seg_slots_ptr": "*i64"}
@@ -43,6 +44,8 @@ def signatures(p: str, prec, upcast: bool):
          dict(BLOCK_N=lt.BLOCK_N, BLOCK_R=lt.BLOCK_R)),
         *[(f"attention_d{d}", at._prefix_paged_attention, attention,
            dict(BLOCK_M=at.BLOCK_M, BLOCK_N=at.BLOCK_N, BLOCK_D=d, PRECISION=prec, UPCAST=upcast)) for d in (64, 128)],
+        ("dequantize_4bit", nt._dequantize_4bit, {"data_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+                                                  "out_ptr": p, "n": "i32"}, dict(BLOCKSIZE=64, BYTES=nt.BYTES)),
     ]
 
 
