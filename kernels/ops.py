@@ -197,3 +197,13 @@ def ops_for(device: torch.device | str, backend: str = "auto") -> Ops:
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
     return BACKENDS[backend]()
+
+
+def dequantize_4bit(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    out: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight into out [n] (fp32/bf16/fp16) in one Triton launch (kernels.nf4_triton):
+    out[i] = code[q[i]] * absmax[i // blocksize], q[i] the high nibble of data[i // 2] for even i, the low
+    for odd; data uint8 [⌈n/2⌉], absmax fp32 [⌈n/blocksize⌉], code fp32 [16]."""
+    from quiver.kernels.nf4_triton import dequantize_4bit as kernel
+
+    return kernel(data, absmax, code, blocksize, out)

@@ -16,6 +16,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 def signatures(p: str, prec, upcast: bool):
     from quiver.kernels import attention_triton as at
     from quiver.kernels import lora_triton as lt
+    from quiver.kernels import nf4_triton as nt
 
     seg = {"m_tiles_ptr": "*i32", "seg_index_ptr": "*i64", "seg_starts_ptr": "*i64", "seg_lens_ptr": "*i64",
            "seg_slots_ptr": "*i64"}
@@ -49,6 +50,8 @@ def signatures(p: str, prec, upcast: bool):
            dict(BLOCK_SIZE=16, BLOCK_M=at.BLOCK_M, BLOCK_N=cfg.pop("BLOCK_N"), BLOCK_D=d, PRECISION=prec,
                 UPCAST=upcast), cfg)  # cfg: what is left of the launch table, num_warps and num_stages
           for d in (64, 128) for cfg in [at.config(d, dtype)]],
+        ("dequantize_4bit", nt._dequantize_4bit, {"data_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+                                                  "out_ptr": p, "n": "i32"}, dict(BLOCKSIZE=64, BYTES=nt.BYTES)),
     ]
 
 

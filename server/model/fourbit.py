@@ -11,6 +11,10 @@ values), two per byte with the even element in the high nibble; each block has o
 With double quantization absmax is itself stored as 8-bit codes a[j] in blocks of 256:
 absmax[j] = code2[a[j]] * nested_absmax[j // 256] + offset. We expand absmax to fp32 once at load (one
 float per 64 weights, 1/8 of the packed bytes), so a tile costs a byte-pair lookup and one multiply.
+
+That tile-by-tile torch path is the CPU's. On CUDA (Scratch's "triton" backend) a fused weight is
+dequantized whole, one Triton launch per projection (kernels.ops.dequantize_4bit), straight into the
+compute dtype, then one cuBLAS matmul: thousands of small launches per layer become a handful.
 """
 from __future__ import annotations
 
@@ -21,8 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quiver.kernels.ops import dequantize_4bit
+
 QUANT_TYPES = ("nf4", "fp4")
 TILE_ELEMENTS = 1 << 18  # weights dequantized at once: 1 MiB of fp32 and 1 MiB of index, kept in cache
+# on the Triton path: the largest fused projection of Llama-3-8B (gate/up, 117M) whole; a larger one (a 4-bit
+# head, 70B's gate/up) goes in a few row tiles, so the scratch stays at most 256 MiB in bf16
+TRITON_TILE_ELEMENTS = 1 << 27
 
 
 @dataclass
@@ -71,29 +80,56 @@ class Packed4bit:
         if full < b - a:  # a last, partial block (only when out·in is not a multiple of blocksize)
             out[full:b - a].mul_(self.absmax[(a + full) // bs])
 
+    def dequantize_into(self, r0: int, r1: int, out: torch.Tensor) -> None:
+        """Rows r0..r1 of W into out [(r1 - r0)·in], in out's dtype, in one Triton launch (r0·in a multiple
+        of blocksize, as for dequantize_rows)."""
+        a, bs = r0 * self.shape[1], self.blocksize
+        dequantize_4bit(self.data[a // 2:], self.absmax[a // bs:], self.code, bs, out)
+
 
 class Scratch:
-    """The fp32 tile and its int64 index, shared by every projection of one model (one step at a time)."""
+    """Where the projections of one model are dequantized (one step at a time). backend "torch" (auto on
+    the CPU): an fp32 tile and its int64 index, sized for a cache. "triton" (auto on CUDA): one buffer in
+    the compute dtype, sized by reserve for the largest tile (a whole fused weight, up to
+    TRITON_TILE_ELEMENTS); its nbytes is what this costs the device beside the packed weights."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, backend: str = "auto"):
+        self.device = torch.device(device)
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"4-bit backend must be auto, torch or triton; got {backend!r}")
+        self.triton = backend == "triton"
         self.reserve(0)
 
-    def reserve(self, elements: int) -> None:
+    def reserve(self, elements: int, dtype: torch.dtype = torch.float32) -> None:
+        """Room for a tile of `elements` weights (dtype: the compute dtype, which the torch path casts to
+        lazily)."""
+        self.cast: torch.Tensor | None = None  # torch path: the tile in a half-precision compute dtype
+        if self.triton:
+            self.weights, self.index = torch.empty(elements, dtype=dtype, device=self.device), None
+            return
         self.weights = torch.empty(elements + 1, dtype=torch.float32, device=self.device)  # + 1: odd sizes
         self.index = torch.empty(-(-elements // 2), dtype=torch.int64, device=self.device)
-        self.cast: torch.Tensor | None = None  # the tile in a half-precision compute dtype
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weights, self.index, self.cast) if t is not None)
 
+    def buffer(self, elements: int, dtype: torch.dtype) -> torch.Tensor:
+        """Triton path: the scratch's first `elements` in `dtype` (regrown only if reserve was not told)."""
+        if self.weights.dtype != dtype or self.weights.numel() < elements:
+            self.weights = torch.empty(max(elements, self.weights.numel()), dtype=dtype, device=self.device)
+        return self.weights[:elements]
+
 
 class Weight4bit:
     """A fused weight (q/k/v, gate/up, or one projection): its parts stacked along the output."""
 
-    def __init__(self, parts: list[Packed4bit], scratch: Scratch, tile_elements: int = TILE_ELEMENTS):
+    def __init__(self, parts: list[Packed4bit], scratch: Scratch, tile_elements: int | None = None):
         n_in = parts[0].shape[1]
+        if tile_elements is None:
+            tile_elements = TRITON_TILE_ELEMENTS if scratch.triton else TILE_ELEMENTS
         self.parts, self.scratch = parts, scratch
         self.shape = (sum(p.shape[0] for p in parts), n_in)
         self.offsets = [0]
@@ -116,13 +152,15 @@ class Weight4bit:
     def rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows r0..r1 of the fused W, dequantized into the scratch (valid until the next call)."""
         n_in, s = self.shape[1], self.scratch
-        w = s.weights[:(r1 - r0) * n_in]
+        w = s.buffer((r1 - r0) * n_in, dtype) if s.triton else s.weights[:(r1 - r0) * n_in]
         for part, start, end in zip(self.parts, self.offsets, self.offsets[1:]):
             lo, hi = max(r0, start), min(r1, end)
-            if lo < hi:
+            if lo < hi and s.triton:  # straight into the compute dtype
+                part.dequantize_into(lo - start, hi - start, w[(lo - r0) * n_in:(hi - r0) * n_in])
+            elif lo < hi:
                 part.dequantize_rows(lo - start, hi - start, s.weights[(lo - r0) * n_in:], s.index)
         w = w.view(r1 - r0, n_in)
-        if dtype != torch.float32:
+        if dtype != w.dtype:  # the torch path's fp32 tile
             if s.cast is None or s.cast.dtype != dtype or s.cast.numel() < w.numel():
                 s.cast = torch.empty(s.weights.numel(), dtype=dtype, device=w.device)
             w = s.cast[:w.numel()].view_as(w).copy_(w)
@@ -130,7 +168,7 @@ class Weight4bit:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] @ W.T + bias -> [T, out], W dequantized tile by tile (bitsandbytes' fp32 path:
-        dequantize to the compute dtype, then one matmul)."""
+        dequantize to the compute dtype, then one matmul; on the Triton path one tile is the whole W)."""
         n_out = self.shape[0]
         if self.tile_rows >= n_out:
             return F.linear(x, self.rows(0, n_out, x.dtype), bias)

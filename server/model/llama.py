@@ -118,7 +118,7 @@ class LlamaModel(torch.nn.Module):
         if can_pack(self.device, self.dtype):
             self._pack_projections()
         tile = max((w.scratch_elements for w in self.four_bit_weights()), default=0)
-        scratch.reserve(tile)
+        scratch.reserve(tile, self.dtype)
 
     def _pack_projections(self) -> None:
         """Every full-precision projection as a PackedWeight (server.model.packed), in place of its tensor;
