@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CUDA_TESTS = ["tests/test_kernels_lora.py", "tests/test_kernels_attention.py", "tests/test_gpu.py",
-              "tests/test_qlora_gpu.py"]
+CUDA_TESTS = ["tests/test_kernels_lora.py", "tests/test_kernels_attention.py", "tests/test_nf4_triton.py",
+              "tests/test_gpu.py", "tests/test_qlora_gpu.py", "tests/test_warmup.py"]
 # what the GPU machine's python3 lacks (make gpu-wheels carries them); --dry blocks them
 GPU_MACHINE_LACKS = ("fastapi", "starlette", "pydantic", "uvicorn", "llguidance", "bitsandbytes", "gguf")
 VERSIONS = ("torch", "triton", "transformers", "peft", "pytest", *GPU_MACHINE_LACKS)

@@ -119,10 +119,10 @@ def device_memory(device: torch.device) -> tuple[int, int]:
 
 
 def kv_cache_blocks(config, mc, dtype: torch.dtype, device: torch.device, own_bytes: int = 0,
-                    memory_info: Callable[[], tuple[int, int]] | None = None, extra_bytes: int = 0) -> int:
+                    memory_info: Callable[[], tuple[int, int]] | None = None) -> int:
     """KV-cache blocks for this configuration: --num-kv-blocks, else --kv-cache-memory-mb, else (on a
-    GPU) --gpu-memory-utilization x the device's memory less this engine's own use (own_bytes, the
-    weights it placed; extra_bytes, other buffers it will hold), its LoRA slots and its working reserve,
+    GPU) --gpu-memory-utilization x the device's memory less this engine's own use (own_bytes: the
+    weights it placed, with the 4-bit base's dequantization scratch), its LoRA slots and its working reserve,
     and never more than memory_info() = (free, total) bytes says is free. Only this engine's use counts
     against its share: two engines in one process, or two Ray replicas of half a GPU each, each get their
     fraction (the memory others hold only caps what is left)."""
@@ -132,7 +132,7 @@ def kv_cache_blocks(config, mc, dtype: torch.dtype, device: torch.device, own_by
     if config.kv_cache_memory_mb is not None or device.type != "cuda":
         return max(1, (config.kv_cache_memory_mb or CPU_KV_CACHE_MB) * MiB // per_block)
     free, total = (memory_info or (lambda: device_memory(device)))()
-    held = (lora_slot_bytes(mc, config.max_loras, config.max_lora_rank, dtype) + extra_bytes
+    held = (lora_slot_bytes(mc, config.max_loras, config.max_lora_rank, dtype)
             + working_reserve(mc, config.max_num_batched_tokens, config.max_num_seqs, dtype))
     share = config.gpu_memory_utilization * total - own_bytes
     budget = min(share, free) - held
