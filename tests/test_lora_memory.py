@@ -1,6 +1,6 @@
 """What loading LoRA adapters costs in memory beyond the adapters themselves: DoRA's norms read the base a
 block of rows at a time (never a full fp32 [out, in] beside the KV cache), and staged adapters pin host
-memory only within a budget."""
+memory only within a budget, and the host tier is bounded by default on a GPU."""
 from __future__ import annotations
 
 import pytest
@@ -71,3 +71,62 @@ def test_4bit_base_is_read_a_block_of_rows_at_a_time(in_f):
     torch.testing.assert_close(got, naive(whole.to(torch.bfloat16), a, b, m), rtol=1e-6, atol=0)
     align = 64 // __import__("math").gcd(in_f, 64)  # a block may start up to align - 1 rows earlier
     assert probe.largest <= (5 + align - 1) * in_f + 1 < out_f * in_f
+
+
+def lora_adapter(name: str, out_f: int = 6, in_f: int = 5, r: int = 2):
+    from quiver.adapters.lora import LoraAdapter, LoraModule
+    return LoraAdapter(name, spec=None, modules={(0, "q_proj"): LoraModule(torch.randn(r, in_f), torch.randn(out_f, r))})
+
+
+def family_on(device: str, max_loras: int, monkeypatch) -> tuple:
+    """A LoRA family whose model sits on `device` (only its device and dtype are read when staging), and the
+    tensors its pin function was given (torch's pin_memory needs a GPU: recorded instead)."""
+    from types import SimpleNamespace
+
+    from quiver.server.families import lora
+    pinned = []
+
+    def fake_pin(t):
+        pinned.append(t)
+        return t
+
+    monkeypatch.setattr(lora, "pin", fake_pin)
+    model = SimpleNamespace(cfg=None, device=torch.device(device), dtype=torch.float32)
+    return lora.LoraFamily(model, ops=None, max_loras=max_loras, max_rank=4, files={}), pinned
+
+
+def is_pinned(staged, pinned) -> bool:
+    tensors = [t for ts in staged.tensors.values() for t in ts if t is not None]
+    return all(any(t is p for p in pinned) for t in tensors)
+
+
+def test_staged_adapters_beyond_the_pin_budget_are_pageable_and_a_freed_one_gives_its_pin_back(monkeypatch):
+    import gc
+
+    family, pinned = family_on("cuda", 2, monkeypatch)  # the budget: 2 x --max-loras = 4
+    staged = [family.stage(lora_adapter(f"a{i}")) for i in range(6)]
+    assert [is_pinned(s, pinned) for s in staged] == [True] * 4 + [False] * 2
+    assert len(pinned) == 4 * 2  # A and B^T of each pinned adapter, nothing of the others
+    del staged[1]  # left the host tier: its staged copy is freed
+    gc.collect()
+    staged.append(family.stage(lora_adapter("again")))
+    assert is_pinned(staged[-1], pinned)
+    assert not is_pinned(family.stage(lora_adapter("over")), pinned)  # 4 live pinned copies again
+
+
+def test_nothing_is_pinned_when_the_slots_are_on_the_cpu(monkeypatch):
+    family, pinned = family_on("cpu", 2, monkeypatch)
+    for i in range(3):
+        family.stage(lora_adapter(f"a{i}"))
+    assert pinned == []
+
+
+def test_the_host_tier_is_bounded_by_default_on_a_gpu():
+    from quiver.server.engine.config import EngineConfig
+    assert EngineConfig(device="cuda", max_loras=4).max_cpu_loras == 8
+    assert EngineConfig(device="cuda:1").max_cpu_loras == 2 * EngineConfig().max_loras
+    assert EngineConfig(device="cuda", max_loras=0).max_cpu_loras == 1
+    assert EngineConfig(device="cuda", max_loras=4, max_cpu_loras=100).max_cpu_loras == 100
+    assert EngineConfig(device="cpu").max_cpu_loras is None  # the CPU's host tier is its serving memory
+    with pytest.raises(ValueError, match="max_cpu_loras"):
+        EngineConfig(device="cuda", max_loras=4, max_cpu_loras=3)
