@@ -3,11 +3,13 @@ block of rows at a time (never a full fp32 [out, in] beside the KV cache), and s
 memory only within a budget, and the host tier is bounded by default on a GPU."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from quiver.adapters.lora import dora_factor
+from quiver.adapters.lora import LoraAdapter, LoraModule, dora_factor
 from quiver.server.model.fourbit import Packed4bit, Rows4bit
 
 
@@ -69,13 +71,13 @@ def test_4bit_base_is_read_a_block_of_rows_at_a_time(in_f):
     with probe:
         got = dora_factor(rows, a, b, m, chunk_elements=5 * in_f)
     torch.testing.assert_close(got, naive(whole.to(torch.bfloat16), a, b, m), rtol=1e-6, atol=0)
-    align = 64 // __import__("math").gcd(in_f, 64)  # a block may start up to align - 1 rows earlier
+    align = 64 // math.gcd(in_f, 64)  # a block may start up to align - 1 rows earlier
     assert probe.largest <= (5 + align - 1) * in_f + 1 < out_f * in_f
 
 
-def lora_adapter(name: str, out_f: int = 6, in_f: int = 5, r: int = 2):
-    from quiver.adapters.lora import LoraAdapter, LoraModule
-    return LoraAdapter(name, spec=None, modules={(0, "q_proj"): LoraModule(torch.randn(r, in_f), torch.randn(out_f, r))})
+def lora_adapter(name: str, out_f: int = 6, in_f: int = 5, r: int = 2) -> LoraAdapter:
+    module = LoraModule(torch.randn(r, in_f), torch.randn(out_f, r))
+    return LoraAdapter(name, spec=None, modules={(0, "q_proj"): module})
 
 
 def family_on(device: str, max_loras: int, monkeypatch) -> tuple:

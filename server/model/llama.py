@@ -180,7 +180,7 @@ class LlamaModel(torch.nn.Module):
         four = self.four_bit_weights()
         return plain + packed + sum(w.nbytes for w in four) + (four[0].scratch.nbytes if four else 0)
 
-    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+    def base_weight(self, layer: int, module: str) -> torch.Tensor | Rows4bit:
         """One HF projection's [out, in] weight: a view into the fused tensor, a copy of a packed one, or a 4-bit
         one's Rows4bit (dequantized a block of rows at a time, as DoRA's norms read it)."""
         group, start, end = slice_bounds(self.cfg, module)
