@@ -81,8 +81,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="also read pickle adapter files (adapter_model.bin), with torch.load(weights_only=True)")
     p.add_argument("--max-adapter-mb", type=int, default=d.max_adapter_mb, help="largest adapter weight file read")
     p.add_argument("--max-cpu-loras", type=int, default=None,
-                   help="LoRA adapters kept in host memory (default: no limit); beyond, the least recently used "
-                        "idle one goes back to disk and is read again on its next use")
+                   help="LoRA adapters kept in host memory (default: 2 x --max-loras on a GPU, where they are "
+                        "pinned; no limit on the CPU); beyond, the least recently used idle one goes back to disk "
+                        "and is read again on its next use")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -25,7 +25,9 @@ class EngineConfig:
     max_loras: int = 8  # LoRA adapters resident in device slots (and most distinct per step)
     max_lora_rank: int = 16
     lora_starvation_steps: int = 32  # a request blocked by --max-loras this long stops others overtaking it
-    max_cpu_loras: int | None = None  # LoRA adapters kept in host memory; beyond, the LRU unused one goes back to disk
+    # LoRA adapters kept in host memory; beyond, the LRU unused one goes back to disk. None: on a GPU the pinned
+    # budget, 2 x max_loras (families.lora); on the CPU no limit (see __post_init__)
+    max_cpu_loras: int | None = None
     allow_pickle: bool = False  # read adapter_model.bin / pytorch_adapter.bin (torch.load with weights_only)
     max_adapter_mb: int = 2048  # larger adapter weight files are refused
     served_model_name: str | None = None
@@ -39,6 +41,12 @@ class EngineConfig:
         seqs, tokens = BATCH_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
         self.max_num_seqs = self.max_num_seqs or seqs
         self.max_num_batched_tokens = self.max_num_batched_tokens or tokens
+        if self.max_cpu_loras is None and self.device.startswith("cuda"):
+            # bounded, as vLLM's (max_loras) and LoRAX's host caches are: every staged adapter there is pinned,
+            # page-locked memory. On the CPU the host tier is the serving memory itself, pageable, beside a KV
+            # cache of a fixed size: adapters stay until unloaded unless a limit is given
+            from quiver.server.families.lora import PINNED_PER_SLOT
+            self.max_cpu_loras = max(1, PINNED_PER_SLOT * self.max_loras)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.dtype not in DTYPES:

@@ -7,6 +7,8 @@ serves tokens with no adapter. Which adapter sits in which slot is the registry'
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,22 @@ class GroupSlots:
     dora_m1: torch.Tensor  # [slots + 1, out_total]: g - 1 (0 without DoRA; last row for base tokens)
 
 
+def pin(t: torch.Tensor) -> torch.Tensor:
+    """A page-locked copy (what a GPU copies from asynchronously; a name of its own so tests can stub it)."""
+    return t.pin_memory()
+
+
+PINNED_PER_SLOT = 2  # staged adapters pinned at once: the slots' own, and as many on their way in
+
+
 class LoraFamily:
+    """Pinned host memory is page-locked (the OS can neither swap nor reclaim it), so only
+    PINNED_PER_SLOT x --max-loras staged adapters are pinned at once: as many as the slots hold plus as
+    many read for waiting requests or just evicted. With the default --max-cpu-loras on a GPU (that same
+    number) every staged adapter is pinned; a larger host tier stages the rest in pageable memory, whose
+    non-blocking slot copy is still correct, only synchronous. A pin is given back when its staged copy is
+    freed (the adapter left the host tier, or its read was not registered)."""
+
     kinds = ("lora",)
 
     def __init__(self, model, ops: Ops, max_loras: int, max_rank: int, files: dict):
@@ -46,6 +63,8 @@ class LoraFamily:
         self.adapters: dict[str, LoraAdapter] = {}  # the host-memory copies
         self.layers: list[dict[str, GroupSlots]] = []  # allocated with the first slot load
         self.dora_slots: set[int] = set()
+        self.pin_budget, self.pinned = PINNED_PER_SLOT * max_loras, 0  # staged adapters in pinned memory
+        self.pin_lock = threading.RLock()  # stage() runs on reader threads; a release may run in any GC
 
     # ---- adapters ------------------------------------------------------------------------------
     def read(self, name: str, path: str) -> StagedLora:
@@ -56,19 +75,40 @@ class LoraFamily:
 
     def stage(self, adapter: LoraAdapter | StagedLora) -> StagedLora:
         """The adapter's tensors as a slot load copies them (B transposed, in the serving dtype, pinned
-        when the slots are on a GPU): done when read, off the engine thread, so that putting it in a
-        slot is a few non-blocking copies. (Staged for another engine: staged again for this one.)"""
+        when the slots are on a GPU and the pin budget allows): done when read, off the engine thread, so
+        that putting it in a slot is a few non-blocking copies. (Staged for another engine: staged again
+        for this one.)"""
         if isinstance(adapter, StagedLora):
             adapter = adapter.adapter
-        pin = self.model.device.type == "cuda"
+        pinned = self.model.device.type == "cuda" and self._take_pin()
         dtype = self.model.dtype
 
         def host(t: torch.Tensor) -> torch.Tensor:
             t = t.to(dtype).contiguous()
-            return t.pin_memory() if pin else t
+            return pin(t) if pinned else t
 
-        return StagedLora(adapter, {key: (host(m.a), host(m.b.T), None if m.dora_scale is None else host(m.dora_scale - 1))
-                                    for key, m in adapter.modules.items()})
+        try:
+            staged = StagedLora(adapter, {key: (host(m.a), host(m.b.T),
+                                                None if m.dora_scale is None else host(m.dora_scale - 1))
+                                          for key, m in adapter.modules.items()})
+        except BaseException:
+            if pinned:
+                self._give_pin()
+            raise
+        if pinned:
+            weakref.finalize(staged, self._give_pin)
+        return staged
+
+    def _take_pin(self) -> bool:
+        with self.pin_lock:
+            if self.pinned >= self.pin_budget:
+                return False
+            self.pinned += 1
+            return True
+
+    def _give_pin(self) -> None:
+        with self.pin_lock:
+            self.pinned -= 1
 
     def register(self, adapter: StagedLora) -> None:
         self.adapters[adapter.name] = adapter

@@ -87,6 +87,35 @@ class Packed4bit:
         dequantize_4bit(self.data[a // 2:], self.absmax[a // bs:], self.code, bs, out)
 
 
+@dataclass
+class Rows4bit:
+    """One Packed4bit's W [out, in] as `dtype`, dequantized a block of rows at a time: narrow(0, r0, n) is a
+    fresh [n, in] tensor, the values of dequantize().to(dtype)[r0:r0 + n]. DoRA's norms read a 4-bit base
+    this way (narrow is the one tensor method they use), so that loading an adapter never holds a full
+    fp32 W."""
+    part: Packed4bit
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.part.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.part.data.device
+
+    def narrow(self, dim: int, r0: int, length: int) -> torch.Tensor:
+        assert dim == 0, "rows only"
+        r1 = r0 + length
+        n_in, bs = self.shape[1], self.part.blocksize
+        align = bs // math.gcd(n_in, bs)  # rows that start on a block boundary: dequantize_rows starts there
+        start = r0 // align * align
+        n = (r1 - start) * n_in
+        out = torch.empty(n + 1, dtype=torch.float32, device=self.device)
+        self.part.dequantize_rows(start, r1, out, torch.empty(-(-n // 2), dtype=torch.int64, device=self.device))
+        return out[(r0 - start) * n_in:n].view(r1 - r0, n_in).to(self.dtype)
+
+
 class Scratch:
     """Where the projections of one model are dequantized (one step at a time). backend "torch" (auto on
     the CPU): an fp32 tile and its int64 index, sized for a cache. "triton" (auto on CUDA): one buffer in
