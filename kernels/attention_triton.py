@@ -149,6 +149,7 @@ def _check(q, k_cache, v_cache, block_tables, rows: tuple, tiles) -> None:
         assert x.device == q.device and x.dtype == torch.int64 and x.shape[0] == block_tables.shape[0], x
     assert tiles.dtype == torch.int32 and tiles.device == q.device and tiles.shape[1] == 2, tiles
 
+
 def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_offset, q_start, q_lens, kv_offset, prefix_len,
                            scale, tiles: torch.Tensor | None = None, splits: int = 1):
     """q [T, H, D] -> [T, H, D] (the module docstring). tiles: the step's [n, 2] int32 (row, block) list
