@@ -74,10 +74,10 @@ bench: venv
 # pytest; never installed here), with the wheels of make gpu-wheels (.whl/) installed beside it when present.
 # Results in $OUT, else bench/results/gpu-check: gpu-check.json, gpu-check.md, gpu-check.tgz, rewritten after
 # every step. DRY=1 proves the plan on any machine (the CUDA tests collected, stand-ins for the benchmarks).
-# The same without make: python3 bench/gpu_check.py [--dry].
-GPU_PY ?= python3
+# The same without make: python3 bench/gpu_check.py [--dry]. A dry run uses this checkout's venv.
+GPU_PY ?= $(if $(DRY),$(PY),python3)
 GPU_CHECK_ARGS ?=
-gpu-check:
+gpu-check: $(if $(DRY),venv)
 	$(GPU_PY) bench/gpu_check.py $(if $(DRY),--dry) $(GPU_CHECK_ARGS)
 
 clean:
