@@ -130,8 +130,8 @@ def plan(args, work: Path, figures: Path, blocked: tuple[str, ...]) -> list[Step
     ]
     if args.dry:
         for s in steps[1:]:
-            s.argv = [py, "-c", STAND_IN, s.name, str(args.out / "gpu-check.json"), str(figures / (s.figures or s.name)),
-                      str(s.name == args.dry_hang)]
+            s.argv = [py, "-c", STAND_IN, s.name, str(args.out / "gpu-check.json"),
+                      str(figures / (s.figures or s.name)), str(s.name == args.dry_hang)]
     return steps
 
 
