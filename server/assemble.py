@@ -165,7 +165,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may take from arrival to its last token (504 / an error event)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
-                   help="on SIGTERM, seconds in-flight requests get to finish before the server exits")
+                   help="on SIGTERM, seconds in-flight requests get to finish; those still running then get 503 "
+                        "(server_shutting_down)")
     d = RequestLimits()
     p.add_argument("--max-request-bytes", type=int, default=d.max_body_bytes, help="largest request body (413 beyond)")
     p.add_argument("--max-prompts", type=int, default=d.max_prompts,

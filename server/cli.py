@@ -17,6 +17,9 @@ from quiver.server.engine.public import DTYPES
 
 # quiver's commands that are programs of their own: `quiver NAME ARGS` becomes `python -m MODULE ARGS`
 HANDED_OVER = {"bench": "quiver.bench", "ray": "quiver.server.rayserve"}
+# past --shutdown-grace the engine ends what is still running (503s, error events: AsyncEngine.drain); uvicorn
+# cancels what is left this much later, which is only a request that never reached the engine
+CANCEL_AFTER_GRACE_S = 5.0
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -43,7 +46,7 @@ def serve(args: argparse.Namespace) -> None:
     sock = listen_socket(args.host, args.port)
     async_engine, app = build_server(args)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                                           timeout_graceful_shutdown=args.shutdown_grace))
+                                           timeout_graceful_shutdown=args.shutdown_grace + CANCEL_AFTER_GRACE_S))
     http = threading.Thread(target=server.run, args=([sock],), name="quiver-http", daemon=True)
 
     def shutdown(signum, _):
@@ -52,8 +55,8 @@ def serve(args: argparse.Namespace) -> None:
             async_engine.stop()
             return
         log.info("%s: draining (up to %g s), then exiting", signal.Signals(signum).name, args.shutdown_grace)
-        async_engine.draining = True  # new requests get 503; uvicorn stops listening and waits for the rest
-        server.should_exit = True
+        async_engine.drain(args.shutdown_grace)  # new requests get 503, those left after the grace period too
+        server.should_exit = True  # uvicorn stops listening and waits for the rest
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import signal
@@ -130,7 +131,9 @@ def test_request_timeout_504_and_frees_everything(api_model, tokenizer):
         assert r.status_code == 200  # a request within the limit is served as before
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_zero(api_model, tokenizer, tmp_path):
+def start_serve(api_model, tokenizer, tmp_path, *flags) -> tuple[subprocess.Popen, str]:
+    """`quiver serve` on the tiny model (key USER) in a process of its own, its log in tmp_path/serve.log;
+    (process, url)."""
     import socket
 
     model_dir = tmp_path / "model"
@@ -139,11 +142,15 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(api_model, tokenizer,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     cmd = [str(Path(sys.executable).parent / "quiver"), "serve", "--model", str(model_dir), "--port", str(port),
-           "--max-model-len", "256", "--num-kv-blocks", "64", "--log-level", "WARNING", "--shutdown-grace", "60"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {
-        "QUIVER_API_KEY": USER})
+           "--max-model-len", "256", "--num-kv-blocks", "64", "--log-level", "WARNING", *flags]
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=os.environ | {"QUIVER_API_KEY": USER})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(api_model, tokenizer, tmp_path):
+    proc, url = start_serve(api_model, tokenizer, tmp_path, "--shutdown-grace", "60")
     try:
         wait_for(lambda: _healthy(url), timeout=120)
         chunks = []
@@ -165,6 +172,60 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(api_model, tokenizer,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_past_the_grace_period_in_flight_requests_end_with_503_and_an_error_event(api_model, tokenizer, tmp_path):
+    """Requests still running when --shutdown-grace ends get OpenAI's error shape (503 server_shutting_down;
+    a stream its error event, then [DONE]) and one log line each, not uvicorn's plain 500 and traceback."""
+    proc, url = start_serve(api_model, tokenizer, tmp_path, "--shutdown-grace", "1")
+    long = {"prompt": "a b c", "max_tokens": 240, "ignore_eos": True, "n": 4}  # far longer than a second here
+    try:
+        wait_for(lambda: _healthy(url), timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(httpx.post, url + "/v1/completions", headers=bearer(USER), json=long, timeout=60)
+            with httpx.stream("POST", url + "/v1/completions", headers=bearer(USER), timeout=60,
+                              json={**long, "stream": True}) as s:
+                wait_for(lambda: _running(url) == 8)  # both requests' 4 choices
+                proc.send_signal(signal.SIGTERM)
+                lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+            r = whole.result()
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "server_shutting_down" and "grace period" in r.json()["error"]["message"]
+        assert lines[-1] == "data: [DONE]"
+        event = json.loads(lines[-2].removeprefix("data: "))
+        assert event["error"]["code"] == "server_shutting_down" and event["error"]["type"] == "server_error"
+        assert proc.wait(timeout=60) == 0
+        log = (tmp_path / "serve.log").read_text()
+        assert "Traceback" not in log and "CancelledError" not in log, log
+        assert log.count("still running when the shutdown grace period (1 s) ended") == 8  # 2 requests x n=4
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_requests_stopped_at_shutdown_are_aborted_and_free_everything(api_model, tokenizer):
+    with make_server(api_model, tokenizer, Guard()) as server:
+        engine, body = server.engine, {"prompt": "a b", "max_tokens": 100, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            whole = pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=60)
+            stream = pool.submit(lambda: httpx.post(server.url + "/v1/completions", json={**body, "stream": True},
+                                                    timeout=60).text.split("\n\n"))
+            wait_for(lambda: len(engine.seqs) == 2)
+            server.async_engine.stop_requests(1)
+            assert whole.result().status_code == 503
+            events = [e for e in stream.result() if e]
+        assert '"code": "server_shutting_down"' in events[-2] and events[-1] == "data: [DONE]"
+        wait_for(lambda: not engine.has_work())
+        assert all_blocks_free(engine) and not engine.seqs
+        late = httpx.post(server.url + "/v1/completions", json=body, timeout=60)  # one that started after
+        assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down"
+
+
+def _running(url) -> int:
+    metrics = httpx.get(url + "/metrics", headers=bearer(USER), timeout=5).text
+    return int(float(next(line.split()[1] for line in metrics.splitlines()
+                          if line.startswith("quiver_num_requests_running "))))
 
 
 def _healthy(url) -> bool:

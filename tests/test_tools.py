@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 
+import httpx
 import pytest
 
 from quiver.server.engine.grammar import Grammars, json_spec, no_invented_keys
@@ -60,6 +61,41 @@ def test_required_and_named_outputs(seed):
         ("add", {"a": 1, "b": {"x": '}]"'}}), ("get_weather", {})]
     content, calls = streamed(ToolPlan("named", [], name="add"), '{"a": 3, "b": 4}', seed)
     assert calls == [{"name": "add", "arguments": '{"a": 3, "b": 4}'}]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_required_and_named_output_cut_short_comes_back_as_content(seed):
+    text = '[{"name": "add", "parameters": {"a": 1}}, {"name": "get_weather", "param'
+    content, calls = streamed(ToolPlan("required", []), text, seed)
+    assert content == text and [c["name"] for c in calls] == ["add"]  # the finished call stays
+    reader = ToolOutput(ToolPlan("named", [], name="add"))
+    reader.feed('{"a": 3, "b"')
+    assert reader.finish() == [{"content": '{"a": 3, "b"'}] and reader.calls == []
+
+
+def test_a_truncated_required_tool_call_returns_its_text_with_finish_reason_length(tiny_server):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [weather],
+            "tool_choice": "required", "max_tokens": 6, "temperature": 0}
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = httpx.post(tiny_server.url + "/v1/chat/completions", json={**body, "tool_choice": choice}, timeout=60)
+        assert r.status_code == 200, r.text
+        (c,) = r.json()["choices"]
+        assert c["finish_reason"] == "length" and "tool_calls" not in c["message"], c
+        assert c["message"]["content"].startswith("[" if choice == "required" else "{")  # what the grammar began
+        assert r.json()["usage"]["completion_tokens"] == 6
+    whole = httpx.post(tiny_server.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    content, finish = "", None
+    with httpx.stream("POST", tiny_server.url + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                (choice,) = json.loads(line.removeprefix("data: "))["choices"]
+                assert "tool_calls" not in choice["delta"]
+                content += choice["delta"].get("content") or ""
+                finish = choice["finish_reason"] or finish
+    assert finish == "length" and content.strip() == whole["message"]["content"]
 
 
 def test_the_template_says_whether_auto_can_be_read():

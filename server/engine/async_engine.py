@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from quiver.server.engine.llm_engine import LLMEngine
 from quiver.server.engine.metrics import Metrics
-from quiver.server.engine.outputs import RequestOutput
+from quiver.server.engine.outputs import RequestFailed, RequestOutput
 from quiver.server.engine.requests import PreparedRequest
 from quiver.server.engine.sampling import SamplingParams
 
@@ -37,7 +37,8 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self.request_timeout = request_timeout  # seconds from arrival to the last token; None: no limit
-        self.draining = False  # set on SIGTERM: new generation requests are refused, running ones finish
+        self.draining = False  # set on SIGTERM (drain()): new generation requests are refused, running ones finish
+        self._stopped_after: float | None = None  # the grace period, once it has ended: requests now fail at once
         # facts fixed at start, safe to read from any thread
         self.model_name, self.model_dir = engine.model_name, engine.model_dir
         self.max_model_len, self.tokenizer = engine.max_model_len, engine.tokenizer
@@ -76,6 +77,33 @@ class AsyncEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
             self._thread = None
+
+    def drain(self, grace_s: float) -> None:
+        """Shut down gently: new generation requests are refused from now on (guard.py), and those still
+        running after grace_s seconds end with a 503 error (code server_shutting_down; a stream's error
+        event) and are aborted, before the HTTP server cancels its tasks."""
+        self.draining = True
+        timer = threading.Timer(grace_s, self.stop_requests, args=(grace_s,))
+        timer.daemon = True
+        timer.start()
+
+    def stop_requests(self, grace_s: float) -> None:
+        """End every request now: each gets a RequestFailed (503, server_shutting_down) and is aborted in the
+        engine, with one log line; requests that start later fail at once."""
+        with self._lock:
+            self._stopped_after = grace_s
+            rids = list(self._streams)
+        for rid in rids:
+            log.warning("request %s stopped: still running when the shutdown grace period (%g s) ended", rid, grace_s)
+            self._deliver(rid, self._shutting_down(), last=True)
+            with self._lock:
+                self._aborts.append(rid)
+        self._wake.set()
+
+    def _shutting_down(self) -> RequestFailed:
+        return RequestFailed(f"the server is shutting down and its grace period for running requests "
+                             f"({self._stopped_after:g} s) has ended: this request was stopped; retry it",
+                             code="server_shutting_down", status=503)
 
     def num_waiting(self) -> int:
         """Requests queued and not yet running (read from the HTTP thread; a snapshot is enough)."""
@@ -121,6 +149,8 @@ class AsyncEngine:
         rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._stopped_after is not None:
+                raise self._shutting_down()
             self._streams[rid] = (asyncio.get_running_loop(), queue)
             self._adds.append((request, rid, fork_of))
         self._wake.set()

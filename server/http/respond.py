@@ -31,7 +31,7 @@ from quiver.server.http.tools import template_parser
 
 # what the generation routes may answer besides 200 (413: a body over --max-request-bytes; 422: an adapter on
 # disk that fails to read on first use; 499: the client left before a non-streaming answer; 500: the model
-# failed on this request alone; 401/503/504: auth, backpressure and timeouts)
+# failed on this request alone; 401/503/504: auth, backpressure or shutdown, and timeouts)
 GENERATION_ERRORS = (400, 401, 404, 413, 422, 499, 500, 503, 504)
 DONE = "data: [DONE]\n\n"
 

@@ -7,6 +7,9 @@ back as OpenAI tool_calls, whole or as streamed deltas.
   named     the output is constrained to that function's parameters schema: it is the arguments
   auto      free text, read with the tool-call format of the model's chat template (Hermes'
             <tool_call>{"name": ..., "arguments": ...}</tool_call>, or --tool-call-parser)
+
+Required or named output cut short (max_tokens, a stop string) is unfinished JSON: all of it comes back as
+content, beside the calls that finished before it (a stream has already sent a named call's arguments so far).
 """
 from __future__ import annotations
 
@@ -101,7 +104,7 @@ class ToolOutput:
             return self._hermes(final=True)
         if self.plan.mode == "none":
             return self._content(self._take())
-        return []
+        return self._unfinished()
 
     @property
     def finish_reason(self) -> str | None:
@@ -129,6 +132,19 @@ class ToolOutput:
             return []
         self.calls[0]["function"]["arguments"] += text
         return [{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}]
+
+    def _unfinished(self) -> list[dict]:
+        """Required or named output that the grammar had not finished: the whole text, as content."""
+        if self.plan.mode == "required":
+            depth = self._scan[1]
+            return self._content(self._pending) if depth or not self.calls else []
+        arguments = self.calls[0]["function"]["arguments"] if self.calls else ""
+        try:
+            json.loads(arguments)
+            return []
+        except json.JSONDecodeError:
+            self.calls.clear()  # never a call with broken arguments
+            return self._content(arguments)
 
     def _required(self) -> list[dict]:
         """The output is a JSON array (the grammar sees to it): each object that closes is a call."""
