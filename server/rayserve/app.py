@@ -137,19 +137,17 @@ def serve_forever(args: argparse.Namespace) -> None:
         done.set()
 
     connect(args)
-    # after ray.init: it installs its own SIGTERM handler (sys.exit), and its core worker a native one that
-    # logs a crash report and kills the process; Python's signal.signal takes the signals back from both
+    # after ray.init, which installs its own SIGTERM handler (sys.exit; a native one logs `*** SIGTERM
+    # received` as a crash): signal.signal sets the process's handler, taking the signals back
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        if not done.is_set():
-            deploy(args)
-            log.info("serving on http://%s:%d through Ray Serve, %d replica(s)", args.host, args.port,
-                     args.replicas)
-            while not done.wait(0.5):  # polled: a signal that lands on one of Ray's threads does not wake a wait
-                pass
-            log.info("%s: draining (up to %g s), then exiting", received[0], args.shutdown_grace)
-            drain(args.shutdown_grace)
+        deploy(args)  # a signal meanwhile is served once the replicas are up; a second one stops at once
+        log.info("serving on http://%s:%d through Ray Serve, %d replica(s)", args.host, args.port, args.replicas)
+        while not done.wait(0.5):  # polled: a signal that lands on one of Ray's threads does not wake a wait
+            pass
+        log.info("%s: draining (up to %g s), then exiting", received[0], args.shutdown_grace)
+        drain(args.shutdown_grace)
     except StopNow:
         log.info("stopping now")
     finally:
