@@ -2,7 +2,8 @@
 ingress, driven with the openai client and compared with a single server built from the same flags.
 
 One cluster serves the whole module (about a minute on 2 cores), in order: the affinity test sends each
-adapter's first requests while no replica holds it yet, and the replica-loss test runs last.
+adapter's first requests while no replica holds it yet, and the replica-loss test runs last. The SIGTERM
+test runs first, before that cluster starts: it starts `quiver ray serve` with a cluster of its own.
 """
 from __future__ import annotations
 
@@ -95,6 +96,78 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_sigterm_drains_the_in_flight_stream_then_shuts_ray_down_and_exits_zero(tiny_models, plain_tokenizer,
+                                                                                 tmp_path):
+    """What Docker, Kubernetes and systemd send: the stream under way gets every token, new requests are
+    refused, the program exits 0 and every Ray process it started (found by its session directory) is gone."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_models["llama_gqa"][0], model)
+    plain_tokenizer.save_pretrained(model)
+    port = _free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "stderr.log"
+    temp = tempfile.mkdtemp(prefix="qs", dir="/tmp")  # Ray's Unix sockets need a short path
+    cmd = [str(Path(sys.executable).parent / "quiver"), "ray", "serve", str(model), "--port", str(port),
+           "--num-cpus-per-replica", "0", "--num-threads", "1", "--dtype", "float32", "--max-model-len", "256",
+           "--num-kv-blocks", "64", "--shutdown-grace", "60"]
+    with open(log, "w") as err:  # a file, not a pipe: nothing blocks on a full pipe
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ | {"RAY_TMPDIR": temp})
+    try:
+        deadline = time.monotonic() + 240
+        while not _healthy(url):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        assert _ray_processes(temp), "no Ray process found by its session directory"
+        chunks = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
+                          json={"model": "tiny", "prompt": "t5 t6", "max_tokens": 200, "ignore_eos": True,
+                                "stream": True}) as s:
+            lines = s.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    chunks.append(line)
+                    break
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1)
+            late = _status(f"{url}/v1/completions", {"model": "tiny", "prompt": "t5", "max_tokens": 2})
+            assert late != 200, "a request sent after SIGTERM was served"  # 503 while draining, then 404 or none
+            chunks += [line for line in lines if line.startswith("data: ")]
+        assert chunks[-1] == "data: [DONE]" and len(chunks) == 201, chunks[-3:]  # every token of it
+        assert proc.wait(timeout=180) == 0, log.read_text()
+        assert "SIGTERM received" not in log.read_text()
+        assert not _ray_processes(temp), "Ray processes outlived quiver ray serve"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in _ray_processes(temp):
+            p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _healthy(url: str) -> bool:
+    return _status(f"{url}/v1/models") == 200
+
+
+def _status(url: str, body: dict | None = None) -> int | None:
+    """The HTTP status, None when nothing answers."""
+    try:
+        return (httpx.post(url, json=body, timeout=30) if body else httpx.get(url, timeout=5)).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def _ray_processes(temp: str) -> list[psutil.Process]:
+    """The live processes whose command line names Ray's directory `temp` (raylet, gcs_server, workers)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp in arg for arg in p.info["cmdline"] or []) and _alive(p):
+            found.append(p)
+    return found
 
 
 def _client(url: str) -> openai.OpenAI:

@@ -15,6 +15,7 @@ from quiver.server.assemble import add_engine_args, add_serve_args, engine_confi
 log = logging.getLogger(__name__)
 APP_NAME = "quiver"
 INGRESS_MAX_ONGOING = 4096  # the ingress only relays bytes; the replicas' limits are what bound the work
+INGRESS_EXTRA_GRACE_S = 10.0  # the ingress outlives the replicas' grace: a stream they cut off gets its error event
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -51,14 +52,19 @@ def build_app(args: argparse.Namespace):
         graceful_shutdown_wait_loop_s=min(2.0, args.shutdown_grace),
     ).bind(args, max_adapters)
     return OpenAIIngress.options(num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,  # it owns the catalog
-                                 ray_actor_options={"num_cpus": 0}).bind(engine)
+                                 ray_actor_options={"num_cpus": 0},
+                                 graceful_shutdown_timeout_s=args.shutdown_grace + INGRESS_EXTRA_GRACE_S).bind(engine)
 
 
 def start(args: argparse.Namespace, ray_init: dict | None = None):
-    """Join or start Ray, start Serve's HTTP proxy on --host/--port, deploy; return the ingress's handle.
+    """Join or start Ray, start Serve's HTTP proxy on --host/--port, deploy; return the ingress's handle."""
+    connect(args, ray_init)
+    return deploy(args)
 
-    A local cluster started here stays on loopback when --host is (every Ray listener on 127.0.0.1),
-    sends no usage statistics and writes no auth token to the home directory."""
+
+def connect(args: argparse.Namespace, ray_init: dict | None = None) -> None:
+    """Join --ray-address's cluster, or start a local one: on loopback when --host is (every Ray listener on
+    127.0.0.1), sending no usage statistics and writing no auth token to the home directory."""
     local = not args.ray_address
     loopback = local and args.host in ("127.0.0.1", "localhost")
     if local:  # read when ray is first imported
@@ -68,7 +74,7 @@ def start(args: argparse.Namespace, ray_init: dict | None = None):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # single-node mode: no outward address
     try:
         import ray
-        from ray import serve
+        from ray import serve  # noqa: F401 (an install without Serve fails here, before Ray starts)
     except ModuleNotFoundError as exc:
         if exc.name != "ray":
             raise
@@ -79,8 +85,28 @@ def start(args: argparse.Namespace, ray_init: dict | None = None):
         if loopback:
             options["_node_ip_address"] = "127.0.0.1"
         ray.init(**options | (ray_init or {}))
+
+
+def deploy(args: argparse.Namespace):
+    from ray import serve
+
     serve.start(http_options={"host": args.host, "port": args.port})
     return serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+
+
+def drain(grace: float) -> None:
+    """Stop taking requests and let the running ones finish: the ingress answers 503 and waits up to `grace`
+    seconds (--shutdown-grace) for them; deleting the application then gives a request still running on a
+    replica that replica's own grace before Serve ends it (a stream gets an error event)."""
+    import time
+
+    from ray import serve
+
+    serve.get_deployment_handle("OpenAIIngress", app_name=APP_NAME).drain.remote(grace).result()
+    serve.delete(APP_NAME, _blocking=False)
+    deadline = time.monotonic() + grace + INGRESS_EXTRA_GRACE_S + 30
+    while APP_NAME in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def stop() -> None:
@@ -91,19 +117,41 @@ def stop() -> None:
     ray.shutdown()
 
 
+class StopNow(Exception):
+    """A second SIGINT/SIGTERM while draining: stop without waiting for the running requests."""
+
+
 def serve_forever(args: argparse.Namespace) -> None:
-    """`quiver ray serve`: start, serve until SIGINT/SIGTERM, then shut Serve and Ray down."""
+    """`quiver ray serve`: start, serve until SIGINT/SIGTERM, drain (up to --shutdown-grace), then shut Serve
+    and Ray down and return. A second signal stops at once."""
     import signal
     import threading
 
+    received = []
     done = threading.Event()
+
+    def on_signal(signum, _):
+        if received:
+            raise StopNow
+        received.append(signal.Signals(signum).name)
+        done.set()
+
+    connect(args)
+    # after ray.init, which installs its own SIGTERM handler (sys.exit; a native one logs `*** SIGTERM
+    # received` as a crash): signal.signal sets the process's handler, taking the signals back
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    start(args)
-    log.info("serving on http://%s:%d through Ray Serve, %d replica(s)", args.host, args.port, args.replicas)
-    done.wait()
-    log.info("shutting down")
-    stop()
+        signal.signal(sig, on_signal)
+    try:
+        deploy(args)  # a signal meanwhile is served once the replicas are up; a second one stops at once
+        log.info("serving on http://%s:%d through Ray Serve, %d replica(s)", args.host, args.port, args.replicas)
+        while not done.wait(0.5):  # polled: a signal that lands on one of Ray's threads does not wake a wait
+            pass
+        log.info("%s: draining (up to %g s), then exiting", received[0], args.shutdown_grace)
+        drain(args.shutdown_grace)
+    except StopNow:
+        log.info("stopping now")
+    finally:
+        stop()
 
 
 def add_ray_serve_args(p: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 from ray import serve
@@ -108,8 +109,36 @@ class OpenAIIngress:
         self.engine = engine
         self.base_model: str | None = None
         self.catalog = Catalog()
+        self.draining = False
+        self.running = 0  # requests under way here, a stream until its last chunk
+
+    async def drain(self, grace: float) -> None:
+        """`quiver ray serve` is stopping: refuse every new request (503) and wait up to `grace` seconds for
+        the ones under way, while the route still reaches this ingress (deleting the app would turn new
+        requests into the proxy's 404s)."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
 
     async def __call__(self, request: Request) -> Response:
+        if self.draining:
+            return error(503, "the server is shutting down; retry on another replica", type_="server_error",
+                         code="shutting_down", headers={"Retry-After": "1"})
+        self.running += 1
+        streaming = False
+        try:
+            response = await self._forward(request)
+            streaming = isinstance(response, StreamingResponse)  # it counts itself out after its last chunk
+            return response
+        finally:
+            if not streaming:
+                self._ended()
+
+    def _ended(self) -> None:
+        self.running -= 1
+
+    async def _forward(self, request: Request) -> Response:
         call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
                         await request.body())
         change = adapter_change(call)  # a load or unload goes to a replica holding the adapter, if one does
@@ -121,7 +150,7 @@ class OpenAIIngress:
                 head = await stream.__anext__()
                 if _is_stream(head):
                     first = await anext(stream, b"")
-                    return _streaming(head, first, stream)
+                    return _streaming(head, first, stream, self._ended)
                 body = b"".join([chunk async for chunk in stream])
                 if change and 200 <= head.status < 300:
                     self.catalog.record(*change)
@@ -167,7 +196,7 @@ def _response(head: Head, body: bytes) -> Response:
     return response
 
 
-def _streaming(head: Head, first: bytes, stream) -> StreamingResponse:
+def _streaming(head: Head, first: bytes, stream, ended) -> StreamingResponse:
     async def relay():
         try:
             yield first
@@ -179,6 +208,7 @@ def _streaming(head: Head, first: bytes, stream) -> StreamingResponse:
             yield (sse(ErrorResponse(error=lost)) + "data: [DONE]\n\n").encode()
         finally:
             stream.cancel()  # a client that left: the replica aborts its engine requests
+            ended()
 
     response = StreamingResponse(relay(), status_code=head.status)
     response.raw_headers = _forwarded(head)
