@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -181,7 +182,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="how tool_choice auto reads tool calls in the output (default: the chat template's format, "
                         "when it has one)")
     p.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
-                   default=None, help="quiver serve's HTTP server's log level (default: --log-level)")
+                   default=None, help="quiver serve's HTTP server's log level (default: --log-level; Ray Serve's proxy "
+                                     "keeps its own)")
     add_vllm_args(p)
 
 
@@ -223,10 +225,11 @@ VLLM_FLAGS = (
     (("--enable-auto-tool-choice",), SWITCH, _any, "tool_choice auto is on whenever a tool-call format is known", ""),
     (("--fully-sharded-loras",), SWITCH, _any, "LoRA sharding splits adapters across tensor-parallel devices, and "
      "there is one device", ""),
-    (("--lora-dtype",), {"type": lambda s: DTYPE_ALIASES.get(s, s), "metavar": "auto"}, lambda value, args: value in ("auto", args.dtype),
-     "adapters are applied in the serving dtype (--dtype)",
+    (("--lora-dtype",), {"type": lambda s: DTYPE_ALIASES.get(s, s), "metavar": "auto"},
+     lambda value, args: value in ("auto", args.dtype), "adapters are applied in the serving dtype (--dtype)",
      "adapters are applied in the serving dtype: give --dtype for both, or --lora-dtype auto"),
-    (("--kv-cache-dtype",), {"metavar": "auto"}, lambda value, args: value == "auto", "the KV cache is in the serving dtype (--dtype)",
+    (("--kv-cache-dtype",), {"metavar": "auto"}, lambda value, args: value == "auto",
+     "the KV cache is in the serving dtype (--dtype)",
      "the KV cache is held in the serving dtype (--dtype); fp8 caches are not implemented"),
     (("--disable-log-requests",), SWITCH, _any, "no request's prompt or output is ever logged", ""),
     (("--max-log-len",), {"type": int}, _any, "no request's prompt is logged, so none is shortened", ""),
@@ -243,9 +246,23 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(*flags, default=None, help=why, **options)
 
 
+def saved_4bit_by_bitsandbytes(model: str | None) -> bool:
+    """Whether MODEL is a folder whose config.json says bitsandbytes 4-bit (what vLLM's --quantization
+    bitsandbytes reads as it is, as Quiver always does)."""
+    config = Path(model).expanduser() / "config.json" if model else None
+    if config is None or not config.is_file():
+        return False
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
 def vllm_flags(args: argparse.Namespace) -> None:
     """Log each vLLM flag given that changes nothing here, and why; refuse (ValueError) a value that needs what
     Quiver lacks, naming the flag and the reason."""
+    if args.quantization == "bitsandbytes" and saved_4bit_by_bitsandbytes(args.model):
+        log.info("--quantization bitsandbytes: vLLM's flag, accepted; it changes nothing here: the checkpoint is "
+                 "saved 4-bit by bitsandbytes, and read as it is")
+        args.quantization = None
     if args.quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"--quantization {args.quantization}: not supported: Quiver's 4-bit base is bitsandbytes' "
                          "nf4 or fp4, quantized at load (--quantization nf4); a checkpoint saved 4-bit by "

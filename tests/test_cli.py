@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -169,13 +170,12 @@ def as_quiver(command: str, model: str, adapter: str) -> list[str]:
     return argv[1:]
 
 
-@pytest.mark.parametrize("extra, adapter_spec, limits", [
-    ("", "sql-lora=A/", {}),
+@pytest.mark.parametrize("extra, limits", [
+    ("", {}),
     # "the server entrypoint accepts all other LoRA configuration parameters (max_loras, max_lora_rank, max_cpu_loras)"
-    (" --max-loras 4 --max-lora-rank 64 --max-cpu-loras 8", "sql-lora=A/",
-     {"max_loras": 4, "max_lora_rank": 64, "max_cpu_loras": 8}),
+    (" --max-loras 4 --max-lora-rank 64 --max-cpu-loras 8", {"max_loras": 4, "max_lora_rank": 64, "max_cpu_loras": 8}),
 ])
-def test_vllm_lora_docs_serve_command_as_it_is(extra, adapter_spec, limits, monkeypatch, caplog):
+def test_vllm_lora_docs_serve_command_as_it_is(extra, limits, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     args = parsed_serve(as_quiver(VLLM_LORA_SERVE.rstrip() + extra, "/m/base", "/a/sql"), monkeypatch)
     assert args.model == "/m/base"
@@ -247,6 +247,18 @@ def test_vllm_values_quiver_lacks_are_refused_by_name_with_the_reason(argv, need
     assert err.startswith("quiver serve: error: " + needle), err
 
 
+def test_vllm_bitsandbytes_on_a_checkpoint_saved_4bit_is_read_as_it_is(tmp_path, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.INFO)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}))
+    assert parsed_serve(["serve", str(tmp_path), "--quantization", "bitsandbytes"], monkeypatch).quantization is None
+    assert "--quantization bitsandbytes: vLLM's flag, accepted; it changes nothing here: the checkpoint is saved " \
+           "4-bit by bitsandbytes, and read as it is" in caplog.messages
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # vLLM would quantize it in flight
+    err = one_line_error(["serve", str(tmp_path), "--quantization", "bitsandbytes"], capsys)
+    assert err.startswith("quiver serve: error: --quantization bitsandbytes: not supported: ") and "nf4" in err
+
+
 def test_same_lora_dtype_as_dtype_and_vllm_dtype_spellings(monkeypatch):
     args = parsed_serve(["serve", "--dtype", "float", "--lora-dtype", "float32"], monkeypatch)
     assert args.dtype == args.lora_dtype == "float32"
@@ -274,3 +286,16 @@ def test_a_known_vllm_flags_value_is_never_taken_as_model(argv, model, monkeypat
 
 def test_threads_is_num_threads(monkeypatch):
     assert engine_config(parsed_serve(["serve", "--threads", "1"], monkeypatch)).num_threads == 1
+
+
+def test_quiver_ray_serve_and_serve_run_refuse_what_quiver_lacks(capsys):
+    from quiver.server.rayserve.__main__ import main as ray_main
+    from quiver.server.rayserve.app import app_builder
+
+    with pytest.raises(SystemExit) as e:
+        ray_main(["serve", "-tp", "2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("quiver ray serve: error: --tensor-parallel-size 2: not "
+                                                      "supported: tensor parallelism is not implemented")
+    with pytest.raises(ValueError, match="--pipeline-parallel-size 2: not supported"):
+        app_builder({"pipeline_parallel_size": "2"})
