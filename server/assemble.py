@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -17,6 +18,7 @@ from quiver.server.http.guard import Guard, install
 from quiver.server.http.limits import RequestLimits
 from quiver.server.http.tools import PARSERS
 
+log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -29,16 +31,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", default=None, help="name reported by /v1/models and in responses")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, type=lambda s: DTYPE_ALIASES.get(s, s),
                    help="auto: bfloat16 on a CPU with AVX512-BF16 or AMX, float32 on other CPUs, the "
-                        "checkpoint's dtype (mostly bfloat16) on a GPU")
+                        "checkpoint's dtype (mostly bfloat16) on a GPU (vLLM's half and float: float16, float32)")
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True,
                    help="keep computed KV blocks, keyed by their tokens and the adapter's weights, so that a later "
                         "request starting with the same tokens skips their prefill (the default)")
     p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help="turn the prefix cache off")
-    p.add_argument("--quantization", choices=["nf4", "fp4"], default=None,
+    p.add_argument("--quantization", metavar="{nf4,fp4}", default=None,
                    help="keep the base's projections 4-bit, quantized at load by bitsandbytes as transformers' "
                         "load_in_4bit does (QLoRA's base); a checkpoint saved 4-bit by bitsandbytes needs no flag")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
@@ -59,7 +61,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="most tokens in one step, longer prompts prefill in chunks (2048 on the CPU, 8192 on a GPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
-    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--num-threads", "--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds requests that give no seed of their own")
     p.add_argument("--max-loras", type=int, default=d.max_loras,
                    help="LoRA adapters held in device slots, and most distinct adapters in one step")
@@ -180,10 +182,100 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="how tool_choice auto reads tool calls in the output (default: the chat template's format, "
                         "when it has one)")
-    # vLLM's switches for what is always on here, accepted so that a vLLM command line runs as it is
-    p.add_argument("--enable-auto-tool-choice", action="store_true", help="accepted (tool_choice auto is on "
-                                                                          "whenever a tool-call format is known)")
-    p.add_argument("--enable-lora", action="store_true", help="accepted (adapters are always on)")
+    p.add_argument("--uvicorn-log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   default=None, help="quiver serve's HTTP server's log level (default: --log-level; Ray Serve's proxy "
+                                     "keeps its own)")
+    add_vllm_args(p)
+
+
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings of --dtype
+QUANTIZATIONS = ("nf4", "fp4")
+ONE_DEVICE = "Quiver runs the whole model on one device (quiver ray serve --replicas N scales out in whole copies)"
+SWITCH = {"action": "store_true"}
+
+
+def _any(value, args) -> bool:
+    return True
+
+
+def _one(value, args) -> bool:
+    return value == 1
+
+
+# vLLM's `vllm serve` flags that change nothing here (on one device, or what is always so), accepted so that a
+# vLLM command line runs as it is, with a log line saying why: (flags, add_argument options, whether a value
+# changes nothing, why it changes nothing, why any other value is refused)
+VLLM_FLAGS = (
+    (("--tensor-parallel-size", "-tp"), {"type": int, "metavar": "1"}, _one, "the model runs whole on one device",
+     "tensor parallelism is not implemented: " + ONE_DEVICE),
+    (("--pipeline-parallel-size", "-pp"), {"type": int, "metavar": "1"}, _one, "the model runs whole on one device",
+     "pipeline parallelism is not implemented: " + ONE_DEVICE),
+    (("--data-parallel-size", "-dp"), {"type": int, "metavar": "1"}, _one, "one engine serves",
+     "data-parallel copies are Ray Serve replicas here: quiver ray serve --replicas N"),
+    (("--distributed-executor-backend",), {"choices": ["ray", "mp", "uni", "external_launcher"]}, _any,
+     "one device has no workers to launch", ""),
+    (("--trust-remote-code",), SWITCH, _any, "no code from the model's folder ever runs: llama, mistral and qwen2 "
+     "are Quiver's own code, other architectures are refused, and the tokenizer is read without remote code", ""),
+    (("--download-dir",), {}, _any, "nothing is downloaded: MODEL is a local folder or .gguf file", ""),
+    (("--enforce-eager",), SWITCH, _any, "no CUDA graphs are captured: every step runs eagerly", ""),
+    (("--swap-space",), {"type": float}, _any, "a preempted request's KV blocks are recomputed, never swapped out",
+     ""),
+    (("--enable-chunked-prefill",), SWITCH, _any, "prompts longer than --max-num-batched-tokens are always "
+     "prefilled in chunks", ""),
+    (("--enable-lora",), SWITCH, _any, "adapters are always on", ""),
+    (("--enable-auto-tool-choice",), SWITCH, _any, "tool_choice auto is on whenever a tool-call format is known", ""),
+    (("--fully-sharded-loras",), SWITCH, _any, "LoRA sharding splits adapters across tensor-parallel devices, and "
+     "there is one device", ""),
+    (("--lora-dtype",), {"type": lambda s: DTYPE_ALIASES.get(s, s), "metavar": "auto"},
+     lambda value, args: value in ("auto", args.dtype), "adapters are applied in the serving dtype (--dtype)",
+     "adapters are applied in the serving dtype: give --dtype for both, or --lora-dtype auto"),
+    (("--kv-cache-dtype",), {"metavar": "auto"}, lambda value, args: value == "auto",
+     "the KV cache is in the serving dtype (--dtype)",
+     "the KV cache is held in the serving dtype (--dtype); fp8 caches are not implemented"),
+    (("--disable-log-requests",), SWITCH, _any, "no request's prompt or output is ever logged", ""),
+    (("--max-log-len",), {"type": int}, _any, "no request's prompt is logged, so none is shortened", ""),
+    (("--disable-log-stats",), SWITCH, _any, "no stats are logged periodically (they are on /metrics)", ""),
+    (("--disable-frontend-multiprocessing",), SWITCH, _any, "the HTTP server and the engine already share one "
+     "process", ""),
+)
+
+
+def add_vllm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("vLLM's flags that change nothing here, accepted (and logged) so that a vLLM command "
+                             "line runs as it is; a value other than the one shown is refused, with the reason")
+    for flags, options, _, why, _ in VLLM_FLAGS:
+        g.add_argument(*flags, default=None, help=why, **options)
+
+
+def saved_4bit_by_bitsandbytes(model: str | None) -> bool:
+    """Whether MODEL is a folder whose config.json says bitsandbytes 4-bit (what vLLM's --quantization
+    bitsandbytes reads as it is, as Quiver always does)."""
+    config = Path(model).expanduser() / "config.json" if model else None
+    if config is None or not config.is_file():
+        return False
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
+def vllm_flags(args: argparse.Namespace) -> None:
+    """Log each vLLM flag given that changes nothing here, and why; refuse (ValueError) a value that needs what
+    Quiver lacks, naming the flag and the reason."""
+    if args.quantization == "bitsandbytes" and saved_4bit_by_bitsandbytes(args.model):
+        log.info("--quantization bitsandbytes: vLLM's flag, accepted; it changes nothing here: the checkpoint is "
+                 "saved 4-bit by bitsandbytes, and read as it is")
+        args.quantization = None
+    if args.quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"--quantization {args.quantization}: not supported: Quiver's 4-bit base is bitsandbytes' "
+                         "nf4 or fp4, quantized at load (--quantization nf4); a checkpoint saved 4-bit by "
+                         "bitsandbytes needs no flag")
+    for flags, _, changes_nothing, why, refused in VLLM_FLAGS:
+        value = getattr(args, flags[0].lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        given = flags[0] if value is True else f"{flags[0]} {value}"
+        if not changes_nothing(value, args):
+            raise ValueError(f"{given}: not supported: {refused}")
+        log.info("%s: vLLM's flag, accepted; it changes nothing here: %s", given, why)
 
 
 def request_limits(args: argparse.Namespace) -> RequestLimits:

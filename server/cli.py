@@ -12,7 +12,7 @@ import sys
 from quiver.adapters.combine import METHODS
 
 from quiver.server.assemble import (add_engine_args, add_serve_args, build_server, log_to_stderr, startup_adapters,
-                                    take_model_tag)
+                                    take_model_tag, vllm_flags)
 from quiver.server.engine.public import DTYPES
 
 # quiver's commands that are programs of their own: `quiver NAME ARGS` becomes `python -m MODULE ARGS`
@@ -45,7 +45,8 @@ def serve(args: argparse.Namespace) -> None:
     log = logging.getLogger(__name__)
     sock = listen_socket(args.host, args.port)
     async_engine, app = build_server(args)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.uvicorn_log_level or args.log_level.lower(),
                                            timeout_graceful_shutdown=args.shutdown_grace + CANCEL_AFTER_GRACE_S))
     http = threading.Thread(target=server.run, args=([sock],), name="quiver-http", daemon=True)
 
@@ -95,6 +96,17 @@ def merge(args: argparse.Namespace) -> None:
             sys.exit(f"quiver merge: error: the merged model differs from the unmerged adapter by {diff:.3g}")
 
 
+def unrecognized(argv: list[str], unknown: list[str], model_tag: str | None) -> list[str]:
+    """The unknown arguments as typed: argparse takes an unknown flag's value for MODEL, so it is put back
+    after its flag (`--foo 1` is refused as such, never served as the model "1")."""
+    shown = []
+    for i, arg in enumerate(argv):
+        if arg in unknown or (arg == model_tag and i and argv[i - 1] in unknown and argv[i - 1].startswith("-")
+                                  and "=" not in argv[i - 1]):
+            shown.append(arg)
+    return shown
+
+
 DISTRIBUTION = "quiver-serve"  # [project] name in pyproject.toml
 
 
@@ -132,11 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     add_engine_args(p)
     add_serve_args(p)
     sub.add_parser("ray", help="scale out on Ray Serve", add_help=False)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.exit(2, f"quiver {args.command}: error: unrecognized arguments: "
+                       f"{' '.join(unrecognized(argv, unknown, getattr(args, 'model_tag', None)))}\n")
     log_to_stderr(getattr(args, "log_level", "INFO"))
     try:
         if args.command == "serve":
             take_model_tag(args)
+            vllm_flags(args)
             startup_adapters(args)  # a bad flag is an error before the port is taken
             serve(args)
         elif args.command == "merge":

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from quiver.server import cli
-from quiver.server.assemble import add_engine_args, engine_config, parse_adapters, startup_adapters
+from quiver.server.assemble import VLLM_FLAGS, add_engine_args, engine_config, parse_adapters, startup_adapters
 from quiver.server.cli import main
 
 
@@ -145,3 +148,154 @@ def test_quiver_ray_serve_help_and_one_line_errors(capsys):
         ray_main(["serve", "--adapter", "oops"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "quiver ray serve: error: --adapter expects NAME=PATH, got 'oops'"
+
+
+# The `vllm serve` commands of vLLM's "LoRA Adapters" page (docs/features/lora.md), as printed there; a test swaps
+# in its own model and adapter paths (VLLM_MODEL, VLLM_ADAPTER) and `quiver serve` for `vllm serve`, nothing else
+VLLM_MODEL = "meta-llama/Llama-2-7b-hf"
+VLLM_ADAPTER = ("$HOME/.cache/huggingface/hub/models--yard1--llama-2-7b-sql-lora-test/snapshots/"
+                "0dfa347e8877a4d4ed19ee56c140fa518470028c/")
+VLLM_LORA_SERVE = """vllm serve meta-llama/Llama-2-7b-hf \\
+    --enable-lora \\
+    --lora-modules sql-lora=$HOME/.cache/huggingface/hub/models--yard1--llama-2-7b-sql-lora-test/snapshots/0dfa347e8877a4d4ed19ee56c140fa518470028c/
+"""
+VLLM_LORA_MODULES_JSON = """--lora-modules '{"name": "sql-lora", "path": "/path/to/lora", "base_model_name": "meta-llama/Llama-2-7b"}'"""
+
+
+def as_quiver(command: str, model: str, adapter: str) -> list[str]:
+    """`quiver`'s argv for a `vllm serve` command line: the model and the adapter paths replaced, nothing else."""
+    command = command.replace("\\\n", " ").replace(VLLM_MODEL, model).replace(VLLM_ADAPTER, adapter + "/")
+    argv = shlex.split(command.replace("/path/to/lora", adapter))
+    assert argv[:2] == ["vllm", "serve"], argv
+    return argv[1:]
+
+
+@pytest.mark.parametrize("extra, limits", [
+    ("", {}),
+    # "the server entrypoint accepts all other LoRA configuration parameters (max_loras, max_lora_rank, max_cpu_loras)"
+    (" --max-loras 4 --max-lora-rank 64 --max-cpu-loras 8", {"max_loras": 4, "max_lora_rank": 64, "max_cpu_loras": 8}),
+])
+def test_vllm_lora_docs_serve_command_as_it_is(extra, limits, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    args = parsed_serve(as_quiver(VLLM_LORA_SERVE.rstrip() + extra, "/m/base", "/a/sql"), monkeypatch)
+    assert args.model == "/m/base"
+    assert startup_adapters(args) == [("sql-lora", "/a/sql/")]
+    cfg = engine_config(args)
+    assert {key: getattr(cfg, key) for key in limits} == limits
+    assert "--enable-lora: vLLM's flag, accepted; it changes nothing here: adapters are always on" in caplog.messages
+
+
+def test_vllm_lora_docs_json_lora_modules(monkeypatch):
+    """The page's "new format": a JSON item with base_model_name (accepted, unused), after the serve line."""
+    command = VLLM_LORA_SERVE.split("--lora-modules")[0] + VLLM_LORA_MODULES_JSON
+    args = parsed_serve(as_quiver(command, "/m/base", "/a/sql"), monkeypatch)
+    assert args.model == "/m/base" and startup_adapters(args) == [("sql-lora", "/a/sql")]
+
+
+def test_a_typical_vllm_lora_deployment_line(monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    argv = shlex.split("serve /m/base --tensor-parallel-size 1 --pipeline-parallel-size 1 --trust-remote-code "
+                       "--dtype half --gpu-memory-utilization 0.85 --max-model-len 4096 --max-num-seqs 32 "
+                       "--enable-prefix-caching --seed 7 --enforce-eager --swap-space 4 --disable-log-requests "
+                       "--disable-log-stats --uvicorn-log-level warning --download-dir /tmp/hf --enable-lora "
+                       "--max-loras 4 --max-lora-rank 32 --lora-dtype auto --enable-auto-tool-choice "
+                       "--tool-call-parser hermes --lora-modules sql=/a/sql chat=/a/chat")
+    args = parsed_serve(argv, monkeypatch)
+    cfg = engine_config(args)
+    assert (cfg.model, cfg.dtype, cfg.gpu_memory_utilization, cfg.max_model_len, cfg.max_num_seqs, cfg.seed,
+            cfg.max_loras, cfg.max_lora_rank, cfg.enable_prefix_caching) == \
+        ("/m/base", "float16", 0.85, 4096, 32, 7, 4, 32, True)
+    assert startup_adapters(args) == [("sql", "/a/sql"), ("chat", "/a/chat")]
+    assert args.uvicorn_log_level == "warning" and args.tool_call_parser == "hermes"
+    accepted = [m.split(":")[0] for m in caplog.messages if "vLLM's flag, accepted" in m]
+    assert accepted == ["--tensor-parallel-size 1", "--pipeline-parallel-size 1", "--trust-remote-code",
+                        "--download-dir /tmp/hf", "--enforce-eager", "--swap-space 4.0", "--enable-lora",
+                        "--enable-auto-tool-choice", "--lora-dtype auto", "--disable-log-requests",
+                        "--disable-log-stats"]
+
+
+@pytest.mark.parametrize("flags", [flags for flags, *_ in VLLM_FLAGS])
+def test_every_accepted_vllm_flag_logs_one_line_with_its_reason(flags, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    _, options, _, why, _ = next(entry for entry in VLLM_FLAGS if entry[0] == flags)
+    switch = options.get("action") == "store_true"
+    value = [] if switch else [options.get("metavar") or (options.get("choices") or ["2"])[0]]
+    for flag in flags:  # -tp as --tensor-parallel-size
+        caplog.clear()
+        args = parsed_serve(["serve", flag, *value, "/m/base"], monkeypatch)
+        assert args.model == "/m/base"
+        given = flags[0] if switch else f"{flags[0]} {getattr(args, flags[0][2:].replace('-', '_'))}"
+        assert [m for m in caplog.messages if "vLLM's flag" in m] == \
+            [f"{given}: vLLM's flag, accepted; it changes nothing here: {why}"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2: not supported: tensor parallelism is not "
+                                      "implemented: Quiver runs the whole model on one device"),
+    (["-tp", "4"], "--tensor-parallel-size 4: not supported: tensor parallelism"),
+    (["-pp", "2"], "--pipeline-parallel-size 2: not supported: pipeline parallelism is not implemented"),
+    (["--data-parallel-size", "2"], "--data-parallel-size 2: not supported: data-parallel copies are Ray Serve "
+                                    "replicas here: quiver ray serve --replicas N"),
+    (["--quantization", "awq"], "--quantization awq: not supported: Quiver's 4-bit base is bitsandbytes' nf4 or fp4"),
+    (["--quantization", "bitsandbytes"], "--quantization bitsandbytes: not supported"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: not supported: the KV cache is held in the serving dtype"),
+    (["--dtype", "float32", "--lora-dtype", "bfloat16"], "--lora-dtype bfloat16: not supported: adapters are "
+                                                         "applied in the serving dtype"),
+])
+def test_vllm_values_quiver_lacks_are_refused_by_name_with_the_reason(argv, needle, capsys):
+    err = one_line_error(["serve", "/m/base", *argv], capsys)
+    assert err.startswith("quiver serve: error: " + needle), err
+
+
+def test_vllm_bitsandbytes_on_a_checkpoint_saved_4bit_is_read_as_it_is(tmp_path, monkeypatch, caplog, capsys):
+    caplog.set_level(logging.INFO)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}))
+    assert parsed_serve(["serve", str(tmp_path), "--quantization", "bitsandbytes"], monkeypatch).quantization is None
+    assert "--quantization bitsandbytes: vLLM's flag, accepted; it changes nothing here: the checkpoint is saved " \
+           "4-bit by bitsandbytes, and read as it is" in caplog.messages
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # vLLM would quantize it in flight
+    err = one_line_error(["serve", str(tmp_path), "--quantization", "bitsandbytes"], capsys)
+    assert err.startswith("quiver serve: error: --quantization bitsandbytes: not supported: ") and "nf4" in err
+
+
+def test_same_lora_dtype_as_dtype_and_vllm_dtype_spellings(monkeypatch):
+    args = parsed_serve(["serve", "--dtype", "float", "--lora-dtype", "float32"], monkeypatch)
+    assert args.dtype == args.lora_dtype == "float32"
+    assert parsed_serve(["serve", "--dtype", "half"], monkeypatch).dtype == "float16"
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["--max-logprobs", "5"], "--max-logprobs 5"),  # not a quiver flag: its value is not served as MODEL "5"
+    (["--max-logprobs", "5", "/m/base"], "--max-logprobs 5 /m/base"),
+    (["/m/base", "--max-logprobs", "5"], "--max-logprobs 5"),
+    (["--max-logprobs=5", "/m/base"], "--max-logprobs=5"),
+])
+def test_an_unknown_flags_value_is_never_taken_as_model(argv, shown, capsys):
+    err = one_line_error(["serve", *argv], capsys)
+    assert err == f"quiver serve: error: unrecognized arguments: {shown}"
+
+
+@pytest.mark.parametrize("argv, model", [
+    (["-tp", "1", "/m/base"], "/m/base"), (["/m/base", "-tp", "1"], "/m/base"),
+    (["--tensor-parallel-size=1", "/m/base"], "/m/base"), (["--tensor-parallel-size", "1"], None),
+])
+def test_a_known_vllm_flags_value_is_never_taken_as_model(argv, model, monkeypatch):
+    assert parsed_serve(["serve", *argv], monkeypatch).model == model
+
+
+def test_threads_is_num_threads(monkeypatch):
+    assert engine_config(parsed_serve(["serve", "--threads", "1"], monkeypatch)).num_threads == 1
+
+
+def test_quiver_ray_serve_and_serve_run_refuse_what_quiver_lacks(capsys):
+    from quiver.server.rayserve.__main__ import main as ray_main
+    from quiver.server.rayserve.app import app_builder
+
+    with pytest.raises(SystemExit) as e:
+        ray_main(["serve", "-tp", "2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("quiver ray serve: error: --tensor-parallel-size 2: not "
+                                                      "supported: tensor parallelism is not implemented")
+    with pytest.raises(ValueError, match="--pipeline-parallel-size 2: not supported"):
+        app_builder({"pipeline_parallel_size": "2"})

@@ -1,5 +1,5 @@
 """`quiver serve` as a process, typed as a vLLM user types it: the model as an argument, --lora-modules,
-one-line refusals (port in use, no CUDA), and a log without progress bars."""
+vLLM's LoRA page run as printed, one-line refusals (port in use, no CUDA), and a log without progress bars."""
 from __future__ import annotations
 
 import os
@@ -15,16 +15,21 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import make_tiny_gguf
+from test_cli import VLLM_LORA_SERVE, as_quiver
 
 QUIVER = str(Path(sys.executable).parent / "quiver")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_models, plain_tokenizer, tmp_path_factory) -> str:
-    """The tiny GQA model with a tokenizer beside it: a folder `quiver serve` loads in seconds."""
+def model_dir(tiny_models, tmp_path_factory) -> str:
+    """The tiny GQA model with a tokenizer beside it: a folder `quiver serve` loads in seconds. The tokenizer is
+    character-level, so that any English prompt has tokens (the word-level plain_tokenizer, saved, can lose its
+    <unk>, which shares id 0 with t0)."""
+    from quiver.bench.models import random_tokenizer
+
     path = tmp_path_factory.mktemp("served") / "tiny"
     shutil.copytree(tiny_models["llama_gqa"][0], path)
-    plain_tokenizer.save_pretrained(path)
+    random_tokenizer(tiny_models["llama_gqa"][1].config.vocab_size).save_pretrained(path)
     return str(path)
 
 
@@ -34,9 +39,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def quiver_serve(*args: str, env: dict | None = None) -> subprocess.Popen:
+def quiver_serve(*args: str, env: dict | None = None, cwd: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([QUIVER, "serve", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | (env or {}))
+                            env=os.environ | (env or {}), cwd=cwd)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while not _healthy(url):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """SIGTERM, as a service manager stops it; its log once it has exited 0."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return err
 
 
 def refusal(*args: str) -> str:
@@ -60,21 +80,47 @@ def test_served_start_from_a_gguf_argument_with_lora_modules(tiny_lora_set, tmp_
                         env={"QUIVER_CACHE": str(tmp_path / "cache")})  # an empty cache: the GGUF is converted
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while not _healthy(url):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.2)
+        wait_healthy(proc, url)
         assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == ["a", "b", "c", "tiny"]
         assert httpx.get(url + "/v1/models/b").json()["parent"] == "tiny"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
     assert "converting" in err and f"adapter a (lora) loaded from {adapter}: tier cpu" in err, err
     assert not re.search(r"\d+%\||it/s\]|s/it\]", err), err  # tqdm's bar and rate
+
+
+def test_vllm_lora_page_as_printed(model_dir, tiny_lora_set):
+    """vLLM's "LoRA Adapters" page, run as printed: its `vllm serve ... --enable-lora --lora-modules sql-lora=...`
+    (our model and adapter in its paths, and a free port for its 8000) with VLLM_ALLOW_RUNTIME_LORA_UPDATING
+    exported, from the folder holding the adapters; then its requests: /v1/models lists sql-lora, its completion,
+    and loading and unloading an adapter at run time answer as vLLM's do."""
+    adapters = tiny_lora_set[2]
+    port = free_port()
+    argv = as_quiver(VLLM_LORA_SERVE, model_dir, str(adapters["lora_qv"]))
+    proc = quiver_serve(*argv[1:], "--port", str(port), env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+                        cwd=str(adapters["lora_qv"].parent))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url)
+        assert "sql-lora" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        done = httpx.post(url + "/v1/completions", json={"model": "sql-lora", "prompt": "San Francisco is a",
+                                                         "max_tokens": 7, "temperature": 0}, timeout=60)
+        assert done.status_code == 200 and done.json()["model"] == "sql-lora", done.text
+        assert 1 <= done.json()["usage"]["completion_tokens"] <= 7
+        load = httpx.post(url + "/v1/load_lora_adapter", timeout=60,
+                          json={"lora_name": "sql_adapter", "lora_path": str(adapters["lora_r16_ko"])})
+        assert (load.status_code, load.text) == (200, "Success: LoRA adapter 'sql_adapter' added successfully.")
+        unload = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "sql_adapter"}, timeout=60)
+        assert (unload.status_code, unload.text) == (200, "Success: LoRA adapter 'sql_adapter' removed successfully.")
+        err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "--enable-lora: vLLM's flag, accepted; it changes nothing here: adapters are always on" in err, err
 
 
 def test_port_in_use_is_one_line_before_the_model_loads(model_dir):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from quiver.server.assemble import log_to_stderr, startup_adapters, take_model_tag
+from quiver.server.assemble import log_to_stderr, startup_adapters, take_model_tag, vllm_flags
 from quiver.server.rayserve.app import add_ray_serve_args, serve_forever
 
 
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     log_to_stderr(args.log_level)
     try:
         take_model_tag(args)
+        vllm_flags(args)
         startup_adapters(args)  # a bad flag is an error before Ray starts
         serve_forever(args)
     except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError

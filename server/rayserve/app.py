@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 
-from quiver.server.assemble import add_engine_args, add_serve_args, engine_config, take_model_tag
+from quiver.server.assemble import add_engine_args, add_serve_args, engine_config, take_model_tag, vllm_flags
 
 log = logging.getLogger(__name__)
 APP_NAME = "quiver"
@@ -177,4 +177,5 @@ def app_builder(args: dict):
     add_ray_serve_args(p)
     ns = p.parse_args(argv)
     take_model_tag(ns)
+    vllm_flags(ns)
     return build_app(ns)
