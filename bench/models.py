@@ -19,12 +19,12 @@ SHAPES = {
 
 
 def plain_tokenizer(vocab_size: int):
-    """A word-level tokenizer whose token i is the word "t{i}" (token 1 BOS, 2 EOS, 0 unknown)."""
+    """A word-level tokenizer whose token i > 0 is the word "t{i}" (token 1 BOS, 2 EOS, 0 unknown: only
+    `<unk>` has id 0, so a saved tokenizer cannot keep "t0" for it instead)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    vocab["<unk>"] = 0
+    vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="t1", eos_token="t2", unk_token="<unk>")
