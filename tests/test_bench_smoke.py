@@ -183,3 +183,31 @@ def test_workload_bench_smoke(api_model, tokenizer, tmp_path):
         assert r["vs_baseline_float32_lora"] is None
     lora, base = data["rows"]
     assert abs(lora["vs_base_only"] - lora["median_tokens_per_s"] / base["median_tokens_per_s"]) < 1e-9
+
+
+def test_a_bench_without_out_writes_here_and_prints_only_its_own_lines(api_model, tokenizer, tmp_path):
+    """`quiver bench NAME` with no --out writes to ./quiver-bench-results (never the checkout's published
+    bench/results) and says so; transformers' progress bars and third-party warnings stay out of its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
+    published = Path(__file__).parents[1] / "bench" / "results" / "throughput.json"
+    before = published.read_bytes()
+    try:
+        done = subprocess.run([sys.executable, "-m", "quiver.bench", "throughput", "--model", str(model_dir),
+                               "--concurrency", "1", "--new-tokens", "2", "--no-server"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        rewritten = published.read_bytes() != before
+        published.write_bytes(before)  # a failure here must not leave the published figures changed
+    assert done.returncode == 0, done.stderr
+    assert not rewritten
+    written = tmp_path / "quiver-bench-results" / "throughput.json"
+    assert [r["concurrency"] for r in json.loads(written.read_text())["rows"]] == [1]
+    output = done.stdout + done.stderr
+    assert f"wrote {written}\n" in output and "quiver bench throughput: done in " in output, output
+    noise = [line for line in output.splitlines() if "\r" in line or "it/s]" in line or "Loading weights" in line
+             or "Warning" in line or "warn" in line]
+    assert not noise, noise
