@@ -22,10 +22,10 @@ BENCHMARKS = {
     "gpu_check": ("make gpu-check: every CUDA test and the key benchmarks in one pass, one JSON", None),
     "load": ("sustained closed-loop streaming load over mixed adapter families, with leak and output checks",
              "5 min"),
-    "grammar": ("the grammar engines (llguidance, xgrammar): compile, mask fill, schema coverage", "1 min"),
-    "sampling": ("per-step cost of penalties, logit_bias and structured output at batch 32, against plain", "2 min"),
+    "grammar": ("the grammar engines (llguidance, xgrammar): compile, mask fill, schema coverage", "10 s"),
+    "sampling": ("per-step cost of penalties, logit_bias and structured output at batch 32, against plain", "3 min"),
     "quantized": ("the base kept 4-bit (NF4) against full precision: weight memory, decode at batch 1/8/32",
-                  "2 min"),
+                  "3 min"),
     "prefix": ("prefix caching: time to first token of chats sharing a long system prompt, cache on and off",
                "1.5 min"),
     "roofline": ("achieved GFLOP/s of decode and prefill steps against the measured matmul peak", "1 min"),
@@ -41,7 +41,7 @@ def run_time(name: str) -> str:
 
 
 def listing() -> str:
-    rows = "\n".join(f"  {name:11s} {run_time(name):23s} {what}" for name, (what, _) in BENCHMARKS.items())
+    rows = "\n".join(f"  {name:11s} {run_time(name):25s} {what}" for name, (what, _) in BENCHMARKS.items())
     return (f"usage: quiver bench NAME [options]   (quiver bench NAME --help: its options)\n\n"
             f"Each benchmark prints a table and writes NAME.json (most a PNG too) to ./{RESULTS}/ in the current\n"
             f"directory, or to --out DIR; --out bench/results rewrites the published figures of docs/benchmarks.md.\n"

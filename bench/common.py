@@ -16,8 +16,8 @@ import time
 import warnings
 from pathlib import Path
 
-# where results go without --out: a folder in the directory the bench runs in, never the checkout's
-# bench/results, the published figures (docs/benchmarks.md), which only an explicit --out bench/results rewrites
+# results without --out: this folder in the directory the bench runs in. The checkout's bench/results holds the
+# published figures (docs/benchmarks.md): only an explicit --out bench/results rewrites them.
 RESULTS = "quiver-bench-results"
 BASE = "base"  # label of requests that name no adapter
 
@@ -130,18 +130,17 @@ def quiet_third_party() -> None:
 
     import huggingface_hub.utils
     import tqdm
-    import transformers
+    from transformers.utils import logging as transformers_logging
 
     os.environ.update(TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
                       TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
     tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)
     huggingface_hub.utils.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for module in ("transformers", "peft", "torch", "bitsandbytes", "huggingface_hub"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 class LoopbackServer:

@@ -211,3 +211,29 @@ def test_a_bench_without_out_writes_here_and_prints_only_its_own_lines(api_model
     noise = [line for line in output.splitlines() if "\r" in line or "it/s]" in line or "Loading weights" in line
              or "Warning" in line or "warn" in line]
     assert not noise, noise
+
+
+def test_quiet_third_party_silences_their_bars_logs_and_warnings():
+    """What quiet_third_party keeps out, each made to speak in a fresh process: a transformers progress bar
+    and warning, a FutureWarning from transformers, tqdm (the GGUF conversion's), bitsandbytes' CPU-kernel
+    notice (logged on CPUs with AVX512-BF16); the bench's own print still comes through."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import warnings
+        from quiver.bench.common import quiet_third_party
+        quiet_third_party()
+        import bitsandbytes.backends.cpu.ops
+        from tqdm.auto import tqdm
+        from transformers.utils import logging
+        list(logging.tqdm(range(3), desc="Loading weights"))
+        list(tqdm(range(3), desc="Converting and de-quantizing GGUF tensors"))
+        logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+        warnings.warn_explicit("a FutureWarning", FutureWarning, "modeling_utils.py", 1,
+                               module="transformers.modeling_utils")
+        print("the bench's own line")
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("the bench's own line\n", "")
