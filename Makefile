@@ -66,8 +66,10 @@ test-latest:
 gpu-wheels: venv
 	$(PY) bench/gpu_wheels.py
 
+# The published figures (docs/benchmarks.md's base model table): bench/results/throughput.json. A plain
+# `quiver bench NAME` writes to ./quiver-bench-results/ instead.
 bench: venv
-	$(PY) -m quiver.bench throughput
+	$(PY) -m quiver.bench throughput --out bench/results
 
 # On a GPU machine: every CUDA test and the key benchmarks under one deadline (7 minutes unless
 # GPU_CHECK_ARGS has --deadline), on that machine's own python3 (its CUDA torch, Triton, transformers, PEFT,

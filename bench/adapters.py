@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quiver.bench.common import RESULTS, add_device_args, cuda_peak, dtype_name, machine, write_json
+from quiver.bench.common import add_device_args, add_out_arg, cuda_peak, dtype_name, machine, results_dir, write_json
 from quiver.bench.plot import line_plot
 from quiver.bench.throughput import prompts, run_quiver, run_transformers
 
@@ -82,7 +82,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: all cores)")
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     add_device_args(ap)  # for Quiver and PEFT alike
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(line, flush=True)
     result = describe("adapters", args, engine, threads) | {"rows": rows}
-    out_dir = args.out or RESULTS
+    out_dir = results_dir(args.out)
     series = {"Quiver": [r["quiver_tokens_per_s"] for r in rows],
               "Quiver, base model only": [r["quiver_base_tokens_per_s"] for r in rows]}
     if peft is not None:

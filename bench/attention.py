@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from quiver.bench.common import add_device_args, dtype_name, machine, synchronize, write_json
+from quiver.bench.common import add_device_args, add_out_arg, dtype_name, machine, synchronize, write_json
 from quiver.kernels.torch_meta import attention_mask, plan_attention
 from quiver.kernels.torch_ops import paged_attention
 from quiver.server.engine.device import make_current, resolve_device
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
     add_device_args(ap)
-    ap.add_argument("--out", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"machine": machine(), "device": args.device, "dtype": dtype_name(dtype), "heads": args.heads,
            "kv_heads": args.kv_heads, "head_dim": args.head_dim,
            "block_size": BLOCK, "per": "one layer's attention", "results": results}
-    path = write_json("attention", out, None if args.out is None else __import__("pathlib").Path(args.out))
+    path = write_json("attention", out, args.out)
     print(f"wrote {path}")
     return out
 

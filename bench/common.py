@@ -1,19 +1,24 @@
-"""What the benchmarks share: the machine and versions they record, where results go, the --device /
---dtype options and the GPU memory figures, and an in-process server on loopback (the tests use it too)."""
+"""What the benchmarks share: the machine and versions they record, where results go (--out), the --device /
+--dtype options and the GPU memory figures, quiet third-party output, and an in-process server on loopback
+(the tests use it too)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
 import json
+import logging
 import os
 import platform
 import socket
 import threading
 import time
+import warnings
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# results without --out: this folder in the directory the bench runs in. The checkout's bench/results holds the
+# published figures (docs/benchmarks.md): only an explicit --out bench/results rewrites them.
+RESULTS = "quiver-bench-results"
 BASE = "base"  # label of requests that name no adapter
 
 
@@ -96,12 +101,46 @@ def decode_step_ms(engine, rows: int, prompt_tokens: int, params, seed: int) -> 
     return times[1:-1]
 
 
-def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
-    out_dir = out_dir or RESULTS
+def add_out_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"results folder (default: ./{RESULTS} in the current directory; --out bench/results "
+                         "rewrites the published figures of docs/benchmarks.md)")
+
+
+def results_dir(out: str | Path | None = None) -> Path:
+    """--out, else ./quiver-bench-results (absolute, so that what a bench prints says where to look)."""
+    return Path(out or RESULTS).absolute()
+
+
+def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:
+    out_dir = results_dir(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def quiet_third_party() -> None:
+    """Keep a benchmark's output its own: no transformers / huggingface_hub progress bars ("Loading weights",
+    "Writing model shards", downloads), no transformers warnings or FutureWarnings, no bitsandbytes notice
+    that its optional CPU kernel package is missing. The GGUF conversion calls tqdm directly, and tqdm read
+    TQDM_DISABLE when torch imported it: its default is changed. The environment carries the same to the
+    servers and workers a benchmark starts."""
+    from functools import partialmethod
+
+    import huggingface_hub.utils
+    import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    os.environ.update(TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
+                      TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)
+    huggingface_hub.utils.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for module in ("transformers", "peft", "torch", "bitsandbytes", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 class LoopbackServer:

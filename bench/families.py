@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from quiver.bench.adapters import make_adapters
-from quiver.bench.common import RESULTS, add_device_args, cuda_peak, dtype_name, machine, release, write_json
+from quiver.bench.common import (add_device_args, add_out_arg, cuda_peak, dtype_name, machine, release, results_dir,
+                                 write_json)
 from quiver.bench.plot import bar_plot
 from quiver.bench.throughput import prompts
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default=None)
     add_device_args(ap)
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "base_decode_tokens_per_s": base_decode, "decode_vs_base": decode / base_decode})
             print(f"{kind:14s} decode {decode:7.1f} tok/s ({decode / base_decode:4.2f}x its base neighbour "
                   f"{base_decode:7.1f})   end to end {e2e:7.1f} tok/s", flush=True)
-    out_dir = args.out or RESULTS
+    out_dir = results_dir(args.out)
     result = {"benchmark": "families", "model": engine.model_name, "device": args.device,
               "dtype": dtype_name(engine.dtype), "threads": threads,
               "batch": args.batch, "new_tokens": args.new_tokens, "adapters_per_family": args.adapters,

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from quiver.bench.common import machine, write_json
+from quiver.bench.common import add_out_arg, machine, write_json
 
 BATCHES = (1, 16, 64)
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="quiver bench grammar")
     ap.add_argument("--schemas", type=int, default=20)
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--out", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(resolve_model(None)[0])
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'feature':22s} {'llguidance':11s} xgrammar")
     for name, _, _ in COVERAGE:
         print(f"{name:22s} {result['llguidance']['coverage'][name]:11s} {result['xgrammar']['coverage'][name]}")
-    path = write_json("grammar", result, None if args.out is None else __import__("pathlib").Path(args.out))
+    path = write_json("grammar", result, args.out)
     print(f"wrote {path}")
     return result
 

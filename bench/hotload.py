@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from quiver.bench.common import add_device_args, dtype_name, machine, release, write_json
+from quiver.bench.common import add_device_args, add_out_arg, dtype_name, machine, release, write_json
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     ap.add_argument("--port", type=int, default=8766)
     add_device_args(ap)  # of the started `quiver serve`, and of the model the adapters are made from
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
 
     import httpx

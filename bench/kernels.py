@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from quiver.bench.common import machine, write_json
+from quiver.bench.common import add_out_arg, machine, write_json
 from quiver.kernels import torch_ops
 
 LORA_CASES = {  # name -> (tokens per adapter segment, adapters)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--out", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             out["attention"][name] = r = attention_case(rows, context, dtype, device, args.repeats)
             print(f"attn  {name:32s} " + "  ".join(f"{k} {v['us']:9.1f} us {v['gb_s']:7.1f} GB/s"
                                                     for k, v in r.items() if k != "bytes"))
-    path = write_json("kernels", out, None if args.out is None else __import__("pathlib").Path(args.out))
+    path = write_json("kernels", out, args.out)
     print(f"wrote {path}")
     return out
 

@@ -20,7 +20,8 @@ import torch
 from quiver.server.engine.config import EngineConfig
 
 from quiver.bench.adapters import ALL7, make_adapters
-from quiver.bench.common import RESULTS, add_device_args, cuda_peak, dtype_name, machine, release, write_json
+from quiver.bench.common import (add_device_args, add_out_arg, cuda_peak, dtype_name, machine, release, results_dir,
+                                 write_json)
 from quiver.bench.plot import line_plots
 from quiver.bench.throughput import prompts
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     add_device_args(ap)  # of the engines and the merged model
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
               "threads": threads, **cuda_peak(args.device),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "rank": args.rank, "targets": ALL7, "machine": machine(), "rows": rows}
-    out_dir = args.out or RESULTS
+    out_dir = results_dir(args.out)
     conc = [r["concurrency"] for r in rows]
     result["plot"] = str(line_plots(out_dir / "latency.png", conc, "concurrent requests", [
         ("time per output token", "ms (median)", {v: [r[v]["tpot_median_ms"] for r in rows] for v in VARIANTS}),

@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from quiver.bench.common import (BASE, RESULTS, LoopbackServer, add_device_args, cuda_peak, dtype_name, machine,
+from quiver.bench.common import (BASE, LoopbackServer, add_device_args, add_out_arg, cuda_peak, dtype_name, machine,
                                  percentiles, release, write_json)
 from quiver.bench.load_clients import Record, pick_reference, run_load, run_reference
 from quiver.bench.serving import make_prompt, print_latency
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size (default: the engine's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     add_device_args(ap)
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1:
         ap.error("--clients, --duration and --max-tokens must be positive")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
               "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "requests_sample": [asdict(r) for r in records[:20]]}
     print_table(result)
-    print("wrote", write_json("load", result, args.out or RESULTS), flush=True)
+    print("wrote", write_json("load", result, args.out), flush=True)
     if failures:
         raise AssertionError("load test failed:\n  " + "\n  ".join(failures))
     return result

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from quiver.bench.common import add_device_args, cuda_peak, dtype_name, machine, synchronize, write_json
+from quiver.bench.common import add_device_args, add_out_arg, cuda_peak, dtype_name, machine, synchronize, write_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--arrivals", type=int, default=6, help="long prompts, one every 8 steps")
     ap.add_argument("--threads", type=int, default=None)
     add_device_args(ap)
-    ap.add_argument("--out", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device,
                                     dtype=args.dtype))
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
               **{f"{k}_step_ms_median": statistics.median(v) if v else None for k, v in kinds.items()}}
     print(f"decode-only steps: {result['decode_steps']}, median {result['decode_step_ms_median']:.1f} ms; "
           f"mixed prefill + decode steps: {result['mixed_steps']}, median {result['mixed_step_ms_median']:.1f} ms")
-    path = write_json("mixed", result, None if args.out is None else __import__("pathlib").Path(args.out))
+    path = write_json("mixed", result, args.out)
     print(f"wrote {path}")
     return result
 

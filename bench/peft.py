@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from quiver.bench.adapters import add_common_args, describe, quiver_and_peft
-from quiver.bench.common import RESULTS, write_json
+from quiver.bench.common import results_dir, write_json
 from quiver.bench.plot import line_plot
 from quiver.bench.throughput import prompts, run_quiver, run_transformers
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "quiver_vs_peft_per_adapter": q / per})
             print(f"{k:8d}  {q:9.1f}  {mixed:10.1f}  {per:16.1f}  {q / mixed:7.2f}x  {q / per:13.2f}x", flush=True)
     result = describe("peft", args, engine, threads) | {"rows": rows}
-    out_dir = args.out or RESULTS
+    out_dir = results_dir(args.out)
     series = {"Quiver, one continuous batch": [r["quiver_tokens_per_s"] for r in rows],
               "PEFT mixed-batch generate(adapter_names=...)": [r["peft_mixed_tokens_per_s"] for r in rows],
               "PEFT set_adapter + generate per adapter": [r["peft_per_adapter_tokens_per_s"] for r in rows]}

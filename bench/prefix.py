@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from quiver.bench.common import add_device_args, machine, write_json
+from quiver.bench.common import add_device_args, add_out_arg, machine, write_json
 
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "How many legs has a spider?",
              "What colour is the sky?", "Say hello.", "What is two plus two?", "Name a river.", "Spell cat."]
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     add_device_args(ap)
-    ap.add_argument("--out", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     result = {"machine": machine(), "prefix_tokens": args.prefix_tokens, "runs": {}}
     with tempfile.TemporaryDirectory() as adapter_dir:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name:22s} first {first * 1000:7.0f} ms   repeats {rest * 1000:7.0f} ms   "
                       f"ratio {rest / first:.2f}   cached tokens {[c for _, c in times]}", flush=True)
             del engine
-    path = write_json("prefix", result, None if args.out is None else Path(args.out))
+    path = write_json("prefix", result, args.out)
     print(f"wrote {path}")
     return result
 

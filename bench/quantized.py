@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 
-from quiver.bench.common import add_device_args, decode_step_ms, dtype_name, machine, write_json
+from quiver.bench.common import add_device_args, add_out_arg, decode_step_ms, dtype_name, machine, write_json
 
 KV_MB = 256
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     add_device_args(ap)
-    ap.add_argument("--out", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     q4 = args.quantization
     kinds = {"full": {}, q4: {"quantization": q4}, f"{q4}+embeddings": {"quantization": q4, "quantize_embeddings": True}}
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         full = result["decode"][f"full@{b}"]["tok_s"]
         print(f"batch {b:3d}: " + "   ".join(f"{k} {result['decode'][f'{k}@{b}']['tok_s']:6.1f} tok/s "
                                               f"({result['decode'][f'{k}@{b}']['tok_s'] / full:.2f}x)" for k in kinds))
-    path = write_json("quantized", result, None if args.out is None else __import__("pathlib").Path(args.out))
+    path = write_json("quantized", result, args.out)
     print(f"wrote {path}")
     return result
 

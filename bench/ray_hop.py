@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from quiver.bench.common import machine, write_json
+from quiver.bench.common import add_out_arg, machine, write_json
 from quiver.bench.serving import wait_healthy
 
 PROMPT = "Write one sentence about the sea, the sky and a small boat."
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--replicas", type=int, default=1, help="replicas of the Ray app (2: also measure routing)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="both servers' batch capacity (Ray's spill point)")
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
 
     import torch

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from quiver.bench.common import add_device_args, decode_step_ms, dtype_name, machine, synchronize, write_json
+from quiver.bench.common import (add_device_args, add_out_arg, decode_step_ms, dtype_name, machine, synchronize,
+                                 write_json)
 
 PROJECTION_OPS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")  # the projections and the LM head
 BATCHED_OPS = ("aten::bmm", "aten::baddbmm")  # attention (decode) and LoRA
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peak-repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     add_device_args(ap)
-    ap.add_argument("--out", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads,
                                     max_num_seqs=max(args.batches), max_num_batched_tokens=8192))
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{mm_share:.0%} of its time in projection matmuls, {bmm_share:.0%} in attention's)   "
               f"prefill of {b}x{args.prompt_tokens} tokens "
               f"{prefill_ms:7.0f} ms {prefill:6.1f} GFLOP/s ({prefill / peak:.0%} of peak)", flush=True)
-    path = write_json("roofline", result, None if args.out is None else Path(args.out))
+    path = write_json("roofline", result, args.out)
     print(f"wrote {path}")
     return result
 

@@ -19,7 +19,7 @@ import argparse
 import statistics
 
 
-from quiver.bench.common import add_device_args, decode_step_ms, dtype_name, machine, write_json
+from quiver.bench.common import add_device_args, add_out_arg, decode_step_ms, dtype_name, machine, write_json
 
 # an array that cannot close within the measured steps, so every row keeps decoding under its grammar
 SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 256}
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     add_device_args(ap)
-    ap.add_argument("--out", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device, dtype=args.dtype))
     table, params_cls = configs(engine)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "steps": len(steps[name])} for name in table}}
     for name, row in result["configs"].items():
         print(f"{name:10s} decode step {row['decode_step_ms_median']:7.1f} ms   {row['vs_plain']:.3f}x plain")
-    path = write_json("sampling", result, None if args.out is None else __import__("pathlib").Path(args.out))
+    path = write_json("sampling", result, args.out)
     print(f"wrote {path}")
     return result
 

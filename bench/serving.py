@@ -24,7 +24,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from quiver.bench.common import BASE, RESULTS, add_device_args, dtype_name, machine, percentiles, release, write_json
+from quiver.bench.common import (BASE, add_device_args, add_out_arg, dtype_name, machine, percentiles, release,
+                                 results_dir, write_json)
 from quiver.bench.throughput import prompts
 
 
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="approximate prompt length")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
 
     if args.url:
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
               "per_request": [{k: r[k] for k in ("adapter", "scheduled_s", "sent_s", "finished_s", "status",
                                                  "error", "ttft_s", "e2e_s", "completion_tokens")}
                               for r in records]}
-    out_dir = args.out or RESULTS
+    out_dir = results_dir(args.out)
     title = (f"{args.requests} requests at {args.rate:g} req/s over {len(names) or 'no'} adapters "
              f"({args.distribution}), {args.max_tokens} output tokens each")
     result["plot"] = str(latency_plot(out_dir / "serving.png", records, title))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from quiver.bench.common import (add_device_args, cuda_peak, dtype_name, is_cuda, machine, release, synchronize,
-                                 write_json)
+from quiver.bench.common import (add_device_args, add_out_arg, cuda_peak, dtype_name, is_cuda, machine, release,
+                                 synchronize, write_json)
 
 TOPICS = ["the history of Rome", "how rain forms", "a recipe for bread", "the rules of chess", "black holes",
           "the French revolution", "photosynthesis", "learning a language", "the moon landing", "volcanoes",
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     add_device_args(ap)  # for both engines and the `quiver serve` measured
     ap.add_argument("--no-server", action="store_true", help="skip the `quiver serve` measurement")
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -112,6 +112,8 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from quiver.bench.common import add_out_arg, machine, write_json
+
     ap = argparse.ArgumentParser(prog="quiver bench workload")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "auto"])
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout with its own .venv")
@@ -120,11 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     ap.add_argument("--requests", type=int, default=64, help="chat requests per round, all in flight")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
-
-    from quiver.bench.common import machine, write_json
-
     engines = {"quiver": sys.executable}
     if args.baseline:
         engines["baseline"] = str(args.baseline.resolve() / ".venv" / "bin" / "python")

@@ -183,3 +183,57 @@ def test_workload_bench_smoke(api_model, tokenizer, tmp_path):
         assert r["vs_baseline_float32_lora"] is None
     lora, base = data["rows"]
     assert abs(lora["vs_base_only"] - lora["median_tokens_per_s"] / base["median_tokens_per_s"]) < 1e-9
+
+
+def test_a_bench_without_out_writes_here_and_prints_only_its_own_lines(api_model, tokenizer, tmp_path):
+    """`quiver bench NAME` with no --out writes to ./quiver-bench-results (never the checkout's published
+    bench/results) and says so; transformers' progress bars and third-party warnings stay out of its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = _model_with_tokenizer(api_model, tokenizer, tmp_path)
+    published = Path(__file__).parents[1] / "bench" / "results" / "throughput.json"
+    before = published.read_bytes()
+    try:
+        done = subprocess.run([sys.executable, "-m", "quiver.bench", "throughput", "--model", str(model_dir),
+                               "--concurrency", "1", "--new-tokens", "2", "--no-server"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        rewritten = published.read_bytes() != before
+        published.write_bytes(before)  # a failure here must not leave the published figures changed
+    assert done.returncode == 0, done.stderr
+    assert not rewritten
+    written = tmp_path / "quiver-bench-results" / "throughput.json"
+    assert [r["concurrency"] for r in json.loads(written.read_text())["rows"]] == [1]
+    output = done.stdout + done.stderr
+    assert f"wrote {written}\n" in output and "quiver bench throughput: done in " in output, output
+    noise = [line for line in output.splitlines() if "\r" in line or "it/s]" in line or "Loading weights" in line
+             or "Warning" in line or "warn" in line]
+    assert not noise, noise
+
+
+def test_quiet_third_party_silences_their_bars_logs_and_warnings():
+    """What quiet_third_party keeps out, each made to speak in a fresh process: a transformers progress bar
+    and warning, a FutureWarning from transformers, tqdm (the GGUF conversion's), bitsandbytes' CPU-kernel
+    notice (logged on CPUs with AVX512-BF16); the bench's own print still comes through."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import warnings
+        from quiver.bench.common import quiet_third_party
+        quiet_third_party()
+        import bitsandbytes.backends.cpu.ops
+        from tqdm.auto import tqdm
+        from transformers.utils import logging
+        list(logging.tqdm(range(3), desc="Loading weights"))
+        list(tqdm(range(3), desc="Converting and de-quantizing GGUF tensors"))
+        logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+        warnings.warn_explicit("a FutureWarning", FutureWarning, "modeling_utils.py", 1,
+                               module="transformers.modeling_utils")
+        print("the bench's own line")
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("the bench's own line\n", "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 import tomllib
@@ -299,3 +300,44 @@ def test_quiver_ray_serve_and_serve_run_refuse_what_quiver_lacks(capsys):
                                                       "supported: tensor parallelism is not implemented")
     with pytest.raises(ValueError, match="--pipeline-parallel-size 2: not supported"):
         app_builder({"pipeline_parallel_size": "2"})
+
+
+QUIVER = str(Path(sys.executable).parent / "quiver")
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["-h"]])
+def test_quiver_bench_lists_every_benchmark_with_its_run_time(args):
+    """`quiver bench`, `--help` and `-h` list what there is to run (rc 0), each with its run time; the list
+    is every module of the bench folder that is a `quiver bench NAME` program."""
+    import subprocess
+
+    bench_dir = Path(__file__).parents[1] / "bench"
+    programs = {p.stem for p in bench_dir.glob("*.py") if f'prog="quiver bench {p.stem}"' in p.read_text()}
+    done = subprocess.run([QUIVER, "bench", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: quiver bench NAME") and "quiver-bench-results" in done.stdout
+    listed = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("  ") and line.split()[0] in programs | {"gpu_check"}:
+            listed[line.split()[0]] = line
+    assert set(listed) == programs | {"gpu_check"}
+    for name, line in listed.items():
+        assert re.search(r"about [\d.]+ (s|min) on 2 cores|needs a CUDA GPU", line), line
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_quiver_bench_name_help(flag, capsys):
+    """`quiver bench NAME --help` says what NAME measures, how long it takes, and its options with --out's
+    default (in process: `quiver bench` hands every argument to python -m quiver.bench as it is)."""
+    from quiver.bench.__main__ import BENCHMARKS
+    from quiver.bench.__main__ import main as bench_main
+
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit) as e:
+            bench_main([name, flag])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and out.startswith(f"quiver bench {name}: {BENCHMARKS[name][0]} ("), out[:200]
+        assert "--out" in out and (name == "gpu_check" or "quiver-bench-results" in out), name
+    with pytest.raises(SystemExit) as e:
+        bench_main(["no_such_bench"])
+    assert e.value.code == 2 and "no benchmark named 'no_such_bench'" in capsys.readouterr().err
