@@ -8,8 +8,9 @@ dropped), and each command is, by what it starts with:
 - `quiver merge`, `quiver --version`: run, on a tiny model (`--model` added where the doc uses the embedded
   SmolLM2), with the adapters the doc names made first;
 - `make TARGET`: `make -n` must know the target, and the `quiver serve` line it would run must parse;
-- any other `quiver ...`, `python -m quiver.bench ...`, Ray's `serve run MODULE:BUILDER k=v`: parsed by the
-  program's own parser, stopped before it runs (a model load, a benchmark, Ray): an unknown flag fails;
+- any other `quiver ...`, `python -m quiver.bench ...`, Ray's `serve run MODULE:BUILDER k=v`, and `docker run
+  ... quiver FLAGS` (the image's ENTRYPOINT with FLAGS appended): parsed by the program's own parser, stopped
+  before it runs (a model load, a benchmark, Ray, a GPU): an unknown flag fails;
 - in SKIP, with why it cannot run in CI.
 Anything else fails the test: give it one of these. The Python blocks run against the same server, and the
 first-adapter recipe in docs/adapters.md runs as it is written, on SmolLM2, in a folder where
@@ -44,7 +45,6 @@ SKIP = {
     "quiver serve [MODEL] [flags]": "a synopsis, not a command",
     "quiver ray serve [MODEL] [every quiver serve flag] ": "a synopsis, not a command",
     "docker build ": "builds the CUDA image: gigabytes, and network",
-    "docker run ": "runs the CUDA image on a GPU",
     "git worktree add ": "a second checkout and its venv: minutes, and network (the benchmark it serves is parsed)",
     "python3.11 -m venv .venv-gpu": "the GPU machine's environment",
     ".venv-gpu/bin/pip install ": "installs CUDA torch, for a GPU machine",
@@ -100,6 +100,9 @@ def program(argv: list[str]) -> tuple[str, list[str]] | None:
         return "quiver", argv[1:]
     if name.startswith("python") and argv[1:3] == ["-m", "quiver.bench"]:
         return "quiver", ["bench", *argv[3:]]
+    if argv[:2] == ["docker", "run"] and "quiver" in argv:  # the image: its ENTRYPOINT, then the arguments
+        entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M).group(1)
+        return "quiver", json.loads(entrypoint)[1:] + argv[argv.index("quiver") + 1:]
     if argv[:2] == ["serve", "run"]:
         return "serve run", argv[2:]
     if name in ("make", "curl"):
@@ -342,3 +345,23 @@ def test_first_adapter_recipe_runs_as_written(smollm2_dir, tmp_path):
     assert reply["model"] == "mine" and reply["usage"]["completion_tokens"] == 8, reply
     trained = load_file(tmp_path / "my-adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in trained.items())  # PEFT starts B at zero
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the file's headings: lower case, punctuation dropped, spaces to dashes."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+ (.*)$", FENCE.sub("", path.read_text()), re.M)}
+
+
+def test_relative_links_reach_a_file_and_heading():
+    """Moving a section between README.md and docs/ must keep every link to it working."""
+    broken = []
+    for path in DOCS:
+        for link in re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", path.read_text())):
+            target, _, anchor = link.partition("#")
+            if re.match(r"\w+://", link):
+                continue
+            file = (path.parent / target) if target else path
+            if not file.exists() or anchor and file.suffix == ".md" and anchor not in heading_anchors(file):
+                broken.append(f"{path.relative_to(ROOT)}: {link}")
+    assert not broken, "\n".join(broken)
