@@ -64,10 +64,6 @@ def doc_blocks() -> list[tuple[str, str, str]]:
     return out
 
 
-def is_recipe(where: str, text: str) -> bool:
-    return where.startswith("docs/adapters.md:") and "quiver base-path" in text
-
-
 def recipe_block() -> str:
     text = (ROOT / "docs" / "adapters.md").read_text()
     assert RECIPE_HEADING in text, "docs/adapters.md lost its first-adapter recipe"
@@ -112,11 +108,13 @@ def program(argv: list[str]) -> tuple[str, list[str]] | None:
 
 def all_commands() -> list[tuple[str, str, list[str]]]:
     """(where, command, words) of every command outside the recipe (which runs whole)."""
+    recipe = recipe_block()
     return [(where, cmd, words(cmd)) for where, lang, text in doc_blocks() if lang in SHELLS
-            and not is_recipe(where, text) for cmd in commands(lang, text)]
+            and text != recipe for cmd in commands(lang, text)]
 
 
 def kind(argv: list[str]) -> str:
+    """How the test checks the command: skip, run, parse, make, curl, or unknown (a failure)."""
     if skip_reason(argv):
         return "skip"
     found = program(argv)
@@ -140,15 +138,16 @@ def parse_only(name: str, args: list[str], monkeypatch) -> str | None:
     def stop(self, args=None, namespace=None):
         raise Parsed(real(self, args, namespace))
 
-    if name == "serve run":
-        module, builder = args[0].split(":")
-        entry = lambda: getattr(importlib.import_module(module), builder)(dict(a.split("=", 1) for a in args[1:]))
-    elif args[:1] == ["bench"]:
-        entry = lambda: importlib.import_module("quiver.bench.__main__").main(args[1:])
-    elif args[:1] == ["ray"]:
-        entry = lambda: importlib.import_module("quiver.server.rayserve.__main__").main(args[1:])
-    else:
-        entry = lambda: importlib.import_module("quiver.server.cli").main(args)
+    def entry():
+        if name == "serve run":
+            module, builder = args[0].split(":")
+            return getattr(importlib.import_module(module), builder)(dict(a.split("=", 1) for a in args[1:]))
+        from quiver.server import cli
+
+        if args and args[0] in cli.HANDED_OVER:  # `quiver bench`, `quiver ray`: the programs quiver becomes
+            return importlib.import_module(cli.HANDED_OVER[args[0]] + ".__main__").main(args[1:])
+        return cli.main(args)
+
     err = io.StringIO()
     with monkeypatch.context() as m, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         m.setattr(argparse.ArgumentParser, "parse_args", stop)
@@ -163,17 +162,18 @@ def parse_only(name: str, args: list[str], monkeypatch) -> str | None:
 
 def test_every_doc_command_is_classified_and_skips_are_used():
     cmds = all_commands()
-    assert len(cmds) > 20 and any(is_recipe(w, t) for w, _, t in doc_blocks())
+    assert len(cmds) > 20
     unknown = [f"{where}: {cmd}" for where, cmd, argv in cmds if kind(argv) == "unknown"]
     assert not unknown, "commands the docs test does not know how to check (run, parse or SKIP them):\n" + \
         "\n".join(unknown)
     used = {key for _, _, argv in cmds for key in SKIP if skip_reason(argv) == SKIP[key]}
     assert used == set(SKIP), f"SKIP entries no doc uses any more: {set(SKIP) - used}"
+    gone = EXPECTED_AFTER_MERGE - {cmd for _, cmd, _ in cmds}
+    assert not gone, f"EXPECTED_AFTER_MERGE entries no doc has any more: {gone}"
 
 
-def check(failures: list[str], expected: set[str], where: str, cmd: str, error: str | None) -> None:
+def check(failures: list[str], where: str, cmd: str, error: str | None) -> None:
     if cmd in EXPECTED_AFTER_MERGE:
-        expected.add(cmd)
         if error is None:
             failures.append(f"{where}: {cmd}: works now; take it out of EXPECTED_AFTER_MERGE")
     elif error is not None:
@@ -181,24 +181,27 @@ def check(failures: list[str], expected: set[str], where: str, cmd: str, error: 
 
 
 def test_quiver_and_ray_commands_parse(monkeypatch):
-    failures, expected = [], set()
+    failures = []
     for where, cmd, argv in all_commands():
         if kind(argv) == "parse":
-            check(failures, expected, where, cmd, parse_only(*program(argv), monkeypatch))
+            check(failures, where, cmd, parse_only(*program(argv), monkeypatch))
     assert not failures, "\n".join(failures)
 
 
 def test_make_targets_exist_and_serve_what_they_say(monkeypatch):
-    failures, expected = [], set()
+    failures = []
     for where, cmd, argv in all_commands():
         if kind(argv) != "make":
             continue
         dry = subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True, text=True)
         error = f"make -n: {dry.stderr.strip()}" if dry.returncode else None
+        rules = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.M))
+        for goal in (a for a in argv[1:] if "=" not in a and a not in rules):  # `tests/` would pass make -n
+            error = f"the Makefile has no rule {goal!r}"
         for line in dry.stdout.splitlines():
             if error is None and " serve " in line and Path(words(line)[0]).name == "quiver":
                 error = parse_only("quiver", words(line)[1:], monkeypatch)
-        check(failures, expected, where, cmd, error)
+        check(failures, where, cmd, error)
     assert not failures, "\n".join(failures)
 
 
@@ -249,7 +252,7 @@ def set_sql(server, loaded: bool) -> None:
 
 def test_curl_commands_against_a_live_server(doc_server):
     set_sql(doc_server, loaded=False)  # docs/adapters.md's sequence loads it, lists it and unloads it
-    failures, expected = [], set()
+    failures = []
     for where, cmd, argv in all_commands():
         if kind(argv) != "curl":
             continue
@@ -260,7 +263,7 @@ def test_curl_commands_against_a_live_server(doc_server):
             error = f"error reply: {out.stdout[:300]}" if isinstance(body, dict) and "error" in body else None
         except ValueError:
             error = f"rc {out.returncode}, not JSON: {out.stdout[:300]!r} {out.stderr[-300:]}"
-        check(failures, expected, where, cmd, error)
+        check(failures, where, cmd, error)
     assert not failures, "\n".join(failures)
 
 
@@ -289,7 +292,7 @@ def test_merge_and_version_commands_run(api_model, tokenizer, adapter_root, tmp_
     tokenizer.save_pretrained(tmp_path / "base-dir")
     for name in ("sql-lora", "a", "b"):
         (tmp_path / name).symlink_to(adapter_root / name)
-    failures, expected = [], set()
+    failures = []
     for where, cmd, argv in all_commands():
         if kind(argv) != "run":
             continue
@@ -304,7 +307,7 @@ def test_merge_and_version_commands_run(api_model, tokenizer, adapter_root, tmp_
         if error is None and "--out" in args:
             out = tmp_path / args[args.index("--out") + 1]
             error = None if (out / "config.json").is_file() else f"wrote no model to {out}"
-        check(failures, expected, where, cmd, error)
+        check(failures, where, cmd, error)
     assert not failures, "\n".join(failures)
     assert (tmp_path / "merged-sql").is_dir()  # what the doc's next line serves
 
