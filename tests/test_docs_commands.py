@@ -155,8 +155,8 @@ def parse_only(name: str, args: list[str], monkeypatch) -> str | None:
             entry()
         except Parsed:
             return None
-        except SystemExit as e:
-            return f"exit {e.code}: {err.getvalue().strip()[-300:]}"
+        except SystemExit as e:  # 0: --help, --version, a listing
+            return None if e.code in (0, None) else f"exit {e.code}: {err.getvalue().strip()[-300:]}"
     return "ran without parsing its arguments"
 
 
