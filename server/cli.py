@@ -1,5 +1,6 @@
-"""`quiver`: the command line. `serve` runs the server in this process; `bench` and `ray` are programs of
-their own (python -m quiver.bench, python -m quiver.server.rayserve) that this one becomes."""
+"""`quiver`: the command line. `serve` runs the server in this process; `merge` and `base-path` work on the
+base offline; `bench` and `ray` are programs of their own (python -m quiver.bench, python -m
+quiver.server.rayserve) that this one becomes."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +108,15 @@ def unrecognized(argv: list[str], unknown: list[str], model_tag: str | None) -> 
     return shown
 
 
+def base_path(args: argparse.Namespace) -> None:
+    """The base as the HF folder `quiver serve` reads (the embedded GGUF converted once, as serve does), so
+    that adapters are trained on exactly the weights they will be served over."""
+    from quiver.server.model.checkpoint import resolve_model
+
+    take_model_tag(args)
+    print(resolve_model(args.model)[0].resolve())
+
+
 DISTRIBUTION = "quiver-serve"  # [project] name in pyproject.toml
 
 
@@ -137,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--check-tol", type=float, default=None,
                    help="largest logit difference --check accepts (default 1e-3 in float32; 1.0 in 16-bit, where "
                         "the merged weights are rounded once and unmerged serving rounds W and the adapter apart)")
+    b = sub.add_parser("base-path", help="print the served base model's HF folder (to train adapters on)")
+    b.add_argument("model_tag", nargs="?", metavar="MODEL", help="a model folder or .gguf (default: the embedded "
+                                                                 "SmolLM2, converted once into the cache)")
+    b.add_argument("--model", default=None, help="the same as MODEL")
     sub.add_parser("bench", help="run a benchmark (python -m quiver.bench NAME ...)", add_help=False)
     p = sub.add_parser("serve", help="serve the OpenAI-style HTTP API")
     p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the same as --model (as in `vllm serve MODEL`)")
@@ -157,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
             serve(args)
         elif args.command == "merge":
             merge(args)
+        elif args.command == "base-path":
+            base_path(args)
     except (ValueError, FileNotFoundError) as exc:  # AdapterError is a ValueError
         parser.exit(2, f"quiver {args.command}: error: {exc}\n")
 

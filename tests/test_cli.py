@@ -341,3 +341,21 @@ def test_quiver_bench_name_help(flag, capsys):
     with pytest.raises(SystemExit) as e:
         bench_main(["no_such_bench"])
     assert e.value.code == 2 and "no benchmark named 'no_such_bench'" in capsys.readouterr().err
+
+
+def test_base_path_prints_the_folder_quiver_serve_reads(tiny_models, smollm2_dir, monkeypatch, capsys):
+    """`quiver base-path` is what to train adapters on: the embedded GGUF's converted HF folder (under the
+    cache), or MODEL's folder, absolute, alone on stdout."""
+    from quiver.server.model.checkpoint import cache_root
+
+    main(["base-path"])
+    out = capsys.readouterr().out
+    assert out == f"{smollm2_dir.resolve()}\n" and (smollm2_dir / "config.json").is_file()
+    assert smollm2_dir.resolve().parent == (cache_root() / "gguf").resolve()
+    model_dir = tiny_models["llama_gqa"][0]
+    monkeypatch.chdir(model_dir.parent)
+    for argv in (["base-path", model_dir.name], ["base-path", "--model", model_dir.name]):
+        main(argv)
+        assert capsys.readouterr().out == f"{model_dir.resolve()}\n"
+    err = one_line_error(["base-path", "no-such-model"], capsys)
+    assert err.startswith("quiver base-path: error: ") and "no-such-model" in err, err
