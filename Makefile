@@ -26,8 +26,14 @@ $(VENV)/.installed: $(LOCK) pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# Where POST /v1/adapters may load adapter folders from while `make serve` runs (--adapter-root): anywhere in
+# your home, where trained adapters usually are. Narrow it with ADAPTER_ROOT=DIR; an --adapter-root or
+# --adapter-dir in SERVE_ARGS decides instead (quiver's default root is --adapter-dir, else the working directory).
+ADAPTER_ROOT ?= $(HOME)
+
 serve: venv
-	$(VENV)/bin/quiver serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+	$(VENV)/bin/quiver serve --host $(HOST) --port $(PORT) \
+		$(if $(findstring --adapter-,$(SERVE_ARGS)),,--adapter-root "$(ADAPTER_ROOT)") $(SERVE_ARGS)
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -35,7 +35,8 @@ def resolve_path(path: str, root: str | Path) -> Path:
     except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system, ...
         raise PathNotAllowed(f"adapter path {path!r} is not a usable path: {exc}") from None
     if not resolved.is_relative_to(root):
-        raise PathNotAllowed(f"adapter path {path!r} resolves outside the adapter root {str(root)!r}")
+        raise PathNotAllowed(f"adapter path {path!r} resolves outside the adapter root {str(root)!r} (start the "
+                             "server with --adapter-root DIR to allow loading from DIR)")
     if not is_dir:
         raise FileNotFoundError(f"adapter path {path!r} is not a folder")
     return resolved

@@ -30,7 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     p.add_argument("--model", default=None,
                    help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--served-model-name", default=None, help="name reported by /v1/models and in responses")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the name(s) requests give the model, as in vLLM: /v1/models lists each, responses carry "
+                        "the first (default: the model's folder or file name; its --model path is always accepted)")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, type=lambda s: DTYPE_ALIASES.get(s, s),
                    help="auto: bfloat16 on a CPU with AVX512-BF16 or AMX, float32 on other CPUs, the "
                         "checkpoint's dtype (mostly bfloat16) on a GPU (vLLM's half and float: float16, float32)")
@@ -146,11 +148,20 @@ def startup_adapters(args: argparse.Namespace) -> list[tuple[str, str]]:
     return adapters
 
 
+def is_model_path(arg: str) -> bool:
+    path = Path(arg).expanduser()
+    return (path / "config.json").is_file() or (path.is_file() and path.suffix == ".gguf")
+
+
 def take_model_tag(args: argparse.Namespace) -> None:
-    """`quiver serve MODEL` is `quiver serve --model MODEL`, as in `vllm serve MODEL`."""
+    """`quiver serve MODEL` is `quiver serve --model MODEL`, as in `vllm serve MODEL`; and so is the last of
+    several --served-model-name values when it is a model folder or .gguf file and no model was given."""
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         raise ValueError(f"the model is given twice, as {args.model_tag!r} and as --model {args.model!r}")
     args.model = args.model or args.model_tag
+    names = args.served_model_name
+    if args.model is None and names and len(names) > 1 and is_model_path(names[-1]):
+        args.model = names.pop()  # `--served-model-name a MODEL`: the list took the model argument
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -149,6 +149,17 @@ def test_hostile_inputs_are_refused_and_change_nothing(hot, tmp_path):
         assert complete(server, "tiny", 2).status_code == 200  # still serving
 
 
+def test_a_path_outside_the_root_names_the_root_and_the_flag(hot, tmp_path):
+    """The 400 shows the absolute root (whatever paths other errors hide) and the flag that widens it."""
+    server, _, root = hot
+    for path in (str(tmp_path), "../elsewhere"):
+        r = post(server, "/v1/adapters", {"name": "far", "path": path})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "path"
+        assert r.json()["error"]["message"] == (
+            f"adapter path {path!r} resolves outside the adapter root {str(root.resolve())!r} (start the server "
+            "with --adapter-root DIR to allow loading from DIR)")
+
+
 def test_concurrent_load_of_one_name(hot):
     server, _, _ = hot
 

@@ -164,6 +164,30 @@ def test_malformed_json_and_bad_chat(tiny_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
+def test_the_base_model_is_also_named_by_its_path(tiny_server, api_model):
+    """vLLM serves a model under its --model argument: a client configured with the path is served by the
+    base model, and the response carries the served name."""
+    r = post(tiny_server, "/v1/completions", {"model": str(api_model[0]), "prompt": [5, 6], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "tiny"
+
+
+def test_models_show_the_dtype(tiny_server):
+    assert [(m["id"], m["dtype"]) for m in httpx.get(tiny_server.url + "/v1/models").json()["data"]] == \
+        [("tiny", "float32")]
+
+
+def test_an_unknown_model_is_a_404_naming_model_and_what_is_available(tiny_server):
+    r = post(tiny_server, "/v1/chat/completions", {"model": "no-such-model", "messages": [{"role": "user",
+                                                                                        "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"] == {
+        "message": "model 'no-such-model' does not exist; available: tiny", "type": "invalid_request_error",
+        "param": "model", "code": "model_not_found"}
+    r = post(tiny_server, "/v1/completions", {"prompt": "hi", "adapter": "sql-lora"})  # named as an adapter: as before
+    assert r.status_code == 404 and r.json()["error"]["param"] == "adapter"
+    assert r.json()["error"]["message"] == "adapter 'sql-lora' does not exist"
+
+
 def test_unknown_adapter_or_model_is_404(tiny_server, client):
     for body in ({"prompt": "hi", "adapter": "sql-lora"}, {"prompt": "hi", "model": "no-such-model"}):
         r = post(tiny_server, "/v1/completions", body)

@@ -91,7 +91,7 @@ def test_auto_is_bf16_exactly_where_the_cpu_has_bf16_matmuls(tmp_path, monkeypat
         monkeypatch.setattr(device, "cpu_bf16_flag", lambda info=info: cpu_bf16_flag(info))
         with caplog.at_level("INFO", logger="quiver.server.engine.device"):
             assert resolve_dtype("auto", torch.device("cpu"), tmp_path) == want
-        assert ("--dtype auto: " + str(want).removeprefix("torch.")) in caplog.text
+        assert (f"dtype {str(want).removeprefix('torch.')} (auto: this CPU has") in caplog.text
         assert resolve_dtype("float32", torch.device("cpu"), tmp_path) == torch.float32  # asked for: kept
         caplog.clear()
     assert cpu_bf16_flag(tmp_path / "absent") is None  # no /proc/cpuinfo (macOS): float32

@@ -123,6 +123,39 @@ def test_vllm_lora_page_as_printed(model_dir, tiny_lora_set):
     assert "--enable-lora: vLLM's flag, accepted; it changes nothing here: adapters are always on" in err, err
 
 
+def test_the_model_answers_to_its_path_and_every_served_name(model_dir):
+    """`quiver serve --served-model-name a b MODEL` (vLLM's list, which here also takes the model argument
+    after it): /v1/models lists a and b, responses carry a, the path as typed and its absolute form name the
+    base too, an unknown model lists what there is; and the start-up log states the dtype and what it means."""
+    parent = Path(model_dir).parent
+    port = free_port()
+    proc = subprocess.Popen([QUIVER, "serve", "--port", str(port), "--dtype", "float32", "--served-model-name", "a",
+                             "b", f"{parent.name}/tiny"], cwd=parent.parent, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.2)
+        cards = httpx.get(url + "/v1/models").json()["data"]
+        assert [(c["id"], c["root"], c["dtype"]) for c in cards] == [("a", "a", "float32"), ("b", "a", "float32")]
+        for name in ("a", "b", f"{parent.name}/tiny", model_dir):
+            r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": [3, 4], "max_tokens": 1}, timeout=30)
+            assert r.status_code == 200 and r.json()["model"] == "a", (name, r.text)
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [3, 4]}, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        assert r.json()["error"]["message"] == "model 'tiny' does not exist; available: a, b"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "dtype float32 (--dtype float32): outputs match float32 references (transformers, PEFT) and do not " \
+           "depend on batch composition" in err, err
+
+
 def test_port_in_use_is_one_line_before_the_model_loads(model_dir):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -50,8 +50,8 @@ def test_model_retrieve_is_the_listed_card_or_404(lora_server):
     assert client.models.retrieve("lora_qv").parent == "tiny"
     r = httpx.get(server.url + "/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"] == {
-        "message": "model 'nope' does not exist", "type": "invalid_request_error", "param": "model",
-        "code": "model_not_found"}
+        "message": f"model 'nope' does not exist; available: tiny, {', '.join(NAMES)}", "type": "invalid_request_error",
+        "param": "model", "code": "model_not_found"}
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
 
@@ -80,6 +80,21 @@ def test_greedy_over_http_matches_peft(lora_server, tokenizer):
         assert texts[i] == want, name
         assert texts[len(NAMES) + i] == want, name
     assert texts[-1] not in texts[:len(NAMES)]  # the adapters really change the output
+
+
+def test_an_unknown_model_lists_at_most_twenty_names(lora_server):
+    server, _, paths = lora_server
+    many = [f"extra{i:02d}" for i in range(20)]
+    for name in many:
+        server.engine.know_adapter(name, str(paths["dora"]))  # known, read on first use
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "nope", "prompt": "hi"})
+        shown = ["tiny", *NAMES, *many][:20]
+        assert r.status_code == 404 and r.json()["error"]["message"] == \
+            f"model 'nope' does not exist; available: {', '.join(shown)} and 5 more (GET /v1/models lists them all)"
+    finally:
+        for name in many:
+            server.engine.catalog.forget(name)
 
 
 def test_unknown_adapter_is_404_and_server_keeps_serving(lora_server):

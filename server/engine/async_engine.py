@@ -41,6 +41,8 @@ class AsyncEngine:
         self._stopped_after: float | None = None  # the grace period, once it has ended: requests now fail at once
         # facts fixed at start, safe to read from any thread
         self.model_name, self.model_dir = engine.model_name, engine.model_dir
+        self.model_names, self.base_names = engine.model_names, engine.base_names  # see checkpoint.served_names
+        self.dtype = str(engine.dtype).removeprefix("torch.")
         self.max_model_len, self.tokenizer = engine.max_model_len, engine.tokenizer
         self.quantization = engine.quantization  # the base's: "nf4", "fp4" or None
         self.weight_bytes = engine.weight_bytes()
@@ -131,6 +133,10 @@ class AsyncEngine:
     def known_adapters(self) -> list[str]:
         """Adapters a request may name, resident or on disk (a snapshot)."""
         return self.engine.known_adapters()
+
+    def knows(self, adapter: str) -> bool:
+        """Whether a request may name `adapter` (resident or on disk; a snapshot)."""
+        return adapter in self.engine.catalog
 
     def virtual_tokens(self, adapter: str | None) -> int:
         """Context tokens the adapter spends before a request's own (a snapshot)."""

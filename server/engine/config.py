@@ -30,7 +30,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     allow_pickle: bool = False  # read adapter_model.bin / pytorch_adapter.bin (torch.load with weights_only)
     max_adapter_mb: int = 2048  # larger adapter weight files are refused
-    served_model_name: str | None = None
+    served_model_name: str | list[str] | None = None  # vLLM's list: the first is the one responses carry
     kernels: str = "auto"  # kernel backend: auto (Triton on CUDA, torch elsewhere), torch, triton
     enable_prefix_caching: bool = True  # keep full KV blocks, keyed by tokens and adapter, for later requests
     quantization: str | None = None  # nf4 / fp4: quantize the base's projections at load (bitsandbytes)

@@ -64,18 +64,31 @@ def cpu_bf16_flag(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
 def resolve_dtype(name: str, device: torch.device, model_dir: Path) -> torch.dtype:
     """`auto`: on a GPU the checkpoint's own dtype (bf16 for most models, float32 kept); on a CPU with
     bfloat16 matmul instructions bfloat16 (its matmuls run at twice float32's rate, and a decode step
-    reads half the bytes), elsewhere float32. Logged, with the reason."""
+    reads half the bytes), elsewhere float32. Logged once, with the reason and what it means for exactness:
+    a 16-bit dtype rounds differently from float32 references, and with how a batch is made up."""
+    dtype, why = _choose_dtype(name, device, model_dir)
+    short = str(dtype).removeprefix("torch.")
+    if dtype == torch.float32:
+        log.info("dtype float32 (%s): outputs match float32 references (transformers, PEFT) and do not depend on "
+                 "batch composition", why)
+    else:
+        log.info("dtype %s (%s): outputs may differ from float32 references and with batch composition; use "
+                 "--dtype float32 for exact, batch-independent results", short, why)
+    return dtype
+
+
+def _choose_dtype(name: str, device: torch.device, model_dir: Path) -> tuple[torch.dtype, str]:
+    """(dtype, why) for --dtype `name`."""
     if name != "auto":
-        return getattr(torch, name)
+        return getattr(torch, name), f"--dtype {name}"
     if device.type != "cuda":
         flag = cpu_bf16_flag()
-        dtype = torch.bfloat16 if flag else torch.float32
-        log.info("--dtype auto: %s (%s)", str(dtype).removeprefix("torch."),
-                 f"this CPU has {flag}" if flag else "this CPU has neither AVX512-BF16 nor AMX")
-        return dtype
+        return ((torch.bfloat16, f"auto: this CPU has {flag}") if flag else
+                (torch.float32, "auto: this CPU has neither AVX512-BF16 nor AMX"))
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     stored = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(stored), torch.float32)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(stored), torch.float32)
+    return dtype, f"auto: the checkpoint's {stored} on a GPU"
 
 
 def kv_block_bytes(mc, block_size: int, dtype: torch.dtype) -> int:

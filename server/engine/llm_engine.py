@@ -29,7 +29,7 @@ from quiver.server.families.catalog import AdapterCatalog
 from quiver.server.families.errors import AdapterFailed
 from quiver.server.families.loader import AdapterLoader, ReadAdapter
 from quiver.server.families.residency import AdapterEvent, Residency
-from quiver.server.model.checkpoint import resolve_model
+from quiver.server.model.checkpoint import resolve_model, served_names
 
 log = logging.getLogger(__name__)
 STALL_SECONDS = 60.0  # requests waiting this long with no step running any of them: unhealthy
@@ -39,14 +39,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None):
         self.config = config
         resolve_device(config.device)  # a device torch cannot use is refused before anything loads
-        model_dir, default_name = resolve_model(config.model)
-        self.model_dir = model_dir
-        self.model_name = config.served_model_name or default_name
+        self.model_dir, own_name = resolve_model(config.model)
+        self.model_names, self.base_names = served_names(config.model, config.served_model_name, own_name)
+        self.model_name = self.model_names[0]  # the name responses carry, the adapters' parent
         if tokenizer is None:
             from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer = tokenizer
-        self.runner = r = ModelRunner(config, model_dir)
+        self.runner = r = ModelRunner(config, self.model_dir)
         self.device, self.dtype, self.model_config = r.device, r.dtype, r.model_config
         self.max_model_len, self.vocab_size = r.max_model_len, r.model_config.vocab_size
         self.quantization, self.kernels = r.quantization, r.ops.name  # the base's 4-bit type; "torch" or "triton"

@@ -13,12 +13,12 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from quiver.server.engine.public import AsyncEngine, Metrics, shown
+from quiver.server.engine.public import AsyncEngine, Metrics
 from quiver.server.http import openapi as doc
 from quiver.server.http.adapter_routes import add_adapter_routes
 from quiver.server.http.chat import add_chat_route
 from quiver.server.http.completions import add_completions_route
-from quiver.server.http.errors import error, install_error_handlers
+from quiver.server.http.errors import UnknownModel, error, install_error_handlers
 from quiver.server.http.limits import BodyLimit, RequestLimits
 from quiver.server.http.openai_format import now
 from quiver.server.http.respond import Generation
@@ -54,11 +54,12 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
         return json_body(Health(status="ok"))
 
     def model_cards() -> list[ModelCard]:
+        """A card for each --served-model-name (as vLLM lists them; root: the first, which responses carry),
+        then one per adapter."""
         card = dict(object="model", created=now(), owned_by="quiver", max_model_len=engine.max_model_len,
-                    quantization=engine.quantization)
-        base = ModelCard(id=engine.model_name, root=engine.model_name, parent=None, **card)
-        return [base, *(ModelCard(id=name, root=name, parent=engine.model_name, **card)
-                        for name in engine.known_adapters())]
+                    quantization=engine.quantization, dtype=engine.dtype)
+        return [*(ModelCard(id=name, root=engine.model_name, parent=None, **card) for name in engine.model_names),
+                *(ModelCard(id=name, root=name, parent=engine.model_name, **card) for name in engine.known_adapters())]
 
     @app.get("/v1/models", responses=doc.responses(401, ok=doc.ok(ModelList)))
     async def models():
@@ -67,11 +68,12 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
 
     @app.get("/v1/models/{model:path}", responses=doc.responses(401, 404, ok=doc.ok(ModelCard)))
     async def retrieve_model(model: str):
-        """The base model or an adapter, as GET /v1/models lists it."""
+        """The base model (by any of its names) or an adapter, as GET /v1/models lists it."""
         await engine.rescan()
-        card = next((c for c in model_cards() if c.id == model), None)
+        cards = {c.id: c for c in model_cards()}
+        card = cards.get(model) or (cards[engine.model_name] if model in engine.base_names else None)
         if card is None:
-            return error(404, f"model {shown(model)} does not exist", param="model", code="model_not_found")
+            raise UnknownModel(model, list(cards))
         return json_body(card)
 
     @app.get("/metrics", response_class=PlainTextResponse,

@@ -1,7 +1,9 @@
 """Every error the API answers, in OpenAI's shape: one table from exception to status, field and code.
 
 Messages reach clients without the server's file-system paths (the log keeps them): an absolute
-path in a message is cut to its last component.
+path in a message is cut to its last component. Two answers keep theirs (PATHS_SHOWN): a path to load an
+adapter from that lies outside the adapter root shows the root, the one thing that fixes it, and an
+unknown model shows the client's own string and the names /v1/models lists anyway.
 """
 from __future__ import annotations
 
@@ -13,12 +15,26 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quiver.server.engine.public import (AdapterError, AdapterExists, AdapterInUse, InvalidName, InvalidParam,
-                                        PathNotAllowed, RequestFailed, RequestTimeout, UnknownAdapter)
+                                        PathNotAllowed, RequestFailed, RequestTimeout, UnknownAdapter, shown)
 from quiver.server.http.protocol import REFUSED
 from quiver.server.http.responses import ErrorDetail, ErrorResponse
 
+LISTED = 20  # available names an unknown model's 404 lists
+
+
+class UnknownModel(LookupError):
+    """A request's `model` is neither a name of the base model nor an adapter: the 404 lists what is."""
+
+    def __init__(self, name: str, available: list[str]):
+        more = f" and {len(available) - LISTED} more (GET /v1/models lists them all)" if len(available) > LISTED else ""
+        super().__init__(f"model {shown(name)} does not exist; available: {', '.join(available[:LISTED])}{more}")
+
+
+PATHS_SHOWN = (PathNotAllowed, UnknownModel)
+
 # exception -> (HTTP status, the request field it names, OpenAI-style code)
 ERROR_STATUS = {
+    UnknownModel: (404, "model", "model_not_found"),
     UnknownAdapter: (404, "adapter", "model_not_found"),
     InvalidName: (400, "name", "invalid_adapter_name"),
     PathNotAllowed: (400, "path", "path_not_allowed"),
@@ -37,13 +53,15 @@ def public(message: str) -> str:
     return _PATH.sub(lambda m: m.group(1) or "<path>", message)
 
 
-def body(message: str, type_: str, param: str | None, code: str | None) -> ErrorResponse:
-    return ErrorResponse(error=ErrorDetail(message=public(message), type=type_, param=param, code=code))
+def body(message: str, type_: str, param: str | None, code: str | None, paths: bool = False) -> ErrorResponse:
+    return ErrorResponse(error=ErrorDetail(message=message if paths else public(message), type=type_, param=param,
+                                           code=code))
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-          code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body(message, type_, param, code).model_dump(), status_code=status, headers=headers)
+          code: str | None = None, headers: dict[str, str] | None = None, paths: bool = False) -> JSONResponse:
+    """An OpenAI-shaped error; `paths`: keep absolute paths in the message (see the module's docstring)."""
+    return JSONResponse(body(message, type_, param, code, paths).model_dump(), status_code=status, headers=headers)
 
 
 def stream_error(exc: Exception) -> ErrorResponse:
@@ -78,7 +96,7 @@ def install_error_handlers(app: FastAPI, log) -> None:
 
     def status_handler(status: int, param: str, code: str):
         async def handle(_, exc: Exception):
-            return error(status, str(exc), param=param, code=code)
+            return error(status, str(exc), param=param, code=code, paths=isinstance(exc, PATHS_SHOWN))
         return handle
 
     for exc_type, spec in ERROR_STATUS.items():

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 
 from quiver.server.engine.public import InvalidParam, PreparedRequest, SamplingParams
+from quiver.server.http.errors import UnknownModel
 from quiver.server.http.limits import RequestLimits
 from quiver.server.http.structured import grammar_spec
 from quiver.server.http.tools import ToolPlan, plan_tools
@@ -36,12 +37,16 @@ class Preparer:
         self.tool_parser = tool_parser
 
     def adapter_of(self, req) -> str | None:
-        """The adapter a request names, in `adapter` or (as in vLLM) in `model`; both must agree."""
-        in_model = None if req.model in (None, "", self.engine.model_name) else req.model
+        """The adapter a request names, in `adapter` or (as in vLLM) in `model`, where any name of the base
+        model (engine.base_names: its served names and its path) means none; both must agree. A `model` that
+        names neither is UnknownModel (param model); an unknown `adapter` stays UnknownAdapter."""
+        in_model = None if not req.model or req.model in self.engine.base_names else req.model
         if req.adapter and in_model and req.adapter != in_model:
             raise InvalidParam("adapter", f"adapter {req.adapter!r} and model {in_model!r} name different adapters")
         adapter = req.adapter or in_model
         self.engine.discover(adapter)
+        if in_model and not req.adapter and not self.engine.knows(in_model):
+            raise UnknownModel(in_model, self.engine.model_names + self.engine.known_adapters())
         return adapter
 
     def adapter_and_choices(self, req) -> str | None:

@@ -60,6 +60,9 @@ class ModelCard(BaseModel):
     parent: str | None
     max_model_len: int
     quantization: Literal["nf4", "fp4"] | None = Field(description="the base model's (adapters run on it)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        description="what the base model and its adapters compute in (--dtype as resolved at start); only float32 "
+                    "gives outputs exact to float32 references and independent of batch composition")
 
 
 class ModelList(BaseModel):

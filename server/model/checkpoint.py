@@ -54,6 +54,15 @@ def resolve_model(model: str | None) -> tuple[Path, str]:
     raise FileNotFoundError(f"--model {model!r} is neither a .gguf file nor a directory with config.json")
 
 
+def served_names(model: str | None, served: str | list[str] | None, own_name: str) -> tuple[list[str], frozenset[str]]:
+    """The names requests may give the base model: (listed, every one). Listed: --served-model-name's, in
+    order (the first is the one responses carry, as in vLLM), else the model's own name. Every one adds the
+    --model path as given and its absolute form, the name vLLM serves a model under when it is given none."""
+    listed = list(dict.fromkeys([served] if isinstance(served, str) else served or [own_name]))
+    paths = {model, str(Path(model).expanduser().absolute())} if model else set()
+    return listed, frozenset(listed) | paths
+
+
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]

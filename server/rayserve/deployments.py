@@ -78,8 +78,9 @@ class QuiverEngine:
         if adapter in self.engine.known_adapters():
             await self.lease(adapter)
 
-    def model_name(self) -> str:
-        return self.engine.model_name
+    def base_names(self) -> frozenset[str]:
+        """Every name a request may give the base model (its served names and its path)."""
+        return self.engine.base_names
 
     def replica_info(self) -> dict:
         """Who this replica is, its adapters and its engine's /metrics text (tests and operators, through a
@@ -107,7 +108,7 @@ class OpenAIIngress:
 
     def __init__(self, engine):
         self.engine = engine
-        self.base_model: str | None = None
+        self.base_names: frozenset[str] | None = None
         self.catalog = Catalog()
         self.draining = False
         self.running = 0  # requests under way here, a stream until its last chunk
@@ -177,9 +178,9 @@ class OpenAIIngress:
         name = body.get("adapter") or body.get("model")
         if not isinstance(name, str):
             return ""
-        if self.base_model is None:
-            self.base_model = await self.engine.model_name.remote()
-        return "" if name == self.base_model else name
+        if self.base_names is None:
+            self.base_names = await self.engine.base_names.remote()
+        return "" if name in self.base_names else name
 
 
 def _is_stream(head: Head) -> bool:
