@@ -159,7 +159,7 @@ def take_model_tag(args: argparse.Namespace) -> None:
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         raise ValueError(f"the model is given twice, as {args.model_tag!r} and as --model {args.model!r}")
     args.model = args.model or args.model_tag
-    names = args.served_model_name
+    names = getattr(args, "served_model_name", None)  # quiver base-path has no such flag
     if args.model is None and names and len(names) > 1 and is_model_path(names[-1]):
         args.model = names.pop()  # `--served-model-name a MODEL`: the list took the model argument
 

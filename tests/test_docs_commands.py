@@ -133,10 +133,13 @@ class Parsed(Exception):
 def parse_only(name: str, args: list[str], monkeypatch) -> str | None:
     """Hand `args` to the program's own entry point with its parse_args stopped after parsing; the error
     (argparse's message) or None."""
-    real = argparse.ArgumentParser.parse_args
+    real = argparse.ArgumentParser.parse_known_args  # what parse_args and every subcommand's parser call
 
     def stop(self, args=None, namespace=None):
-        raise Parsed(real(self, args, namespace))
+        parsed, unknown = real(self, args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        raise Parsed(parsed)
 
     def entry():
         if name == "serve run":
@@ -150,7 +153,7 @@ def parse_only(name: str, args: list[str], monkeypatch) -> str | None:
 
     err = io.StringIO()
     with monkeypatch.context() as m, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        m.setattr(argparse.ArgumentParser, "parse_args", stop)
+        m.setattr(argparse.ArgumentParser, "parse_known_args", stop)
         try:
             entry()
         except Parsed:
@@ -198,7 +201,7 @@ def test_make_targets_exist_and_serve_what_they_say(monkeypatch):
         rules = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.M))
         for goal in (a for a in argv[1:] if "=" not in a and a not in rules):  # `tests/` would pass make -n
             error = f"the Makefile has no rule {goal!r}"
-        for line in dry.stdout.splitlines():
+        for line in dry.stdout.replace("\\\n", " ").splitlines():  # a recipe's continued lines joined
             if error is None and " serve " in line and Path(words(line)[0]).name == "quiver":
                 error = parse_only("quiver", words(line)[1:], monkeypatch)
         check(failures, where, cmd, error)
