@@ -16,6 +16,7 @@ from quiver.server.engine.public import DTYPES, AsyncEngine, EngineConfig, LLMEn
 from quiver.server.http.app import create_app
 from quiver.server.http.guard import Guard, install
 from quiver.server.http.limits import RequestLimits
+from quiver.server.http.tenants import read_keys_file
 from quiver.server.http.tools import PARSERS
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="every /v1 route and /metrics need 'Authorization: Bearer KEY' (env QUIVER_API_KEY)")
     p.add_argument("--admin-key", default=os.environ.get("QUIVER_ADMIN_KEY"),
                    help="key for adapter management routes, instead of --api-key (env QUIVER_ADMIN_KEY)")
+    p.add_argument("--api-keys-file", default=None, metavar="PATH",
+                   help="tenant keys (TOML or JSON): each key's tenant, the adapters it may use (names or globs), "
+                        "whether it may use the base model and whether it is an admin; see docs/deployment.md")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="refuse new generation requests with 503 + Retry-After while this many wait")
@@ -309,6 +313,8 @@ def quiet_progress_bars() -> None:
 def build_server(args: argparse.Namespace) -> tuple[AsyncEngine, FastAPI]:
     """The engine (not yet running) and the HTTP app `quiver serve ARGS` serves: (AsyncEngine, FastAPI app).
     Each Ray Serve replica builds the same pair from the same flags."""
+    guard = Guard(api_key=args.api_key, admin_key=args.admin_key, metrics_public=args.metrics_public,
+                  max_waiting=args.max_waiting, tenants=read_keys_file(args.api_keys_file) if args.api_keys_file else [])
     adapters = startup_adapters(args)
     quiet_progress_bars()
     engine = LLMEngine(engine_config(args))
@@ -320,8 +326,7 @@ def build_server(args: argparse.Namespace) -> tuple[AsyncEngine, FastAPI]:
     async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
     app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir, limits=request_limits(args),
                      tool_parser=args.tool_call_parser)
-    install(app, async_engine, Guard(api_key=args.api_key, admin_key=args.admin_key,
-                                     metrics_public=args.metrics_public, max_waiting=args.max_waiting))
+    install(app, async_engine, guard)
     return async_engine, app
 
 

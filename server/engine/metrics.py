@@ -62,6 +62,8 @@ class Metrics:
         self.preemptions = Counter("quiver_preemptions", "Requests preempted for recompute", registry=r)
         self.rejected = Counter("quiver_requests_rejected", "Requests refused before queueing (503)", ["reason"],
                                 registry=r)
+        self.tenant_requests = Counter("quiver_tenant_requests", "Generation requests admitted per tenant of "
+                                       "--api-keys-file (its tenants are the only labels)", ["tenant"], registry=r)
         self.healthy = Gauge("quiver_engine_healthy", "1 while the engine makes progress, else 0 (see /health)",
                              registry=r)
         self.step_failures = Counter("quiver_step_failures", "Forward passes that raised (each retried without "

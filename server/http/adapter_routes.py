@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from quiver.server.engine.public import AsyncEngine, check_name, resolve_path
 from quiver.server.http import openapi as doc
 from quiver.server.http.responses import AdapterInfo, AdapterList, AdapterUnloaded, json_body
+from quiver.server.http.tenants import access_of
 
 # 400: a bad name or path; 404: no such folder; 409: the name is taken; 422: the folder is not a usable adapter
 LOAD_ERRORS = (400, 401, 404, 409, 422)
@@ -56,9 +57,12 @@ def add_adapter_routes(app: FastAPI, engine: AsyncEngine, root: Path) -> None:
         return json_body(AdapterUnloaded(name=name, unloaded=True))
 
     @app.get("/v1/adapters", responses=doc.responses(401, ok=doc.ok(AdapterList)))
-    async def list_adapters():
+    async def list_adapters(request: Request):
+        """The adapters the (admin) key may use."""
+        access = access_of(request)
         return json_body(AdapterList(object="list", base_quantization=engine.quantization,
-                                     data=[public(info) for info in await engine.list_adapters()]))
+                                     data=[public(info) for info in await engine.list_adapters()
+                                           if access.may_use(info["name"])]))
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
               responses=doc.responses(*LOAD_ERRORS, ok=doc.ok(text=True)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -23,6 +23,7 @@ from quiver.server.http.limits import BodyLimit, RequestLimits
 from quiver.server.http.openai_format import now
 from quiver.server.http.respond import Generation
 from quiver.server.http.responses import Health, ModelCard, ModelList, json_body
+from quiver.server.http.tenants import Access, access_of
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,29 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
             return error(503, reason, type_="server_error", code="engine_unhealthy", headers={"Retry-After": "5"})
         return json_body(Health(status="ok"))
 
-    def model_cards() -> list[ModelCard]:
+    def model_cards(access: Access) -> list[ModelCard]:
         """A card for each --served-model-name (as vLLM lists them; root: the first, which responses carry),
-        then one per adapter."""
+        then one per adapter: those `access` may use."""
         card = dict(object="model", created=now(), owned_by="quiver", max_model_len=engine.max_model_len,
                     quantization=engine.quantization, dtype=engine.dtype)
-        return [*(ModelCard(id=name, root=engine.model_name, parent=None, **card) for name in engine.model_names),
-                *(ModelCard(id=name, root=name, parent=engine.model_name, **card) for name in engine.known_adapters())]
+        base = engine.model_names if access.base else []
+        return [*(ModelCard(id=name, root=engine.model_name, parent=None, **card) for name in base),
+                *(ModelCard(id=name, root=name, parent=engine.model_name, **card)
+                  for name in engine.known_adapters() if access.may_use(name))]
 
     @app.get("/v1/models", responses=doc.responses(401, ok=doc.ok(ModelList)))
-    async def models():
+    async def models(request: Request):
+        """What the request's key may use."""
         await engine.rescan()
-        return json_body(ModelList(object="list", data=model_cards()))
+        return json_body(ModelList(object="list", data=model_cards(access_of(request))))
 
     @app.get("/v1/models/{model:path}", responses=doc.responses(401, 404, ok=doc.ok(ModelCard)))
-    async def retrieve_model(model: str):
-        """The base model (by any of its names) or an adapter, as GET /v1/models lists it."""
+    async def retrieve_model(model: str, request: Request):
+        """The base model (by any of its names) or an adapter, as GET /v1/models lists it (for this key: what
+        it may not use is a 404 as an unknown name)."""
         await engine.rescan()
-        cards = {c.id: c for c in model_cards()}
-        card = cards.get(model) or (cards[engine.model_name] if model in engine.base_names else None)
+        cards = {c.id: c for c in model_cards(access_of(request))}
+        card = cards.get(model) or (cards.get(engine.model_name) if model in engine.base_names else None)
         if card is None:
             raise UnknownModel(model, list(cards))
         return json_body(card)

@@ -2,17 +2,25 @@
 shutdown drain, as one ASGI middleware in front of the routes (so it also guards streaming
 responses and needs nothing from each route).
 
-Who needs which key: adapter management (`/v1/adapters...`, vLLM's load/unload routes) the
-admin key when one is set, else the API key; every other route the API key (the admin key is
-accepted too), except /health and the OpenAPI docs, and /metrics with --metrics-public.
+Who needs which key: adapter management (`/v1/adapters...`, vLLM's load/unload routes) an admin key
+(--admin-key, a keys file's admin entries, and --api-key when no --admin-key is set); every other route
+any key, except /health and the OpenAPI docs, and /metrics with --metrics-public (a tenant's key reads
+/metrics only when it is an admin). Without any key every route is open; with only --admin-key, only
+adapter management is guarded. Paths are matched as the router matches them: relative to the root path,
+so that a mount or --root-path cannot move a route out of its guard.
+
+The key's Access (tenants.py) goes on the request's state as `access`, and its tenant's name (str | None)
+as `tenant`, for the routes and request preparation to read.
 """
 from __future__ import annotations
 
-import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from starlette._utils import get_route_path  # what the router matches: scope["path"] less the root path
 
 from quiver.server.engine.public import AsyncEngine
 from quiver.server.http.errors import error
+from quiver.server.http.tenants import OPEN, Access, Keys, digest
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ADMIN_PREFIXES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -26,17 +34,24 @@ class Guard:
     metrics_public: bool = False
     max_waiting: int | None = None  # requests queued beyond this get 503 + Retry-After
     retry_after_s: int = 1
+    tenants: list[tuple[str, Access]] = field(default_factory=list)  # --api-keys-file's (digest, Access)
 
-    def keys_for(self, path: str) -> tuple[str, ...]:
-        """The keys any one of which opens `path`; () when it is open."""
-        if path in OPEN_PATHS or (path == "/metrics" and self.metrics_public):
-            return ()
-        if path.startswith(ADMIN_PREFIXES):
-            key = self.admin_key or self.api_key
-            return (key,) if key else ()
-        if not self.api_key:
-            return ()
-        return tuple(k for k in (self.api_key, self.admin_key) if k)
+    def __post_init__(self):
+        legacy = [(digest(k), Access(admin=admin)) for k, admin in ((self.api_key, self.admin_key is None),
+                                                                    (self.admin_key, True)) if k]
+        self.keys = Keys(legacy + self.tenants)
+        self.user_keys = bool(self.api_key or self.tenants)  # else only adapter management is guarded
+
+    def access(self, path: str, token: str | None) -> Access | None:
+        """What `token` opens on `path` (a route path); None: refused (401)."""
+        admin = path.startswith(ADMIN_PREFIXES)
+        if path in OPEN_PATHS or (path == "/metrics" and self.metrics_public) or not self.keys.entries or (
+                not admin and not self.user_keys):
+            return OPEN
+        found = self.keys.lookup(token) if token is not None else None
+        if found is None or (admin and not found.admin) or (path == "/metrics" and not found.metrics):
+            return None
+        return found
 
 
 def _bearer(scope) -> str | None:
@@ -59,15 +74,17 @@ class GuardMiddleware:
         await self.app(scope, receive, send)
 
     def _refusal(self, scope):
-        keys = self.guard.keys_for(scope["path"])
-        if keys:
-            token = _bearer(scope)
-            if token is None or not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
-                resp = error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                             code="invalid_api_key")
-                resp.headers["WWW-Authenticate"] = "Bearer"
-                return resp
-        if scope["method"] != "POST" or scope["path"] not in GENERATE_PATHS:
+        path = get_route_path(scope)
+        access = self.guard.access(path, _bearer(scope))
+        if access is None:
+            needs = "an admin key" if path.startswith(ADMIN_PREFIXES) else "a key"
+            resp = error(401, f"missing or wrong API key: this route needs {needs}: send 'Authorization: Bearer "
+                              "<key>'", code="invalid_api_key")
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp
+        state = scope.setdefault("state", {})
+        state["access"], state["tenant"] = access, access.tenant
+        if scope["method"] != "POST" or path not in GENERATE_PATHS:
             return None
         if self.engine.draining:
             reason, message = "shutting_down", "the server is shutting down; retry on another replica"
@@ -75,6 +92,8 @@ class GuardMiddleware:
             reason, message = "overloaded", (f"{self.engine.num_waiting()} requests are already waiting "
                                              f"(--max-waiting {self.guard.max_waiting}); retry shortly")
         else:
+            if access.tenant is not None and self.engine.metrics is not None:
+                self.engine.metrics.tenant_requests.labels(access.tenant).inc()
             return None
         if self.engine.metrics is not None:
             self.engine.metrics.rejected.labels(reason).inc()
@@ -85,4 +104,7 @@ class GuardMiddleware:
 
 def install(app, engine: AsyncEngine, guard: Guard) -> None:
     """Put the guard in front of `app`'s routes (before the app starts serving)."""
+    if engine.metrics is not None:  # each tenant's series from the start, at 0
+        for tenant in guard.keys.tenants():
+            engine.metrics.tenant_requests.labels(tenant)
     app.add_middleware(GuardMiddleware, guard=guard, engine=engine)

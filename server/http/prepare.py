@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from quiver.server.engine.public import InvalidParam, PreparedRequest, SamplingParams
+from quiver.server.engine.public import InvalidParam, PreparedRequest, SamplingParams, UnknownAdapter
 from quiver.server.http.errors import UnknownModel
 from quiver.server.http.limits import RequestLimits
 from quiver.server.http.structured import grammar_spec
+from quiver.server.http.tenants import OPEN, Access
 from quiver.server.http.tools import ToolPlan, plan_tools
 
 
@@ -36,27 +37,37 @@ class Preparer:
         self.engine, self.tok, self.limits = engine, engine.tokenizer, limits
         self.tool_parser = tool_parser
 
-    def adapter_of(self, req) -> str | None:
+    def adapter_of(self, req, access: Access = OPEN) -> str | None:
         """The adapter a request names, in `adapter` or (as in vLLM) in `model`, where any name of the base
         model (engine.base_names: its served names and its path) means none; both must agree. A `model` that
-        names neither is UnknownModel (param model); an unknown `adapter` stays UnknownAdapter."""
+        names neither is UnknownModel (param model); an unknown `adapter` stays UnknownAdapter. What `access`
+        may not use is answered exactly as an unknown name, its 404 listing only what `access` may use."""
         in_model = None if not req.model or req.model in self.engine.base_names else req.model
         if req.adapter and in_model and req.adapter != in_model:
             raise InvalidParam("adapter", f"adapter {req.adapter!r} and model {in_model!r} name different adapters")
         adapter = req.adapter or in_model
+        if not access.may_use(adapter):
+            if req.adapter:
+                raise UnknownAdapter(req.adapter)
+            raise UnknownModel(req.model or "", self.available(access))
         self.engine.discover(adapter)
         if in_model and not req.adapter and not self.engine.knows(in_model):
-            raise UnknownModel(in_model, self.engine.model_names + self.engine.known_adapters())
+            raise UnknownModel(in_model, self.available(access))
         return adapter
 
-    def adapter_and_choices(self, req) -> str | None:
+    def available(self, access: Access) -> list[str]:
+        """What an unknown model's 404 lists: the names `access` may use."""
+        return access.visible(self.engine.model_names, self.engine.known_adapters())
+
+    def adapter_and_choices(self, req, access: Access) -> str | None:
         """The adapter; and n as vLLM's V1 engine takes it (no best_of beyond n)."""
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidParam("best_of", "best_of other than n is not supported (as in vLLM's V1 engine)")
-        return self.adapter_of(req)
+        return self.adapter_of(req, access)
 
-    def completion(self, req) -> Job:
-        adapter = self.adapter_and_choices(req)
+    def completion(self, req, access: Access = OPEN) -> Job:
+        """access: what the request's key may use; access.tenant is its tenant (str | None)."""
+        adapter = self.adapter_and_choices(req, access)
         prompts = self._prompt_ids(req)
         self.limits.check_prompts(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
         want_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
@@ -68,8 +79,8 @@ class Preparer:
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
         return Job(adapter, prompts, requests, echo, want_lp)
 
-    def chat(self, req) -> Job:
-        adapter = self.adapter_and_choices(req)
+    def chat(self, req, access: Access = OPEN) -> Job:
+        adapter = self.adapter_and_choices(req, access)
         self.limits.check_prompts(req.n, "n")
         tools = plan_tools(req, self.tool_parser)
         ids = self._render(req, tools)

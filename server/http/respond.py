@@ -27,6 +27,7 @@ from quiver.server.http.openai_format import LogprobFormatter, usage
 from quiver.server.http.prepare import Job, Preparer
 from quiver.server.http.responses import Usage, json_body, sse
 from quiver.server.http.streams import collect, merge
+from quiver.server.http.tenants import access_of
 from quiver.server.http.tools import template_parser
 
 # what the generation routes may answer besides 200 (413: a body over --max-request-bytes; 422: an adapter on
@@ -70,7 +71,8 @@ class Generation:
         return cls(engine, limits, pool, prep, LogprobFormatter(tok))
 
     async def prepare(self, request: Request, model: type[BaseModel], prepare) -> tuple:
-        """(the body as `model`, its Job from `prepare`): parsing, tokenizing, compiling its grammar and
+        """(the body as `model`, its Job from `prepare(body, access)`, access: what the request's key may use,
+        the guard's request.state.access): parsing, tokenizing, compiling its grammar and
         checking it all happen in the pool, off the event loop."""
         loop = asyncio.get_running_loop()
         try:
@@ -78,7 +80,7 @@ class Generation:
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from None
         self.limits.check_names(req)
-        return req, await loop.run_in_executor(self.pool, prepare, req)
+        return req, await loop.run_in_executor(self.pool, prepare, req, access_of(request))
 
     def model_name(self, job: Job) -> str:
         """What a response's `model` says: the adapter that ran, else the base model."""
