@@ -170,7 +170,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--api-key", default=os.environ.get("QUIVER_API_KEY"),
-                   help="every /v1 route and /metrics need 'Authorization: Bearer KEY' (env QUIVER_API_KEY)")
+                   help="every /v1 route and /metrics need 'Authorization: Bearer KEY' (env QUIVER_API_KEY); an "
+                        "admin key unless --admin-key is given")
     p.add_argument("--admin-key", default=os.environ.get("QUIVER_ADMIN_KEY"),
                    help="key for adapter management routes, instead of --api-key (env QUIVER_ADMIN_KEY)")
     p.add_argument("--api-keys-file", default=None, metavar="PATH",
@@ -313,8 +314,9 @@ def quiet_progress_bars() -> None:
 def build_server(args: argparse.Namespace) -> tuple[AsyncEngine, FastAPI]:
     """The engine (not yet running) and the HTTP app `quiver serve ARGS` serves: (AsyncEngine, FastAPI app).
     Each Ray Serve replica builds the same pair from the same flags."""
+    tenants = read_keys_file(args.api_keys_file) if args.api_keys_file else []  # a bad file fails before the model
     guard = Guard(api_key=args.api_key, admin_key=args.admin_key, metrics_public=args.metrics_public,
-                  max_waiting=args.max_waiting, tenants=read_keys_file(args.api_keys_file) if args.api_keys_file else [])
+                  max_waiting=args.max_waiting, tenants=tenants)
     adapters = startup_adapters(args)
     quiet_progress_bars()
     engine = LLMEngine(engine_config(args))
