@@ -76,7 +76,7 @@ def template_kwargs(kwargs: dict, template) -> dict:
     """The chat_template_kwargs the model's template reads (vLLM drops the others, as here), each a plain
     JSON value: a reserved key is a 400, so no request brings its own template or anything it can call."""
     for key, value in kwargs.items():
-        if key in TEMPLATE_RESERVED or key.startswith("_"):
+        if key in TEMPLATE_RESERVED:
             raise InvalidParam("chat_template_kwargs", f"chat_template_kwargs.{key[:40]} is not allowed: a request "
                                                        f"may set only the variables the model's template reads")
         if not _plain(value):
