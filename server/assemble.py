@@ -195,6 +195,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="stop_token_ids in one request")
     p.add_argument("--max-name-chars", type=int, default=d.max_name_chars,
                    help="characters of a request's model and adapter fields")
+    p.add_argument("--max-bad-words", type=int, default=d.max_bad_words,
+                   help="bad_words in one request (their tokens: at most 16 per word in all)")
+    p.add_argument("--max-grammar-chars", type=int, default=d.max_grammar_chars,
+                   help="characters of one request's JSON schema, regex or grammar")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="how tool_choice auto reads tool calls in the output (default: the chat template's format, "
                         "when it has one)")
@@ -297,7 +301,8 @@ def vllm_flags(args: argparse.Namespace) -> None:
 def request_limits(args: argparse.Namespace) -> RequestLimits:
     return RequestLimits(max_body_bytes=args.max_request_bytes, max_prompts=args.max_prompts, max_stop=args.max_stop,
                          max_stop_chars=args.max_stop_chars, max_stop_token_ids=args.max_stop_token_ids,
-                         max_name_chars=args.max_name_chars)
+                         max_name_chars=args.max_name_chars, max_bad_words=args.max_bad_words,
+                         max_grammar_chars=args.max_grammar_chars)
 
 
 def quiet_progress_bars() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import re
+import threading
 import time
 
 import httpx
@@ -285,3 +286,98 @@ def test_a_request_that_cannot_fit_beside_the_prefixes_is_refused_not_stalled(to
     while engine.has_work():
         engine.step()
     assert seq.finish_reason == "length" and engine.stats().kv_blocks_free == 14
+
+
+# ---- bounds on fields that would stall everyone (each a 400 naming the field) ------------------------
+def _chat(content: str = "Hi", **fields) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **fields}
+
+
+def test_a_vocabulary_sized_allowed_token_ids_or_40k_bad_words_are_refused(hostile):
+    ids = json.dumps({"prompt": "x", "max_tokens": 1, "allowed_token_ids": [49151] * 1_300_000}, separators=(",", ":"))
+    assert len(ids) < 8 << 20  # under the body limit: the field's own bound answers
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/completions", content=ids,
+                                                   headers={"content-type": "application/json"}))
+    assert "vocabulary" in error_of(r, 400, "allowed_token_ids")["message"]
+    assert slowest < 1.0
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/completions", json={
+        "prompt": "x", "max_tokens": 1, "bad_words": [f"w{i}" for i in range(40_000)]}))
+    error_of(r, 400, "bad_words")
+    assert slowest < 1.0
+
+
+def test_repeated_allowed_token_ids_and_bad_words_count_once(hostile):
+    """A list that repeats one id is that id's set (the output is that token); bad words repeated are one."""
+    r = httpx.post(hostile.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "temperature": 1,
+                                                           "allowed_token_ids": [42, 42, 42] * 1000, "n": 2},
+                   timeout=60).json()
+    assert [c["text"] for c in r["choices"]] == [hostile.engine.tokenizer.decode([42] * 3)] * 2
+    r = httpx.post(hostile.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1,
+                                                           "bad_words": ["same"] * 1024}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_a_huge_schema_is_refused_and_identical_schemas_compile_once(hostile, monkeypatch):
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/chat/completions", json=_chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "h", "schema": huge}})))
+    assert "--max-grammar-chars" in error_of(r, 400, "response_format")["message"]
+    assert slowest < 1.0
+    grammars, compiles = hostile.engine.grammars, []
+    compile_ = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda spec: compiles.append(spec) or compile_(spec))
+    schema = {"type": "object", "properties": {f"k{i}_{time.monotonic_ns()}": {"type": "integer"} for i in range(50)}}
+    body = _chat(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+
+    async def two(c):
+        return await asyncio.gather(c.post("/v1/chat/completions", json=body),
+                                    c.post("/v1/chat/completions", json={**body, "messages": [
+                                        {"role": "user", "content": "Other"}]}))
+
+    (a, b), slowest = run_case(hostile, two)
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert len(compiles) == 1 and slowest < 1.0
+    # a refusal is kept too, and names the field of each request that sends the same text
+    bad = {"type": "array", "uniqueItems": True}
+    for field in ("guided_json", "guided_json", "response_format"):
+        extra = {field: bad} if field == "guided_json" else {
+            "response_format": {"type": "json_schema", "json_schema": {"name": "u", "schema": bad}}}
+        error_of(httpx.post(hostile.url + "/v1/chat/completions", json=_chat(**extra), timeout=60), 400, field)
+    assert len(compiles) == 2
+
+
+def test_a_client_template_cannot_reach_the_renderer(hostile):
+    """Nested loops that never finish, by every way a request could bring its own template: each a 400."""
+    loops = "{% for a in range(99999) %}{% for b in range(99999) %}x{% endfor %}{% endfor %}"
+    for fields, param in (({"chat_template": loops}, "chat_template"),
+                          ({"chat_template_kwargs": {"chat_template": loops}}, "chat_template_kwargs"),
+                          ({"chat_template_kwargs": {"documents": [{"text": loops}]}}, "chat_template_kwargs"),
+                          ({"chat_template_kwargs": {"tools": [{"type": "function"}]}}, "chat_template_kwargs"),
+                          ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs")):
+        r, slowest = run_case(hostile, lambda c: c.post("/v1/chat/completions", json=_chat(**fields)))
+        error_of(r, 400, param)
+        assert slowest < 1.0
+    # a plain value the template does not read is dropped (as vLLM does), and one it reads is only data
+    plain = httpx.post(hostile.url + "/v1/chat/completions", json=_chat(temperature=0), timeout=60).json()
+    kw = httpx.post(hostile.url + "/v1/chat/completions", json=_chat(temperature=0, chat_template_kwargs={
+        "unused": loops, "nested": {"a": [1, 2.5, None, True]}}), timeout=60).json()
+    assert kw["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+def test_preparation_counts_against_the_request_timeout(hostile, monkeypatch):
+    """A chat template that takes longer than --request-timeout: the request gets the timeout's 504."""
+    tok, release = hostile.engine.tokenizer, threading.Event()
+    render = tok.apply_chat_template
+
+    def slow(*args, **kwargs):
+        release.wait(60)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "apply_chat_template", slow)
+    monkeypatch.setattr(hostile.async_engine, "request_timeout", 3.0)
+    try:
+        r, slowest = run_case(hostile, lambda c: c.post("/v1/chat/completions", json=_chat()))
+    finally:
+        release.set()
+    assert error_of(r, 504)["code"] == "request_timeout"
+    assert slowest < 1.0

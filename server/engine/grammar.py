@@ -8,8 +8,11 @@ silently ignores some of those and some combinations (maxLength beside pattern o
 beside a range). So an output here never ignores part of its schema: what cannot be enforced is a 400
 naming it.
 
-Compiling (and building a first matcher, which checks the grammar against the vocabulary) runs on the
-caller's thread, the HTTP preparation pool, never in a step; each sequence gets a copy of that matcher.
+Compiling (building a first matcher, which checks the grammar against the vocabulary, and its first mask,
+where llguidance's complexity limits would otherwise first fail after the 200 went out) runs once per
+distinct grammar text on the caller's thread, the HTTP preparation pool, never in a step: the result, or
+the refusal, is cached by the text's hash, and identical requests arriving together wait for one compile.
+Each sequence gets a copy of that matcher.
 Per step, each constrained row fills its row of a packed bitmask (logit_adjust applies it to the logits
 in one op) and consumes the token it got.
 
@@ -19,10 +22,12 @@ nothing of additionalProperties gets none: the output stays valid for the schema
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from quiver.server.engine.sampling import InvalidParam
@@ -92,7 +97,7 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int, eos_token_id: int | None):
         self._args = tokenizer, vocab_size, eos_token_id
         self._tokenizer = None
-        self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[bytes, Future] = OrderedDict()  # by the text's hash: a grammar or a refusal
         self._lock = threading.Lock()
 
     def _llg_tokenizer(self):
@@ -105,29 +110,50 @@ class Grammars:
             return self._tokenizer
 
     def compile(self, spec: GrammarSpec) -> "CompiledGrammar":
+        """The spec's compiled grammar; raises InvalidParam naming spec.param for one that cannot be used."""
+        key = hashlib.sha256(f"{spec.kind}\0{spec.text}".encode()).digest()
         with self._lock:
-            if spec in self._cache:
-                self._cache.move_to_end(spec)
-                return self._cache[spec]
-        compiled = self._compile(spec)
-        with self._lock:
-            self._cache[spec] = compiled
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-        return compiled
+            future, owner = self._cache.get(key), False
+            if future is None:
+                future, owner = Future(), True
+                self._cache[key] = future
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+        if owner:
+            try:
+                future.set_result(self._compile(spec))
+            except InvalidParam as exc:  # kept: every request with this text gets the same refusal
+                future.set_result(exc)
+            except BaseException as exc:  # not kept: the next request tries again
+                with self._lock:
+                    self._cache.pop(key, None)
+                future.set_exception(exc)
+        result = future.result()
+        if isinstance(result, InvalidParam):  # named for this request's field
+            raise refuse(spec.param, str(result)) from None
+        return result
 
     def _compile(self, spec: GrammarSpec) -> "CompiledGrammar":
+        """One compile: the matcher, then its first mask (a complexity limit would fail there)."""
+        import llguidance.torch
         from llguidance import LLMatcher
 
         try:
             grammar = self._grammar(spec)
         except (ValueError, RuntimeError) as exc:  # a grammar the engine cannot read is the request's error
-            raise refuse(spec.param, f"cannot be used for structured output: {first_line(str(exc))}") from None
+            raise InvalidParam("", f"cannot be used for structured output: {first_line(str(exc))}") from None
         tokenizer = self._llg_tokenizer()
-        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if failed:
-            raise refuse(spec.param, f"cannot be used for structured output: {first_line(messages[0])}")
-        return CompiledGrammar(LLMatcher(tokenizer, grammar, log_level=0))
+        matcher = LLMatcher(tokenizer, grammar, log_level=0)
+        if not matcher.is_error():
+            probe = matcher.deep_copy()
+            llguidance.torch.fill_next_token_bitmask(probe, llguidance.torch.allocate_token_bitmask(
+                1, tokenizer.vocab_size), 0)
+            matcher = probe if probe.is_error() else matcher
+        if matcher.is_error():
+            raise InvalidParam("", f"cannot be used for structured output: {first_line(matcher.get_error())}")
+        return CompiledGrammar(matcher)
 
     @staticmethod
     def _grammar(spec: GrammarSpec) -> str:

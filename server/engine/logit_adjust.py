@@ -60,7 +60,7 @@ def plan(seqs: list[Sequence], vocab: int) -> Adjustments | None:
     """The adjustments for the sampled rows `seqs` (row i of the logits is seqs[i]); None when none."""
     adj, any_set = Adjustments(), False
     add_r, add_t, add_v = [], [], []
-    allow_r, allow_i, allow_t = [], [], []
+    allow_r, allow_t = [], []
     pen = []
     grammar = []
     for i, seq in enumerate(seqs):
@@ -79,9 +79,8 @@ def plan(seqs: list[Sequence], vocab: int) -> Adjustments | None:
             add_t += banned
             add_v += [_NEG_INF] * len(banned)
         if p.allowed_token_ids is not None:
-            allow_i += [len(allow_r)] * len(p.allowed_token_ids)
             allow_r.append(i)
-            allow_t += p.allowed_token_ids
+            allow_t.append(_allowed(p))
         if p.penalized:
             pen.append(i)
         if seq.grammar is not None:
@@ -90,7 +89,8 @@ def plan(seqs: list[Sequence], vocab: int) -> Adjustments | None:
         adj.add_rows, adj.add_tokens, adj.add_values = _ints(add_r), _ints(add_t), _floats(add_v)
         any_set = True
     if allow_r:
-        adj.allow_rows, adj.allow_index, adj.allow_tokens = _ints(allow_r), _ints(allow_i), _ints(allow_t)
+        adj.allow_rows, adj.allow_tokens = _ints(allow_r), torch.cat(allow_t)
+        adj.allow_index = torch.repeat_interleave(torch.tensor([t.numel() for t in allow_t]))
         any_set = True
     if pen:
         _plan_penalties(adj, [seqs[i] for i in pen])
@@ -103,6 +103,15 @@ def plan(seqs: list[Sequence], vocab: int) -> Adjustments | None:
             seqs[i].grammar.fill_bitmask(adj.bitmask, k)
         any_set = True
     return adj if any_set else None
+
+
+def _allowed(params) -> torch.Tensor:
+    """params.allowed_token_ids as an int64 tensor, built on the request's first step and reused by the
+    others (the list can hold the whole vocabulary)."""
+    cached = params.__dict__.get("_allowed_tensor")
+    if cached is None:
+        cached = params.__dict__["_allowed_tensor"] = _ints(params.allowed_token_ids)
+    return cached
 
 
 def _bad_word_bans(words: list[list[int]], output: list[int]) -> list[int]:

@@ -53,9 +53,10 @@ class SamplingParams:
 
     @classmethod
     def from_request(cls, req, **computed) -> SamplingParams:
-        """`req`'s FROM_REQUEST fields (one it leaves None takes the default here), and the `computed` ones."""
+        """`req`'s FROM_REQUEST fields (one it leaves None takes the default here), and the `computed` ones,
+        which replace them (the preparer's allowed_token_ids: de-duplicated once for all choices)."""
         given = {name: value for name in FROM_REQUEST if (value := getattr(req, name)) is not None}
-        return cls(**given, **computed)
+        return cls(**{**given, **computed})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -95,7 +96,7 @@ class SamplingParams:
         if vocab_size is not None:
             for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias),
                               ("allowed_token_ids", self.allowed_token_ids or ())):
-                if any(not 0 <= t < vocab_size for t in ids):
+                if ids and (min(ids) < 0 or max(ids) >= vocab_size):
                     raise InvalidParam(name, f"{name}: token ids must be in [0, {vocab_size})")
         return self
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from quiver.server.engine.public import InvalidParam, PreparedRequest, SamplingParams, UnknownAdapter
 from quiver.server.http.errors import UnknownModel
-from quiver.server.http.limits import RequestLimits
+from quiver.server.http.limits import RequestLimits, template_kwargs
 from quiver.server.http.structured import grammar_spec
 from quiver.server.http.tenants import OPEN, Access
 from quiver.server.http.tools import ToolPlan, plan_tools
@@ -93,29 +93,32 @@ class Preparer:
 
     # ---- pieces ----------------------------------------------------------------------------
     def _grammar(self, req, tool_grammar=None):
-        spec = grammar_spec(req, tool_grammar)
+        spec = grammar_spec(req, tool_grammar, self.limits.max_grammar_chars)
         return self.engine.compile_grammar(spec) if spec is not None else None
 
     def _choices(self, req, max_tokens: int, logprobs, prompt_logprobs, grammar) -> list[SamplingParams]:
         """One SamplingParams per choice; choice j of a seeded request draws with seed + j, as in vLLM (wrapped
         within int64: the draws use its low 32 bits, which wrapping keeps)."""
+        allowed = self.limits.check_allowed_token_ids(req.allowed_token_ids, len(self.tok))  # once, for all choices
         computed = dict(max_tokens=max_tokens, stop=req.stop or [], logit_bias=_logit_bias(req.logit_bias),
                         bad_words_ids=self._bad_words(req.bad_words or []), logprobs=logprobs,
-                        prompt_logprobs=prompt_logprobs, grammar=grammar)
+                        prompt_logprobs=prompt_logprobs, grammar=grammar, allowed_token_ids=allowed)
         out = [SamplingParams.from_request(req, **computed, seed=None if req.seed is None else (req.seed + j) % 2**63)
                for j in range(req.n)]
         self.limits.check_sampling(out[0])
         return out
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
-        """Each word's tokens as written and with a leading space (vLLM's two spellings)."""
-        out: list[list[int]] = []
+        """Each word's tokens as written and with a leading space (vLLM's two spellings), each sequence once."""
+        self.limits.check_bad_words(words)
+        seen: dict[tuple[int, ...], None] = {}
         for word in words:
             for text in (word.lstrip(), " " + word.lstrip()):
                 ids = self.tok.encode(text, add_special_tokens=False)
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
+                if ids:
+                    seen[tuple(ids)] = None
+        self.limits.check_bad_word_tokens(sum(map(len, seen)))
+        return [list(ids) for ids in seen]
 
     def _prompt_ids(self, req) -> list[list[int]]:
         prompt = req.prompt
@@ -138,7 +141,7 @@ class Preparer:
 
     def _render(self, req, tools: ToolPlan | None) -> list[int]:
         messages = [_template_message(m) for m in req.messages]
-        kwargs = dict(req.chat_template_kwargs or {})
+        kwargs = template_kwargs(req.chat_template_kwargs or {}, getattr(self.tok, "chat_template", None))
         if tools is not None:
             kwargs["tools"] = tools.tools
         try:
@@ -148,6 +151,9 @@ class Preparer:
                                                 **kwargs)
         except Exception as exc:
             raise InvalidParam("messages", f"the chat template cannot render these messages: {exc}") from exc
+        if len(text) > 2 * self.limits.max_body_bytes:
+            raise InvalidParam("messages", f"the chat template renders these messages as {len(text)} characters; at "
+                                           f"most {2 * self.limits.max_body_bytes}")
         ids = self.tok(text, add_special_tokens=req.add_special_tokens).input_ids
         return _truncate(ids, req.truncate_prompt_tokens)
 

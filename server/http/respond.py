@@ -9,6 +9,7 @@ tokens, and `model` names the adapter that ran.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import uuid
 from concurrent.futures import Executor
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from quiver.server.engine.public import AsyncEngine, RequestOutput
+from quiver.server.engine.public import AsyncEngine, RequestOutput, RequestTimeout
 from quiver.server.http.errors import stream_error
 from quiver.server.http.limits import RequestLimits
 from quiver.server.http.openai_format import LogprobFormatter, usage
@@ -72,15 +73,22 @@ class Generation:
 
     async def prepare(self, request: Request, model: type[BaseModel], prepare) -> tuple:
         """(the body as `model`, its Job from `prepare(body, access)`, access: what the request's key may use,
-        the guard's request.state.access): parsing, tokenizing, compiling its grammar and
-        checking it all happen in the pool, off the event loop."""
+        the guard's request.state.access): parsing, tokenizing, compiling its grammar and checking it all happen
+        in the pool, off the event loop, and within --request-timeout (504 past it)."""
         loop = asyncio.get_running_loop()
         try:
-            req = await loop.run_in_executor(self.pool, model.model_validate_json, await request.body())
+            req = await self._within(loop.run_in_executor(self.pool, model.model_validate_json, await request.body()))
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from None
         self.limits.check_names(req)
-        return req, await loop.run_in_executor(self.pool, prepare, req, access_of(request))
+        return req, await self._within(loop.run_in_executor(self.pool, prepare, req, access_of(request)))
+
+    async def _within(self, work):
+        limit = self.engine.request_timeout
+        try:
+            return await asyncio.wait_for(work, limit)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(limit) from None
 
     def model_name(self, job: Job) -> str:
         """What a response's `model` says: the adapter that ran, else the base model."""
@@ -103,7 +111,8 @@ class Generation:
         results = await collect(request, gens)
         if results is None:
             return Response(status_code=499)
-        return json_body(writer.whole(results, counted(job, [outs[-1] for outs in results])))
+        whole = functools.partial(writer.whole, results, counted(job, [outs[-1] for outs in results]))
+        return await _format(job, lambda: json_body(whole()))
 
 
 async def _events(options, job: Job, gens: list, writer: Writer):
@@ -116,13 +125,20 @@ async def _events(options, job: Job, gens: list, writer: Writer):
     try:
         async for k, out in merge(gens):
             latest[k] = out
-            for chunk in writer.chunks(k, out, counted(job, latest) if running else None):
-                yield sse(chunk)
+            chunks = functools.partial(writer.chunks, k, out, counted(job, latest) if running else None)
+            for event in await _format(job, lambda: [sse(chunk) for chunk in chunks()]):
+                yield event
     except Exception as exc:  # noqa: BLE001 - whatever ends it, the stream ends with an error event
         yield sse(stream_error(exc))
     if options is not None and options.include_usage:
         yield sse(writer.usage_chunk(counted(job, latest)))
     yield DONE
+
+
+async def _format(job: Job, make):
+    """make(): on the event loop, or, where echo with logprobs formats an entry per prompt token (0.17 s for
+    8k tokens), on a worker thread."""
+    return await asyncio.to_thread(make) if job.prompt_logprobs is not None else make()
 
 
 def counted(job: Job, latest: list) -> Usage:
