@@ -19,6 +19,7 @@ class RequestLimits:
     max_stop_chars: int = 1024  # characters of one stop string
     max_stop_token_ids: int = 1024
     max_name_chars: int = 256  # the `model` and `adapter` fields
+    prefix_cache_scope: str = "tenant"  # whose requests may share cached K/V (prepare.salted)
 
     def check_names(self, req) -> None:
         for field in ("model", "adapter"):
