@@ -16,6 +16,7 @@ from quiver.server.engine.public import DTYPES, AsyncEngine, EngineConfig, LLMEn
 from quiver.server.http.app import create_app
 from quiver.server.http.guard import Guard, install
 from quiver.server.http.limits import RequestLimits
+from quiver.server.http.prepare import PREFIX_CACHE_SCOPES
 from quiver.server.http.tenants import read_keys_file
 from quiver.server.http.tools import PARSERS
 
@@ -199,6 +200,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="bad_words in one request (their tokens: at most 16 per word in all)")
     p.add_argument("--max-grammar-chars", type=int, default=d.max_grammar_chars,
                    help="characters of one request's JSON schema, regex or grammar")
+    p.add_argument("--prefix-cache-scope", choices=PREFIX_CACHE_SCOPES, default=d.prefix_cache_scope,
+                   help="whose requests share prefix-cache blocks: tenant (with tenant keys, each tenant only its "
+                        "own) or global (every request; cache_salt still separates)")
     p.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="how tool_choice auto reads tool calls in the output (default: the chat template's format, "
                         "when it has one)")
@@ -302,7 +306,7 @@ def request_limits(args: argparse.Namespace) -> RequestLimits:
     return RequestLimits(max_body_bytes=args.max_request_bytes, max_prompts=args.max_prompts, max_stop=args.max_stop,
                          max_stop_chars=args.max_stop_chars, max_stop_token_ids=args.max_stop_token_ids,
                          max_name_chars=args.max_name_chars, max_bad_words=args.max_bad_words,
-                         max_grammar_chars=args.max_grammar_chars)
+                         max_grammar_chars=args.max_grammar_chars, prefix_cache_scope=args.prefix_cache_scope)
 
 
 def quiet_progress_bars() -> None:

@@ -1,11 +1,14 @@
 """Paged KV-cache bookkeeping: a free list of fixed-size blocks with reference counts, and the one way a
 request's prompt KV is shared with another.
 
-Every full block a request computes can be entered under a chain hash (block_hash) of its tokens,
-everything before them, and a key for what produced their K/V. A later request whose tokens start with
-a chain takes those blocks (match) and skips their prefill. Two kinds of key:
+Every full block a request computes can be entered under a chain hash (block_hash, SHA-256) of its
+tokens, everything before them, and a key for what produced their K/V. A later request whose tokens start
+with a chain takes those blocks (match) and skips their prefill. A hit compares no tokens: the hash being
+cryptographic is what keeps one prompt from being handed another's K/V. Two kinds of key:
 - the prefix cache's (when on): "" for the base or an adapter's fingerprint (adapters.fingerprint, a
-  hash of its weights, never its name). Any request may take these blocks; a block nobody holds stays
+  hash of its weights, never its name), and the request's cache salt (vLLM's cache_salt; the HTTP layer
+  adds the tenant), which enters the first block's hash and so every later one: only requests with the
+  same salt share blocks. Any such request may take these blocks; a block nobody holds stays
   cached, least recently used first out when a block is needed. Soft prompts and prefixes are not
   cached (their sequences have no cache key);
 - a prompt group's own, for the n > 1 choices of one request (LLMEngine.add's fork_of): only the group
@@ -15,14 +18,25 @@ its requests' block tables.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 
 from quiver.server.engine.sequence import Sequence
 
+ROOT = bytes(32)  # the parent of a chain's first block
 
-def block_hash(previous: int | None, key, tokens: list[int]) -> int:
-    """The chain hash of one full block: its tokens, the chain before it, what produced its K/V."""
-    return hash((previous, key, tuple(tokens)))
+
+def block_hash(parent: bytes, key: bytes, tokens: list[int]) -> bytes:
+    """The chain hash of one full block: SHA-256 over its parent's hash, what produced its K/V (key, as
+    packed by fields()) and its tokens (8 bytes each, last: every part has a known length, so no two
+    blocks' inputs read alike)."""
+    return hashlib.sha256(parent + len(key).to_bytes(8, "little") + key + array("q", tokens).tobytes()).digest()
+
+
+def fields(*parts: str) -> bytes:
+    """Strings packed so that no other list of strings packs alike (each after its length)."""
+    return b"".join(len(b).to_bytes(8, "little") + b for b in (p.encode("utf-8", "surrogatepass") for p in parts))
 
 
 class BlockManager:
@@ -34,8 +48,8 @@ class BlockManager:
         self._refs = [0] * num_blocks
         self.num_shared = 0  # blocks held by their owners (adapter prefixes) rather than by requests
         self.fresh: list[int] = []  # blocks handed out and not yet zeroed (the engine empties it once they are)
-        self._cached: dict[int, int] = {}  # chain hash -> block holding those tokens' K/V
-        self._hash_of: dict[int, int] = {}  # the reverse
+        self._cached: dict[bytes, int] = {}  # chain hash -> block holding those tokens' K/V
+        self._hash_of: dict[int, bytes] = {}  # the reverse
         self._private: set[int] = set()  # blocks entered under a prompt group's key: freed with their last holder
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, least recent first
 
@@ -126,24 +140,28 @@ class BlockManager:
         return self._refs[block]
 
     # ---- sharing prompt KV ---------------------------------------------------------------------
-    def _key(self, seq: Sequence) -> tuple[object, bool]:
-        """What seq's blocks are entered under, and whether any request may take them (the prefix cache)
-        or only its prompt group."""
+    def _keys(self, seq: Sequence) -> tuple[bytes, bytes, bool]:
+        """What seq's first block and its later ones are entered under, and whether any request may take
+        them (the prefix cache) or only its prompt group. The salt enters the first block's key, and
+        through its hash every later block's."""
         if self.caching and seq.cache_key is not None:
-            return seq.cache_key, True
-        return ("prompt group", seq.prompt_group), False
+            key = fields("kv", seq.cache_key)
+            return key if seq.cache_salt is None else fields("kv", seq.cache_key, "salt", seq.cache_salt), key, True
+        key = fields("prompt group", seq.prompt_group)
+        return key, key, False
 
     def match(self, seq: Sequence) -> int:
         """Give `seq` (holding no blocks of its own) the blocks entered under its key that its tokens start
-        with; return how many tokens they hold (its num_computed is set to that). At least its last token
-        is left to compute, so that the step that finishes its prompt has its logits."""
+        with (its num_computed is set to the tokens they hold); return how many of its prompt's tokens
+        they hold (after a preemption they may hold its output too). At least its last token is left to
+        compute, so that the step that finishes its prompt has its logits."""
         if seq.block_table or seq.wants_prompt_logprobs:
             return 0
         self._share_prefix(seq)
-        key, _ = self._key(seq)
-        bs, tokens, h = self.block_size, seq.token_ids, None
+        first, key, _ = self._keys(seq)
+        bs, tokens, h = self.block_size, seq.token_ids, ROOT
         for i in range((len(tokens) - 1) // bs):
-            h = block_hash(h, key, tokens[i * bs:(i + 1) * bs])
+            h = block_hash(h, key if i else first, tokens[i * bs:(i + 1) * bs])
             block = self._cached.get(h)
             if block is None:
                 break
@@ -151,7 +169,7 @@ class BlockManager:
             seq.block_table.append(block)
             seq.block_hashes.append(h)
         seq.num_computed = len(seq.block_hashes) * bs
-        return seq.num_computed
+        return max(min(seq.num_computed, seq.num_virtual + seq.num_prompt_tokens) - seq.num_virtual, 0)
 
     def commit(self, seq: Sequence) -> None:
         """Enter the blocks `seq` has filled since the last call (after each step): into the prefix cache,
@@ -159,13 +177,13 @@ class BlockManager:
         bs, done = self.block_size, seq.num_computed // self.block_size
         if len(seq.block_hashes) >= done:  # most steps: no block filled since
             return
-        key, public = self._key(seq)
+        first, key, public = self._keys(seq)
         if not (public or seq.forks):
             return
-        h = seq.block_hashes[-1] if seq.block_hashes else None
+        h = seq.block_hashes[-1] if seq.block_hashes else ROOT
         head = len(seq.shared_blocks)
         for i in range(len(seq.block_hashes), done):
-            h = block_hash(h, key, seq.token_ids[i * bs:(i + 1) * bs])
+            h = block_hash(h, key if i else first, seq.token_ids[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)
             block = seq.block_table[head + i]
             if h not in self._cached and block not in self._hash_of:

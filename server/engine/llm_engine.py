@@ -180,7 +180,7 @@ class LLMEngine:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter,
                        binding=self.residency.bind(adapter) if adapter is not None and resident else None,
-                       stop_ids=tuple(sorted(stop_ids)),
+                       stop_ids=tuple(sorted(stop_ids)), cache_salt=request.cache_salt,
                        grammar=None if params.grammar is None else params.grammar.matcher())
         self.seqs[rid] = seq
         if leader is not None and leader.num_computed == 0:

@@ -10,11 +10,13 @@ from quiver.server.engine.sampling import InvalidParam, SamplingParams
 class PreparedRequest:
     """Made only by LLMEngine.prepare, which checks the prompt, the sampling parameters and the context
     length; adding it re-checks only what can change meanwhile: that its adapter still exists (and its
-    length, should the adapter now carry other virtual tokens)."""
+    length, should the adapter now carry other virtual tokens). The HTTP layer sets cache_salt after (it
+    changes no check): only requests with the same salt share prefix-cache blocks."""
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None
     virtual_tokens: int  # the adapter's when it was checked
+    cache_salt: str | None = None  # the request's cache_salt and tenant (http.prepare.salted); None: unsalted
 
 
 def check_length(prompt: int, max_tokens: int, virtual: int, max_model_len: int, kv) -> None:

@@ -33,6 +33,7 @@ class Sequence:
     binding: Binding | None = None  # its layout and slot, once the adapter is resident (families.base)
     stop_ids: tuple[int, ...] = ()  # tokens that end it: stop_token_ids, and EOS unless ignore_eos
     grammar: object | None = None  # its grammar's matcher (engine.grammar), when the output must follow one
+    cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks (BlockManager)
     # n > 1: the other choices wait for the first one's prompt, then share its full KV blocks (read-only)
     fork_from: Sequence | None = field(default=None, repr=False)
     forks: list[Sequence] = field(default_factory=list, repr=False)
@@ -44,7 +45,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of its prompt, tokens whose K/V came from the prefix cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list, repr=False)  # chain hashes of its full blocks in the cache
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)  # chain hashes of its full blocks in the cache
     finish_reason: str | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)

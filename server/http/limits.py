@@ -22,6 +22,7 @@ class RequestLimits:
     max_name_chars: int = 256  # the `model` and `adapter` fields
     max_bad_words: int = 1024  # bad_words entries; their tokens (both spellings) at most 16 per entry in all
     max_grammar_chars: int = 64 << 10  # a schema, regex or grammar's text (compiling is superlinear in it)
+    prefix_cache_scope: str = "tenant"  # whose requests may share cached K/V (prepare.salted)
 
     def check_names(self, req) -> None:
         for field in ("model", "adapter"):

@@ -7,7 +7,7 @@ before a response starts, so a bad request is a 400 naming its field.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quiver.server.engine.public import InvalidParam, PreparedRequest, SamplingParams, UnknownAdapter
 from quiver.server.http.errors import UnknownModel
@@ -15,6 +15,19 @@ from quiver.server.http.limits import RequestLimits, template_kwargs
 from quiver.server.http.structured import grammar_spec
 from quiver.server.http.tenants import OPEN, Access
 from quiver.server.http.tools import ToolPlan, plan_tools
+
+
+PREFIX_CACHE_SCOPES = ("tenant", "global")  # --prefix-cache-scope
+
+
+def salted(tenant: str | None, client_salt: str | None, scope: str = "tenant") -> str | None:
+    """What a request's prefix-cache blocks are salted with (PreparedRequest.cache_salt): its cache_salt
+    and, under scope "tenant", its tenant, so that it shares cached K/V (and cached_tokens counts hits)
+    only with requests of the same tenant and cache_salt; under "global" (an operator's shared prefixes)
+    the cache_salt alone. None (no salt: shared with every unsalted request) when neither is given. No
+    client's cache_salt spells another tenant's salt."""
+    tenant = tenant if scope == "tenant" else None
+    return None if tenant is None and client_salt is None else json.dumps([tenant, client_salt])
 
 
 @dataclass
@@ -66,15 +79,16 @@ class Preparer:
         return self.adapter_of(req, access)
 
     def completion(self, req, access: Access = OPEN) -> Job:
-        """access: what the request's key may use; access.tenant is its tenant (str | None)."""
+        """access: what the request's key may use; access.tenant is its tenant (str | None), which salts its
+        prefix-cache blocks (salted)."""
         adapter = self.adapter_and_choices(req, access)
         prompts = self._prompt_ids(req)
         self.limits.check_prompts(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
         want_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
-        grammar = self._grammar(req)
-        requests = [[self.engine.prepare(ids, p, adapter) for p in self._choices(req, max_tokens, req.logprobs,
-                                                                                   want_lp, grammar)]
+        grammar, salt = self._grammar(req), salted(access.tenant, req.cache_salt, self.limits.prefix_cache_scope)
+        requests = [[self._request(ids, p, adapter, salt) for p in self._choices(req, max_tokens, req.logprobs,
+                                                                                  want_lp, grammar)]
                     for ids in prompts]
         echo = [self.tok.decode(ids) if req.echo else "" for ids in prompts]
         return Job(adapter, prompts, requests, echo, want_lp)
@@ -89,9 +103,13 @@ class Preparer:
             max_tokens = max(self.engine.max_model_len - len(ids) - self.engine.virtual_tokens(adapter), 1)
         choices = self._choices(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, None,
                                 self._grammar(req, tools.grammar if tools else None))
-        return Job(adapter, [ids], [[self.engine.prepare(ids, p, adapter) for p in choices]], [""], None, tools)
+        salt = salted(access.tenant, req.cache_salt, self.limits.prefix_cache_scope)
+        return Job(adapter, [ids], [[self._request(ids, p, adapter, salt) for p in choices]], [""], None, tools)
 
     # ---- pieces ----------------------------------------------------------------------------
+    def _request(self, ids: list[int], params: SamplingParams, adapter: str | None, salt: str | None):
+        return replace(self.engine.prepare(ids, params, adapter), cache_salt=salt)
+
     def _grammar(self, req, tool_grammar=None):
         spec = grammar_spec(req, tool_grammar, self.limits.max_grammar_chars)
         return self.engine.compile_grammar(spec) if spec is not None else None

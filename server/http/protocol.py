@@ -42,8 +42,7 @@ REFUSED = {
     "echo": "echo is not supported for chat (it is for /v1/completions)",
 }
 # accepted, and without effect on what is generated
-NO_EFFECT = ("user", "metadata", "store", "service_tier", "priority", "prompt_cache_key", "safety_identifier",
-             "cache_salt")
+NO_EFFECT = ("user", "metadata", "store", "service_tier", "priority", "prompt_cache_key", "safety_identifier")
 
 
 def off(allowed, why: str):
@@ -143,7 +142,8 @@ class _Common(BaseModel):
     priority: int | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    cache_salt: str | None = None
+    # as vLLM's: only requests with the same salt (and tenant: http.prepare.salted) share prefix-cache blocks
+    cache_salt: str | None = Field(None, min_length=1)
 
 
 class CompletionRequest(_Common):
