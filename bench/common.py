@@ -146,7 +146,7 @@ def quiet_third_party() -> None:
 class LoopbackServer:
     """The HTTP app under uvicorn on a free loopback port, in a daemon thread; the engine loop on its own."""
 
-    def __init__(self, async_engine, adapter_root=None, guard=None):
+    def __init__(self, async_engine, adapter_root=None, guard=None, limits=None):
         import uvicorn
 
         from quiver.server.http.app import create_app
@@ -158,7 +158,7 @@ class LoopbackServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(async_engine, adapter_root=adapter_root)
+        app = create_app(async_engine, adapter_root=adapter_root, **({} if limits is None else {"limits": limits}))
         if guard is not None:
             install(app, async_engine, guard)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,

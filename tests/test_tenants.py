@@ -5,6 +5,7 @@ guard's paths matched below a mount's root path."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -53,13 +54,20 @@ def keys_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(api_model, tokenizer, keys_file, tmp_path_factory):
+    with tenant_server(api_model, tokenizer, keys_file, tmp_path_factory.mktemp("tenant_adapters")) as live:
+        yield live
+
+
+@contextlib.contextmanager
+def tenant_server(api_model, tokenizer, keys_file, root, scope="tenant"):
     from quiver.server.engine.async_engine import AsyncEngine
     from quiver.server.engine.config import EngineConfig
     from quiver.server.engine.llm_engine import LLMEngine
     from quiver.server.engine.metrics import Metrics
 
+    from quiver.server.http.limits import RequestLimits
+
     base_dir, hf = api_model
-    root = tmp_path_factory.mktemp("tenant_adapters")
     lora = lora_variants(hf.config.num_hidden_layers)["lora_qv"]
     for seed, name in enumerate(("a-sql", "b-secret")):
         make_adapter(hf, root / name, lora, seed=700 + seed)
@@ -67,7 +75,8 @@ def server(api_model, tokenizer, keys_file, tmp_path_factory):
                                     max_model_len=128, served_model_name="tiny"), tokenizer=tokenizer)
     engine.add_adapter_dir(str(root))
     guard = Guard(api_key=LEGACY, tenants=read_keys_file(str(keys_file)))
-    with LiveServer(AsyncEngine(engine, Metrics()), adapter_root=root, guard=guard) as live:
+    with LiveServer(AsyncEngine(engine, Metrics()), adapter_root=root, guard=guard,
+                    limits=RequestLimits(prefix_cache_scope=scope)) as live:
         yield live
 
 
@@ -201,3 +210,31 @@ async def _mounted():
         assert await status("/api/v1/models") == 401
         assert await status("/api/v1/models", "user") == 200
         assert await status("/api/health") == 200
+
+
+LONG = list(range(40, 53))  # three full blocks of 4 tokens, and one more
+
+
+def cached(server, key, **fields) -> int:
+    r = call(server, "POST", "/v1/completions", key, {"prompt": LONG, "max_tokens": 1, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_a_tenant_never_hits_another_tenants_cached_prefix(server):
+    """Tenant keys salt prefix-cache blocks with their tenant: ops' prompt is no hit for acme (so neither
+    cached_tokens nor time tells acme what ops sent), acme's own repeat is; and within one tenant, two
+    cache_salts do not share."""
+    assert cached(server, OPS) == 0
+    assert cached(server, OPS) == 12  # ops' own repeat hits its three full blocks
+    assert cached(server, A) == 0  # the same prompt from another tenant
+    assert cached(server, A) == 12
+    assert cached(server, A, cache_salt="x") == 0 and cached(server, A, cache_salt="y") == 0
+    assert cached(server, A, cache_salt="x") == 12
+
+
+def test_global_scope_shares_prefixes_between_tenants(api_model, tokenizer, keys_file, tmp_path):
+    with tenant_server(api_model, tokenizer, keys_file, tmp_path, scope="global") as live:
+        assert cached(live, OPS) == 0
+        assert cached(live, A) == 12  # an operator's shared prefix: every tenant reuses it
+        assert cached(live, A, cache_salt="x") == 0  # a client's own salt still separates
