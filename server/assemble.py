@@ -173,6 +173,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-key", default=os.environ.get("QUIVER_ADMIN_KEY"),
                    help="key for adapter management routes, instead of --api-key (env QUIVER_ADMIN_KEY)")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+    p.add_argument("--max-metric-adapters", type=int, default=64,
+                   help="adapters with /metrics series of their own; the rest share adapter=\"_other\"")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="refuse new generation requests with 503 + Retry-After while this many wait")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -317,7 +319,7 @@ def build_server(args: argparse.Namespace) -> tuple[AsyncEngine, FastAPI]:
     if args.adapter_dir:
         engine.add_adapter_dir(args.adapter_dir)
     warm_up(engine)  # the Triton kernels compile before /health answers, not on the first requests
-    async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
+    async_engine = AsyncEngine(engine, Metrics(args.max_metric_adapters), request_timeout=args.request_timeout)
     app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir, limits=request_limits(args),
                      tool_parser=args.tool_call_parser)
     install(app, async_engine, Guard(api_key=args.api_key, admin_key=args.admin_key,
