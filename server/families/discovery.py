@@ -84,8 +84,9 @@ class AdapterDirs:
             if sub.name in known:
                 continue
             try:
-                check_name(sub.name)
                 sig = signature(sub)
+                if sig is not None:
+                    check_name(sub.name)
             except InvalidName as exc:
                 self._skip(sub, exc)
                 continue
