@@ -70,29 +70,35 @@ def test_a_burst_of_unknown_names_lists_5000_folders_at_most_once_per_interval(e
     assert len(engine.add_adapter_dir(str(root))) == 5000
     assert len(listings) == 1
     front = AsyncEngine(engine)
-    for i in range(300):  # one interval: at most one listing
+    for i in range(300):  # a burst of unknown names: each looked up by name, the dir never listed
         front.discover(f"nope{i}")
+    assert len(listings) == 1
+    for _ in range(300):  # listings (GET /v1/models), within one interval: at most one
+        engine.rescan()
     assert len(listings) <= 2
     engine.clock[0] += 1.5
-    for i in range(300):
-        front.discover(f"nope{i}")
+    for _ in range(300):
+        engine.rescan()
     assert len(listings) <= 3
     age(root)  # its mtime now differs from the one last listed: one listing, then none while unchanged
     engine.clock[0] += 1.5
-    front.discover("nope")
+    engine.rescan()
     n = len(listings)
     for _ in range(5):
         engine.clock[0] += 1.5
-        front.discover("nope")
+        engine.rescan()
     assert len(listings) == n
-    (root / "late").mkdir()  # a folder added changes the dir's mtime: the next interval's poll finds it
-    (root / "late" / "adapter_config.json").write_text("{}")
-    (root / "late" / "adapter_model.safetensors").write_bytes(b"")
-    front.discover("late")
-    assert "late" not in engine.catalog  # still within the interval
+    for name in ("late", "later"):  # a folder added changes the dir's mtime
+        (root / name).mkdir()
+        (root / name / "adapter_config.json").write_text("{}")
+        (root / name / "adapter_model.safetensors").write_bytes(b"")
+    front.discover("late")  # a request's name is found at once, without a listing
+    assert "late" in engine.catalog and len(listings) == n
+    engine.rescan()
+    assert "later" not in engine.catalog  # still within the interval
     engine.clock[0] += 1.5
-    front.discover("late")
-    assert "late" in engine.catalog and len(listings) == n + 1
+    engine.rescan()
+    assert "later" in engine.catalog and len(listings) == n + 1
 
 
 def test_a_base_model_request_never_looks_at_the_dirs(engine, listings, tmp_path, monkeypatch):
@@ -100,6 +106,7 @@ def test_a_base_model_request_never_looks_at_the_dirs(engine, listings, tmp_path
     engine.add_adapter_dir(str(tmp_path))
     polls = []
     monkeypatch.setattr(AdapterDirs, "poll", lambda self, known: polls.append(1) or [])
+    monkeypatch.setattr(AdapterDirs, "lookup", lambda self, name: polls.append(1) or [])
     front = AsyncEngine(engine)
     for _ in range(50):
         engine.clock[0] += 5
@@ -160,11 +167,13 @@ def test_a_folder_being_copied_is_absent_then_served_never_failed(engine, tiny_l
         engine.rescan("copying")
         with pytest.raises(UnknownAdapter):
             engine.prepare([5, 6], SamplingParams(max_tokens=1), "copying")
+    shutil.copytree(source, tmp_path / ".copying.tmp")  # a copy under a hidden name is never looked at
     shutil.copy(source / "adapter_model.safetensors", tmp_path / "copying")  # the parent's mtime is unchanged
     engine.clock[0] += 1.5
     engine.rescan("copying")
     run(engine, "copying")
     assert engine.residency.tier("copying") != "failed" and engine.residency.is_resident("copying")
+    assert engine.known_adapters() == ["copying"]
 
 
 def test_a_folder_that_changed_while_read_is_absent_again_not_failed(engine, tiny_lora_set, tmp_path):

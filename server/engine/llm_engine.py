@@ -118,7 +118,7 @@ class LLMEngine:
     def rescan(self, name: str | None = None) -> None:
         """Any thread: make folders new in the adapter dirs known, unless `name` is (families.discovery)."""
         if name is None or name not in self.catalog:
-            self.catalog.refresh()
+            self.catalog.refresh(name)
 
     def known_adapters(self) -> list[str]:
         """Any thread: every adapter a request may name, resident or on disk."""

@@ -67,11 +67,11 @@ class AdapterCatalog:
         with self._scan_lock:
             return self._take(self._dirs.add(Path(folder), set(self._folders)))
 
-    def refresh(self) -> None:
-        """Make adapter folders that appeared in the adapter dirs known: costs a clock read, except at most
-        once per interval (discovery.AdapterDirs.poll); any thread."""
+    def refresh(self, name: str | None = None) -> None:
+        """Make adapter folders that appeared in the adapter dirs known (any thread): the folder `name` (a
+        stat per dir), or all (a clock read, and a listing at most once per interval: AdapterDirs.poll)."""
         with self._scan_lock:
-            self._take(self._dirs.poll(set(self._folders)))
+            self._take(self._dirs.poll(set(self._folders)) if name is None else self._dirs.lookup(name))
 
     def changed(self, name: str) -> bool:
         """Whether the folder `name` was found in has changed since (a copy still in progress)."""

@@ -1,10 +1,12 @@
 """Finding adapter folders in --adapter-dir at a cost that does not grow with the requests.
 
 A folder is listed again only when its mtime changed (or is too recent to trust on a coarse clock), and
-at most once per `interval`, whoever asks (requests naming an unknown adapter, GET /v1/models). A
+at most once per `interval`, whoever asks (GET /v1/models); a request's unknown name is looked up
+directly, one stat per dir. A
 sub-folder is an adapter once it holds adapter_config.json and a weights file: until then (a copy in
 progress) it is absent, and looked at again at each poll, as the parent's mtime does not change when
-files are written inside it. An entry that cannot be read is skipped, logged once.
+files are written inside it. An entry that cannot be read is skipped, logged once; hidden ones (a copy
+under a temporary name, as docs/adapters.md advises) are not looked at.
 """
 from __future__ import annotations
 
@@ -57,6 +59,27 @@ class AdapterDirs:
         self._next = now + self.interval
         return self._collect([d for d in self.dirs if self._changed(d)], known)
 
+    def lookup(self, name: str) -> list[tuple[Path, tuple]]:
+        """The complete adapter folder `name` in the adapter dirs, if any: a request's unknown name is looked
+        up directly (a stat per dir, no listing), so a folder is served as soon as it is complete."""
+        try:
+            check_name(name)
+        except InvalidName:
+            return []
+        for folder in self.dirs:
+            sub = folder / name
+            try:
+                sig = signature(sub)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                self._skip(sub, exc)
+                continue
+            if sig is not None:
+                self.pending.discard(sub)
+                return [(sub, sig)]
+        return []
+
     def _changed(self, folder: Path) -> bool:
         try:
             mtime = os.stat(folder).st_mtime_ns
@@ -69,7 +92,7 @@ class AdapterDirs:
         """The sub-folders of an adapter dir (the one full listing: the cost the interval bounds)."""
         self._mtimes[folder] = os.stat(folder).st_mtime_ns
         with os.scandir(folder) as entries:
-            return [Path(e.path) for e in entries if e.is_dir()]
+            return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
 
     def _collect(self, folders: list[Path], known) -> list[tuple[Path, tuple]]:
         subs = set(self.pending)
