@@ -128,7 +128,8 @@ class AsyncEngine:
             self.engine.rescan(adapter)
 
     async def rescan(self) -> None:
-        """Make every folder now in --adapter-dir known (before listing adapters), off the event loop."""
+        """Make folders new in --adapter-dir known (before listing adapters; a listing at most once per
+        interval), off the event loop."""
         await asyncio.to_thread(self.engine.rescan)
 
     def known_adapters(self) -> list[str]:

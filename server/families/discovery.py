@@ -2,10 +2,9 @@
 
 A folder is listed again only when its mtime changed (or is too recent to trust on a coarse clock), and
 at most once per `interval`, whoever asks (GET /v1/models); a request's unknown name is looked up
-directly, one stat per dir. A
-sub-folder is an adapter once it holds adapter_config.json and a weights file: until then (a copy in
-progress) it is absent, and looked at again at each poll, as the parent's mtime does not change when
-files are written inside it. An entry that cannot be read is skipped, logged once; hidden ones (a copy
+directly, one stat per dir. A sub-folder is an adapter once it holds adapter_config.json and a weights
+file: until then (a copy in progress) it is absent, and looked at again at each poll, as the parent's
+mtime does not change when files are written inside it. An entry that cannot be read is skipped, logged once; hidden ones (a copy
 under a temporary name, as docs/adapters.md advises) are not looked at.
 """
 from __future__ import annotations
