@@ -22,6 +22,8 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise InvalidName(f"adapter name {name!r} is not allowed: use 1-64 characters from A-Z a-z 0-9 . _ -, "
                           "starting with a letter or digit")
+    if name == "base":
+        raise InvalidName("adapter name 'base' is not allowed: it labels the base model's metrics")
     return name
 
 

@@ -179,6 +179,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="tenant keys (TOML or JSON): each key's tenant, the adapters it may use (names or globs), "
                         "whether it may use the base model and whether it is an admin; see docs/deployment.md")
     p.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+    p.add_argument("--max-metric-adapters", type=int, default=64,
+                   help="adapters with /metrics series of their own; the rest share adapter=\"_other\"")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="refuse new generation requests with 503 + Retry-After while this many wait")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -334,7 +336,7 @@ def build_server(args: argparse.Namespace) -> tuple[AsyncEngine, FastAPI]:
     if args.adapter_dir:
         engine.add_adapter_dir(args.adapter_dir)
     warm_up(engine)  # the Triton kernels compile before /health answers, not on the first requests
-    async_engine = AsyncEngine(engine, Metrics(), request_timeout=args.request_timeout)
+    async_engine = AsyncEngine(engine, Metrics(args.max_metric_adapters), request_timeout=args.request_timeout)
     app = create_app(async_engine, adapter_root=args.adapter_root or args.adapter_dir, limits=request_limits(args),
                      tool_parser=args.tool_call_parser)
     install(app, async_engine, guard)

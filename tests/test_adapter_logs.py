@@ -52,6 +52,7 @@ def test_failed_loads_are_logged(tiny_lora_set, plain_tokenizer, registry_log, t
                        tokenizer=plain_tokenizer)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "NOPE"}')
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"")  # complete: found by add_adapter_dir
     with pytest.raises(ValueError):
         engine.load_adapter("api", str(tmp_path / "broken"))  # as a load through the API or the command line
     engine.add_adapter_dir(str(tmp_path))

@@ -2,9 +2,11 @@
 Extension, model-server protocol), and quiver_step_adapters."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -12,11 +14,14 @@ from helpers import LiveServer
 from peft_fixtures import lora_variants, make_adapter
 from prometheus_client.parser import text_string_to_metric_families
 
+from quiver.adapters.paths import InvalidName, check_name
 from quiver.server.engine.async_engine import AsyncEngine
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
-from quiver.server.engine.metrics import Metrics
+from quiver.server.engine.metrics import OTHER, Metrics
 from quiver.server.engine.outputs import EngineStats
+from quiver.server.families.residency import AdapterEvent
+from quiver.server.http.app import create_app
 
 NAMES = ("lora_qv", "dora")  # both LoRA-family: each takes a device slot
 
@@ -167,3 +172,80 @@ def test_one_lora_series_is_kept():
     assert families["vllm:kv_cache_usage_perc"].samples[0].value == 0.5
     counts = {s.name: s.value for s in families["quiver_step_adapters"].samples if s.name.endswith("_count")}
     assert counts == {"quiver_step_adapters_count": 1.0}  # the step that found nothing to run is not observed
+
+
+STATS = EngineStats(running=0, waiting=0, kv_usage=0.0, preemptions=0, adapters_resident={}, adapter_evictions={},
+                    step_failures=0, healthy=True, max_loras=4, running_lora_adapters=(), waiting_lora_adapters=())
+
+
+def finished(adapter: str | None):
+    """One request's only output, finished, as observe_step reads it."""
+    seq = SimpleNamespace(adapter=adapter, num_output_tokens=1, arrival_time=0.0, first_token_time=0.1,
+                          first_scheduled_time=0.05, last_token_time=0.1, prev_token_time=None,
+                          num_prompt_tokens=3, num_cached_tokens=0)
+    return SimpleNamespace(seq=seq, error=None, new_token_ids=[1], finished=True, finish_reason="stop")
+
+
+def series_of(metrics, adapter: str) -> list[str]:
+    return [s.name for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples
+            if s.labels.get("adapter") == adapter]
+
+
+def test_an_unloaded_adapter_has_no_series_left():
+    metrics = Metrics()
+    metrics.observe_step(STATS, [finished("a"), finished("b"), finished(None)])
+    assert len(series_of(metrics, "a")) > 50  # the histograms' buckets, the counters
+    metrics.observe_events([AdapterEvent("unload", "lora", "a"), AdapterEvent("unload", None, "gone")])
+    assert series_of(metrics, "a") == []
+    assert series_of(metrics, "b") == series_of(metrics, "base") != []
+    unloads = [s for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples
+               if s.name == "quiver_adapter_unloads_total"]
+    assert [(s.labels, s.value) for s in unloads] == [({"family": "lora"}, 1.0)]  # a disk-only one counts none
+
+
+def test_adapters_past_the_cap_share_the_other_label():
+    metrics = Metrics(max_adapters=2)
+    metrics.observe_step(STATS, [finished(f"a{i}") for i in range(5)] + [finished(None)])
+    requests = {s.labels["adapter"]: s.value for f in text_string_to_metric_families(metrics.render().decode())
+                for s in f.samples if s.name == "quiver_requests_total"}
+    assert requests == {"a0": 1.0, "a1": 1.0, OTHER: 3.0, "base": 1.0}
+    metrics.observe_events([AdapterEvent("unload", "lora", "a0")])  # frees a place under the cap
+    metrics.observe_step(STATS, [finished("a5"), finished("a2")])
+    requests = {s.labels["adapter"]: s.value for f in text_string_to_metric_families(metrics.render().decode())
+                for s in f.samples if s.name == "quiver_requests_total"}
+    assert requests == {"a1": 1.0, "a5": 1.0, OTHER: 4.0, "base": 1.0}
+
+
+def test_no_adapter_can_take_the_base_or_other_label():
+    with pytest.raises(InvalidName):
+        check_name("base")
+    with pytest.raises(InvalidName):
+        check_name(OTHER)
+
+
+def test_a_scrape_renders_off_the_event_loop(tiny_lora_set, plain_tokenizer, monkeypatch):
+    """While a render is held, /health still answers: the render does not run on the event loop."""
+    base_dir, _, _ = tiny_lora_set
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(base_dir), num_kv_blocks=32, max_model_len=64),
+                       tokenizer=plain_tokenizer)
+    started, release, real = threading.Event(), threading.Event(), Metrics.render
+
+    def held(self):
+        started.set()
+        release.wait(10)
+        return real(self)
+
+    monkeypatch.setattr(Metrics, "render", held)
+
+    async def main():
+        transport = httpx.ASGITransport(app=create_app(AsyncEngine(engine, Metrics())))
+        async with httpx.AsyncClient(transport=transport, base_url="http://quiver") as client:
+            scrape = asyncio.create_task(client.get("/metrics"))
+            await asyncio.to_thread(started.wait, 10)
+            health = await client.get("/health")
+            during = not scrape.done()
+            release.set()
+            return during, health, await scrape
+
+    during, health, scrape = asyncio.run(main())
+    assert during and health.status_code == 200 and scrape.status_code == 200

@@ -123,11 +123,13 @@ class AsyncEngine:
 
     def discover(self, adapter: str | None) -> None:
         """Make a request's adapter known if it has appeared in --adapter-dir since the last scan (on the
-        calling thread: the catalog is thread-safe; a known name costs a lookup)."""
-        self.engine.rescan(adapter)
+        calling thread: the catalog is thread-safe; a known name costs a lookup, the base model nothing)."""
+        if adapter is not None:
+            self.engine.rescan(adapter)
 
     async def rescan(self) -> None:
-        """Make every folder now in --adapter-dir known (before listing adapters), off the event loop."""
+        """Make folders new in --adapter-dir known (before listing adapters; a listing at most once per
+        interval), off the event loop."""
         await asyncio.to_thread(self.engine.rescan)
 
     def known_adapters(self) -> list[str]:

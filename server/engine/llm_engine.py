@@ -116,9 +116,9 @@ class LLMEngine:
         return self.catalog.add_dir(folder)
 
     def rescan(self, name: str | None = None) -> None:
-        """Any thread: make the folders now in the adapter dirs known (only if `name` is not known yet)."""
-        if self.catalog.dirs and (name is None or name not in self.catalog):
-            self.catalog.scan()
+        """Any thread: make folders new in the adapter dirs known, unless `name` is (families.discovery)."""
+        if name is None or name not in self.catalog:
+            self.catalog.refresh(name)
 
     def known_adapters(self) -> list[str]:
         """Any thread: every adapter a request may name, resident or on disk."""

@@ -1,5 +1,9 @@
 """Prometheus metrics; per-request figures carry an `adapter` label ("base" for none).
 
+The adapter label set is bounded: an adapter's series are dropped when it is unloaded, and past
+`max_adapters` labelled adapters the rest share the OTHER label (no adapter may be named like it: names
+start with a letter or digit; "base" is refused as an adapter name by adapters.paths.check_name).
+
 The `vllm:*` gauges are the names the Gateway API Inference Extension's model-server protocol scrapes,
 so that a Quiver pod can sit behind a LoRA-aware Kubernetes gateway unchanged.
 """
@@ -12,6 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+MAX_ADAPTERS = 64  # adapters with series of their own (--max-metric-adapters)
+BASE, OTHER = "base", "_other"
 
 
 class LoraRequestsInfo:
@@ -43,7 +49,9 @@ class LoraRequestsInfo:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_adapters: int = MAX_ADAPTERS) -> None:
+        self.max_adapters = max_adapters
+        self._labels: set[str] = set()  # adapters with series of their own
         self.registry = r = CollectorRegistry()
         self.ttft = Histogram("quiver_time_to_first_token_seconds", "Time to first token", ["adapter"],
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -103,7 +111,7 @@ class Metrics:
             self.step_adapters.observe(stats.step_adapters)
         for out in outputs:
             seq = out.seq
-            label = seq.adapter or "base"
+            label = self.label(seq.adapter)
             if out.error is not None:  # failed before it ran (its adapter could not be read)
                 self.requests.labels(label, "error").inc()
                 continue
@@ -145,6 +153,22 @@ class Metrics:
         self.vllm_gpu_cache_usage.set(stats.kv_usage)
         self.lora_info.set(stats.max_loras, stats.running_lora_adapters, stats.waiting_lora_adapters)
 
+    def label(self, adapter: str | None) -> str:
+        """The `adapter` label of a request's figures: BASE, the adapter's name, or OTHER past the cap."""
+        if adapter is None:
+            return BASE
+        if adapter not in self._labels and len(self._labels) < self.max_adapters:
+            self._labels.add(adapter)
+        return adapter if adapter in self._labels else OTHER
+
+    def drop(self, adapter: str) -> None:
+        """Remove an unloaded adapter's series (those of OTHER stay), freeing its place under the cap."""
+        if adapter in self._labels:
+            self._labels.discard(adapter)
+            for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
+                           self.requests, self.prefix_queries, self.prefix_hits):
+                metric.remove_by_labels({"adapter": adapter})
+
     def observe_events(self, events) -> None:
         """events: the engine's AdapterEvents (loads and unloads) since the last call."""
         for e in events:
@@ -152,7 +176,10 @@ class Metrics:
                 self.adapter_loads.labels(e.family).inc()
                 self.adapter_load_seconds.labels(e.family).observe(e.seconds)
             else:
-                self.adapter_unloads.labels(e.family).inc()
+                if e.family is not None:
+                    self.adapter_unloads.labels(e.family).inc()
+                self.drop(e.name)
 
     def render(self) -> bytes:
+        """The exposition text (any thread: the HTTP side renders it off the event loop)."""
         return generate_latest(self.registry)

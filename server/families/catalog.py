@@ -1,18 +1,15 @@
 """The adapter catalog: every name a request may use and the folder it is read from, whether the adapter
 is in memory (loaded through the API or a start-up flag) or only on disk (found in --adapter-dir, or
 loaded on another replica), and why a read failed. It is thread-safe: the HTTP side lists, checks and
-rescans it without waiting for the engine thread; residency (families.residency) holds what is read.
+refreshes it without waiting for the engine thread; residency (families.residency) holds what is read.
 """
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 
-from quiver.adapters.paths import InvalidName, check_name
+from quiver.server.families.discovery import AdapterDirs, signature
 from quiver.server.families.errors import AdapterFailed, UnknownAdapter
-
-log = logging.getLogger("quiver.server.families")  # adapter management logs as one
 
 
 class AdapterCatalog:
@@ -20,7 +17,9 @@ class AdapterCatalog:
         self._lock = threading.Lock()
         self._folders: dict[str, str] = {}  # name -> folder, in the order they became known
         self._failed: dict[str, str] = {}  # name -> why its read from disk failed
-        self.dirs: list[Path] = []  # --adapter-dir: scanned again for names not known yet
+        self._scan_lock = threading.Lock()  # held while the adapter dirs are polled (a poll takes its own finds)
+        self._dirs = AdapterDirs()  # --adapter-dir: polled again for names not known yet
+        self._found: dict[str, tuple[Path, tuple]] = {}  # names found there -> (sub-folder, its signature)
 
     def __contains__(self, name: str) -> bool:
         return name in self._folders
@@ -40,6 +39,10 @@ class AdapterCatalog:
         with self._lock:
             self._folders.pop(name, None)
             self._failed.pop(name, None)
+            sub, _ = self._found.pop(name, (None, None))
+        if sub is not None:  # found in an adapter dir: found again by the next poll, read afresh
+            with self._scan_lock:
+                self._dirs.pending.add(sub)
 
     def fail(self, name: str, reason: str) -> None:
         """Mark a known adapter unusable until it is unloaded (its read from disk failed)."""
@@ -60,28 +63,30 @@ class AdapterCatalog:
 
     def add_dir(self, folder: str) -> list[str]:
         """Make every adapter folder in `folder` known by its folder name; each is read on first use, and
-        a folder added later is found by the next scan. Returns the new names."""
-        with self._lock:
-            if Path(folder) not in self.dirs:
-                self.dirs.append(Path(folder))
-        return self.scan([Path(folder)])
+        a folder added later is found by a later refresh(). Returns the new names."""
+        with self._scan_lock:
+            return self._take(self._dirs.add(Path(folder), set(self._folders)))
 
-    def scan(self, folders: list[Path] | None = None) -> list[str]:
-        """Make the adapter folders in `folders` (default: every adapter dir) known; the new names."""
-        found = []
-        for sub in sorted(p for folder in (self.dirs if folders is None else folders) for p in folder.iterdir()):
-            if not (sub / "adapter_config.json").is_file():
-                continue
-            try:
-                check_name(sub.name)
-            except InvalidName as exc:
-                log.warning("skipping %s: %s", sub, exc)
-                continue
-            found.append((sub.name, str(sub.resolve())))
+    def refresh(self, name: str | None = None) -> None:
+        """Make adapter folders that appeared in the adapter dirs known (any thread): the folder `name` (a
+        stat per dir), or all (a clock read, and a listing at most once per interval: AdapterDirs.poll)."""
+        with self._scan_lock:
+            self._take(self._dirs.poll(set(self._folders)) if name is None else self._dirs.lookup(name))
+
+    def changed(self, name: str) -> bool:
+        """Whether the folder `name` was found in has changed since (a copy still in progress)."""
+        sub, sig = self._found.get(name, (None, None))
+        try:
+            return sub is not None and signature(sub) != sig
+        except OSError:
+            return True
+
+    def _take(self, found: list[tuple[Path, tuple]]) -> list[str]:
         added = []
         with self._lock:
-            for name, path in found:
-                if name not in self._folders:
-                    self._folders[name] = path
-                    added.append(name)
+            for sub, sig in found:
+                if sub.name not in self._folders:
+                    self._folders[sub.name] = str(sub.resolve())
+                    self._found[sub.name] = (sub, sig)
+                    added.append(sub.name)
         return added

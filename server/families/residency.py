@@ -26,7 +26,8 @@ log = logging.getLogger("quiver.server.families")  # adapter management logs as 
 @dataclass
 class AdapterEvent:
     kind: str  # "load" or "unload"
-    family: str
+    family: str | None  # None: an unload of an adapter that was only on disk
+    name: str
     seconds: float | None = None  # for loads: from the start of the read to usable
 
 
@@ -57,7 +58,7 @@ class Residency:
         self.owner[name] = read.family
         self.fingerprints[name] = read.fingerprint
         self.catalog.know(name, read.path)
-        self.events.append(AdapterEvent("load", read.kind, time.monotonic() - read.started))
+        self.events.append(AdapterEvent("load", read.kind, name, time.monotonic() - read.started))
         log.info("adapter %s (%s) loaded from %s: tier %s", name, read.kind, read.path, self.tier(name))
         self.trim(keep=name)
 
@@ -72,7 +73,10 @@ class Residency:
                 result = exc
         if not isinstance(result, Exception):
             return None
-        if name in self.catalog:  # (not unloaded meanwhile)
+        if name in self.catalog and self.catalog.changed(name):  # its folder was still being written
+            self.catalog.forget(name)
+            log.warning("adapter %s: its folder changed while it was read; absent until it is complete", name)
+        elif name in self.catalog:  # (not unloaded meanwhile)
             self.catalog.fail(name, str(result))
             log.warning("adapter %s: tier failed, until it is unloaded", name)
         return AdapterFailed(name, str(result))
@@ -88,8 +92,8 @@ class Residency:
         if family is not None:
             kind = family.info(name)["family"]
             self._drop(name, family)
-            self.events.append(AdapterEvent("unload", kind))
             log.info("adapter %s (%s) unloaded", name, kind)
+        self.events.append(AdapterEvent("unload", kind if family is not None else None, name))
         self.catalog.forget(name)
         self.requests_served.pop(name, None)
 

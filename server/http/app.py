@@ -4,6 +4,7 @@ It knows the engine only through quiver.server.engine.public (the AsyncEngine).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -84,6 +85,6 @@ def create_app(engine: AsyncEngine, metrics: Metrics | None = None, adapter_root
     @app.get("/metrics", response_class=PlainTextResponse,
              responses=doc.responses(401, ok=doc.ok(description="Prometheus text exposition format")))
     async def prometheus():
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     return app
