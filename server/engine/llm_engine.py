@@ -312,8 +312,8 @@ class LLMEngine:
                     if error is not None:
                         raise error
                     seq.bind(self.residency.bind(seq.adapter))  # its virtual tokens are known only now:
-                    check_length(seq.num_prompt_tokens, seq.params.max_tokens, seq.num_virtual, self.max_model_len,
-                                 self.blocks)
+                    check_length(seq.num_prompt_tokens, seq.params.max_tokens, self.residency.virtual_tokens(name),
+                                 self.max_model_len, self.blocks)
                     self.scheduler.add(seq)
                 except (AdapterFailed, InvalidParam) as exc:
                     failed.append(self._fail(seq, exc))
