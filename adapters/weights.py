@@ -1,12 +1,20 @@
 """Reading an adapter's weight file: safetensors by default, a pickle only when allowed."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from quiver.adapters.errors import AdapterError
+from quiver.adapters.fingerprint import note
+
+
+def too_big(file: Path, size: int, max_bytes: int) -> str:
+    return (f"{file}: {size / 2**20:.1f} MiB exceeds the adapter size limit of {max_bytes / 2**20:.0f} MiB "
+            "(--max-adapter-mb)")
 
 
 def read_weights(folder: Path, safetensors_name: str, pickle_name: str, allow_pickle: bool = False,
@@ -23,14 +31,17 @@ def read_weights(folder: Path, safetensors_name: str, pickle_name: str, allow_pi
         file = pickled
     size = file.stat().st_size
     if max_bytes is not None and size > max_bytes:
-        raise AdapterError(f"{file}: {size / 2**20:.1f} MiB exceeds the adapter size limit of "
-                           f"{max_bytes / 2**20:.0f} MiB (--max-adapter-mb)")
+        raise AdapterError(too_big(file, size, max_bytes))
+    with file.open("rb") as f:  # read once: parsed and fingerprinted from the same bytes
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise AdapterError(too_big(file, len(data), max_bytes))
+    note(file, data)
     try:
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = safetensors.torch.load(data)
         else:
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as exc:
         raise AdapterError(f"{file}: cannot be read as {'safetensors' if file.suffix == '.safetensors' else 'a checkpoint'} "
                            f"({exc})") from exc
