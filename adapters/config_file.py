@@ -6,6 +6,7 @@ from pathlib import Path
 
 from quiver.adapters.errors import AdapterError
 from quiver.adapters.fingerprint import note
+from quiver.adapters.paths import inside_folder
 
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter config is a few kB
 
@@ -13,7 +14,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a real adapter config is a few kB
 def read_config(file: Path) -> dict:
     if not file.is_file():
         raise AdapterError(f"{file}: not found (an adapter folder needs adapter_config.json)")
-    with file.open("rb") as f:  # its bytes: parsed and fingerprinted from the same read
+    with inside_folder(file).open("rb") as f:  # its bytes: parsed and fingerprinted from the same read
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{file}: more than {MAX_CONFIG_BYTES} bytes exceeds the adapter config size limit of "

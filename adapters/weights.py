@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 
 from quiver.adapters.errors import AdapterError
 from quiver.adapters.fingerprint import note
+from quiver.adapters.paths import inside_folder
 
 
 def too_big(file: Path, size: int, max_bytes: int) -> str:
@@ -32,7 +33,7 @@ def read_weights(folder: Path, safetensors_name: str, pickle_name: str, allow_pi
     size = file.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise AdapterError(too_big(file, size, max_bytes))
-    with file.open("rb") as f:  # read once: parsed and fingerprinted from the same bytes
+    with inside_folder(file).open("rb") as f:  # read once: parsed and fingerprinted from the same bytes
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
         raise AdapterError(too_big(file, len(data), max_bytes))
