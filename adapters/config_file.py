@@ -17,8 +17,7 @@ def read_config(file: Path) -> dict:
     with inside_folder(file).open("rb") as f:  # its bytes: parsed and fingerprinted from the same read
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{file}: more than {MAX_CONFIG_BYTES} bytes exceeds the adapter config size limit of "
-                           f"{MAX_CONFIG_BYTES} bytes")
+        raise AdapterError(f"{file}: exceeds the adapter config size limit of {MAX_CONFIG_BYTES} bytes")
     note(file, data)
     try:
         cfg = json.loads(data.decode())
