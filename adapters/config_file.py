@@ -1,6 +1,7 @@
 """Reading an adapter's adapter_config.json: bounded in size, a JSON object, or a clear error."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def read_config(file: Path) -> dict:
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{file}: exceeds the adapter config size limit of {MAX_CONFIG_BYTES} bytes")
-    note(file, data)
+    note(file, hashlib.sha256(data).digest())
     try:
         cfg = json.loads(data.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -2,8 +2,8 @@
 
 Cached KV blocks are keyed by it, so an adapter reloaded under the same name with new weights never
 meets the blocks its old weights produced, and the same weights under two names share them. The files
-are hashed as they are read (config_file.read_config and weights.read_weights note their bytes), never
-read again: a folder updated in place meanwhile cannot file old weights' KV under the new contents.
+are hashed as they are read (config_file.read_config and weights.read_weights note them), never read
+again: a folder updated in place meanwhile cannot file old weights' KV under the new contents.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+CHUNK = 1 << 20
 _reading: ContextVar[Reads | None] = ContextVar("quiver_adapter_reads", default=None)
 
 
@@ -33,12 +34,20 @@ class Reads:
         return digest.hexdigest()
 
 
-def note(path: Path, data: bytes) -> None:
-    """Record bytes an adapter read took from `path` (nothing outside reading())."""
+def note(path: Path, digest: bytes | None) -> None:
+    """Record the sha256 digest of the bytes an adapter read took from `path`; None: the file changed
+    while it was read (nothing outside reading())."""
     reads = _reading.get()
     if reads is not None:
-        h = hashlib.sha256(data).digest()
-        reads.torn |= reads.files.setdefault(Path(path).name, h) != h
+        reads.torn |= digest is None or reads.files.setdefault(Path(path).name, digest) != digest
+
+
+def file_digest(f) -> bytes:
+    """sha256 of an open file's bytes from where it stands, in chunks."""
+    digest = hashlib.sha256()
+    while chunk := f.read(CHUNK):
+        digest.update(chunk)
+    return digest.digest()
 
 
 @contextmanager

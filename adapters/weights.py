@@ -1,21 +1,19 @@
 """Reading an adapter's weight file: safetensors by default, a pickle only when allowed."""
 from __future__ import annotations
 
-import io
+import os
 from pathlib import Path
 
-import safetensors.torch
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from quiver.adapters.errors import AdapterError
-from quiver.adapters.fingerprint import note
+from quiver.adapters.fingerprint import file_digest, note
 from quiver.adapters.paths import inside_folder
 
 
-def too_big(file: Path, size: int, max_bytes: int) -> str:
-    return (f"{file}: {size / 2**20:.1f} MiB exceeds the adapter size limit of {max_bytes / 2**20:.0f} MiB "
-            "(--max-adapter-mb)")
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def read_weights(folder: Path, safetensors_name: str, pickle_name: str, allow_pickle: bool = False,
@@ -32,20 +30,20 @@ def read_weights(folder: Path, safetensors_name: str, pickle_name: str, allow_pi
         file = pickled
     size = file.stat().st_size
     if max_bytes is not None and size > max_bytes:
-        raise AdapterError(too_big(file, size, max_bytes))
-    with inside_folder(file).open("rb") as f:  # read once: parsed and fingerprinted from the same bytes
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise AdapterError(too_big(file, len(data), max_bytes))
-    note(file, data)
+        raise AdapterError(f"{file}: {size / 2**20:.1f} MiB exceeds the adapter size limit of "
+                           f"{max_bytes / 2**20:.0f} MiB (--max-adapter-mb)")
+    with inside_folder(file).open("rb") as f:  # hashed through the file safetensors then maps: the bytes it reads
+        before, digest = _identity(os.fstat(f.fileno())), file_digest(f)
     try:
         if file.suffix == ".safetensors":
-            tensors = safetensors.torch.load(data)
+            with safe_open(str(file), framework="pt") as st:
+                tensors = {k: st.get_tensor(k) for k in st.keys()}
         else:
-            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as exc:
         raise AdapterError(f"{file}: cannot be read as {'safetensors' if file.suffix == '.safetensors' else 'a checkpoint'} "
                            f"({exc})") from exc
+    note(file, digest if _identity(file.stat()) == before else None)  # changed meanwhile: never cached
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise AdapterError(f"{file}: expected a mapping of names to tensors")
     for key, t in tensors.items():
