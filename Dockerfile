@@ -57,5 +57,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
 # (arguments after the image replace CMD, not ENTRYPOINT). On a GPU the defaults are GPU defaults:
 # dtype auto (the checkpoint's, mostly bf16), the KV cache from --gpu-memory-utilization (0.9),
 # 256 sequences and 8192 tokens a step.
+# It listens on 0.0.0.0: without --api-key (or QUIVER_API_KEY) anyone who can reach the port can generate
+# and load or unload adapters, and start-up logs a WARNING saying so.
 ENTRYPOINT ["quiver", "serve", "--host", "0.0.0.0", "--port", "8000", "--device", "cuda", "--adapter-dir", "/adapters", "--adapter-root", "/adapters"]
 CMD []

@@ -42,3 +42,12 @@ def resolve_path(path: str, root: str | Path) -> Path:
     if not is_dir:
         raise FileNotFoundError(f"adapter path {path!r} is not a folder")
     return resolved
+
+
+def inside_folder(file: Path) -> Path:
+    """`file`, an adapter file about to be opened, unless it resolves (a symlink) outside its folder."""
+    folder = file.parent.resolve()
+    if not file.resolve().is_relative_to(folder):
+        raise PathNotAllowed(f"{file}: resolves to {str(file.resolve())!r}, outside the adapter folder "
+                             f"{str(folder)!r}; adapter files are not read through links out of their folder")
+    return file

@@ -14,7 +14,8 @@ import torch
 
 from quiver.adapters.errors import AdapterError
 from quiver.adapters.lora import PICKLE_FILE, WEIGHTS_FILE
-from quiver.adapters.spec import AdapterSpec, read_spec
+from quiver.adapters.config_file import read_config
+from quiver.adapters.spec import PROMPT_TYPES, AdapterSpec, read_spec
 from quiver.adapters.weights import read_weights
 
 
@@ -34,6 +35,17 @@ class PromptAdapter:
     def nbytes(self) -> int:
         t = self.soft_prompt if self.soft_prompt is not None else self.prefix_kv
         return t.numel() * t.element_size()
+
+
+def declared_virtual_tokens(folder: str | Path) -> int:
+    """The virtual tokens an adapter folder's config declares (0 for other families, or a config that
+    cannot be read: its read fails the request later), without reading its weights."""
+    try:
+        cfg = read_config(Path(folder) / "adapter_config.json")
+        n = int(cfg.get("num_virtual_tokens") or 0) if cfg.get("peft_type") in PROMPT_TYPES else 0
+    except (AdapterError, OSError, TypeError, ValueError):
+        return 0
+    return max(n, 0)
 
 
 def load_prompt_adapter(name: str, path: str | Path, num_layers: int, hidden: int, kv_heads: int,

@@ -66,7 +66,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="most tokens in one step, longer prompts prefill in chunks (2048 on the CPU, 8192 on a GPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     p.add_argument("--num-threads", "--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds requests that give no seed of their own")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds requests that give no seed of their own (default: "
+                   "each draws one from the OS, so replicas and restarts differ)")
     p.add_argument("--max-loras", type=int, default=d.max_loras,
                    help="LoRA adapters held in device slots, and most distinct adapters in one step")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="largest LoRA rank accepted")

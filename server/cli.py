@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -37,6 +38,20 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def open_access(args: argparse.Namespace) -> str | None:
+    """The start-up warning for a server reachable beyond this machine with no key (not refused: the
+    image and the tests listen on 0.0.0.0 behind their own network)."""
+    if any(getattr(args, flag, None) for flag in ("api_key", "api_keys_file")):
+        return None
+    try:
+        if args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may be reached from anywhere
+        pass
+    return (f"--host {args.host} with no --api-key or --api-keys-file: anyone who can reach port {args.port} can "
+            "generate, and load and unload adapters")
+
+
 def serve(args: argparse.Namespace) -> None:
     import signal
     import threading
@@ -45,6 +60,8 @@ def serve(args: argparse.Namespace) -> None:
 
     log = logging.getLogger(__name__)
     sock = listen_socket(args.host, args.port)
+    if (warning := open_access(args)) is not None:
+        log.warning(warning)
     async_engine, app = build_server(args)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level=args.uvicorn_log_level or args.log_level.lower(),

@@ -359,3 +359,25 @@ def test_base_path_prints_the_folder_quiver_serve_reads(tiny_models, smollm2_dir
         assert capsys.readouterr().out == f"{model_dir.resolve()}\n"
     err = one_line_error(["base-path", "no-such-model"], capsys)
     assert err.startswith("quiver base-path: error: ") and "no-such-model" in err, err
+
+
+@pytest.mark.parametrize("flags,warned", [
+    (["--host", "0.0.0.0"], True), (["--host", "::"], True), (["--host", "10.1.2.3"], True),
+    ([], False), (["--host", "localhost"], False), (["--host", "::1"], False),
+    (["--host", "0.0.0.0", "--api-key", "k"], False)])
+def test_listening_beyond_loopback_without_a_key_warns_once(flags, warned, tiny_models, monkeypatch, caplog):
+    """Served to the network with no key, anyone who reaches the port can generate and manage adapters:
+    start-up says so in one WARNING line (and still starts: the image and the tests rely on it)."""
+    monkeypatch.delenv("QUIVER_API_KEY", raising=False)
+    serve = cli.serve
+    args = parsed_serve(["serve", str(tiny_models["llama_gqa"][0]), *flags], monkeypatch)
+
+    class Started(Exception):
+        pass
+
+    monkeypatch.setattr(cli, "listen_socket", lambda host, port: None)
+    monkeypatch.setattr(cli, "build_server", lambda args: (_ for _ in ()).throw(Started()))
+    with caplog.at_level(logging.INFO), pytest.raises(Started):
+        serve(args)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == warned and all("anyone who can reach" in w and "--api-key" in w for w in warnings)

@@ -187,6 +187,27 @@ def test_pickle_only_with_allow_pickle_and_size_limit(tiny_lora_set, tokenizer, 
         lora_engine(base_dir, tokenizer, max_adapter_mb=0).load_adapter("s", str(paths["lora_qv"]))
 
 
+def test_files_linked_out_of_the_adapter_folder_are_refused(tiny_lora_set, tokenizer, tmp_path):
+    """A symlink inside an adapter folder that resolves outside it (another tenant's weights, any file the
+    server can read) is refused by name; a link to a file inside the folder reads."""
+    base_dir, _, paths = tiny_lora_set
+    engine = lora_engine(base_dir, tokenizer)
+    outside = tmp_path / "outside"
+    shutil.copytree(paths["lora_qv"], outside)  # the same files: only where they lie is wrong
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        folder = tmp_path / name.split(".")[0]
+        shutil.copytree(paths["lora_qv"], folder)
+        (folder / name).unlink()
+        (folder / name).symlink_to(outside / name)
+        with pytest.raises(AdapterError, match=f"{name}.*outside the adapter folder"):
+            engine.load_adapter(folder.name, str(folder))
+    inside = tmp_path / "inside"
+    shutil.copytree(paths["lora_qv"], inside)
+    (inside / "adapter_model.safetensors").rename(inside / "weights.safetensors")
+    (inside / "adapter_model.safetensors").symlink_to("weights.safetensors")
+    assert engine.load_adapter("inside", str(inside))["name"] == "inside"
+
+
 def test_mixed_batch_through_the_triton_lora_kernels(tiny_lora_set, tokenizer):
     """The engine with the Triton ops (interpreted on CPU): their slot layout ([L, R, out] B, not the
     CPU's block-diagonal one) written by the LoRA family and read by SGMV/BGMV, against PEFT."""

@@ -84,6 +84,29 @@ def test_an_adapter_reloaded_with_new_weights_reuses_nothing(tiny_lora_set, plai
     assert run(on, PREFIX + [3], "same-weights") == (run(off, PREFIX + [3], "same-weights")[0], 40)
 
 
+def test_the_fingerprint_is_of_the_bytes_read_not_of_the_folder_after(tiny_lora_set, plain_tokenizer, tmp_path,
+                                                                      monkeypatch):
+    """A folder updated in place right after its weights were read: the adapter's KV stays keyed by the
+    weights it was read with, never by the new ones."""
+    base_dir, _, paths = tiny_lora_set
+    engine = engine_for(base_dir, plain_tokenizer)
+    live = tmp_path / "live"
+    shutil.copytree(paths["lora_qv"], live)
+    old = engine.read_adapter("old", str(paths["lora_qv"])).result().fingerprint
+    new = engine.read_adapter("new", str(paths["lora_r16_ko"])).result().fingerprint
+    assert old and new and old != new
+    family = engine.loader.by_kind["lora"]
+    read = family.read
+
+    def read_then_update(name, path):
+        adapter = read(name, path)
+        shutil.copytree(paths["lora_r16_ko"], live, dirs_exist_ok=True)  # the update lands now
+        return adapter
+
+    monkeypatch.setattr(family, "read", read_then_update)
+    assert engine.read_adapter("live", str(live)).result().fingerprint == old
+
+
 def test_soft_prompts_and_prefixes_are_not_cached(tiny_prompt_set, plain_tokenizer):
     base_dir, _, paths = tiny_prompt_set
     on, off = engine_for(base_dir, plain_tokenizer), engine_for(base_dir, plain_tokenizer, caching=False)

@@ -2,6 +2,8 @@
 one batch with base rows and LoRA rows."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from helpers import FP32_ATOL_30_LAYERS, check_mixed_batch, run_staggered
@@ -123,3 +125,22 @@ def test_mixed_batch_through_the_triton_attention_kernel(tiny_prompt_set, tokeni
     assert engine.kernels == "triton"
     check_mixed_batch(engine, hf, {k: paths[k] for k in ("prompt_tuning", "prefix_projection", "ptuning_v2")},
                       hf.config.vocab_size)
+
+
+def test_an_adapter_still_on_disk_counts_its_virtual_tokens(tiny_prompt_set, tokenizer, tmp_path):
+    """Before its first read, the length check and the default max_tokens already count the adapter's
+    virtual tokens (read from its config): a prefix adapter's request never runs past the context."""
+    base_dir, _, paths = tiny_prompt_set
+    for name in ("prompt_tuning", "ptuning_v2"):  # 5 and 7 virtual tokens
+        shutil.copytree(paths[name], tmp_path / name)
+    engine = engine_for(base_dir, tokenizer, max_model_len=20, num_kv_blocks=16)
+    engine.add_adapter_dir(str(tmp_path))
+    assert engine.virtual_tokens("prompt_tuning") == 5 and engine.virtual_tokens("ptuning_v2") == 7
+    for name in ("prompt_tuning", "ptuning_v2"):
+        with pytest.raises(InvalidParam, match="virtual tokens"):
+            engine.add_request([5] * 10, SamplingParams(max_tokens=10), adapter=name)
+    seq = engine.add_request([5] * 10, SamplingParams(max_tokens=3, temperature=0), adapter="ptuning_v2")
+    while engine.num_waiting() or engine.has_work():  # parked until a worker thread has read it
+        engine.step()
+    assert seq.finish_reason == "length" and len(seq.output_ids) == 3
+    assert engine.residency.is_resident("ptuning_v2") and engine.virtual_tokens("ptuning_v2") == 7

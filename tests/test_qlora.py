@@ -10,6 +10,9 @@ tiny model here has in_features divisible by 64; the odd shapes are checked agai
 """
 from __future__ import annotations
 
+import json
+import re
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import httpx
@@ -22,7 +25,7 @@ from peft import PeftModel
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
 from quiver.server.engine.sampling import SamplingParams
-from quiver.server.model.fourbit import Scratch, Weight4bit, quantize
+from quiver.server.model.fourbit import Scratch, Weight4bit, quantize, read_packed
 
 QUANTS = [("nf4", True), ("fp4", False)]
 
@@ -105,6 +108,36 @@ def test_dequantize_equals_bitsandbytes_on_odd_shapes(quant_type, double_quant):
         ours = quantize(w, quant_type, double_quant)
         assert torch.equal(ours.data, data.reshape(-1))
         assert torch.equal(ours.dequantize(), bnbf.dequantize_4bit(data, state)), shape
+
+
+def _saved_4bit(key: str, state_edit=None, **replace) -> dict:
+    """A 4-bit weight as transformers saves it (bitsandbytes' packed quant state), with entries replaced."""
+    data, state = bnbf.quantize_4bit(torch.randn(8, 128), blocksize=64, compress_statistics=True, quant_type="nf4")
+    saved = {key: data, **{f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    if state_edit is not None:
+        blob = f"{key}.quant_state.bitsandbytes__nf4"
+        meta = json.loads(bytes(saved[blob].tolist()).decode())
+        state_edit(meta)
+        saved[blob] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return {**saved, **{f"{key}.{k}" if k != "data" else key: v for k, v in replace.items()}}
+
+
+@pytest.mark.parametrize("state_edit,replace,says", [
+    (None, {"quant_map": torch.zeros(15)}, "code table of 15"),
+    (lambda m: m.update(blocksize=0), {}, "blocksize 0"),
+    (lambda m: m.update(blocksize=-64), {}, "blocksize -64"),
+    (lambda m: m.update(nested_blocksize=0), {}, "nested_blocksize 0"),
+    (None, {"nested_quant_map": torch.zeros(16)}, "nested code table of 16"),
+    (None, {"nested_absmax": torch.ones(3)}, "nested_absmax"),
+    (None, {"absmax": torch.zeros(3, dtype=torch.uint8)}, "absmax"),
+    (None, {"data": torch.zeros(10, 1, dtype=torch.uint8)}, "packed data"),
+    (lambda m: m.update(shape=[8, 0]), {}, "shape"),
+])
+def test_malformed_4bit_metadata_is_a_clear_error_naming_the_tensor(state_edit, replace, says):
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert read_packed(_saved_4bit(key), key).shape == (8, 128)  # the unedited weight reads
+    with pytest.raises(ValueError, match=re.escape(key) + ".*" + re.escape(says)):
+        read_packed(_saved_4bit(key, state_edit, **replace), key)
 
 
 def test_tiles_compute_the_same_product_as_the_whole_weight():

@@ -98,6 +98,32 @@ def test_unseeded_requests_differ(engine_factory):
     assert outs["r0"] != outs["r1"]
 
 
+def test_a_vanishing_temperature_is_greedy():
+    """logits / 1e-40 overflow float32: such a temperature picks the top token, as 0 does."""
+    logits = torch.tensor([[0.5, 3.0, 1.0, 2.5], [-4.0, -1.0, -3.0, -2.0]])
+    for t in (1e-40, 1e-30, 1e-8):
+        seqs = [Sequence(f"s{i}", [1], SamplingParams(temperature=t), seed=i) for i in range(2)]
+        assert sample(logits.clone(), prepare(seqs, 4)).tokens == [1, 1], t
+
+
+def test_the_whole_seed_draws():
+    """Seeds that differ only above their low 32 bits draw differently."""
+    steps = torch.tensor([0, 0])
+    u = hashed_uniform(torch.tensor([5, 5 + 2**32]), steps, 1000)
+    assert not torch.equal(u[0], u[1])
+    u = hashed_uniform(torch.tensor([5 + 2**40, 5 + 2**62]), steps, 1000)
+    assert not torch.equal(u[0], u[1])
+
+
+def test_unseeded_requests_differ_across_engines_with_no_seed_flag(engine_factory):
+    """Two replicas (or one restarted) started alike do not draw the same unseeded sequence."""
+    p = SamplingParams(max_tokens=16, temperature=1.0)
+    first = [run_staggered(engine_factory(), [(0, [5, 6, 7], p)])["r0"] for _ in range(2)]
+    assert first[0] != first[1]
+    fixed = [run_staggered(engine_factory(seed=3), [(0, [5, 6, 7], p)])["r0"] for _ in range(2)]
+    assert fixed[0] == fixed[1]  # --seed still makes unseeded requests reproducible
+
+
 def _run_one(engine, prompt, params):
     seq = engine.add_request(prompt, params)
     outs = []

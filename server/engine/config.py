@@ -21,7 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: 2048 on the CPU, 8192 on a GPU
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     num_threads: int | None = None  # None: every core torch sees
-    seed: int = 0
+    seed: int | None = None  # for requests without one; None: each draws its own from the OS
     max_loras: int = 8  # LoRA adapters resident in device slots (and most distinct per step)
     max_lora_rank: int = 16
     lora_starvation_steps: int = 32  # a request blocked by --max-loras this long stops others overtaking it

@@ -65,7 +65,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.grammars = Grammars(tokenizer, self.vocab_size, getattr(tokenizer, "eos_token_id", None) or min(eos))
         self.seqs: dict[str, Sequence] = {}
-        self._rng = random.Random(config.seed)
+        self._rng = random.SystemRandom() if config.seed is None else random.Random(config.seed)  # os.urandom
         self._ids = itertools.count()
         self.num_preemptions = 0
         self.step_failures = 0
@@ -175,7 +175,7 @@ class LLMEngine:
         leader = self.seqs.get(fork_of) if fork_of is not None else None
         if leader is not None and (leader.prompt_ids != prompt_ids or leader.adapter != adapter):
             raise ValueError("a fork has its leader's prompt and adapter")
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         resident = adapter is None or self.residency.is_resident(adapter)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(rid, list(prompt_ids), params, seed=seed, adapter=adapter,
@@ -312,8 +312,8 @@ class LLMEngine:
                     if error is not None:
                         raise error
                     seq.bind(self.residency.bind(seq.adapter))  # its virtual tokens are known only now:
-                    check_length(seq.num_prompt_tokens, seq.params.max_tokens, seq.num_virtual, self.max_model_len,
-                                 self.blocks)
+                    check_length(seq.num_prompt_tokens, seq.params.max_tokens, self.residency.virtual_tokens(name),
+                                 self.max_model_len, self.blocks)
                     self.scheduler.add(seq)
                 except (AdapterFailed, InvalidParam) as exc:
                     failed.append(self._fail(seq, exc))

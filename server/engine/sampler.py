@@ -75,7 +75,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def hashed_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """[N, vocab] uniforms in (0, 1) determined by (seed, step, token) alone."""
-    base = _mix32((_mix32(seeds & _MASK32) + steps * 0x27D4EB2F) & _MASK32)
+    # all 64 bits of the seed: the high half mixed apart from the low (a seed below 2**32 draws as it did)
+    seed = _mix32(seeds & _MASK32) ^ _mix32((_mix32((seeds >> 32) & _MASK32) * 0x27D4EB2F) & _MASK32)
+    base = _mix32((seed + steps * 0x27D4EB2F) & _MASK32)
     tokens = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
     x = _mix32((base[:, None] + tokens[None, :] * 0x9E3779B1) & _MASK32)
     return (x.double() + 0.5) / 2.0**32

@@ -27,6 +27,9 @@ class InvalidParam(ValueError):
         self.param = param
 
 
+GREEDY_BELOW = 1e-5  # temperatures below it are greedy, as in vLLM (_SAMPLING_EPS)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -102,7 +105,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """0, or a temperature so small that logits / temperature would overflow: the top token."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

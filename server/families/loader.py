@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from quiver.adapters.fingerprint import fingerprint
+from quiver.adapters.fingerprint import reading
 from quiver.adapters.spec import detect_family
 from quiver.server.families.base import AdapterFamily
 
@@ -57,7 +57,9 @@ class AdapterLoader:
         try:
             kind = detect_family(path)
             family = self.by_kind[kind]
-            return ReadAdapter(family.read(name, path), family, kind, str(path), started, fingerprint(path))
+            with reading() as reads:  # the fingerprint: of the bytes this read took, as it took them
+                adapter = family.read(name, path)
+            return ReadAdapter(adapter, family, kind, str(path), started, reads.fingerprint())
         except Exception as exc:
             log.warning("adapter %s (%s) failed to load from %s: %s", name, kind or "family unknown", path, exc)
             raise

@@ -13,7 +13,9 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+from quiver.adapters.prompt import declared_virtual_tokens
 from quiver.server.families.base import AdapterFamily, Binding
 from quiver.server.families.catalog import AdapterCatalog
 from quiver.server.families.errors import AdapterExists, AdapterFailed, AdapterInUse, UnknownAdapter
@@ -45,6 +47,7 @@ class Residency:
         self.requests_served: Counter[str] = Counter()
         self.cpu_evictions = 0
         self.events: list[AdapterEvent] = []
+        self._declared_cache: dict[str, tuple[int, int]] = {}  # folder on disk -> (config mtime, virtual tokens)
 
     # ---- registering -----------------------------------------------------------------------------
     def register(self, read: ReadAdapter, new: bool = True) -> None:
@@ -135,14 +138,28 @@ class Residency:
         return "cpu" if family in self.device and name not in self.device[family].slot_of else "device"
 
     def virtual_tokens(self, name: str | None) -> int:
-        """Placeholder tokens a request for `name` carries (0 unless a resident soft prompt or prefix). Read
-        from other threads too (a request's check): an adapter unloaded meanwhile counts 0, and the engine
-        refuses its request when it takes it."""
+        """Placeholder tokens a request for `name` carries (0 unless a soft prompt or prefix). Read from other
+        threads too (a request's check): an adapter unloaded meanwhile counts 0, and the engine refuses its
+        request when it takes it. One still on disk counts what its config declares (its first read must not
+        admit a request its virtual tokens push past the context; the engine checks again once it is read)."""
         family = self.owner.get(name)
         try:
-            return 0 if family is None else family.virtual_tokens(name)
+            return self._declared(name) if family is None else family.virtual_tokens(name)
         except KeyError:
             return 0
+
+    def _declared(self, name: str | None) -> int:
+        folder = None if name is None else self.catalog.folder(name)
+        if folder is None:
+            return 0
+        try:
+            stamp = (Path(folder) / "adapter_config.json").stat().st_mtime_ns
+        except OSError:
+            return 0
+        cached = self._declared_cache.get(folder)
+        if cached is None or cached[0] != stamp:
+            cached = self._declared_cache[folder] = (stamp, declared_virtual_tokens(folder))
+        return cached[1]
 
     def info(self, name: str) -> dict:
         """What GET /v1/adapters shows of a known adapter."""

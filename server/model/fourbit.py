@@ -228,6 +228,13 @@ def expand_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, nested_code:
     return (v.view(blocks, nested_blocksize) * nested_absmax.view(blocks, 1)).reshape(-1)[:n] + offset
 
 
+def _positive(state: dict, field: str, key: str) -> int:
+    value = state.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{key}: quant_state {field} {value!r} is not a positive integer")
+    return value
+
+
 def read_packed(tensors, key: str) -> Packed4bit | None:
     """The 4-bit weight saved under `key` (e.g. model.layers.0.self_attn.q_proj.weight) by transformers'
     bitsandbytes integration, or None when `key` is a plain tensor. tensors: server.model.checkpoint.Checkpoint."""
@@ -241,15 +248,24 @@ def read_packed(tensors, key: str) -> Packed4bit | None:
     if state.get("quant_type") != quant_type:
         raise ValueError(f"{key}: quant_state says {state.get('quant_type')!r}, its key says {quant_type!r}")
     shape = tuple(state["shape"])
-    if len(shape) != 2:
+    if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
         raise ValueError(f"{key}: a 4-bit weight of shape {shape} is not a linear layer's")
     data, absmax, code = tensors.pop(key), tensors.pop(f"{key}.absmax"), tensors.pop(f"{key}.quant_map")
+    bs = _positive(state, "blocksize", key)
+    if code.numel() != 16:
+        raise ValueError(f"{key}: a code table of {code.numel()} entries (quant_map), 4-bit codes need 16")
     double = "nested_blocksize" in state
     if double:
-        absmax = expand_absmax(absmax, tensors.pop(f"{key}.nested_absmax").float(),
-                               tensors.pop(f"{key}.nested_quant_map").float(), state["nested_blocksize"],
+        nested_bs, nested_absmax = _positive(state, "nested_blocksize", key), tensors.pop(f"{key}.nested_absmax")
+        nested_code = tensors.pop(f"{key}.nested_quant_map")
+        if nested_code.numel() != 256:
+            raise ValueError(f"{key}: a nested code table of {nested_code.numel()} entries (nested_quant_map), "
+                             "8-bit codes need 256")
+        if absmax.dtype != torch.uint8 or nested_absmax.numel() != -(-absmax.numel() // nested_bs):
+            raise ValueError(f"{key}: nested_absmax {tuple(nested_absmax.shape)} does not fit absmax codes "
+                             f"{tuple(absmax.shape)} {absmax.dtype} in blocks of {nested_bs}")
+        absmax = expand_absmax(absmax, nested_absmax.float(), nested_code.float(), nested_bs,
                                float(state["nested_offset"]))
-    bs = int(state["blocksize"])
     numel = shape[0] * shape[1]
     if data.dtype != torch.uint8 or data.numel() != -(-numel // 2) or absmax.numel() != -(-numel // bs):
         raise ValueError(f"{key}: packed data {tuple(data.shape)} {data.dtype} or absmax {tuple(absmax.shape)} "
