@@ -14,20 +14,21 @@ import os
 import time
 from pathlib import Path
 
-from quiver.adapters.fingerprint import READ_FILES
+from quiver.adapters import bottleneck, lora
 from quiver.adapters.paths import InvalidName, check_name
 
 log = logging.getLogger("quiver.server.families")  # adapter management logs as one
 INTERVAL = 1.0  # seconds between two polls of the adapter dirs, at most one each
 RACY_NS = 2 * 10**9  # a dir modified this recently is listed again even if its mtime is unchanged
 CONFIG = "adapter_config.json"
+WEIGHT_FILES = (lora.WEIGHTS_FILE, lora.PICKLE_FILE, bottleneck.WEIGHTS_FILE, bottleneck.PICKLE_FILE)  # any one
 
 
 def signature(folder: Path) -> tuple | None:
     """(name, size, mtime) of the config and weight files; None while the folder is not a complete adapter.
     Raises OSError for a folder that cannot be read."""
     names = set(os.listdir(folder))
-    files = [CONFIG] + [w for w in READ_FILES if w in names]
+    files = [CONFIG] + [w for w in WEIGHT_FILES if w in names]
     if CONFIG not in names or len(files) == 1:
         return None
     return tuple((f, (st := os.stat(folder / f)).st_size, st.st_mtime_ns) for f in files)
