@@ -48,6 +48,6 @@ def inside_folder(file: Path) -> Path:
     """`file`, an adapter file about to be opened, unless it resolves (a symlink) outside its folder."""
     folder = file.parent.resolve()
     if not file.resolve().is_relative_to(folder):
-        raise PathNotAllowed(f"{file}: resolves to {str(file.resolve())!r}, outside the adapter folder "
-                             f"{str(folder)!r}; adapter files are not read through links out of their folder")
+        raise PathNotAllowed(f"{file.parent.name}/{file.name} links out of its adapter folder; adapter files are "
+                             "not read through links out of their folder")  # no server path in a client's answer
     return file

@@ -169,8 +169,10 @@ def test_bad_lora_checkpoints_are_refused_by_name(hostile, case, needle):
     assert name not in [a["id"] for a in httpx.get(hostile.url + "/v1/models").json()["data"]]
 
 
-def test_an_adapter_that_fails_on_first_use_answers_its_requests_and_stays_failed(hostile):
-    """A prompt-tuning adapter in the adapter folder whose virtual tokens leave no room in the context."""
+def test_an_adapter_whose_virtual_tokens_leave_no_room_is_refused_before_it_is_read(hostile):
+    """A prompt-tuning adapter in the adapter folder whose virtual tokens leave no room in the context: its
+    config's num_virtual_tokens counts before its weights are read, so every request is the same 400 and the
+    adapter is never read (nor marked failed)."""
     path = hostile.adapters / "too_long"
     make_prompt_adapter(hostile.hf, path, prompt_variants()["prompt_tuning"], seed=4)
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -180,12 +182,13 @@ def test_an_adapter_that_fails_on_first_use_answers_its_requests_and_stays_faile
     (path / "adapter_config.json").write_text(json.dumps({**cfg, "num_virtual_tokens": n}))
     hostile.engine.add_adapter_dir(str(hostile.adapters))
     r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": "too_long", "prompt": "x"}))
-    assert "virtual tokens" in error_of(r, 422)["message"]
-    listed = {a["name"]: a for a in httpx.get(hostile.url + "/v1/adapters").json()["data"]}
-    assert listed["too_long"]["tier"] == "failed" and "virtual tokens" in listed["too_long"]["error"]
+    first = error_of(r, 400, "max_tokens")
+    assert "8192 virtual tokens" in first["message"]
     r = httpx.post(hostile.url + "/v1/completions", json={"model": "too_long", "prompt": "x"}, timeout=30)
-    error_of(r, 422)
-    assert httpx.delete(hostile.url + "/v1/adapters/too_long").status_code == 200
+    assert error_of(r, 400, "max_tokens") == first
+    listed = {a["name"]: a for a in httpx.get(hostile.url + "/v1/adapters").json()["data"]}
+    assert listed.get("too_long", {}).get("tier") != "failed", listed.get("too_long")
+    assert "too_long" not in hostile.engine.adapter_names()  # never read
 
 
 def test_chat_without_max_tokens_leaves_room_for_virtual_tokens(hostile):
@@ -381,3 +384,71 @@ def test_preparation_counts_against_the_request_timeout(hostile, monkeypatch):
         release.set()
     assert error_of(r, 504)["code"] == "request_timeout"
     assert slowest < 1.0
+
+
+# ---- probing another client's traffic, scans, scrapes, formatting, edge values ------------------------
+def _cached(body):
+    return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_another_cache_salt_learns_nothing_from_cached_tokens(hostile):
+    """A client probing for a prefix someone else sent, under its own cache_salt, sees no hit."""
+    body = {"prompt": "a shared system prompt, then the question " * 8, "max_tokens": 1}
+    victim = [httpx.post(hostile.url + "/v1/completions", json={**body, "cache_salt": "victim"}, timeout=60).json()
+              for _ in range(2)]
+    assert _cached(victim[0]) == 0 and _cached(victim[1]) > 0
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/completions", json={**body, "cache_salt": "prober"}))
+    assert r.status_code == 200 and _cached(r.json()) == 0, r.text
+    assert slowest < 1.0
+
+
+def test_a_burst_of_unknown_adapter_names_is_answered_at_once(hostile):
+    async def send(c):
+        answers = await asyncio.gather(*(c.post("/v1/completions", json={"model": f"nobody{i}", "prompt": "x"})
+                                         for i in range(200)))
+        return answers
+    answers, slowest = run_case(hostile, send)
+    assert {r.status_code for r in answers} == {404}
+    assert all(error_of(r, 404, "model")["message"].startswith(f"model 'nobody{i}' does not exist")
+               for i, r in enumerate(answers))
+    assert slowest < 1.0
+
+
+def test_metrics_scrapes_in_a_burst_keep_health_answering(hostile):
+    async def send(c):
+        return await asyncio.gather(*(c.get("/metrics") for _ in range(40)))
+    answers, slowest = run_case(hostile, send)
+    assert {r.status_code for r in answers} == {200} and "quiver" in answers[0].text
+    assert slowest < 1.0
+
+
+def test_echo_with_logprobs_of_a_long_prompt(hostile):
+    prompt = list(range(100, 2100))
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/completions", json={
+        "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 5, "temperature": 0}))
+    assert r.status_code == 200, r.text[:300]
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(prompt) + 1 and lp["token_logprobs"][0] is None
+    assert slowest < 1.0
+
+
+def test_a_vanishing_temperature_is_greedy_and_a_64_bit_seed_is_taken(hostile):
+    greedy = httpx.post(hostile.url + "/v1/completions", json=NEIGHBOUR, timeout=60).json()["choices"][0]["text"]
+    r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={**NEIGHBOUR, "temperature": 1e-40}))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, r.text
+    r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={
+        "prompt": "x", "max_tokens": 4, "temperature": 1.0, "seed": 2**63 - 1}))
+    assert r.status_code == 200, r.text
+
+
+def test_an_adapter_named_base_or_linking_out_of_its_folder_is_refused(hostile, tmp_path):
+    _lora_files(hostile, "base")
+    r, _ = run_case(hostile, lambda c: c.post("/v1/adapters", json={"name": "base", "path": "base"}))
+    error_of(r, 400)
+    _lora_files(hostile, "linked")
+    outside = tmp_path / "weights.safetensors"
+    (hostile.adapters / "linked" / "adapter_model.safetensors").rename(outside)
+    (hostile.adapters / "linked" / "adapter_model.safetensors").symlink_to(outside)
+    r, _ = run_case(hostile, lambda c: c.post("/v1/adapters", json={"name": "linked", "path": "linked"}))
+    assert "links out of its adapter folder" in error_of(r, 400, "path")["message"]
+    assert "linked" not in hostile.engine.adapter_names()

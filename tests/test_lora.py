@@ -199,7 +199,7 @@ def test_files_linked_out_of_the_adapter_folder_are_refused(tiny_lora_set, token
         shutil.copytree(paths["lora_qv"], folder)
         (folder / name).unlink()
         (folder / name).symlink_to(outside / name)
-        with pytest.raises(AdapterError, match=f"{name}.*outside the adapter folder"):
+        with pytest.raises(AdapterError, match=f"{name} links out of its adapter folder"):
             engine.load_adapter(folder.name, str(folder))
     inside = tmp_path / "inside"
     shutil.copytree(paths["lora_qv"], inside)
