@@ -196,7 +196,8 @@ def test_make_targets_exist_and_serve_what_they_say(monkeypatch):
     for where, cmd, argv in all_commands():
         if kind(argv) != "make":
             continue
-        dry = subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True, text=True)
+        dry = subprocess.run(["make", "--no-print-directory", "-n", *argv[1:]], cwd=ROOT, capture_output=True,
+                             text=True)
         error = f"make -n: {dry.stderr.strip()}" if dry.returncode else None
         rules = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.M))
         for goal in (a for a in argv[1:] if "=" not in a and a not in rules):  # `tests/` would pass make -n

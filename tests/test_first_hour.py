@@ -32,8 +32,9 @@ def test_the_start_up_log_states_the_dtype_why_and_what_it_means(tmp_path, monke
 
 def make_serve(tmp_path, *args: str) -> str:
     """The `quiver serve` command `make serve ARGS` runs (make -n: nothing runs), with HOME=tmp_path."""
-    out = subprocess.run(["make", "-n", "serve", *args], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env=os.environ | {"HOME": str(tmp_path)}).stdout
+    # --no-print-directory: under `make test`, a nested make would add "Leaving directory" to the output
+    out = subprocess.run(["make", "--no-print-directory", "-n", "serve", *args], cwd=ROOT, capture_output=True,
+                         text=True, check=True, env=os.environ | {"HOME": str(tmp_path)}).stdout
     return " ".join(out[out.index("/quiver serve"):].replace("\\\n", " ").split())
 
 
