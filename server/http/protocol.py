@@ -143,7 +143,9 @@ class _Common(BaseModel):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # as vLLM's: only requests with the same salt (and tenant: http.prepare.salted) share prefix-cache blocks
-    cache_salt: str | None = Field(None, min_length=1)
+    cache_salt: str | None = Field(None, min_length=1, description=(
+        "Applied, as in vLLM: only requests with the same salt (and, with tenant keys, the same tenant) share "
+        "prefix-cache blocks, and `cached_tokens` counts only those hits."))
 
 
 class CompletionRequest(_Common):
