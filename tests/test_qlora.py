@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -138,6 +139,19 @@ def test_malformed_4bit_metadata_is_a_clear_error_naming_the_tensor(state_edit, 
     assert read_packed(_saved_4bit(key), key).shape == (8, 128)  # the unedited weight reads
     with pytest.raises(ValueError, match=re.escape(key) + ".*" + re.escape(says)):
         read_packed(_saved_4bit(key, state_edit, **replace), key)
+
+
+def test_a_4bit_weight_whose_shape_differs_from_the_config_is_refused(qlora_set, plain_tokenizer, tmp_path):
+    """Consistent 4-bit metadata for a shape the config does not describe: refused at load, naming the tensor."""
+    _, q_dir, *_ = qlora_set
+    edited = tmp_path / "edited"
+    shutil.copytree(q_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["intermediate_size"] += 64
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.gate_proj\.weight: a 4-bit weight of shape \(128, \d+\), "
+                                         r"the model's config needs \(192, \d+\)"):
+        engine_on(edited, plain_tokenizer)
 
 
 def test_tiles_compute_the_same_product_as_the_whole_weight():

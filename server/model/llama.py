@@ -14,7 +14,7 @@ from quiver.kernels.ops import Ops
 from quiver.server.model.checkpoint import Checkpoint
 from quiver.server.model.config import ModelConfig
 from quiver.server.model.fourbit import Packed4bit, Rows4bit, Scratch, Weight4bit, quantize, read_packed
-from quiver.server.model.layout import GROUPS, slice_bounds
+from quiver.server.model.layout import GROUPS, module_shapes, slice_bounds
 from quiver.server.model.packed import PackedWeight, can_pack
 from quiver.server.model.rope import apply_rope, rope_table
 
@@ -153,9 +153,12 @@ class LlamaModel(torch.nn.Module):
     def _read_4bit(self, tensors: Checkpoint, keys: list[str], scratch: Scratch):
         """A fused group's projections as one Weight4bit: read packed, or quantized here with bitsandbytes.
         A group the checkpoint left unquantized (llm_int8_skip_modules) stays a plain tensor."""
-        parts = []
+        parts, shapes = [], module_shapes(self.cfg)
         for key in keys:
             packed = read_packed(tensors, key)
+            want = shapes[key.rsplit(".", 2)[-2]]
+            if packed is not None and packed.shape != want:
+                raise ValueError(f"{key}: a 4-bit weight of shape {packed.shape}, the model's config needs {want}")
             if packed is None and self.quantization:
                 packed = quantize(tensors.pop(key), self.quantization, self.double_quant)
             parts.append(packed if packed is not None else tensors.pop(key))
