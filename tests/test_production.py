@@ -131,6 +131,33 @@ def test_request_timeout_504_and_frees_everything(api_model, tokenizer):
         assert r.status_code == 200  # a request within the limit is served as before
 
 
+def test_one_request_timeout_covers_preparation_and_generation(api_model, tokenizer, monkeypatch):
+    """Preparation that takes most of the limit leaves generation only the rest: the 504 comes at the
+    limit from arrival, not the limit after preparation ended."""
+    from quiver.server.http.prepare import Preparer
+
+    limit, prep_s = 2.0, 1.5
+    completion = Preparer.completion
+
+    def slow(self, *args):
+        time.sleep(prep_s)
+        return completion(self, *args)
+
+    monkeypatch.setattr(Preparer, "completion", slow)
+    with make_server(api_model, tokenizer, Guard(), request_timeout=limit) as server:
+        gate = pause(server)
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "a b", "max_tokens": 5}, timeout=30)
+            elapsed = time.monotonic() - t0
+        finally:
+            gate.set()
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        assert limit <= elapsed < prep_s + limit - 0.5, elapsed
+        wait_for(lambda: not server.engine.has_work() and not server.async_engine.num_waiting())
+        assert all_blocks_free(server.engine) and not server.engine.seqs
+
+
 def start_serve(api_model, tokenizer, tmp_path, *flags) -> tuple[subprocess.Popen, str]:
     """`quiver serve` on the tiny model (key USER) in a process of its own, its log in tmp_path/serve.log;
     (process, url)."""

@@ -151,9 +151,11 @@ class AsyncEngine:
         return self.engine.health()
 
     async def generate(self, request: PreparedRequest, request_id: str | None = None,
-                       fork_of: str | None = None) -> AsyncIterator[RequestOutput]:
+                       fork_of: str | None = None, deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes; abandoning the iterator aborts it. fork_of: see
-        LLMEngine.add (the request is queued when iteration starts)."""
+        LLMEngine.add (the request is queued when iteration starts). deadline: the event loop's time by which
+        it must finish (RequestTimeout past it), counted from the request's arrival; default: now plus the
+        request timeout."""
         rid = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -164,7 +166,8 @@ class AsyncEngine:
         self._wake.set()
         finished = False
         loop = asyncio.get_running_loop()
-        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
+        if deadline is None and self.request_timeout is not None:
+            deadline = loop.time() + self.request_timeout
         try:
             while not finished:
                 if deadline is None:

@@ -38,6 +38,7 @@ class Job:
     echo: list[str]  # text put before each prompt's choices (completions' echo)
     prompt_logprobs: int | None = None  # completions' echo with logprobs
     tools: ToolPlan | None = None
+    deadline: float | None = None  # the event loop's time by which it must finish (--request-timeout)
 
     @property
     def choices(self) -> int:

@@ -74,21 +74,28 @@ class Generation:
     async def prepare(self, request: Request, model: type[BaseModel], prepare) -> tuple:
         """(the body as `model`, its Job from `prepare(body, access)`, access: what the request's key may use,
         the guard's request.state.access): parsing, tokenizing, compiling its grammar and checking it all happen
-        in the pool, off the event loop, and within --request-timeout (504 past it)."""
+        in the pool, off the event loop, and within --request-timeout (504 past it), which counts from the
+        request's arrival to its last token: the job carries that deadline to generation."""
         loop = asyncio.get_running_loop()
+        limit = self.engine.request_timeout
+        deadline = None if limit is None else loop.time() + limit
         try:
-            req = await self._within(loop.run_in_executor(self.pool, model.model_validate_json, await request.body()))
+            req = await self._within(loop.run_in_executor(self.pool, model.model_validate_json, await request.body()),
+                                     deadline)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from None
         self.limits.check_names(req)
-        return req, await self._within(loop.run_in_executor(self.pool, prepare, req, access_of(request)))
+        job = await self._within(loop.run_in_executor(self.pool, prepare, req, access_of(request)), deadline)
+        job.deadline = deadline
+        return req, job
 
-    async def _within(self, work):
-        limit = self.engine.request_timeout
+    async def _within(self, work, deadline: float | None):
+        if deadline is None:
+            return await work
         try:
-            return await asyncio.wait_for(work, limit)
+            return await asyncio.wait_for(work, max(deadline - asyncio.get_running_loop().time(), 0))
         except asyncio.TimeoutError:
-            raise RequestTimeout(limit) from None
+            raise RequestTimeout(self.engine.request_timeout) from None
 
     def model_name(self, job: Job) -> str:
         """What a response's `model` says: the adapter that ran, else the base model."""
@@ -101,7 +108,8 @@ class Generation:
             first = uuid.uuid4().hex
             for j, request in enumerate(choices):
                 rid = first if j == 0 else uuid.uuid4().hex
-                gens.append(self.engine.generate(request, request_id=rid, fork_of=first if j and share else None))
+                gens.append(self.engine.generate(request, request_id=rid, fork_of=first if j and share else None,
+                                                 deadline=job.deadline))
         return gens
 
     async def respond(self, request: Request, req, job: Job, gens: list, writer: Writer) -> Response:
