@@ -363,3 +363,23 @@ def test_quiver_ray_serve_refuses_a_bad_flag_before_ray_starts():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["quiver ray serve: error: --adapter expects NAME=PATH, got "
                                                 "'no-equals-sign'"]
+
+
+def test_a_replica_holds_an_adapter_only_for_a_key_that_may_use_it():
+    """A request without a key, or out of its key's scope, makes no replica look the name up or lease it."""
+    from quiver.server.http.guard import Guard
+    from quiver.server.http.tenants import Access, digest
+    from quiver.server.rayserve.asgi_call import HttpCall
+    from quiver.server.rayserve.deployments import may_hold
+
+    guard = Guard(tenants=[(digest("key-a"), Access(tenant="a", adapters=("a-*",), admin=False))])
+
+    def call(key: str | None) -> HttpCall:
+        headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+        return HttpCall("POST", "/v1/completions", b"", headers, b"{}")
+
+    assert may_hold(guard, call("key-a"), "a-sql")
+    assert not may_hold(guard, call("key-a"), "b-sql")
+    assert not may_hold(guard, call(None), "a-sql")
+    assert not may_hold(guard, call("wrong"), "a-sql")
+    assert may_hold(Guard(), call(None), "anything")  # no keys: every route is open

@@ -54,8 +54,9 @@ class Guard:
         return found
 
 
-def _bearer(scope) -> str | None:
-    for name, value in scope.get("headers", ()):
+def bearer(headers) -> str | None:
+    """The bearer token in raw ASGI headers [(name, value)], None without one."""
+    for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" else None
@@ -75,7 +76,7 @@ class GuardMiddleware:
 
     def _refusal(self, scope):
         path = get_route_path(scope)
-        access = self.guard.access(path, _bearer(scope))
+        access = self.guard.access(path, bearer(scope.get("headers", ())))
         if access is None:
             needs = "an admin key" if path.startswith(ADMIN_PREFIXES) else "a key"
             resp = error(401, f"missing or wrong API key: this route needs {needs}: send 'Authorization: Bearer "
@@ -107,4 +108,5 @@ def install(app, engine: AsyncEngine, guard: Guard) -> None:
     if engine.metrics is not None:  # each tenant's series from the start, at 0
         for tenant in guard.keys.tenants():
             engine.metrics.tenant_requests.labels(tenant)
+    app.state.guard = guard  # the Ray replica asks it before it holds an adapter for a request
     app.add_middleware(GuardMiddleware, guard=guard, engine=engine)

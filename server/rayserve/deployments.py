@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from quiver.server.assemble import build_server
 from quiver.server.http.errors import error
-from quiver.server.http.guard import GENERATE_PATHS
+from quiver.server.http.guard import GENERATE_PATHS, Guard, bearer
 from quiver.server.http.responses import ErrorDetail, ErrorResponse, sse
 from quiver.server.rayserve.asgi_call import Head, HttpCall, call_asgi
 from quiver.server.rayserve.catalog import Catalog, adapter_change, apply
@@ -40,6 +40,14 @@ class AdapterLease:
 
     def __init__(self, adapter: str):
         self.adapter = adapter
+
+
+def may_hold(guard: Guard, call: HttpCall, adapter: str) -> bool:
+    """Whether `call`'s key may use `adapter`: only then does a replica look the name up on disk and take
+    a lease on it, so that a request without a key, or out of its key's scope, costs nothing and steers
+    nothing before the replica's guard answers it."""
+    access = guard.access(call.path, bearer(call.headers))
+    return access is not None and access.may_use(adapter)
 
 
 @serve.deployment(name="QuiverEngine")
@@ -65,7 +73,7 @@ class QuiverEngine:
             if await self.engine.call(lambda engine: apply(engine, changes, root)):
                 self.catalog_version = max(self.catalog_version, catalog.version)
         adapter = serve.get_multiplexed_model_id()
-        if adapter:
+        if adapter and may_hold(self.app.state.guard, call, adapter):
             await self._hold(adapter)
         async for item in call_asgi(self.app, call):
             if isinstance(item, Head):
