@@ -22,7 +22,7 @@ from quiver.server.cli import main
 from quiver.server.http.guard import Guard, install
 from quiver.server.http.tenants import read_keys_file
 
-A, B, OPS, LEGACY = "key-acme-1111", "key-bolt-2222", "key-ops-3333", "key-legacy-4444"
+A, B, OPS, LEGACY = "key-acme-1111-aaaa", "key-bolt-2222-bbbb", "key-ops-3333-cccc", "key-legacy-4444"
 KEYS_TOML = f"""
 [[keys]]
 key = "{A}"
@@ -164,12 +164,13 @@ def test_keys_are_held_as_sha256_digests(keys_file):
 
 BAD_FILES = {
     "bad.toml": ("[[keys]\nkey = 1", "not valid TOML"),
-    "bad.json": ('{"keys": [{"key": "k", "tenant": "t", "admins": true}]}', "keys[0]: unknown field(s) admins"),
+    "bad.json": ('{"keys": [{"key": "k-0123456789abcdef", "tenant": "t", "admins": true}]}', "keys[0]: unknown field(s) admins"),
     "empty.toml": ("", "expected a non-empty list `keys`"),
-    "notenant.toml": ('[[keys]]\nkey = "k"', "keys[0]: `tenant`"),
+    "notenant.toml": ('[[keys]]\nkey = "k-0123456789abcdef"', "keys[0]: `tenant`"),
+    "weak.toml": ('[[keys]]\nkey = "hunter2"\ntenant = "t"', "keys[0]: `key` has 7 characters, at least 16"),
     "short.toml": ('[[keys]]\nkey = "sha256:abc"\ntenant = "t"', "keys[0]: `key` sha256:... must be 64"),
-    "flag.json": ('{"keys": [{"key": "k", "tenant": "t", "base": "yes"}]}', "keys[0]: `base` must be true"),
-    "twice.json": (json.dumps({"keys": [{"key": "k", "tenant": "t"}, {"key": "k", "tenant": "u"}]}),
+    "flag.json": ('{"keys": [{"key": "k-0123456789abcdef", "tenant": "t", "base": "yes"}]}', "keys[0]: `base` must be true"),
+    "twice.json": (json.dumps({"keys": [{"key": "k" * 16, "tenant": "t"}, {"key": "k" * 16, "tenant": "u"}]}),
                    "keys[1]: the same key as keys[0]"),
 }
 

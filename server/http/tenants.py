@@ -20,6 +20,7 @@ from pathlib import Path
 FIELDS = ("key", "tenant", "adapters", "base", "admin")
 TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HEX = re.compile(r"[0-9a-f]{64}")
+MIN_KEY_CHARS = 16  # a plain key in a keys file; a digest says nothing of its key's length
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ def _entry(item, where: str) -> tuple[str, Access]:
         key = key.removeprefix("sha256:").lower()
         if not HEX.fullmatch(key):
             raise ValueError(f"{where}: `key` sha256:... must be 64 hexadecimal digits")
+    elif len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"{where}: `key` has {len(key)} characters, at least {MIN_KEY_CHARS} are needed (a key "
+                         "that can be guessed is no boundary between tenants; e.g. python3 -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))')")
     else:
         key = digest(key)
     if not isinstance(tenant, str) or not TENANT.fullmatch(tenant):
