@@ -42,14 +42,18 @@ class Ops(Protocol):
     def zero_blocks(self, k_cache, v_cache, blocks) -> None:
         """k_cache[:, blocks] = v_cache[:, blocks] = 0 (blocks [n] int64): a block is zeroed when handed out."""
 
-    def attention_meta(self, layout, heads_per_kv: int) -> list:
-        """The step's attention groups from its rows (layout: engine.step.RowLayout, host tensors)."""
+    def attention_meta(self, layout, heads_per_kv: int, windows: tuple[int, ...] = ()) -> list:
+        """The step's attention groups from its rows (layout: engine.step.RowLayout, host tensors), for
+        every sliding window in `windows` as well as full attention."""
 
-    def attention(self, q, k_cache, v_cache, meta: list, scale: float) -> torch.Tensor:
+    def attention(self, q, k_cache, v_cache, meta: list, scale: float, window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
         """q [T, H, D] -> [T, H, D]. Token t of row b, the row's token p, attends, with grouped KV heads
         (h -> h // (H / KV)), to the row's own keys 0..p stored from cache index kv_offset[b] on and to
         its adapter's prefix keys at cache indices 0..prefix_len[b] - 1 (through the row's block table),
-        with softmax(scale * q.k) accumulated in float32."""
+        with softmax(cap(scale * q.k)) accumulated in float32, cap(s) = softcap · tanh(s / softcap) when a
+        softcap is given. A sliding window W keeps keys less than W positions back, the prefix's key j
+        standing at position j - prefix_len[b] (kernels.torch_meta.attention_mask)."""
 
     def lora_buffers(self, num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
                      device) -> LoraBuffers:
@@ -106,13 +110,14 @@ class TorchOps:
     lora_clear = staticmethod(_clear_slot)
 
     @staticmethod
-    def attention_meta(layout, heads_per_kv: int) -> list:
-        return masked_attention_meta(layout)
+    def attention_meta(layout, heads_per_kv: int, windows: tuple[int, ...] = ()) -> list:
+        return masked_attention_meta(layout, windows)
 
     @staticmethod
-    def attention(q, k_cache, v_cache, meta: list, scale: float) -> torch.Tensor:
+    def attention(q, k_cache, v_cache, meta: list, scale: float, window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
         return attend_groups(q, meta, lambda qg, g: torch_ops.paged_attention(qg, k_cache, v_cache, g.block_tables,
-                                                                              g.allowed, scale))
+                                                                              g.mask(window), scale, softcap))
 
     @staticmethod
     def lora_buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
@@ -152,13 +157,17 @@ class TritonOps:
     lora_clear = staticmethod(_clear_slot)
 
     @staticmethod
-    def attention_meta(layout, heads_per_kv: int) -> list:
+    def attention_meta(layout, heads_per_kv: int, windows: tuple[int, ...] = ()) -> list:
         return paged_attention_meta(layout, heads_per_kv)
 
     @staticmethod
-    def attention(q, k_cache, v_cache, meta: list[PagedAttention], scale: float) -> torch.Tensor:
+    def attention(q, k_cache, v_cache, meta: list[PagedAttention], scale: float, window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
         from quiver.kernels.attention_triton import kv_splits, prefix_paged_attention
 
+        if window is not None or softcap is not None:
+            raise NotImplementedError("sliding-window and soft-capped attention have no Triton kernel yet "
+                                      "(--ops-backend torch serves them)")
         (m,) = meta  # one launch over the flat tokens: no padded gather, no scatter
         splits = kv_splits(m.tiles.shape[0] * k_cache.shape[0], m.max_keys)
         return prefix_paged_attention(q, k_cache, v_cache, m.block_tables, m.q_offset, m.q_start, m.q_lens,

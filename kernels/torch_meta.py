@@ -96,27 +96,40 @@ class MaskedGroup:
     slots: QuerySlots
     block_tables: torch.Tensor  # [B, NB], padding -> the always-zero block
     allowed: torch.Tensor  # [B, Q, NB * block size] bool
+    windows: tuple[int, ...] = ()  # the model's sliding windows
+    windowed: torch.Tensor | None = None  # [len(windows), B, Q, NB * block size]: `allowed` within each window
 
-    UPLOAD = ("slots", "block_tables", "allowed")
+    def mask(self, window: int | None) -> torch.Tensor:
+        return self.allowed if window is None else self.windowed[self.windows.index(window)]
+
+    UPLOAD = ("slots", "block_tables", "allowed", "windowed")
 
 
 def attention_mask(q_start: torch.Tensor, q_lens: torch.Tensor, kv_offset: torch.Tensor, prefix_len: torch.Tensor,
-                   max_q: int, num_keys: int) -> torch.Tensor:
+                   max_q: int, num_keys: int, window: int | None = None) -> torch.Tensor:
     """[B, max_q, num_keys] bool for paged_attention: query i of row b is the row's token q_start + i;
     it sees the row's own tokens 0..q_start + i, stored from cache index kv_offset on, and the
     adapter's prefix keys 0..prefix_len - 1. Padded queries (i >= q_lens) see what the row's last
-    real query sees."""
+    real query sees. With a sliding window W, only keys less than W positions back, where the prefix
+    stands just before the row's tokens (its key j at position j - prefix_len, as in transformers'
+    cache, where the prefix is the cache's first entries): own token p sees own tokens p - W + 1..p and
+    prefix key j when p + prefix_len - j < W."""
     steps = torch.arange(max_q, device=q_start.device)
     q_idx = q_start[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
     key = torch.arange(num_keys, device=q_start.device)[None, None, :]
-    off = kv_offset[:, None, None]
-    return ((key >= off) & (key - off <= q_idx[:, :, None])) | (key < prefix_len[:, None, None])
+    off, prefix = kv_offset[:, None, None], prefix_len[:, None, None]
+    own = (key >= off) & (key - off <= q_idx[:, :, None])
+    if window is None:
+        return own | (key < prefix)
+    pos = torch.where(key >= off, key - off, key - prefix)  # key position; the prefix's are negative
+    return (own | (key < prefix)) & (q_idx[:, :, None] - pos < window)
 
 
-def masked_attention_meta(layout) -> list[MaskedGroup]:
-    """The step's attention groups (layout: engine.step.RowLayout, host tensors)."""
+def masked_attention_meta(layout, windows: tuple[int, ...] = ()) -> list[MaskedGroup]:
+    """The step's attention groups (layout: engine.step.RowLayout, host tensors), with a mask for each of
+    the model's sliding `windows` beside the full one."""
     starts, lens, kv_offs = layout.starts.tolist(), layout.lens.tolist(), layout.kv_offsets.tolist()
-    groups = [_masked_group(items, layout) for items in plan_attention(starts, lens, kv_offs)]
+    groups = [_masked_group(items, layout, windows) for items in plan_attention(starts, lens, kv_offs)]
     mark_in_order(groups, layout.num_tokens)
     return groups
 
@@ -150,11 +163,12 @@ def plan_attention(starts: list[int], lens: list[int], kv_offsets: list[int]) ->
     return groups
 
 
-def _masked_group(items, layout) -> MaskedGroup:
+def _masked_group(items, layout, windows: tuple[int, ...]) -> MaskedGroup:
     rows, first, q_lens = (torch.tensor(col) for col in zip(*items))
     q_start, kv_off = layout.starts[rows] + first, layout.kv_offsets[rows]
     slots = query_slots(layout.offsets[rows] + first, q_lens)
     nb = -(-int((kv_off + q_start + q_lens).max()) // layout.block_size)  # blocks the rows' keys span
-    return MaskedGroup(slots, layout.block_tables[rows, :nb],
-                       attention_mask(q_start, q_lens, kv_off, layout.prefix_lens[rows], slots.max_q,
-                                      nb * layout.block_size))
+    masks = [attention_mask(q_start, q_lens, kv_off, layout.prefix_lens[rows], slots.max_q, nb * layout.block_size, w)
+             for w in (None, *windows)]
+    return MaskedGroup(slots, layout.block_tables[rows, :nb], masks[0], windows,
+                       torch.stack(masks[1:]) if windows else None)

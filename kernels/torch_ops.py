@@ -47,15 +47,18 @@ def zero_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tens
 # queries per row up to which paged_attention uses batched matmuls (decode steps) instead of the
 # fused SDPA kernel, whose CPU code is tuned for long query blocks (and is slow in bfloat16 for single queries)
 FEW_QUERIES = 4
+SOFTCAP_SCORES = 1 << 24  # scores (fp32) one soft-capped attention chunk may hold
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    allowed: torch.Tensor, scale: float) -> torch.Tensor:
+                    allowed: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Attention of padded query rows over their own paged KV, with grouped KV heads.
 
     q: [B, Q, H, D]; k_cache, v_cache: [KV, num_blocks, bs, D]; block_tables: [B, NB]; allowed:
     [B, Q, L] bool, L = NB * bs. With g = H // KV, K_b = concat over n of k_cache[:, block_tables[b, n]]:
-      out[b, i, h] = softmax_j(scale * q[b, i, h] . K_b[h // g, j], over j with allowed[b, i, j]) @ V_b[h // g].
+      out[b, i, h] = softmax_j(cap(scale * q[b, i, h] . K_b[h // g, j]), over j with allowed[b, i, j]) @ V_b[h // g],
+    cap(s) = softcap · tanh(s / softcap) with a softcap (Gemma 2), else s. A softcap takes the batched
+    matmuls in query chunks of at most SOFTCAP_SCORES scores (SDPA has no soft-cap).
     Long query blocks take one fused scaled_dot_product_attention (its CPU kernel works through the
     keys in tiles: memory of the order of the mask, not of the scores); up to FEW_QUERIES queries per
     row take few_query_attention. Both accumulate in float32. Keys a row may not see must hold finite
@@ -69,6 +72,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     # whole blocks as rows of a 3-d view: index_select on the 4-d cache is several times slower on CPU
     keys = k_cache.view(kv, nb, bs * d).index_select(1, flat).view(kv, b, length, d)
     values = v_cache.view(kv, nb, bs * d).index_select(1, flat).view(kv, b, length, d)
+    if softcap is not None:
+        chunk = max(1, SOFTCAP_SCORES // (b * h * length))
+        return torch.cat([few_query_attention(q[:, i:i + chunk], keys, values, allowed[:, i:i + chunk], scale, softcap)
+                          for i in range(0, nq, chunk)], dim=1)
     if nq <= FEW_QUERIES:
         return few_query_attention(q, keys, values, allowed, scale)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
@@ -77,7 +84,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def few_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+                        scale: float, softcap: float | None = None) -> torch.Tensor:
     """paged_attention's maths as two batched matmuls, for rows of a few queries (decode).
 
     q [B, Q, H, D]; keys, values [KV, B, L, D] (gathered); allowed [B, Q, L]. The g = H // KV query
@@ -90,20 +97,25 @@ def few_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     g = h // kv
     qg = q.view(b, nq, kv, g, d).permute(2, 0, 3, 1, 4).reshape(kv * b, g * nq, d)
     scores = torch.bmm(qg, keys.reshape(kv * b, length, d).transpose(1, 2)).float()
+    scores.mul_(scale)
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     scores.view(kv, b, g, nq, length).masked_fill_(~allowed[None, :, None], float("-inf"))
-    probs = torch.softmax(scores.mul_(scale), dim=-1).to(values.dtype)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.bmm(probs, values.reshape(kv * b, length, d))
     return out.view(kv, b, g, nq, d).permute(1, 3, 0, 2, 4).reshape(b, nq, h, d)
 
 
 def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, kv_offset, prefix_len,
-                           scale: float) -> torch.Tensor:
+                           scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of each row's queries over its adapter's prefix and its own paged KV (GQA): the
     oracle for the kernels. q: [B, Q, H, D]; caches [KV, num_blocks, bs, D]; block_tables [B, NB];
-    q_start, q_lens, kv_offset, prefix_len: [B], as attention_mask takes them. Keys a row may not see
-    are zeroed first (in a copy), so the oracle holds whatever the cache holds."""
+    q_start, q_lens, kv_offset, prefix_len: [B], window as attention_mask takes them, softcap as
+    paged_attention. Keys a row may not see are zeroed first (in a copy), so the oracle holds whatever
+    the cache holds."""
     bs = k_cache.shape[2]
-    allowed = attention_mask(q_start, q_lens, kv_offset, prefix_len, q.shape[1], block_tables.shape[1] * bs)
+    allowed = attention_mask(q_start, q_lens, kv_offset, prefix_len, q.shape[1], block_tables.shape[1] * bs,
+                             window)
     visible = allowed.any(dim=1)  # [B, L]
     kv, _, _, d = k_cache.shape
     flat = block_tables.reshape(-1)
@@ -111,7 +123,8 @@ def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, k
     keys = k_cache.index_select(1, flat).view(kv, b, length, d).where(visible[None, :, :, None], 0)
     values = v_cache.index_select(1, flat).view(kv, b, length, d).where(visible[None, :, :, None], 0)
     rows = torch.arange(b * block_tables.shape[1]).view(b, -1)  # the gathered copy, one block per entry
-    return paged_attention(q, keys.reshape(kv, -1, bs, d), values.reshape(kv, -1, bs, d), rows, allowed, scale)
+    return paged_attention(q, keys.reshape(kv, -1, bs, d), values.reshape(kv, -1, bs, d), rows, allowed, scale,
+                           softcap)
 
 
 # ---- batched LoRA ---------------------------------------------------------------------------

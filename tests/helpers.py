@@ -22,7 +22,30 @@ TINY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=80, num_hidden_layers=2,
                     num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=4096),
+    # the other architectures (server.model.archs), each with what sets it apart turned up so that it shows:
+    # windows shorter than the test prompts, soft-caps the logits reach, multipliers far from 1
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
+    "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                   sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                         "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 10000.0}}),
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, partial_rotary_factor=0.5),
+    "olmo2": dict(model_type="olmo2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+    "granite": dict(model_type="granite", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=3.0, residual_multiplier=0.5,
+                    attention_multiplier=0.05, logits_scaling=2.5),
+    "smollm3": dict(model_type="smollm3", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
 }
+NEW_ARCHS = ("qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "smollm3")
 
 
 def make_tiny_model(path, name: str, vocab_size: int = 512, seed: int = 0, max_positions: int = 256, **overrides):

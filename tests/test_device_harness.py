@@ -45,7 +45,7 @@ class CheckedTritonOps(ops.TritonOps):
     seen: list[str] = []
 
     @staticmethod
-    def attention(q, k_cache, v_cache, meta, scale):
+    def attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
         from quiver.kernels.attention_triton import _check
 
         (m,) = meta

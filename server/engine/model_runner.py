@@ -45,12 +45,10 @@ class ModelRunner:
         self.model_config = ModelConfig.from_dir(model_dir)
         mc = self.model_config
         limit = min(mc.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-        if mc.sliding_window:
-            limit = min(limit, mc.sliding_window)  # inside the window, full attention is exact
         self.max_model_len = config.max_model_len or limit
-        if self.max_model_len > limit:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds what this model supports ({limit}: "
-                             "max_position_embeddings, and the sliding window where there is one)")
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds what this model supports "
+                             f"(max_position_embeddings {mc.max_position_embeddings})")
         self.ops = ops_for(self.device, config.kernels)
         if config.quantization and mc.quantization and config.quantization != mc.quantization:
             raise ValueError(f"--quantization {config.quantization}: the checkpoint is already {mc.quantization}")
@@ -92,7 +90,7 @@ class ModelRunner:
         logits it computed for step.logits_index (None if none), before sampling. A row with a non-finite
         logit is neither recorded nor sampled."""
         mc = self.model_config
-        step.attention = self.ops.attention_meta(step.layout, mc.num_heads // mc.num_kv_heads)
+        step.attention = self.ops.attention_meta(step.layout, mc.num_heads // mc.num_kv_heads, self.model.window_sizes)
         self.upload.send(step)
         if step.fresh_blocks.numel():
             for k_cache, v_cache in self.kv_caches:

@@ -14,19 +14,32 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
 # HF projection -> (fused group, slice index)
 GROUP_OF = {m: (g, i) for g, mods in GROUPS.items() for i, m in enumerate(mods)}
 MODULES = tuple(GROUP_OF)
+# checkpoints that save a group already fused (Phi-3): the group -> its one module's name
+FUSED_NAMES = {"qkv": "qkv_proj", "gate_up": "gate_up_proj"}
+FUSED_GROUP = {name: group for group, name in FUSED_NAMES.items()}
+
+
+def checkpoint_groups(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Fused group -> the checkpoint modules it is read from, in order along its output."""
+    if not cfg.fused_checkpoint:
+        return GROUPS
+    return {group: (FUSED_NAMES[group],) if group in FUSED_NAMES else modules for group, modules in GROUPS.items()}
 
 
 def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of every projection."""
+    """(out, in) of every projection, the fused modules' of checkpoints that save them so included."""
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     return {"q_proj": (cfg.num_heads * d, h), "k_proj": (cfg.num_kv_heads * d, h),
             "v_proj": (cfg.num_kv_heads * d, h), "o_proj": (h, cfg.num_heads * d),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
+            "qkv_proj": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h), "gate_up_proj": (2 * i, h)}
 
 
 def slice_bounds(cfg: ModelConfig, module: str) -> tuple[str, int, int]:
     """(fused group, first row, end row) of one projection's weight inside its fused weight."""
-    group, index = GROUP_OF[module]
     shapes = module_shapes(cfg)
+    if module in FUSED_GROUP:
+        return FUSED_GROUP[module], 0, shapes[module][0]
+    group, index = GROUP_OF[module]
     start = sum(shapes[m][0] for m in GROUPS[group][:index])
     return group, start, start + shapes[module][0]

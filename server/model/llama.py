@@ -1,10 +1,13 @@
-"""A Llama-family decoder (llama, mistral, qwen2) in plain PyTorch over a flat token batch.
+"""One decoder for every supported architecture (server.model.archs) in plain PyTorch over a flat token batch.
 
 All tokens of a step, prefill chunks and decode tokens alike, go through the linear layers
-as one [T, hidden] matrix; only attention looks at rows, through the paged KV cache.
+as one [T, hidden] matrix; only attention looks at rows, through the paged KV cache. What differs between
+architectures (norm placement and offset, q/k norms, activation, scales, soft-caps, per-layer windows and
+rope) is read from the ModelConfig's fields, never from its model_type.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -14,15 +17,28 @@ from quiver.kernels.ops import Ops
 from quiver.server.model.checkpoint import Checkpoint
 from quiver.server.model.config import ModelConfig
 from quiver.server.model.fourbit import Packed4bit, Rows4bit, Scratch, Weight4bit, quantize, read_packed
-from quiver.server.model.layout import GROUPS, module_shapes, slice_bounds
+from quiver.server.model.layout import GROUPS, checkpoint_groups, module_shapes, slice_bounds
 from quiver.server.model.packed import PackedWeight, can_pack
 from quiver.server.model.rope import apply_rope, rope_table
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+# layer norm weights in the checkpoint, by where they stand: before/after attention, before/after the MLP
+NORMS = {"pre": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
+         "sandwich": {"attn_in": "input_layernorm", "attn_out": "post_attention_layernorm",
+                      "mlp_in": "pre_feedforward_layernorm", "mlp_out": "post_feedforward_layernorm"},
+         "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"}}
+ACT = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             fp32_product: bool = False) -> torch.Tensor:
+    """x / rms(x) · (offset + w). Llama rounds the normalised x to x's dtype before the weight; Gemma and
+    OLMo 2 (fp32_product) multiply in float32 and round the product, as transformers does for each."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    if fp32_product:
+        return (xf * (offset + weight.float())).to(x.dtype)
+    return (offset + weight) * xf.to(x.dtype) if offset else weight * xf.to(x.dtype)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -39,8 +55,9 @@ class DecoderLayer(torch.nn.Module):
         def weight(*shape):
             return None if four_bit else param(*shape)
 
-        self.input_norm = param(h)
-        self.post_attn_norm = param(h)
+        self.norms = torch.nn.ParameterDict({where: param(h) for where in NORMS[cfg.norm_layout]})
+        qk = {"head": (d, d), "proj": (cfg.num_heads * d, cfg.num_kv_heads * d)}.get(cfg.qk_norm)
+        self.q_norm, self.k_norm = (param(qk[0]), param(qk[1])) if qk else (None, None)
         self.qkv = weight(qkv_out, h)
         self.qkv_bias = param(qkv_out) if cfg.qkv_bias else None
         self.o = weight(h, cfg.num_heads * d)
@@ -76,10 +93,22 @@ class LlamaModel(torch.nn.Module):
         self.norm = torch.nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
         self.lm_head = None if cfg.tie_word_embeddings else table()
         self.packed_head: PackedWeight | None = None  # set at load on the CPU (server.model.packed)
-        cos, sin = rope_table(cfg, max_len or cfg.max_position_embeddings)
-        self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
-        self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
-        self.scale = cfg.head_dim ** -0.5
+        length = max_len or cfg.max_position_embeddings
+        tables = [rope_table(cfg, length)]
+        if cfg.local_rope is not None:
+            local = cfg.local_rope
+            tables.append(rope_table(cfg, length, theta=float(local.get("rope_theta", cfg.rope_theta)), scaling=local))
+        for i, (cos, sin) in enumerate(tables):
+            self.register_buffer(f"rope_cos{i}", cos.to(dtype), persistent=False)
+            self.register_buffer(f"rope_sin{i}", sin.to(dtype), persistent=False)
+        # each layer's rope table (None: no rope), window and rope index
+        self.layer_rope = [None if i in cfg.no_rope_layers else
+                           int(cfg.local_rope is not None and (cfg.layer_windows or [None] * (i + 1))[i] is not None)
+                           for i in range(cfg.num_layers)]
+        # a window as long as the longest sequence hides nothing: those layers take full attention
+        self.windows = [w if w is not None and w < length else None for w in cfg.layer_windows or [None] * cfg.num_layers]
+        self.window_sizes = tuple(sorted({w for w in self.windows if w is not None}))
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, model_dir: str | Path) -> None:
@@ -97,9 +126,12 @@ class LlamaModel(torch.nn.Module):
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 take = lambda name: tensors.pop(p + name)  # noqa: E731
-                layer.input_norm.copy_(take("input_layernorm.weight"))
-                layer.post_attn_norm.copy_(take("post_attention_layernorm.weight"))
-                for group, modules in GROUPS.items():
+                for where, name in NORMS[self.cfg.norm_layout].items():
+                    layer.norms[where].copy_(take(f"{name}.weight"))
+                if layer.q_norm is not None:
+                    layer.q_norm.copy_(take("self_attn.q_norm.weight"))
+                    layer.k_norm.copy_(take("self_attn.k_norm.weight"))
+                for group, modules in checkpoint_groups(self.cfg).items():
                     keys = [p + ("self_attn." if group in ("qkv", "o") else "mlp.") + m + ".weight" for m in modules]
                     if getattr(layer, group) is None:
                         setattr(layer, group, self._read_4bit(tensors, keys, scratch))
@@ -207,27 +239,44 @@ class LlamaModel(torch.nn.Module):
             x = self.embed.lookup(step.input_ids, self.dtype)
         else:
             x = F.embedding(step.input_ids, self.embed)
+        if c.embed_scale != 1.0 and not c.embed_scale_inputs:  # in the table: before soft prompts go in
+            x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
         for hook in hooks.embed:
             hook.embed(x)
-        cos, sin = self.rope_cos[step.positions], self.rope_sin[step.positions]
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            qkv = self._linear(h, layer.qkv, layer.qkv_bias, hooks, i, "qkv")
-            q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
-            q = apply_rope(q.view(t, nh, d), cos, sin)
-            k = apply_rope(k.view(t, nkv, d), cos, sin)
-            ops.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), step.slot_mapping)
-            attn = ops.attention(q, k_cache, v_cache, step.attention, self.scale).reshape(t, nh * d)
-            x = self._residual(x, self._linear(attn, layer.o, layer.o_bias, hooks, i, "o"), hooks, i, "attn")
-            h = rms_norm(x, layer.post_attn_norm, c.rms_norm_eps)
-            gate, up = self._linear(h, layer.gate_up, layer.gate_up_bias, hooks, i, "gate_up").chunk(2, dim=-1)
-            x = self._residual(x, self._linear(F.silu(gate) * up, layer.down, layer.down_bias, hooks, i, "down"),
-                               hooks, i, "mlp")
-        return rms_norm(x, self.norm, c.rms_norm_eps)
+        if c.embed_scale != 1.0 and c.embed_scale_inputs:
+            x = x * c.embed_scale
+        ropes = [(getattr(self, f"rope_cos{r}")[step.positions], getattr(self, f"rope_sin{r}")[step.positions])
+                 for r in range(1 + (c.local_rope is not None))]
+        act = ACT[c.activation]
+        norm_of = functools.partial(rms_norm, eps=c.rms_norm_eps, offset=c.norm_offset, fp32_product=c.norm_fp32_product)
 
-    @staticmethod
-    def _residual(r, o, hooks, layer: int, loc: str) -> torch.Tensor:
-        y = r + o
+        def norm(layer, where, y):
+            return norm_of(y, layer.norms[where]) if where in layer.norms else y
+
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            qkv = self._linear(norm(layer, "attn_in", x), layer.qkv, layer.qkv_bias, hooks, i, "qkv")
+            q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+            if c.qk_norm == "proj":
+                q, k = norm_of(q, layer.q_norm), norm_of(k, layer.k_norm)
+            q, k = q.reshape(t, nh, d), k.reshape(t, nkv, d)
+            if c.qk_norm == "head":
+                q, k = norm_of(q, layer.q_norm), norm_of(k, layer.k_norm)
+            if self.layer_rope[i] is not None:
+                cos, sin = ropes[self.layer_rope[i]]
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            ops.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), step.slot_mapping)
+            attn = ops.attention(q, k_cache, v_cache, step.attention, self.scale, self.windows[i],
+                                 c.attn_softcap).reshape(t, nh * d)
+            o = norm(layer, "attn_out", self._linear(attn, layer.o, layer.o_bias, hooks, i, "o"))
+            x = self._residual(x, o, hooks, i, "attn")
+            gate_up = self._linear(norm(layer, "mlp_in", x), layer.gate_up, layer.gate_up_bias, hooks, i, "gate_up")
+            gate, up = gate_up.chunk(2, dim=-1)
+            o = norm(layer, "mlp_out", self._linear(act(gate) * up, layer.down, layer.down_bias, hooks, i, "down"))
+            x = self._residual(x, o, hooks, i, "mlp")
+        return norm_of(x, self.norm)
+
+    def _residual(self, r, o, hooks, layer: int, loc: str) -> torch.Tensor:
+        y = r + o * self.cfg.residual_scale if self.cfg.residual_scale != 1.0 else r + o
         for hook in hooks.residual:
             hook.residual(layer, loc, r, o, y)
         return y
@@ -241,4 +290,9 @@ class LlamaModel(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.packed_head or (self.embed if self.lm_head is None else self.lm_head)
-        return (F.linear(hidden, head) if isinstance(head, torch.Tensor) else head.linear(hidden, None)).float()
+        logits = (F.linear(hidden, head) if isinstance(head, torch.Tensor) else head.linear(hidden, None)).float()
+        if self.cfg.logit_scale != 1.0:
+            logits = logits * self.cfg.logit_scale
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
