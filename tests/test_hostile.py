@@ -207,7 +207,7 @@ def test_chat_without_max_tokens_leaves_room_for_virtual_tokens(hostile):
 
 def test_an_adapter_with_overflowing_weights_fails_only_its_own_requests(hostile):
     """Finite weights whose products overflow: non-finite logits for that adapter's rows alone."""
-    name = _lora_files(hostile, "overflow", edit_tensors=lambda t: {k: torch.full_like(v, 1e18) for k, v in t.items()})
+    name = _lora_files(hostile, "overflow", edit_tensors=lambda t: {k: torch.full_like(v, 1e30) for k, v in t.items()})
     assert httpx.post(hostile.url + "/v1/adapters", json={"name": name, "path": name}).status_code == 200
     r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 3}))
     assert error_of(r, 500)["code"] == "non_finite_logits"
