@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import os
 import re
+import shutil
 import threading
 import time
 
@@ -16,12 +19,13 @@ import pytest
 import torch
 from helpers import LiveServer, make_tiny_model
 from peft_fixtures import lora_variants, make_adapter, make_prompt_adapter, prompt_variants
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
 from quiver.server.engine.async_engine import AsyncEngine
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
-from quiver.server.engine.metrics import Metrics
+from quiver.server.engine.metrics import OTHER, Metrics
 
 NEIGHBOUR = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
 RSS_BOUND = 1.5 * 2**30
@@ -203,7 +207,7 @@ def test_chat_without_max_tokens_leaves_room_for_virtual_tokens(hostile):
 
 def test_an_adapter_with_overflowing_weights_fails_only_its_own_requests(hostile):
     """Finite weights whose products overflow: non-finite logits for that adapter's rows alone."""
-    name = _lora_files(hostile, "overflow", edit_tensors=lambda t: {k: torch.full_like(v, 1e18) for k, v in t.items()})
+    name = _lora_files(hostile, "overflow", edit_tensors=lambda t: {k: torch.full_like(v, 1e30) for k, v in t.items()})
     assert httpx.post(hostile.url + "/v1/adapters", json={"name": name, "path": name}).status_code == 200
     r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 3}))
     assert error_of(r, 500)["code"] == "non_finite_logits"
@@ -452,3 +456,135 @@ def test_an_adapter_named_base_or_linking_out_of_its_folder_is_refused(hostile, 
     r, _ = run_case(hostile, lambda c: c.post("/v1/adapters", json={"name": "linked", "path": "linked"}))
     assert "links out of its adapter folder" in error_of(r, 400, "path")["message"]
     assert "linked" not in hostile.engine.adapter_names()
+
+
+# ---- adapter dirs, metrics, files edited in place, grammars too complex ------------------------------
+def test_a_big_adapter_dir_with_unreadable_entries_answers_every_request(hostile, monkeypatch, caplog):
+    """3000 junk folders (empty, stray files, a config alone), one that cannot be listed, a file and a dangling
+    link where folders are expected, in an adapter dir: unknown names are 404s and /v1/models lists none."""
+    junk = hostile.adapters / "junk"
+    junk.mkdir()
+    real_listdir = os.listdir
+
+    def listdir(path="."):  # root reads a chmod 000 folder: its refusal is simulated as test_discovery does
+        if os.path.basename(os.fspath(path)) == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    caplog.set_level(logging.WARNING, logger="quiver.server.families")
+    try:
+        for i in range(3000):
+            (junk / f"j{i}").mkdir()
+            if i % 3:
+                (junk / f"j{i}" / ("adapter_config.json" if i % 3 == 1 else "notes.txt")).write_text("{}")
+        (junk / "locked").mkdir(mode=0)
+        (junk / "a_file").write_text("{}")
+        (junk / "dangling").symlink_to(junk / "nowhere")
+        names = [f"nobody{i}" for i in range(100)] + ["j1", "j2", "j3", "locked", "a_file", "dangling", "junk"]
+        assert not set(hostile.engine.add_adapter_dir(str(junk))) & {*names, *(f"j{i}" for i in range(3000))}
+
+        async def send(c):
+            return await asyncio.gather(*(c.post("/v1/completions", json={"model": n, "prompt": "x"}) for n in names),
+                                        *(c.get("/v1/models") for _ in range(20)))
+
+        answers, slowest = run_case(hostile, send)
+        for name, r in zip(names, answers):
+            assert error_of(r, 404, "model")["message"].startswith(f"model '{name}' does not exist")
+        for r in answers[len(names):]:
+            assert r.status_code == 200, r.text[:300]
+            assert not {m["id"] for m in r.json()["data"]} & {*names, *(f"j{i}" for i in range(3000))}
+        assert any(r.getMessage().startswith(f"skipping {junk / 'locked'}") for r in caplog.records)
+        assert slowest < 1.0
+    finally:
+        if (junk / "locked").exists():
+            (junk / "locked").chmod(0o700)  # as any other user, for rmtree
+        shutil.rmtree(junk)
+
+
+def test_a_folder_still_being_copied_is_unknown_then_served(hostile, tmp_path):
+    """Its config without its weights: the unknown name's 404 (never a 500 nor `failed`), then served once
+    the copy completes."""
+    make_adapter(hostile.hf, tmp_path / "src", lora_variants(2)["lora_qv"], seed=9)
+    hostile.engine.add_adapter_dir(str(hostile.adapters))
+    half = hostile.adapters / "half"
+    half.mkdir()
+    shutil.copy(tmp_path / "src" / "adapter_config.json", half)
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": "half", "prompt": "x"}))
+    assert error_of(r, 404, "model")["message"].startswith("model 'half' does not exist")
+    assert "half" not in {a["name"] for a in httpx.get(hostile.url + "/v1/adapters").json()["data"]}
+    shutil.copy(tmp_path / "src" / "adapter_model.safetensors", half)
+    r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={"model": "half", "prompt": "x",
+                                                                         "max_tokens": 2}))
+    assert r.status_code == 200, r.text[:300]
+    assert slowest < 1.0
+
+
+def _labels(text: str) -> set[str]:
+    return {s.labels["adapter"] for f in text_string_to_metric_families(text) for s in f.samples
+            if "adapter" in s.labels}
+
+
+def test_metrics_label_at_most_the_cap_of_adapters_and_drop_unloaded_ones(hostile, monkeypatch):
+    metrics = hostile.async_engine.metrics
+    cap = len(metrics._labels) + 2  # two places left under the cap, whatever earlier cases labelled
+    monkeypatch.setattr(metrics, "max_adapters", cap)
+    names = [f"m{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        make_adapter(hostile.hf, hostile.adapters / "cap" / name, lora_variants(2)["lora_qv"], seed=20 + i)
+        assert httpx.post(hostile.url + "/v1/adapters", json={"name": name, "path": f"cap/{name}"}).status_code == 200
+
+    async def send(c):
+        return await asyncio.gather(*(c.post("/v1/completions", json={"model": n, "prompt": "x", "max_tokens": 2})
+                                      for n in names))
+
+    answers, slowest = run_case(hostile, send)
+    assert {r.status_code for r in answers} == {200}
+    labels = _labels(httpx.get(hostile.url + "/metrics").text)
+    own = labels & set(names)
+    assert len(own) == 2 and OTHER in labels and len(labels - {"base", OTHER}) <= cap, labels
+    for name in names:
+        assert httpx.delete(hostile.url + f"/v1/adapters/{name}").status_code == 200
+    hostile.wait_idle()
+    httpx.post(hostile.url + "/v1/completions", json=NEIGHBOUR, timeout=60)  # a step: the unloads are observed
+    assert not _labels(httpx.get(hostile.url + "/metrics").text) & set(names)
+    assert slowest < 1.0
+
+
+def test_a_prefix_adapter_edited_in_place_is_served_with_its_new_weights_after_a_reload(hostile):
+    """Its tensors rewritten on disk between two requests, then unloaded and loaded again: served (no 500),
+    with the output of a fresh copy of the edited folder."""
+    folder = hostile.adapters / "edits"
+    make_prompt_adapter(hostile.hf, folder / "live", prompt_variants()["ptuning_v2"], seed=10)
+    body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+    def ask(name):
+        r, _ = run_case(hostile, lambda c: c.post("/v1/completions", json={**body, "model": name}))
+        assert r.status_code == 200, r.text[:300]
+        return r.json()["choices"][0]["text"]
+
+    assert httpx.post(hostile.url + "/v1/adapters", json={"name": "live", "path": "edits/live"}).status_code == 200
+    before = ask("live")
+    weights = folder / "live" / "adapter_model.safetensors"
+    save_file({k: -3 * v for k, v in load_file(str(weights)).items()}, str(weights))
+    assert httpx.delete(hostile.url + "/v1/adapters/live").status_code == 200
+    assert httpx.post(hostile.url + "/v1/adapters", json={"name": "live", "path": "edits/live"}).status_code == 200
+    shutil.copytree(folder / "live", folder / "copy")
+    assert httpx.post(hostile.url + "/v1/adapters", json={"name": "copy", "path": "edits/copy"}).status_code == 200
+    after = ask("live")
+    assert after == ask("copy") and after != before, (before, after)
+    for name in ("live", "copy"):
+        assert httpx.delete(hostile.url + f"/v1/adapters/{name}").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_past_llguidances_complexity_limit_is_a_400_before_any_200(hostile, stream):
+    """Under --max-grammar-chars, but six allOf'ed anyOfs of ten: llguidance's expansion limit refuses it at
+    compile, so the answer is a 400 naming response_format, not a 200 whose first token then fails."""
+    schema = {"allOf": [{"anyOf": [{"type": "object", "properties": {f"p{i}_{j}": {"type": "integer"}},
+                                    "required": [f"p{i}_{j}"]} for j in range(10)]} for i in range(6)]}
+    assert len(json.dumps(schema)) < 64 << 10
+    body = _chat(stream=stream, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    r, slowest = run_case(hostile, lambda c: c.post("/v1/chat/completions", json=body))
+    assert "schema too large" in error_of(r, 400, "response_format")["message"]
+    assert slowest < 1.0
