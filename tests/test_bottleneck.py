@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from bottleneck_ref import DOUBLE_SEQ_BN, SEQ_BN, make_bottleneck, reference_logits
-from helpers import check_mixed_batch
+from helpers import check_mixed_batch, make_tiny_model
 
 from quiver.adapters.errors import AdapterError
 from quiver.server.engine.config import EngineConfig
@@ -69,3 +69,15 @@ def test_pickle_only_bottleneck_is_refused(bottlenecks, tiny_models, tokenizer, 
     (bad / "adapter.safetensors").rename(bad / "pytorch_adapter.bin")
     with pytest.raises(AdapterError, match="pickle"):
         engine.load_adapter("bad", str(bad))
+
+
+def test_a_bottleneck_over_another_architecture_is_refused_by_name(plain_tokenizer, tmp_path):
+    """Gemma's norms around each block put AdapterHub's bottleneck elsewhere: refused, not misplaced."""
+    hf = make_tiny_model(tmp_path / "gemma2", "gemma2")
+    make_bottleneck(hf, tmp_path / "bn", "bn", SEQ_BN, seed=1)
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path / "gemma2"), num_kv_blocks=32, block_size=4,
+                                    max_model_len=64), tokenizer=plain_tokenizer)
+    with pytest.raises(AdapterError, match="bn: bottleneck adapters are served over llama, mistral, qwen2 bases.*"
+                                           "this base is gemma2"):
+        engine.load_adapter("bn", str(tmp_path / "bn"))
+    assert engine.adapter_names() == []

@@ -6,8 +6,11 @@ from __future__ import annotations
 import torch
 
 from quiver.adapters.bottleneck import BottleneckAdapter, load_bottleneck
+from quiver.adapters.errors import AdapterError
 from quiver.kernels.ops import Ops
 from quiver.server.families.base import Binding
+
+BASES = ("llama", "mistral", "qwen2")  # pre-norm decoders without extra norms or multipliers around the residual
 
 
 class BottleneckFamily:
@@ -27,6 +30,9 @@ class BottleneckFamily:
 
     def read(self, name: str, path: str) -> BottleneckAdapter:
         cfg = self.cfg
+        if cfg.model_type not in BASES:
+            raise AdapterError(f"{name}: bottleneck adapters are served over {', '.join(BASES)} bases, where "
+                               f"AdapterHub places them as Quiver does; this base is {cfg.model_type}")
         return load_bottleneck(name, path, cfg.num_layers, cfg.hidden_size, cfg.model_type, **self.files)
 
     def stage(self, adapter: BottleneckAdapter) -> BottleneckAdapter:
