@@ -381,3 +381,15 @@ def test_listening_beyond_loopback_without_a_key_warns_once(flags, warned, tiny_
         serve(args)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == warned and all("anyone who can reach" in w and "--api-key" in w for w in warnings)
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"model_type": "qwen3_moe", "num_experts": 8}, "model_type 'qwen3_moe' (a mixture-of-experts base) is not "
+                                                    "supported (supported: llama, mistral, qwen2, qwen3, gemma2"),
+    ({"model_type": "gemma3"}, "model_type 'gemma3' (a vision-language model (serve its text model"),
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported (supported: llama"),
+])
+def test_an_unsupported_architecture_is_one_line_before_any_weight_is_read(config, says, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(config))  # no weights at all: refused before looking
+    err = one_line_error(["serve", str(tmp_path), "--dtype", "float32", "--port", "0"], capsys)
+    assert err.startswith("quiver serve: error: " + says), err
