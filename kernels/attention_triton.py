@@ -188,8 +188,8 @@ def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_offset, q_start,
         ml = torch.empty(2, splits, t, h, dtype=torch.float32, device=q.device)
     _prefix_paged_attention[(tiles.shape[0], kv, splits)](
         q, k_cache, v_cache, out, part, ml, tiles, block_tables, q_offset, q_start, q_lens, kv_offset, prefix_len,
-        scale, window or 0, softcap or 1.0, group, d, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1), t * h,
+        scale, window or 0, softcap or 1.0, group, d, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), t * h,
         BLOCK_SIZE=bs, BLOCK_M=BLOCK_M, BLOCK_D=max(16, triton.next_power_of_2(d)),
         PRECISION="ieee" if q.dtype == torch.float32 else None, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
         WINDOWED=window is not None, SOFTCAP=softcap is not None, **config(d, q.dtype))
