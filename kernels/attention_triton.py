@@ -6,7 +6,12 @@ q_offset[b] (flat index of its first query), q_start[b] (its first query's posit
 q_lens[b], kv_offset[b] (cache index of its own key 0), prefix_len[b]. Query i of row b (token
 q_offset[b] + i, head h) attends to the keys j of its block table with j < prefix_len[b] or
 kv_offset[b] <= j <= kv_offset[b] + q_start[b] + i, through KV head h // (H / KV):
-  out[t, h] = softmax_j(scale * q[t, h] . K[h // g, j]) @ V[h // g]   (float32 accumulation).
+  out[t, h] = softmax_j(cap(scale * q[t, h] . K[h // g, j])) @ V[h // g]   (float32 accumulation),
+cap(s) = softcap * tanh(s / softcap) with a soft-cap (as 2 sigmoid(2x) - 1: Triton 3.6 has no tanh), else s.
+With a sliding window W (window > 0) the query at position p = q_start[b] + i keeps the keys less than W
+positions back: own key j at position j - kv_offset[b], prefix key j at j - prefix_len[b]
+(kernels.torch_meta.attention_mask). Both are compile-time switches (WINDOWED, SOFTCAP): a layer without
+them compiles to the plain kernel.
 
 One program per (row tile, KV head, key split). A row tile holds BLOCK_M (query position, head of the
 KV group) pairs of one row, so a decode step of a GQA model fills a tile with the group's heads; the
@@ -14,10 +19,12 @@ tiles are listed per step (kernels.triton_meta), so decode and prefill rows shar
 launches programs in proportion to its queries, never rows x its longest chunk, and nothing is padded
 or gathered. Keys are walked in BLOCK_N chunks through the block table (each key finds its own cache
 block; the block size is a compile-time constant, so that lookup is a shift or a multiply, not a
-64-bit division), up to the last key the tile's last query may see, with an online softmax in float32.
-Each prefill tile walks its row's whole prefix and earlier chunk again (no sharing between the tiles of
-a row). With S > 1 key splits (split-KV, for long keys at small batch) split s walks the s-th of S equal
-key ranges and leaves its unnormalised sum, running max and denominator; a log-sum-exp combine joins them.
+64-bit division), from the chunk of the first key the tile's first query may see (key 0 without a
+window; with one, a long row costs O(W), not O(p)) to the last key its last query may see, with an
+online softmax in float32. Each prefill tile walks its row's prefix and earlier chunk again (no sharing
+between the tiles of a row). With S > 1 key splits (split-KV, for long keys at small batch) split s walks
+the s-th of S equal ranges of those keys and leaves its unnormalised sum, running max and denominator; a
+log-sum-exp combine joins them.
 bf16 and fp16 q, k, v and p go to the tensor-core dots as they are (float32 accumulation); float32 uses
 exact fp32 dots. Triton's CPU interpreter computes bf16 wrongly, so there (and only there) bf16 is
 widened first.
@@ -40,11 +47,13 @@ PER_STEP = ["stride_tb", "pairs"]
 
 @triton.jit(do_not_specialize=PER_STEP)
 def _prefix_paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tiles_ptr, tables_ptr, q_off_ptr,
-                            q_start_ptr, q_lens_ptr, kv_off_ptr, prefix_ptr, scale, GROUP, D,
+                            q_start_ptr, q_lens_ptr, kv_off_ptr, prefix_ptr, scale, window, softcap, GROUP, D,
                             stride_qt, stride_qh, stride_kh, stride_kb, stride_ks, stride_tb, stride_ot, stride_oh,
                             pairs, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """part [S, T, H, D] and ml [2, S, T, H] float32 (pairs = T * H) take split-KV's partial results."""
+                            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr):
+    """part [S, T, H, D] and ml [2, S, T, H] float32 (pairs = T * H) take split-KV's partial results;
+    window and softcap are read only when WINDOWED, SOFTCAP."""
     tile, kvh, split = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     splits = tl.num_programs(2)
     b = tl.load(tiles_ptr + 2 * tile)
@@ -69,8 +78,12 @@ def _prefix_paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tile
     q_tok = q_start + tl.minimum(qi, q_len - 1)  # position of each query in its sequence
     last_q = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1)
     n_end = kv_off + q_start + last_q + 1  # no query of this tile sees a key past this
-    chunk = tl.cdiv(tl.cdiv(n_end, splits), BLOCK_N) * BLOCK_N  # this split's keys: lo .. lo + chunk - 1
-    lo = split * chunk
+    n_start = 0
+    if WINDOWED:  # the first key the tile's first query sees: a prefix key while that query is < W - 1
+        oldest = q_start + (pid_m * BLOCK_M) // GROUP - window + 1  # position; the prefix's are negative
+        n_start = tl.where(oldest < 0, tl.maximum(prefix + oldest, 0), kv_off + oldest) // BLOCK_N * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(n_end - n_start, splits), BLOCK_N) * BLOCK_N  # this split's keys: lo .. lo + chunk - 1
+    lo = n_start + split * chunk
     hi = tl.minimum(lo + chunk, n_end)
     table = tables_ptr + b.to(tl.int64) * stride_tb
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -85,7 +98,12 @@ def _prefix_paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tile
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * scale  # [M, N], float32
+        if SOFTCAP:
+            s = softcap * (2.0 * tl.sigmoid(s * (2.0 / softcap)) - 1.0)
         allowed = key_ok[None, :] & ((rn[None, :] < prefix) | (rn[None, :] - kv_off <= q_tok[:, None]))
+        if WINDOWED:
+            pos = tl.where(rn >= kv_off, rn - kv_off, rn - prefix)  # each key's position
+            allowed = allowed & (q_tok[:, None] - pos[None, :] < window)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
@@ -151,10 +169,12 @@ def _check(q, k_cache, v_cache, block_tables, rows: tuple, tiles) -> None:
 
 
 def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_offset, q_start, q_lens, kv_offset, prefix_len,
-                           scale, tiles: torch.Tensor | None = None, splits: int = 1):
+                           scale, tiles: torch.Tensor | None = None, splits: int = 1, window: int | None = None,
+                           softcap: float | None = None):
     """q [T, H, D] -> [T, H, D] (the module docstring). tiles: the step's [n, 2] int32 (row, block) list
     (kernels.grouping.attention_tiles), made here (a device-to-host read of q_lens) when not given.
-    splits: key splits per row (kv_splits chooses them for a step)."""
+    splits: key splits per row (kv_splits chooses them for a step). window (>= 1), softcap: as
+    kernels.torch_ops.prefix_paged_attention takes them, None for none."""
     t, h, d = q.shape
     kv, _, bs, _ = k_cache.shape
     group = h // kv
@@ -168,11 +188,11 @@ def prefix_paged_attention(q, k_cache, v_cache, block_tables, q_offset, q_start,
         ml = torch.empty(2, splits, t, h, dtype=torch.float32, device=q.device)
     _prefix_paged_attention[(tiles.shape[0], kv, splits)](
         q, k_cache, v_cache, out, part, ml, tiles, block_tables, q_offset, q_start, q_lens, kv_offset, prefix_len,
-        scale, group, d, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1), t * h,
+        scale, window or 0, softcap or 1.0, group, d, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), t * h,
         BLOCK_SIZE=bs, BLOCK_M=BLOCK_M, BLOCK_D=max(16, triton.next_power_of_2(d)),
         PRECISION="ieee" if q.dtype == torch.float32 else None, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
-        **config(d, q.dtype))
+        WINDOWED=window is not None, SOFTCAP=softcap is not None, **config(d, q.dtype))
     if splits > 1:
         out.copy_(combine_splits(part, ml[0], ml[1]))
     return out

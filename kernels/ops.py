@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from quiver.kernels import torch_ops
-from quiver.kernels.grouping import attend_groups
+from quiver.kernels.grouping import ROW_TILE, attend_groups
 from quiver.kernels.torch_meta import TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
 from quiver.kernels.triton_meta import PagedAttention, TritonLoraMeta, paged_attention_meta, triton_lora_meta
 
@@ -165,13 +165,13 @@ class TritonOps:
                   softcap: float | None = None) -> torch.Tensor:
         from quiver.kernels.attention_triton import kv_splits, prefix_paged_attention
 
-        if window is not None or softcap is not None:
-            raise NotImplementedError("sliding-window and soft-capped attention have no Triton kernel yet "
-                                      "(--ops-backend torch serves them)")
         (m,) = meta  # one launch over the flat tokens: no padded gather, no scatter
-        splits = kv_splits(m.tiles.shape[0] * k_cache.shape[0], m.max_keys)
+        # a tile's queries span at most ROW_TILE positions, so a window bounds the keys it walks
+        keys = m.max_keys if window is None else min(m.max_keys, window + ROW_TILE)
+        splits = kv_splits(m.tiles.shape[0] * k_cache.shape[0], keys)
         return prefix_paged_attention(q, k_cache, v_cache, m.block_tables, m.q_offset, m.q_start, m.q_lens,
-                                      m.kv_offset, m.prefix_len, scale, tiles=m.tiles, splits=splits)
+                                      m.kv_offset, m.prefix_len, scale, tiles=m.tiles, splits=splits, window=window,
+                                      softcap=softcap)
 
     @staticmethod
     def lora_buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,

@@ -106,7 +106,7 @@ def run_triton(q, kc, vc, bt, start, lens, off, prefix, scale, **kw):
 def assert_rows_close(got_flat, want, lens, tol):
     """got_flat [T, H, D] against want [B, Q, H, D] padded, row by row."""
     assert got_flat.shape[0] == int(lens.sum())
-    torch.testing.assert_close(got_flat.double(), flat(want, lens)[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(got_flat.double(), flat(want, lens)[0].double(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -257,3 +257,49 @@ def test_per_step_arguments_are_not_specialised(launches):
     if dns is None:  # the interpreter's function keeps the decorator's arguments
         dns = kernel.kwargs["do_not_specialize"]
     assert varying <= set(dns), varying
+
+
+# ---- sliding window and logit soft-cap --------------------------------------------------------------
+
+# decode and prefill rows, prefixes (64, 9, 5, 2 keys) longer and shorter than the windows (64: longer than
+# a key tile, so a walk that skipped the prefix would miss whole tiles of it), and rows long enough that a
+# window leaves whole key tiles behind (and split-KV has more than one split to fill)
+WINDOW_ROWS = [(1, 6, 0), (1, 13, 5), (1, 0, 9), (1, 2, 2), (1, 70, 9), (7, 0, 0), (5, 3, 9), (3, 9, 5),
+               (6, 0, 2), (4, 60, 5), (1, 3, 64), (4, 0, 64)]
+
+
+@pytest.mark.parametrize("window", [1, 3, 7])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_window_and_softcap_match_reference(window, softcap, splits, dtype):
+    """The kernel's window (prefix keys counted just before the row's own) and soft-cap equal the torch
+    oracle's, on a mixed step, split-KV on and off; unreferenced cache blocks are NaN."""
+    q, kc, vc, bt, (start, lens, off, prefix) = make_case(4, 2, WINDOW_ROWS, block_size=4, num_blocks=110,
+                                                        seed=window)
+    q, kc, vc = q.to(dtype), kc.to(dtype), vc.to(dtype)
+    scale = 1.0  # scores well past the soft-cap, so that it shows
+    want = prefix_paged_attention(q.float(), kc.float(), vc.float(), bt, start, lens, off, prefix, scale, window,
+                                  softcap)
+    got = run_triton(q, kc, vc, bt, start, lens, off, prefix, scale, splits=splits, window=window, softcap=softcap)
+    assert_rows_close(got, want, lens, HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_window_walk_starts_at_the_window(splits):
+    """With a window the key walk starts at the key tile of the first key a query tile may see: every
+    key before that tile is NaN here, so reading one (0 x NaN) would poison the output."""
+    from quiver.kernels.attention_triton import config
+
+    rows = [(1, 200, 5), (5, 150, 9)]
+    q, kc, vc, bt, (start, lens, off, prefix) = make_case(4, 2, rows, block_size=16, num_blocks=40, seed=splits)
+    window, bs, block_n = 7, 16, config(16, torch.float32)["BLOCK_N"]
+    for r in range(len(rows)):
+        first = int(off[r] + start[r]) - window + 1  # cache index of the first query's oldest visible key
+        for j in range(first // block_n * block_n):
+            kc[:, bt[r, j // bs], j % bs] = float("nan")
+            vc[:, bt[r, j // bs], j % bs] = float("nan")
+    scale = 1 / math.sqrt(16)
+    want = prefix_paged_attention(q, kc, vc, bt, start, lens, off, prefix, scale, window)
+    got = run_triton(q, kc, vc, bt, start, lens, off, prefix, scale, splits=splits, window=window)
+    assert_rows_close(got, want, lens, 1e-4)

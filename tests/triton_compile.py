@@ -27,7 +27,7 @@ def signatures(p: str, prec, upcast: bool):
     attention = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "part_ptr": "*fp32", "ml_ptr": "*fp32",
                  "tiles_ptr": "*i32", "tables_ptr": "*i64",
                  **{k: "*i64" for k in ("q_off_ptr", "q_start_ptr", "q_lens_ptr", "kv_off_ptr", "prefix_ptr")},
-                 "scale": "fp32", "GROUP": "i32", "D": "i32",
+                 "scale": "fp32", "window": "i32", "softcap": "fp32", "GROUP": "i32", "D": "i32",
                  **{k: "i32" for k in ("stride_qt", "stride_qh", "stride_kh", "stride_kb", "stride_ks", "stride_tb",
                                        "stride_ot", "stride_oh", "pairs")}}
     dtype = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}[p]
@@ -46,10 +46,10 @@ def signatures(p: str, prec, upcast: bool):
                                           "stride_xat": "i32", "stride_bl": "i32", "stride_br": "i32",
                                           "stride_yt": "i32"},
          dict(BLOCK_N=lt.BLOCK_N, BLOCK_R=lt.BLOCK_R)),
-        *[(f"attention_d{d}", at._prefix_paged_attention, attention,
+        *[(f"attention_d{d}{tag}", at._prefix_paged_attention, attention,
            dict(BLOCK_SIZE=16, BLOCK_M=at.BLOCK_M, BLOCK_N=cfg.pop("BLOCK_N"), BLOCK_D=d, PRECISION=prec,
-                UPCAST=upcast), cfg)  # cfg: what is left of the launch table, num_warps and num_stages
-          for d in (64, 128) for cfg in [at.config(d, dtype)]],
+                UPCAST=upcast, WINDOWED=bool(tag), SOFTCAP=bool(tag)), cfg)  # cfg: the rest of the launch table
+          for d, tag in ((64, ""), (128, ""), (256, "_window_softcap")) for cfg in [at.config(d, dtype)]],
         ("dequantize_4bit", nt._dequantize_4bit, {"data_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
                                                   "out_ptr": p, "n": "i32"}, dict(BLOCKSIZE=64, BYTES=nt.BYTES)),
     ]
