@@ -15,6 +15,8 @@ BENCHMARKS = {
     "serving": ("HTTP load generator: Poisson arrivals over uniform or Zipf-drawn adapters", "1.5 min"),
     "throughput": ("tokens/s against transformers' generate at several concurrency levels", "1.5 min"),
     "families": ("decode throughput of each adapter family against the base model", "3 min"),
+    "archs": ("decode tok/s of each supported architecture's small random shape, Quiver against transformers",
+              "5 min"),
     "hotload": ("from POST /v1/adapters to the first token of the new adapter", "1 min"),
     "mixed": ("engine step times on decode rows with long prompts prefilling in the same steps", "1 min"),
     "attention": ("attention for mixed prefill + decode steps: planned groups vs padded vs SDPA per row", "1 min"),

@@ -3,6 +3,7 @@ throughput (output tokens/s once every row has its first token) and end-to-end t
 
     quiver bench families [--batch 32] [--new-tokens 64] [--adapters 8] [--virtual-tokens 20]
                           [--device cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
+                          [--model DIR|SHAPE]
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from quiver.bench.adapters import make_adapters
 from quiver.bench.common import (add_device_args, add_out_arg, cuda_peak, dtype_name, machine, release, results_dir,
                                  write_json)
+from quiver.bench.models import MODEL_HELP, bench_model
 from quiver.bench.plot import bar_plot
 from quiver.bench.throughput import prompts
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     add_device_args(ap)
     add_out_arg(ap)
     args = ap.parse_args(argv)
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     from quiver.server.engine.config import EngineConfig
     from quiver.server.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, device=args.device,
+    shapes = tempfile.TemporaryDirectory()  # a named shape's random model, for this run
+    engine = LLMEngine(EngineConfig(model=bench_model(args.model, shapes.name), num_threads=args.threads, device=args.device,
                                     dtype=args.dtype, max_loras=args.adapters, max_lora_rank=args.rank,
                                     max_num_seqs=max(64, args.batch)))
     threads = torch.get_num_threads()

@@ -16,6 +16,25 @@ SHAPES = {
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                      max_position_embeddings=8192),
 }
+# a small random shape of each supported architecture (server.model.archs), by its model_type: what sets the
+# architecture apart switched on (windows shorter than a bench's prompts, multipliers, q/k norms by default)
+SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=8192, max_position_embeddings=4096, pad_token_id=0)
+ARCH_SHAPES = {
+    "llama": {}, "mistral": dict(sliding_window=4096), "qwen2": {}, "qwen3": {},
+    "gemma2": dict(sliding_window=32, query_pre_attn_scalar=64),
+    "gemma3_text": dict(sliding_window=32, query_pre_attn_scalar=64,
+                        layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    "phi3": {}, "olmo2": {},
+    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 64,
+                    logits_scaling=8.0),
+    "smollm3": {},
+}
+MODEL_HELP = (f"a model directory, or a shape's name for a random model of it: {', '.join([*SHAPES, *ARCH_SHAPES])} "
+              "(default: the embedded SmolLM2)")
+# a bare chat template, so chat workloads run on a random model's tokenizer
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
 
 
 def plain_tokenizer(vocab_size: int):
@@ -44,18 +63,38 @@ def random_tokenizer(vocab_size: int, seed: int = 0):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+                                   pad_token="</s>", chat_template=CHAT_TEMPLATE)
+
+
+def shape_config(shape: str):
+    """The transformers config of a named shape: SHAPES (Llama) or an architecture's ARCH_SHAPES entry."""
+    from transformers import AutoConfig
+
+    common = dict(bos_token_id=1, eos_token_id=2, initializer_range=0.02)
+    if shape in SHAPES:
+        return AutoConfig.for_model("llama", **SHAPES[shape], **common, rms_norm_eps=1e-5)
+    if shape in ARCH_SHAPES:
+        return AutoConfig.for_model(shape, **SMALL, **ARCH_SHAPES[shape], **common)
+    raise ValueError(f"no model shape named {shape!r} (shapes: {', '.join([*SHAPES, *ARCH_SHAPES])})")
+
+
+def bench_model(model: str | None, root: Path) -> str | None:
+    """--model as a bench takes it: a shape's name (not an existing folder) becomes a random model of that
+    shape under `root`; a folder, or None (the embedded model), as it is."""
+    if model is None or Path(model).exists() or (model not in SHAPES and model not in ARCH_SHAPES):
+        return model
+    return str(random_model(Path(root) / model, model))
 
 
 def random_model(path: Path, shape: str = "smollm2-135m", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """A Llama-family checkpoint folder with random weights in `shape`, its tokenizer (random_tokenizer)
+    """A checkpoint folder with random weights in `shape` (shape_config), its tokenizer (random_tokenizer)
     beside it."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, initializer_range=0.02, rms_norm_eps=1e-5)
+    cfg = shape_config(shape)
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

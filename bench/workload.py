@@ -9,7 +9,7 @@ their rounds alternate, so a speed-up or the cost of LoRA rows is a ratio of nei
 in one run on one machine.
 
     quiver bench workload [--dtypes float32 auto] [--baseline TREE] [--repeats 3] [--threads N]
-                          [--model DIR] [--requests 64] [--new-tokens 64]
+                          [--model DIR|SHAPE] [--requests 64] [--new-tokens 64]
 """
 from __future__ import annotations
 
@@ -113,13 +113,14 @@ class Worker:
 
 def main(argv: list[str] | None = None) -> dict:
     from quiver.bench.common import add_out_arg, machine, write_json
+    from quiver.bench.models import MODEL_HELP, bench_model
 
     ap = argparse.ArgumentParser(prog="quiver bench workload")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "auto"])
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout with its own .venv")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of the workload per engine (median reported)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
     ap.add_argument("--requests", type=int, default=64, help="chat requests per round, all in flight")
     ap.add_argument("--new-tokens", type=int, default=64)
     add_out_arg(ap)
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         engines["baseline"] = str(args.baseline.resolve() / ".venv" / "bin" / "python")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        args.model = bench_model(args.model, tmp)
         paths = make_adapters(Path(tmp), args.model)
         for dtype in args.dtypes:
             # one process per engine and mix, all resident; their rounds alternate, so every figure of a

@@ -31,7 +31,7 @@ CHECK_PROMPTS = ("The capital of France is", "def fibonacci(n):",
 
 
 def _key(layer: int, module: str) -> str:
-    part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj") else "mlp"  # Phi-3 fuses qkv
     return f"model.layers.{layer}.{part}.{module}.weight"
 
 
