@@ -2,9 +2,9 @@
 slots that hold up to --max-loras of them, and the step hook that adds every token's delta.
 
 Per layer and fused projection (qkv, o, gate_up, down) the slots are one LoraBuffers in the kernel
-backend's layout (kernels.ops), a slice per module the checkpoint saves (one spanning the group for a
-module saved fused, Phi-3's qkv_proj and gate_up_proj), plus DoRA's (g - 1) per output column, whose last, all-zero row
-serves tokens with no adapter. Which adapter sits in which slot is the registry's call.
+backend's layout (kernels.ops), a slice per module the checkpoint saves (one spanning the group for
+Phi-3's fused qkv_proj and gate_up_proj), plus DoRA's (g - 1) per output column, whose last, all-zero
+row serves tokens with no adapter. Which adapter sits in which slot is the registry's call.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def group_of(cfg: ModelConfig, module: str) -> tuple[str, int]:
     for group, modules in checkpoint_groups(cfg).items():
         if module in modules:
             return group, modules.index(module)
-    raise KeyError(f"{module!r} is not a projection of this checkpoint (its projections: {', '.join(module_shapes(cfg))})")
+    raise KeyError(f"{module!r} is not a projection this checkpoint saves ({', '.join(module_shapes(cfg))})")
 
 
 def slice_bounds(cfg: ModelConfig, module: str) -> tuple[str, int, int]:
