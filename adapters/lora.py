@@ -17,7 +17,9 @@ from quiver.adapters.errors import AdapterError
 from quiver.adapters.spec import AdapterSpec, read_spec
 from quiver.adapters.weights import read_weights
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every projection a LoRA may target, in PEFT's order; Phi-3 saves q/k/v and gate/up fused
+MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
+ATTENTION = MODULES[:5]
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(lora_A|lora_B|lora_E|lora_magnitude_vector)(?:\.weight)?$")
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -64,7 +66,8 @@ BaseWeight = Callable[[int, str], torch.Tensor]  # (layer, module) -> W [out, in
 def load_lora(name: str, path: str | Path, num_layers: int, shapes: dict[str, tuple[int, int]],
               base_weight: BaseWeight, max_rank: int, allow_pickle: bool = False,
               max_bytes: int | None = None) -> LoraAdapter:
-    """shapes: module -> (out, in) of the base model."""
+    """shapes: module -> (out, in) of every projection the base model's checkpoint saves (a LoRA on any other,
+    such as q_proj over Phi-3's fused qkv_proj, is refused: PEFT could not have put it there)."""
     spec = read_spec(path)
     raw, file = read_weights(spec.path, WEIGHTS_FILE, PICKLE_FILE, allow_pickle, max_bytes)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -74,9 +77,9 @@ def load_lora(name: str, path: str | Path, num_layers: int, shapes: dict[str, tu
             raise AdapterError(f"{file}: tensor {key!r} is not a LoRA weight of a decoder-layer projection "
                                "(LoRA on embeddings, lm_head or other modules is not supported)")
         layer, module, kind = int(m.group(1)), m.group(3), m.group(4)
-        if module not in MODULES:
+        if module not in shapes:
             raise AdapterError(f"{file}: target module {module!r} does not exist in this base model "
-                               f"(supported: {', '.join(MODULES)})")
+                               f"(its modules: {', '.join(shapes)})")
         if layer >= num_layers:
             raise AdapterError(f"{file}: tensor {key!r} targets layer {layer}, the base model has {num_layers}")
         parts.setdefault((layer, module), {})[kind] = tensor
@@ -105,7 +108,7 @@ def _module(spec: AdapterSpec, file: Path, layer: int, module: str, p: dict, sha
                            f"module [{out_f}, {in_f}] (expected A [r, {in_f}], B [{out_f}, r])")
     if r > max_rank:
         raise AdapterError(f"{where}: rank {r} exceeds --max-lora-rank {max_rank}")
-    key = f"model.layers.{layer}.{'self_attn' if module in MODULES[:4] else 'mlp'}.{module}"
+    key = f"model.layers.{layer}.{'self_attn' if module in ATTENTION else 'mlp'}.{module}"
     if not spec.targets(key):  # PEFT would not put the adapter there, and would ignore these tensors
         raise AdapterError(f"{where}: the checkpoint has weights for {key}, which adapter_config.json's "
                            "target_modules (with exclude_modules, layers_to_transform) does not target")

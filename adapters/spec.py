@@ -75,7 +75,8 @@ class AdapterSpec:
         if target is None:
             target = ["q_proj", "v_proj"]  # PEFT's default for the Llama family
         elif isinstance(target, str) and target.lower() == "all-linear":
-            target = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            target = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                      "down_proj"]
         if isinstance(target, str):
             return re.fullmatch(target, module_key) is not None
         if not any(module_key == t or module_key.endswith("." + t) for t in target):

@@ -2,8 +2,9 @@
 slots that hold up to --max-loras of them, and the step hook that adds every token's delta.
 
 Per layer and fused projection (qkv, o, gate_up, down) the slots are one LoraBuffers in the kernel
-backend's layout (kernels.ops), plus DoRA's (g - 1) per output column, whose last, all-zero row
-serves tokens with no adapter. Which adapter sits in which slot is the registry's call.
+backend's layout (kernels.ops), a slice per module the checkpoint saves (one spanning the group for
+Phi-3's fused qkv_proj and gate_up_proj), plus DoRA's (g - 1) per output column, whose last, all-zero
+row serves tokens with no adapter. Which adapter sits in which slot is the registry's call.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from quiver.adapters.errors import AdapterError
 from quiver.adapters.lora import LoraAdapter, load_lora
 from quiver.kernels.ops import LoraBuffers, Ops
 from quiver.server.families.base import Binding
-from quiver.server.model.layout import GROUP_OF, GROUPS, module_shapes
+from quiver.server.model.layout import checkpoint_groups, group_of, module_shapes
 
 
 @dataclass
@@ -136,7 +137,7 @@ class LoraFamily:
         shapes = module_shapes(cfg)
         for _ in range(cfg.num_layers):
             groups = {}
-            for g, mods in GROUPS.items():
+            for g, mods in checkpoint_groups(cfg).items():  # a module saved fused (Phi-3's qkv_proj): one slice
                 outs = [shapes[m][0] for m in mods]
                 weights = self.ops.lora_buffers(self.num_slots, self.max_rank, shapes[mods[0]][1], outs,
                                                 model.dtype, model.device)
@@ -163,7 +164,7 @@ class LoraFamily:
         self.clear_slot(slot)
         staged = self.adapters[name]
         for (layer, module), (a, b_t, dora_m1) in staged.tensors.items():
-            group, s = GROUP_OF[module]
+            group, s = group_of(self.cfg, module)
             g = self.layers[layer][group]
             self.ops.lora_write(g.weights, slot, s, a, b_t)
             if dora_m1 is not None:

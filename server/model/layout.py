@@ -11,12 +11,8 @@ from quiver.server.model.config import ModelConfig
 # fused group -> the HF projections it holds, in order along its output
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
-# HF projection -> (fused group, slice index)
-GROUP_OF = {m: (g, i) for g, mods in GROUPS.items() for i, m in enumerate(mods)}
-MODULES = tuple(GROUP_OF)
 # checkpoints that save a group already fused (Phi-3): the group -> its one module's name
 FUSED_NAMES = {"qkv": "qkv_proj", "gate_up": "gate_up_proj"}
-FUSED_GROUP = {name: group for group, name in FUSED_NAMES.items()}
 
 
 def checkpoint_groups(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
@@ -27,19 +23,27 @@ def checkpoint_groups(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 
 def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of every projection, the fused modules' of checkpoints that save them so included."""
+    """(out, in) of every projection the checkpoint saves, in PEFT's order: the modules a LoRA can target
+    (Phi-3's qkv_proj and gate_up_proj in place of q/k/v and gate/up)."""
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    return {"q_proj": (cfg.num_heads * d, h), "k_proj": (cfg.num_kv_heads * d, h),
-            "v_proj": (cfg.num_kv_heads * d, h), "o_proj": (h, cfg.num_heads * d),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-            "qkv_proj": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h), "gate_up_proj": (2 * i, h)}
+    every = {"q_proj": (cfg.num_heads * d, h), "k_proj": (cfg.num_kv_heads * d, h),
+             "v_proj": (cfg.num_kv_heads * d, h), "o_proj": (h, cfg.num_heads * d),
+             "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
+             "qkv_proj": ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h), "gate_up_proj": (2 * i, h)}
+    return {m: every[m] for modules in checkpoint_groups(cfg).values() for m in modules}
+
+
+def group_of(cfg: ModelConfig, module: str) -> tuple[str, int]:
+    """(fused group, slice index) of one of the checkpoint's projections (module_shapes names them)."""
+    for group, modules in checkpoint_groups(cfg).items():
+        if module in modules:
+            return group, modules.index(module)
+    raise KeyError(f"{module!r} is not a projection this checkpoint saves ({', '.join(module_shapes(cfg))})")
 
 
 def slice_bounds(cfg: ModelConfig, module: str) -> tuple[str, int, int]:
     """(fused group, first row, end row) of one projection's weight inside its fused weight."""
     shapes = module_shapes(cfg)
-    if module in FUSED_GROUP:
-        return FUSED_GROUP[module], 0, shapes[module][0]
-    group, index = GROUP_OF[module]
-    start = sum(shapes[m][0] for m in GROUPS[group][:index])
+    group, index = group_of(cfg, module)
+    start = sum(shapes[m][0] for m in checkpoint_groups(cfg)[group][:index])
     return group, start, start + shapes[module][0]

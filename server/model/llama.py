@@ -17,7 +17,7 @@ from quiver.kernels.ops import Ops
 from quiver.server.model.checkpoint import Checkpoint
 from quiver.server.model.config import ModelConfig
 from quiver.server.model.fourbit import Packed4bit, Rows4bit, Scratch, Weight4bit, quantize, read_packed
-from quiver.server.model.layout import GROUPS, checkpoint_groups, module_shapes, slice_bounds
+from quiver.server.model.layout import GROUPS, checkpoint_groups, group_of, module_shapes, slice_bounds
 from quiver.server.model.packed import PackedWeight, can_pack
 from quiver.server.model.rope import apply_rope, rope_table
 
@@ -216,12 +216,13 @@ class LlamaModel(torch.nn.Module):
         return plain + packed + sum(w.nbytes for w in four) + (four[0].scratch.nbytes if four else 0)
 
     def base_weight(self, layer: int, module: str) -> torch.Tensor | Rows4bit:
-        """One HF projection's [out, in] weight: a view into the fused tensor, a copy of a packed one, or a 4-bit
-        one's Rows4bit (dequantized a block of rows at a time, as DoRA's norms read it)."""
+        """One checkpoint projection's [out, in] weight (Phi-3's qkv_proj: its whole fused group): a view into the
+        fused tensor, a copy of a packed one, or a 4-bit one's Rows4bit (dequantized a block of rows at a time, as
+        DoRA's norms read it)."""
         group, start, end = slice_bounds(self.cfg, module)
         weight = getattr(self.layers[layer], group)  # DecoderLayer names its weights by group
         if isinstance(weight, Weight4bit):
-            return Rows4bit(weight.parts[GROUPS[group].index(module)], self.dtype)
+            return Rows4bit(weight.parts[group_of(self.cfg, module)[1]], self.dtype)
         if isinstance(weight, PackedWeight):
             return weight.dense()[start:end]
         return weight[start:end]
