@@ -30,7 +30,8 @@ def make_adapters(hf, root: Path, n: int, rank: int | tuple[int, ...]) -> list[P
     for i in range(n):
         rank = ranks[i % len(ranks)]
         torch.manual_seed(1000 + i)
-        model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL7))
+        # every projection: the seven of Llama-like bases, Phi-3's four fused ones
+        model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_" in name:

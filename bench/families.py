@@ -20,6 +20,7 @@ from quiver.bench.common import (add_device_args, add_out_arg, cuda_peak, dtype_
 from quiver.bench.models import MODEL_HELP, bench_model
 from quiver.bench.plot import bar_plot
 from quiver.bench.throughput import prompts
+from quiver.server.families.bottleneck import BASES as BOTTLENECK_BASES
 
 
 def make_prompt_adapters(hf, root: Path, kind: str, n: int, virtual: int) -> list[Path]:
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         mc = engine.model_config
-        for kind in ("lora", "prompt_tuning", "p_tuning", "prefix_tuning", "bottleneck"):
+        bottleneck = ("bottleneck",) if mc.model_type in BOTTLENECK_BASES else ()  # served on Llama-like bases only
+        for kind in ("lora", "prompt_tuning", "p_tuning", "prefix_tuning", *bottleneck):
             if kind == "lora":
                 paths = make_adapters(hf, root, args.adapters, args.rank)
             elif kind == "bottleneck":
