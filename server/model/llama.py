@@ -101,12 +101,12 @@ class LlamaModel(torch.nn.Module):
         for i, (cos, sin) in enumerate(tables):
             self.register_buffer(f"rope_cos{i}", cos.to(dtype), persistent=False)
             self.register_buffer(f"rope_sin{i}", sin.to(dtype), persistent=False)
-        # each layer's rope table (None: no rope), window and rope index
-        self.layer_rope = [None if i in cfg.no_rope_layers else
-                           int(cfg.local_rope is not None and (cfg.layer_windows or [None] * (i + 1))[i] is not None)
-                           for i in range(cfg.num_layers)]
+        windows = cfg.layer_windows or (None,) * cfg.num_layers
+        # each layer's rope table: 1 for sliding layers where they have their own, None for no rope
+        self.layer_rope = [None if i in cfg.no_rope_layers else int(cfg.local_rope is not None and w is not None)
+                           for i, w in enumerate(windows)]
         # a window as long as the longest sequence hides nothing: those layers take full attention
-        self.windows = [w if w is not None and w < length else None for w in cfg.layer_windows or [None] * cfg.num_layers]
+        self.windows = [w if w is not None and w < length else None for w in windows]
         self.window_sizes = tuple(sorted({w for w in self.windows if w is not None}))
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
 
