@@ -20,10 +20,10 @@ def test_warm_up_runs_every_kernel_form_and_leaves_the_engine_free(tmp_path, pla
     seen = {"query_lengths": set(), "lora_tokens": set()}
     attention, apply = TritonOps.attention, lora_triton.lora_apply
 
-    def spy_attention(q, k_cache, v_cache, meta, scale):
+    def spy_attention(q, k_cache, v_cache, meta, scale, window=None, softcap=None):
         for group in meta:
             seen["query_lengths"].update(group.q_lens.tolist())
-        return attention(q, k_cache, v_cache, meta, scale)
+        return attention(q, k_cache, v_cache, meta, scale, window, softcap)
 
     def spy_apply(x, y, a, b, offsets, meta):
         seen["lora_tokens"].add(x.shape[0])
