@@ -16,7 +16,7 @@ BENCHMARKS = {
     "throughput": ("tokens/s against transformers' generate at several concurrency levels", "1.5 min"),
     "families": ("decode throughput of each adapter family against the base model", "3 min"),
     "archs": ("decode tok/s of each supported architecture's small random shape, Quiver against transformers",
-              "5 min"),
+              "1 min"),
     "hotload": ("from POST /v1/adapters to the first token of the new adapter", "1 min"),
     "mixed": ("engine step times on decode rows with long prompts prefilling in the same steps", "1 min"),
     "attention": ("attention for mixed prefill + decode steps: planned groups vs padded vs SDPA per row", "1 min"),
