@@ -56,6 +56,9 @@ class DecoderLayer(torch.nn.Module):
             return None if four_bit else param(*shape)
 
         self.norms = torch.nn.ParameterDict({where: param(h) for where in NORMS[cfg.norm_layout]})
+        # the same parameters by place, None where the layout has no norm: one tuple read per layer and step
+        self.norm_slots = tuple(self.norms[w] if w in self.norms else None
+                                for w in ("attn_in", "attn_out", "mlp_in", "mlp_out"))
         qk = {"head": (d, d), "proj": (cfg.num_heads * d, cfg.num_kv_heads * d)}.get(cfg.qk_norm)
         self.q_norm, self.k_norm = (param(qk[0]), param(qk[1])) if qk else (None, None)
         self.qkv = weight(qkv_out, h)
@@ -250,12 +253,9 @@ class LlamaModel(torch.nn.Module):
                  for r in range(1 + (c.local_rope is not None))]
         act = ACT[c.activation]
         norm_of = functools.partial(rms_norm, eps=c.rms_norm_eps, offset=c.norm_offset, fp32_product=c.norm_fp32_product)
-
-        def norm(layer, where, y):
-            return norm_of(y, layer.norms[where]) if where in layer.norms else y
-
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            qkv = self._linear(norm(layer, "attn_in", x), layer.qkv, layer.qkv_bias, hooks, i, "qkv")
+            attn_in, attn_out, mlp_in, mlp_out = layer.norm_slots
+            qkv = self._linear(x if attn_in is None else norm_of(x, attn_in), layer.qkv, layer.qkv_bias, hooks, i, "qkv")
             q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
             if c.qk_norm == "proj":
                 q, k = norm_of(q, layer.q_norm), norm_of(k, layer.k_norm)
@@ -268,12 +268,12 @@ class LlamaModel(torch.nn.Module):
             ops.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), step.slot_mapping)
             attn = ops.attention(q, k_cache, v_cache, step.attention, self.scale, self.windows[i],
                                  c.attn_softcap).reshape(t, nh * d)
-            o = norm(layer, "attn_out", self._linear(attn, layer.o, layer.o_bias, hooks, i, "o"))
-            x = self._residual(x, o, hooks, i, "attn")
-            gate_up = self._linear(norm(layer, "mlp_in", x), layer.gate_up, layer.gate_up_bias, hooks, i, "gate_up")
-            gate, up = gate_up.chunk(2, dim=-1)
-            o = norm(layer, "mlp_out", self._linear(act(gate) * up, layer.down, layer.down_bias, hooks, i, "down"))
-            x = self._residual(x, o, hooks, i, "mlp")
+            o = self._linear(attn, layer.o, layer.o_bias, hooks, i, "o")
+            x = self._residual(x, o if attn_out is None else norm_of(o, attn_out), hooks, i, "attn")
+            h = x if mlp_in is None else norm_of(x, mlp_in)
+            gate, up = self._linear(h, layer.gate_up, layer.gate_up_bias, hooks, i, "gate_up").chunk(2, dim=-1)
+            o = self._linear(act(gate) * up, layer.down, layer.down_bias, hooks, i, "down")
+            x = self._residual(x, o if mlp_out is None else norm_of(o, mlp_out), hooks, i, "mlp")
         return norm_of(x, self.norm)
 
     def _residual(self, r, o, hooks, layer: int, loc: str) -> torch.Tensor:
