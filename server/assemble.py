@@ -53,6 +53,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="with a 4-bit base: the embedding table and output head 4-bit too (bitsandbytes keeps them "
                         "at full precision, so outputs move slightly); needs bitsandbytes")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 3, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (prompt-lookup drafts; default: off)')
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-mb)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=None,
@@ -103,7 +106,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
         max_cpu_loras=args.max_cpu_loras, allow_pickle=args.allow_pickle, max_adapter_mb=args.max_adapter_mb,
         quantization=args.quantization, double_quant=args.double_quant, quantize_embeddings=args.quantize_embeddings,
-        enable_prefix_caching=args.enable_prefix_caching)
+        enable_prefix_caching=args.enable_prefix_caching, speculative_config=args.speculative_config)
 
 
 def split_name_path(spec: str, flag: str, expects: str = "NAME=PATH") -> tuple[str, str]:

@@ -36,6 +36,8 @@ class EngineConfig:
     quantization: str | None = None  # nf4 / fp4: quantize the base's projections at load (bitsandbytes)
     double_quant: bool = True  # with quantization: 8-bit absmax as QLoRA trains (bnb_4bit_use_double_quant)
     quantize_embeddings: bool = False  # the embedding table and output head 4-bit too (not exact to bitsandbytes)
+    # vLLM's --speculative-config (JSON text or its dict; speculate.SpeculativeConfig once checked); None: off
+    speculative_config: object | None = None
 
     def __post_init__(self) -> None:
         seqs, tokens = BATCH_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
@@ -74,3 +76,5 @@ class EngineConfig:
             raise ValueError(f"quantization must be nf4 or fp4, got {self.quantization!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError("num_threads must be >= 1")
+        from quiver.server.engine.speculate import SpeculativeConfig
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -63,3 +63,19 @@ def stop_reason(tokenizer, seq: Sequence, token: int, max_model_len: int) -> str
     if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= max_model_len:
         return "length"
     return None
+
+
+def append_tokens(tokenizer, seq: Sequence, tokens: list[int], logprobs: list,
+                  max_model_len: int) -> tuple[int, str | None]:
+    """Append a step's tokens (several when drafts were accepted) one at a time, until one ends the row:
+    (how many were appended, stop_reason's reason, or "grammar_rejected" for a token its grammar refuses)."""
+    for kept, token in enumerate(tokens, 1):
+        seq.token_ids.append(token)
+        if logprobs:
+            seq.output_logprobs.append(logprobs[kept - 1])
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            return kept, "grammar_rejected"
+        reason = stop_reason(tokenizer, seq, token, max_model_len)
+        if reason is not None:
+            return kept, reason
+    return len(tokens), None

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 
 from quiver.server.engine.block_manager import BlockManager
 from quiver.server.engine.config import EngineConfig
-from quiver.server.engine.detokenizer import releasable_text, stop_reason
+from quiver.server.engine.detokenizer import append_tokens, releasable_text
 from quiver.server.engine.device import resolve_device
 from quiver.server.engine.grammar import Grammars
 from quiver.server.engine.model_runner import ModelRunner, StepOutcome
@@ -23,6 +23,7 @@ from quiver.server.engine.requests import PreparedRequest, check_length, check_p
 from quiver.server.engine.sampling import InvalidParam, SamplingParams
 from quiver.server.engine.scheduler import Scheduler
 from quiver.server.engine.sequence import Sequence, Status, TokenLogprob
+from quiver.server.engine.speculate import Proposer, verify
 from quiver.server.engine.step import build_step
 from quiver.server.families import make_families
 from quiver.server.families.catalog import AdapterCatalog
@@ -52,8 +53,8 @@ class LLMEngine:
         self.quantization, self.kernels = r.quantization, r.ops.name  # the base's 4-bit type; "torch" or "triton"
         self.observers = r.observers  # each called with (step, logits) after every forward pass
         self.blocks = BlockManager(r.num_blocks, config.block_size, caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_loras, config.lora_starvation_steps)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras,
+                                   config.lora_starvation_steps, Proposer.of(config.speculative_config, self.max_model_len))
         families = make_families(self.runner, self.blocks, config.max_loras, config.max_lora_rank,
                                  dict(allow_pickle=config.allow_pickle, max_bytes=config.max_adapter_mb * 2**20))
         self.catalog = AdapterCatalog()
@@ -275,18 +276,19 @@ class LLMEngine:
         outputs = [self._fail(seq, RequestFailed("the model produced non-finite logits for this request (its "
                                                  "adapter's weights may be out of range)", "non_finite_logits"))
                    for seq in outcome.non_finite]
+        result = outcome.result
+        emitted = verify(outcome.sampled, result.tokens if result else [])  # rid -> (tokens, their draws)
         for seq, n in rows:
             if not seq.finished:
+                if seq.request_id in emitted:  # K/V at rejected drafts' positions is not kept
+                    n -= len(seq.draft) + 1 - len(emitted[seq.request_id][0])
                 seq.num_computed += n
                 self.blocks.commit(seq)
                 self.blocks.release_forks(seq, share=True)
         now = time.monotonic()
-        result = outcome.result
-        for i, seq in enumerate(outcome.sampled):
-            logprob = None
-            if result.logprobs is not None and seq.params.logprobs is not None:
-                logprob = TokenLogprob(result.tokens[i], result.logprobs[i], result.top[i][:seq.params.logprobs])
-            outputs.append(self._append_token(seq, result.tokens[i], logprob, now))
+        for rid, (tokens, draws) in emitted.items():
+            logprobs = result.logprobs_of(draws, self.seqs[rid].params.logprobs)
+            outputs.append(self._append(self.seqs[rid], tokens, logprobs, now))
         return outputs
 
     def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
@@ -319,20 +321,18 @@ class LLMEngine:
                     failed.append(self._fail(seq, exc))
         return failed
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob], now: float) -> RequestOutput:
         first = seq.first_token_time is None
-        if first:
-            seq.first_token_time = now
+        seq.first_token_time = now if first else seq.first_token_time
         seq.prev_token_time, seq.last_token_time = seq.last_token_time, now
-        seq.token_ids.append(token)
-        if logprob is not None:
-            seq.output_logprobs.append(logprob)
-        if seq.grammar is not None and not seq.grammar.accept(token):
-            return self._fail(seq, RequestFailed(f"token {token} broke the request's grammar", "grammar_rejected"))
-        reason = stop_reason(self.tokenizer, seq, token, self.max_model_len)
+        drafted, seq.draft = len(seq.draft), []
+        kept, reason = append_tokens(self.tokenizer, seq, tokens, logprobs, self.max_model_len)
+        if reason == "grammar_rejected":
+            return self._fail(seq, RequestFailed(f"token {tokens[kept - 1]} broke the request's grammar", reason))
         if reason is not None:
             self._retire(seq, reason)
-        return RequestOutput.token(seq, token, releasable_text(seq), logprob, first)
+        return RequestOutput.tokens(seq, tokens[:kept], releasable_text(seq), logprobs[:kept], first, drafted,
+                                    min(kept, len(tokens) - 1))
 
     def fail_all(self, reason: str = "error") -> list[Sequence]:
         """Retire every request (after an internal error) so that all blocks and pins return."""

@@ -90,6 +90,10 @@ class Metrics:
                                       ["adapter"], registry=r)
         self.prefix_hits = Counter("quiver_prefix_cache_hits", "Prompt tokens whose K/V came from the prefix cache",
                                    ["adapter"], registry=r)
+        self.spec_drafts = Counter("quiver_spec_decode_num_draft_tokens", "Draft tokens verified (speculative "
+                                   "decoding, --speculative-config)", ["adapter"], registry=r)
+        self.spec_accepted = Counter("quiver_spec_decode_num_accepted_tokens", "Draft tokens accepted (their ratio "
+                                     "to the drafts is the acceptance rate)", ["adapter"], registry=r)
         self.weights = Gauge("quiver_model_weight_bytes", "Bytes the base model's weights hold (4-bit projections "
                              "packed, their dequantization scratch included)", ["quantization"], registry=r)
         self._evictions_seen: dict[str, int] = {}
@@ -116,6 +120,9 @@ class Metrics:
                 self.requests.labels(label, "error").inc()
                 continue
             self.generation_tokens.labels(label).inc(len(out.new_token_ids))
+            if out.num_draft_tokens:
+                self.spec_drafts.labels(label).inc(out.num_draft_tokens)
+                self.spec_accepted.labels(label).inc(out.num_accepted_tokens)
             if seq.num_output_tokens == 1:
                 self.ttft.labels(label).observe(seq.first_token_time - seq.arrival_time)
                 self.queue.labels(label).observe(seq.first_scheduled_time - seq.arrival_time)
@@ -166,7 +173,7 @@ class Metrics:
         if adapter in self._labels:
             self._labels.discard(adapter)
             for metric in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
-                           self.requests, self.prefix_queries, self.prefix_hits):
+                           self.requests, self.prefix_queries, self.prefix_hits, self.spec_drafts, self.spec_accepted):
                 metric.remove_by_labels({"adapter": adapter})
 
     def observe_events(self, events) -> None:

@@ -28,13 +28,17 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output only
     seq: Sequence | None = None  # for timing metrics; read-only to consumers
     error: Exception | None = None  # the request failed (e.g. its adapter could not be read)
+    num_draft_tokens: int = 0  # drafts this step verified (speculate)
+    num_accepted_tokens: int = 0  # of them, those accepted and emitted
 
     @classmethod
-    def token(cls, seq: Sequence, token: int, text: str, logprob: TokenLogprob | None, first: bool) -> RequestOutput:
-        """seq's output for the token it just drew (its prompt logprobs with its first one)."""
-        return cls(seq.request_id, [token], text, [logprob] if logprob is not None else [], seq.finished,
-                   seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens,
-                   seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None, seq)
+    def tokens(cls, seq: Sequence, tokens: list[int], text: str, logprobs: list[TokenLogprob], first: bool,
+               drafted: int = 0, accepted: int = 0) -> RequestOutput:
+        """seq's output for the tokens it just drew (its prompt logprobs with its first one)."""
+        return cls(seq.request_id, tokens, text, logprobs, seq.finished, seq.finish_reason, seq.num_prompt_tokens,
+                   seq.num_output_tokens, seq.num_cached_tokens,
+                   seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None, seq,
+                   num_draft_tokens=drafted, num_accepted_tokens=accepted)
 
     @classmethod
     def failed(cls, seq: Sequence, error: Exception) -> RequestOutput:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from quiver.server.engine import logit_adjust
-from quiver.server.engine.sequence import Sequence
+from quiver.server.engine.sequence import Sequence, TokenLogprob
 
 _MASK32 = 0xFFFFFFFF
 
@@ -27,6 +27,11 @@ class SampleResult:
     finite: list[bool]  # the row's logits were all finite (a row with NaN or Inf must not be used)
     logprobs: list[float] | None  # of the chosen token, under the model's raw distribution
     top: list[list[tuple[int, float]]] | None
+
+    def logprobs_of(self, draws: list[int], n_top: int | None) -> list[TokenLogprob]:
+        """The draws' tokens, each with its logprob and the n_top best; none when n_top is None."""
+        return [] if n_top is None else [TokenLogprob(self.tokens[i], self.logprobs[i], self.top[i][:n_top])
+                                         for i in draws]
 
 
 @dataclass
@@ -47,7 +52,9 @@ class SamplingBatch:
     UPLOAD = ("adjust", "min_p", "temps", "top_k", "top_p", "seeds", "steps", "greedy")
 
 
-def prepare(seqs: list[Sequence], vocab: int) -> SamplingBatch:
+def prepare(seqs: list[Sequence], vocab: int, ahead: list[int] | None = None) -> SamplingBatch:
+    """ahead: per row, how many tokens past the sequence's last one it draws (a draft's position; 0 when
+    not speculating): its noise is that of the output index it would have without speculation."""
     params = [s.params for s in seqs]
     batch = SamplingBatch(greedy_all=all(p.greedy for p in params), filtered=any(p.top_k > 0 or p.top_p < 1
                                                                                  for p in params),
@@ -62,6 +69,8 @@ def prepare(seqs: list[Sequence], vocab: int) -> SamplingBatch:
     batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
     batch.seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64)
     batch.steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
+    if ahead is not None:
+        batch.steps += torch.tensor(ahead, dtype=torch.int64)
     batch.greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool)
     return batch
 

@@ -1,7 +1,7 @@
 """Which rows run in the next step: running rows first, then waiting ones, within a token budget.
 
-Every step is a mixed batch: rows that decode one token, and rows that prefill a chunk of
-their prompt (a long prompt is split across steps). When KV blocks run out, the most
+Every step is a mixed batch: rows that decode one token (or verify drafts: speculate), and rows that
+prefill a chunk of their prompt (a long prompt is split across steps). When KV blocks run out, the most
 recently arrived running row is preempted: its blocks are freed and it is recomputed later.
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_loras: int = 0, starvation_steps: int = 32):
+                 max_loras: int = 0, starvation_steps: int = 32, propose=None):
         self.blocks = blocks
+        self.propose = propose  # a decoding row -> its draft tokens (speculate.Proposer), or None: no speculation
         self.max_loras = max_loras
         self.starvation_steps = starvation_steps
         self.max_num_seqs = max_num_seqs
@@ -61,7 +62,11 @@ class Scheduler:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = chunk(seq, budget, seq.num_computed)
+            seq.draft = self.propose(seq)[:budget - 1] if self.propose is not None else []
+            n = chunk(seq, budget, seq.num_computed) + len(seq.draft)
+            if seq.draft and not self.blocks.can_grow(seq, seq.num_computed + n):
+                n -= len(seq.draft)  # drafts never preempt anyone
+                seq.draft = []
             while not self.blocks.can_grow(seq, seq.num_computed + n):
                 victim = running.pop()
                 self._preempt(victim)
@@ -126,6 +131,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
+        seq.draft = []
         seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = Status.WAITING

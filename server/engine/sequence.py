@@ -45,6 +45,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of its prompt, tokens whose K/V came from the prefix cache
     block_table: list[int] = field(default_factory=list)
+    draft: list[int] = field(default_factory=list, repr=False)  # tokens proposed to verify this step (speculate)
     block_hashes: list[bytes] = field(default_factory=list, repr=False)  # chain hashes of its full blocks in the cache
     finish_reason: str | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)

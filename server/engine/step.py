@@ -46,14 +46,14 @@ class StepHooks:
 
 @dataclass
 class Step:
-    rows: list[tuple[Sequence, int]]  # (sequence, new tokens), each adapter's rows contiguous
+    rows: list[tuple[Sequence, int]]  # (sequence, new tokens: drafts included), each adapter's rows contiguous
     layout: RowLayout
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T] (an adapter prefix shifts them, as PEFT does)
     slot_mapping: torch.Tensor  # [T] cache slot of each token's K/V
     logits_index: torch.Tensor  # [N] tokens whose next-token distribution is needed
-    sampled: list[Sequence]  # rows that draw a token, in logits order
-    sample_index: torch.Tensor  # [S] position in logits_index of each sampled row's last token
+    sampled: list[Sequence]  # rows that draw a token, in logits order; a row with d drafts d + 1 times in a row
+    sample_index: torch.Tensor  # [S] position in logits_index of each draw's token
     prompt_logprob_spans: list[tuple[Sequence, int, int]]  # (row, first logits position, count)
     sampling: SamplingBatch | None  # the sampled rows' parameters
     fresh_blocks: torch.Tensor  # [n] blocks handed out since the last step: zeroed before the forward writes
@@ -83,7 +83,8 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, pad_block: int
     starts, lens, tables, kv_offs, prefix_lens = [], [], [], [], []
     for seq, n in rows:
         start = seq.num_computed
-        ids.extend(seq.token_ids[start:start + n])
+        ids.extend(seq.token_ids[start:start + n - len(seq.draft)])
+        ids.extend(seq.draft)
         starts.append(start)
         lens.append(n)
         tables.append(seq.block_table)
@@ -100,23 +101,26 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, pad_block: int
     cache_index = index + kv_off_t[row_of]
     slots = block_tables[row_of, cache_index // block_size] * block_size + cache_index % block_size
 
-    # Logits: the last token of a row that completes its prompt or decodes; every token of a row that
-    # still owes prompt logprobs.
+    # Logits: the last token of a row that completes its prompt or decodes, and each of its drafts (one
+    # draw per position: the token after its last real one, then after each draft); every token of a row
+    # that still owes prompt logprobs.
     logits_index: list[int] = []
-    sampled, sample_pos, spans = [], [], []
+    sampled, sample_pos, draw, spans = [], [], [], []
     for (seq, n), first, start in zip(rows, offsets.tolist(), starts):
-        done = start + n == seq.num_tokens
+        d = len(seq.draft)
+        done = start + n - d == seq.num_tokens
         if seq.wants_prompt_logprobs:
             spans.append((seq, len(logits_index), n))
             logits_index.extend(range(first, first + n))
         elif done:
-            logits_index.append(first + n - 1)
+            logits_index.extend(range(first + n - 1 - d, first + n))
         if done:
-            sampled.append(seq)
-            sample_pos.append(len(logits_index) - 1)
+            sampled += [seq] * (d + 1)
+            sample_pos.extend(range(len(logits_index) - 1 - d, len(logits_index)))
+            draw.extend(range(d + 1))
     return Step(rows, RowLayout(start_t, len_t, offsets, kv_off_t, prefix_t, block_tables, block_size, total),
                 input_ids=torch.tensor(ids, dtype=torch.long), positions=index + prefix_t[row_of], slot_mapping=slots,
                 logits_index=torch.tensor(logits_index, dtype=torch.long), sampled=sampled,
                 sample_index=torch.tensor(sample_pos, dtype=torch.long), prompt_logprob_spans=spans,
-                sampling=prepare(sampled, vocab) if sampled else None,
+                sampling=prepare(sampled, vocab, draw) if sampled else None,
                 fresh_blocks=torch.tensor(fresh_blocks, dtype=torch.long))
