@@ -13,7 +13,7 @@ the same run (the best of --bandwidth-repeats sums of a --bandwidth-mb float32 t
 threads). TPOT / floor is how far a step is from streaming its weights at that speed.
 
     quiver bench lowload [--model DIR|SHAPE (e.g. llama-1b)] [--batches 1 2 4 8] [--new-tokens 128]
-                         [--repeats 3] [--rank 16] [--threads N] [--dtype auto|float32|bfloat16]
+                         [--repeats 2] [--rank 16] [--threads N] [--dtype auto|float32|bfloat16]
                          [--llama-server PATH --gguf BASE.gguf [--gguf-lora LORA.gguf]]
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (and llama-server's -t; default: all cores)")
     ap.add_argument("--bandwidth-mb", type=int, default=512, help="size of the tensor the read bandwidth is measured on")
