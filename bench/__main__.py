@@ -33,6 +33,10 @@ BENCHMARKS = {
     "roofline": ("achieved GFLOP/s of decode and prefill steps against the measured matmul peak", "1 min"),
     "workload": ("the 8-adapter chat workload: LoRA vs base-only tok/s per dtype, against a baseline checkout",
                  "6 min"),
+    "lowload": ("time per output token at batch 1/2/4/8, base and one LoRA, against the memory-bandwidth floor "
+                "(and llama-server's with --llama-server)", "3 min"),
+    "speculative": ("n-gram speculative decoding at batch 1 on a repeat-this-text task: tok/s on vs off, "
+                    "acceptance, identical outputs", "2 min"),
     "ray_hop": ("latency the Ray Serve ingress adds per request: quiver ray serve against quiver serve", "4 min"),
 }
 

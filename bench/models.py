@@ -7,11 +7,15 @@ from pathlib import Path
 
 import torch
 
-# the shapes of SmolLM2-135M-Instruct (the embedded default) and of a Llama-3-8B
+# the shapes of SmolLM2-135M-Instruct (the embedded default), of a 1B model (Llama-3.2-1B's layers with
+# SmolLM2's vocabulary: the research note's llama.cpp peer, ../shared/research/llamacpp-peer.md) and of a Llama-3-8B
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
                          max_position_embeddings=8192),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=8192),
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                      max_position_embeddings=8192),

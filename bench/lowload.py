@@ -1,0 +1,205 @@
+"""Speed at low load: time per output token (TPOT) at batch 1, 2, 4, 8 for the base and one LoRA (rank 16 on all
+seven projections), in the engine's step loop, beside the memory-bandwidth floor of a decode step.
+
+TPOT: b requests of random prompts (--prompt-tokens) arrive together and each draws --new-tokens tokens; per
+request, (time of its last token - time of its first) / (tokens - 1): the decode phase, one token per step. That
+equals (time of an N-token request - time of a 1-token request) / (N - 1), the llama.cpp peer's definition
+(bench.llamacpp), without subtracting two noisy runs. Median over every request of every repeat; base and LoRA
+alternate at each batch size.
+
+Floor: the bytes one decode step must read (every projection, norm and the LM head once, in the engine's dtype, plus
+the LoRA's A and B; the embedding table only one row per token, so not counted) / the read bandwidth measured in
+the same run (the best of --bandwidth-repeats sums of a --bandwidth-mb float32 tensor, torch with the engine's
+threads). TPOT / floor is how far a step is from streaming its weights at that speed.
+
+    quiver bench lowload [--model DIR|SHAPE (e.g. llama-1b)] [--batches 1 2 4 8] [--new-tokens 128]
+                         [--repeats 2] [--rank 16] [--threads N] [--dtype auto|float32|bfloat16]
+                         [--llama-server PATH --gguf BASE.gguf [--gguf-lora LORA.gguf]]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from quiver.bench.adapters import ALL7, make_adapters
+from quiver.bench.common import add_device_args, add_out_arg, dtype_name, machine, release, synchronize, write_json
+from quiver.bench.models import MODEL_HELP, bench_model
+
+
+def read_bandwidth(mb: int, repeats: int, device="cpu") -> dict:
+    """GB/s of reading a float32 tensor (its sum) and of copying it (read + write counted), the best of `repeats`."""
+    x = torch.ones(mb * 2**20 // 4, device=device)
+    y = torch.empty_like(x)
+    best = {"read": float("inf"), "copy": float("inf")}
+    for _ in range(repeats + 1):  # the first of each warms the pages
+        for kind, fn in (("read", x.sum), ("copy", lambda: y.copy_(x))):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            best[kind] = min(best[kind], time.perf_counter() - t0)
+    nbytes = x.numel() * 4
+    return {"read_gb_per_s": nbytes / best["read"] / 1e9, "copy_gb_per_s": 2 * nbytes / best["copy"] / 1e9,
+            "tensor_mb": mb}
+
+
+def step_bytes(mc, itemsize: int, rank: int = 0) -> int:
+    """Bytes a decode step reads from the weights: each layer's projections and two norms, the final norm and the
+    LM head; with rank > 0, a LoRA's A [r, in] and B [out, r] on all seven projections of every layer."""
+    h, d, inter = mc.hidden_size, mc.head_dim, mc.intermediate_size
+    q, kv = mc.num_heads * d, mc.num_kv_heads * d
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]  # (in, out), ALL7's order
+    per_layer = sum(i * o for i, o in shapes) + 2 * h + rank * sum(i + o for i, o in shapes)
+    return itemsize * (mc.num_layers * per_layer + mc.vocab_size * h + h)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def tpots_ms(engine, prompts: list[list[int]], new_tokens: int, adapter: str | None) -> list[float]:
+    """Each request's decode-phase time per output token (ms), all requests arriving together."""
+    from quiver.server.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, params, adapter=adapter).request_id for p in prompts]
+    first: dict[str, tuple[float, int]] = {}
+    last: dict[str, tuple[float, int]] = {}
+    while engine.has_work():
+        outs = engine.step()
+        synchronize(engine.device)
+        now = time.perf_counter()
+        for out in outs:
+            first.setdefault(out.request_id, (now, out.num_output_tokens))
+            last[out.request_id] = (now, out.num_output_tokens)
+    return [(last[r][0] - first[r][0]) / (last[r][1] - first[r][1]) * 1000 for r in ids]
+
+
+def row(variant: str, batch: int, tpots: list[float], nbytes: int, bandwidth: float) -> dict:
+    tpot = statistics.median(tpots)
+    floor = nbytes / (bandwidth * 1e9) * 1000
+    return {"variant": variant, "batch": batch, "tpot_ms": tpot, "tpot_ms_all": tpots, "tokens_per_s": batch * 1000 / tpot,
+            "step_bytes": nbytes, "floor_ms": floor, "tpot_vs_floor": tpot / floor,
+            "achieved_gb_per_s": nbytes / tpot / 1e6}
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['variant']:16s} batch {r['batch']:2d}: {r['tpot_ms']:7.2f} ms/token ({r['tokens_per_s']:7.1f} tok/s)   "
+          f"floor {r['floor_ms']:6.2f} ms   {r['tpot_vs_floor']:5.2f}x floor   "
+          f"weights read at {r['achieved_gb_per_s']:5.1f} GB/s", flush=True)
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None, help=MODEL_HELP)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (and llama-server's -t; default: all cores)")
+    ap.add_argument("--bandwidth-mb", type=int, default=512, help="size of the tensor the read bandwidth is measured on")
+    ap.add_argument("--bandwidth-repeats", type=int, default=10)
+    ap.add_argument("--llama-server", type=Path, default=None, help="a llama-server binary: its batch-1 TPOT too")
+    ap.add_argument("--gguf", type=Path, default=None, help="the same base model as GGUF, for --llama-server")
+    ap.add_argument("--gguf-lora", type=Path, default=None, help="a LoRA as GGUF, for --llama-server (optional)")
+    add_device_args(ap)
+    add_out_arg(ap)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="quiver bench lowload")
+    add_args(ap)
+    args = ap.parse_args(argv)
+    if (args.llama_server is None) != (args.gguf is None):
+        ap.error("--llama-server and --gguf go together")
+    if args.gguf_lora is not None and args.gguf is None:
+        ap.error("--gguf-lora needs --llama-server and --gguf")
+    for path in (args.llama_server, args.gguf, args.gguf_lora):
+        if path is not None and not path.is_file():
+            ap.error(f"no such file: {path}")
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2 (TPOT is measured after the first token)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    from transformers import AutoModelForCausalLM
+
+    from quiver.server.engine.config import EngineConfig
+    from quiver.server.engine.llm_engine import LLMEngine
+
+    shapes = tempfile.TemporaryDirectory()  # a named shape's random model, for this run
+    engine = LLMEngine(EngineConfig(model=bench_model(args.model, shapes.name), num_threads=args.threads,
+                                    device=args.device, dtype=args.dtype, max_loras=1, max_lora_rank=args.rank,
+                                    max_num_seqs=max(8, *args.batches)))
+    threads = torch.get_num_threads()
+    mc, itemsize = engine.model_config, torch.empty(0, dtype=engine.dtype).element_size()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=engine.dtype).eval()
+        engine.load_adapter("lora", str(make_adapters(hf, Path(tmp), 1, args.rank)[0]))
+        del hf
+    release(args.device)
+    bw = read_bandwidth(args.bandwidth_mb, args.bandwidth_repeats, engine.device)
+    read = bw["read_gb_per_s"]
+    print(f"{engine.model_name}, {dtype_name(engine.dtype)}, {threads} threads: read bandwidth {read:.1f} GB/s "
+          f"(copy {bw['copy_gb_per_s']:.1f} GB/s); a step reads {step_bytes(mc, itemsize) / 1e6:.0f} MB of base "
+          f"weights, {(step_bytes(mc, itemsize, args.rank) - step_bytes(mc, itemsize)) / 1e6:.1f} MB of LoRA",
+          flush=True)
+    variants = {"base": (None, step_bytes(mc, itemsize)), f"lora r{args.rank}": ("lora", step_bytes(mc, itemsize, args.rank))}
+    tpots_ms(engine, random_prompts(1, args.prompt_tokens, mc.vocab_size, 0), 8, "lora")  # warm-up
+    rows = []
+    for b in args.batches:
+        samples: dict[str, list[float]] = {variant: [] for variant in variants}
+        for rep in range(args.repeats):  # base and LoRA alternate
+            for i, (variant, (adapter, _)) in enumerate(variants.items()):
+                prompts = random_prompts(b, args.prompt_tokens, mc.vocab_size, seed=1 + 1000 * rep + 10 * b + i)
+                samples[variant] += tpots_ms(engine, prompts, args.new_tokens, adapter)
+        for variant, (_, nbytes) in variants.items():
+            rows.append(row(variant, b, samples[variant], nbytes, read))
+            print_row(rows[-1])
+    result = {"benchmark": "lowload", "model": engine.model_name, "device": args.device,
+              "dtype": dtype_name(engine.dtype), "threads": threads, "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "rank": args.rank, "targets": ALL7,
+              "engine_weight_bytes": engine.weight_bytes(), "bandwidth": bw, "machine": machine(), "rows": rows}
+    if args.llama_server is not None:
+        del engine
+        release(args.device)
+        result["llama_server"] = llama_rows(args, threads, variants, mc.vocab_size, read)
+    path = write_json("lowload", result, args.out)
+    print(f"wrote {path}")
+    return result
+
+
+def llama_rows(args, threads: int, variants: dict, vocab: int, read: float) -> list[dict]:
+    """llama-server's batch-1 TPOT for the base (and the LoRA when --gguf-lora), on the same kind of prompts; the
+    floor is the engine dtype's, so compare it with a GGUF of the same type."""
+    from quiver.bench.llamacpp import LlamaServer
+
+    rows = []
+    with LlamaServer(args.llama_server, args.gguf, args.gguf_lora, threads) as server:
+        for rep in range(args.repeats):
+            for i, (variant, (adapter, _)) in enumerate(variants.items()):
+                if adapter is not None and args.gguf_lora is None:
+                    continue
+                prompts = random_prompts(1, args.prompt_tokens, vocab, seed=500_000 + 10 * rep + i)
+                got = server.tpot_ms(prompts, args.new_tokens, lora=adapter is not None)
+                rows.append({"variant": variant, **got})
+    out = []
+    for variant, (_, nbytes) in variants.items():
+        mine = [r for r in rows if r["variant"] == variant]
+        if mine:
+            out.append(row(f"llama.cpp {variant}", 1, [t for r in mine for t in r["tpot_ms_all"]], nbytes, read))
+            out[-1]["server_predicted_per_token_ms"] = [r["server_predicted_per_token_ms"] for r in mine]
+            print_row(out[-1])
+    return out
+
+
+if __name__ == "__main__":
+    main()
