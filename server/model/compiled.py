@@ -78,7 +78,8 @@ class CompiledLayers:
     """model.layers' forward over x [T, hidden] (embedded) -> hidden after the final norm, compiled."""
 
     def __init__(self, model):
-        self.model_id = str(id(model))  # a string: the traced code keeps it constant (an int turns symbolic)
+        # a string (an int turns symbolic in the traced code), the same in every process (a key of the disk cache)
+        self.model_id = f"m{len(_MODELS)}"
         _MODELS[self.model_id] = weakref.ref(model)
         weakref.finalize(model, _MODELS.pop, self.model_id, None)
         model_id = self.model_id
@@ -101,4 +102,6 @@ def compile_layers(model) -> CompiledLayers | None:
         log.warning("%s; decode steps run eagerly (--enforce-eager silences this)", why)
         return None
     cache_dir()
+    from torch._inductor import config
+    config.emulate_precision_casts = True  # round where eager rounds (bf16 intermediates), not once at the end
     return CompiledLayers(model)
