@@ -14,6 +14,7 @@ by default under QUIVER_CACHE/inductor).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _MODELS: dict[str, weakref.ref] = {}  # id -> LlamaModel, for the custom ops
 _STEPS: dict[str, tuple] = {}  # id -> (step, kv_caches) of the step running now
+_IDS = itertools.count()
 
 
 def compiler_missing() -> str | None:
@@ -79,7 +81,7 @@ class CompiledLayers:
 
     def __init__(self, model):
         # a string (an int turns symbolic in the traced code), the same in every process (a key of the disk cache)
-        self.model_id = f"m{len(_MODELS)}"
+        self.model_id = f"m{next(_IDS)}"
         _MODELS[self.model_id] = weakref.ref(model)
         weakref.finalize(model, _MODELS.pop, self.model_id, None)
         model_id = self.model_id
