@@ -56,6 +56,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 3, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (prompt-lookup drafts; default: off)')
+    p.add_argument("--compile", action="store_true", help="CPU: torch.compile adapter-free steps at start-up")
+    p.set_defaults(enforce_eager=None)  # --enforce-eager (a serve flag, add_vllm_args) wins over --compile
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-mb)")
     p.add_argument("--kv-cache-memory-mb", type=int, default=None,
@@ -84,9 +86,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "unused: the parent is always the served model); several after one flag, and repeatable")
     p.add_argument("--adapter-dir", default=None,
                    help="every adapter folder in DIR is known by its name at start and read on first use")
-    p.add_argument("--adapter-root", default=None,
-                   help="folder that adapters loaded through the API must lie in "
-                        "(default: --adapter-dir, else the working directory)")
+    p.add_argument("--adapter-root", default=None, help="folder that adapters loaded through the API must lie in "
+                   "(default: --adapter-dir, else the working directory)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also read pickle adapter files (adapter_model.bin), with torch.load(weights_only=True)")
     p.add_argument("--max-adapter-mb", type=int, default=d.max_adapter_mb, help="largest adapter weight file read")
@@ -100,7 +101,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
-        gpu_memory_utilization=args.gpu_memory_utilization,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=not args.compile or bool(args.enforce_eager),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
@@ -247,7 +248,7 @@ VLLM_FLAGS = (
     (("--trust-remote-code",), SWITCH, _any, "no code from the model's folder ever runs: llama, mistral and qwen2 "
      "are Quiver's own code, other architectures are refused, and the tokenizer is read without remote code", ""),
     (("--download-dir",), {}, _any, "nothing is downloaded: MODEL is a local folder or .gguf file", ""),
-    (("--enforce-eager",), SWITCH, _any, "no CUDA graphs are captured: every step runs eagerly", ""),
+    (("--enforce-eager",), SWITCH, _any, "no compiled step (the default; wins over --compile), no CUDA graphs", ""),
     (("--swap-space",), {"type": float}, _any, "a preempted request's KV blocks are recomputed, never swapped out",
      ""),
     (("--enable-chunked-prefill",), SWITCH, _any, "prompts longer than --max-num-batched-tokens are always "

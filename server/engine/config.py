@@ -38,6 +38,8 @@ class EngineConfig:
     quantize_embeddings: bool = False  # the embedding table and output head 4-bit too (not exact to bitsandbytes)
     # vLLM's --speculative-config (JSON text or its dict; speculate.SpeculativeConfig once checked); None: off
     speculative_config: object | None = None
+    # no compiled decoder layers (server.model.compiled): every step runs eagerly op by op; on a GPU always so
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
         seqs, tokens = BATCH_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]

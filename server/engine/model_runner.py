@@ -17,6 +17,7 @@ from quiver.server.engine.sampler import SampleResult, sample, top_logprobs
 from quiver.server.engine.sequence import Sequence, TokenLogprob
 from quiver.server.engine.step import Step
 from quiver.server.engine.upload import StepUpload
+from quiver.server.model.compiled import compile_layers
 from quiver.server.model.config import ModelConfig
 from quiver.server.model.llama import LlamaModel
 
@@ -60,6 +61,8 @@ class ModelRunner:
                                     double_quant=config.double_quant, quantize_embeddings=config.quantize_embeddings)
         self.model.load_weights(model_dir)
         self.model.eval()
+        if not config.enforce_eager and self.device.type == "cpu":
+            self.model.compiled = compile_layers(self.model)
         self.block_size = config.block_size
         self.num_blocks = kv_cache_blocks(config, mc, self.dtype, self.device, allocated(self.device) - before)
         if self.num_blocks * self.block_size < self.max_model_len:

@@ -112,6 +112,7 @@ class LlamaModel(torch.nn.Module):
         self.windows = [w if w is not None and w < length else None for w in windows]
         self.window_sizes = tuple(sorted({w for w in self.windows if w is not None}))
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+        self.compiled = None  # server.model.compiled.CompiledLayers, set by the runner unless --enforce-eager
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, model_dir: str | Path) -> None:
@@ -235,10 +236,9 @@ class LlamaModel(torch.nn.Module):
         """Hidden states [T, hidden] after the final norm, for every token of the step.
 
         step (engine.step.Step): its input_ids, positions and slot_mapping [T] on the device, its attention
-        metadata (the op backend's) and its `hooks`, the adapter effects (model.hooks)."""
-        c, ops, hooks = self.cfg, self.ops, step.hooks
-        t = step.input_ids.shape[0]
-        d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
+        metadata (the op backend's) and its `hooks`, the adapter effects (model.hooks). A step with no linear
+        or residual hooks takes the compiled layers where the runner set them (model.compiled)."""
+        c, hooks = self.cfg, step.hooks
         if isinstance(self.embed, Weight4bit):
             x = self.embed.lookup(step.input_ids, self.dtype)
         else:
@@ -249,13 +249,41 @@ class LlamaModel(torch.nn.Module):
             hook.embed(x)
         if c.embed_scale != 1.0 and c.embed_scale_inputs:
             x = x * c.embed_scale
-        ropes = [(getattr(self, f"rope_cos{r}")[step.positions], getattr(self, f"rope_sin{r}")[step.positions])
-                 for r in range(1 + (c.local_rope is not None))]
+        ropes = tuple((getattr(self, f"rope_cos{r}")[step.positions], getattr(self, f"rope_sin{r}")[step.positions])
+                      for r in range(1 + (c.local_rope is not None)))
+        if self.compiled is not None and not (hooks.linear or hooks.residual):
+            return self.compiled(x, ropes, step, kv_caches)
+
+        def linear(h, i, group):
+            layer = self.layers[i]
+            return self._linear(h, getattr(layer, group), getattr(layer, group + "_bias"), hooks, i, group)
+
+        def attend(q, k, v, i):
+            k_cache, v_cache = kv_caches[i]
+            self.ops.write_kv(k_cache, v_cache, k, v, step.slot_mapping)
+            return self.ops.attention(q, k_cache, v_cache, step.attention, self.scale, self.windows[i], c.attn_softcap)
+
+        def residual(i, loc, r, o, y):
+            for hook in hooks.residual:
+                hook.residual(i, loc, r, o, y)
+        return self.decode_layers(x, ropes, linear, attend, residual)
+
+    def compiled_layers(self, x, ropes, model_id: str) -> torch.Tensor:
+        """decode_layers through the custom ops of server.model.compiled: what torch.compile traces."""
+        return self.decode_layers(x, ropes, lambda h, i, g: torch.ops.quiver.linear(h, model_id, i, g),
+                                  lambda q, k, v, i: torch.ops.quiver.attend(q, k, v, model_id, i), None)
+
+    def decode_layers(self, x, ropes, linear, attend, residual) -> torch.Tensor:
+        """Every layer over the embedded x [T, hidden]; linear(h, layer, group) and attend(q, k, v, layer)
+        [T, H, D] do the projections and attention, residual(layer, loc, r, o, y) (or None) adds adapter terms."""
+        c = self.cfg
+        t = x.shape[0]
+        d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
         act = ACT[c.activation]
         norm_of = functools.partial(rms_norm, eps=c.rms_norm_eps, offset=c.norm_offset, fp32_product=c.norm_fp32_product)
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+        for i, layer in enumerate(self.layers):
             attn_in, attn_out, mlp_in, mlp_out = layer.norm_slots
-            qkv = self._linear(x if attn_in is None else norm_of(x, attn_in), layer.qkv, layer.qkv_bias, hooks, i, "qkv")
+            qkv = linear(x if attn_in is None else norm_of(x, attn_in), i, "qkv")
             q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
             if c.qk_norm == "proj":
                 q, k = norm_of(q, layer.q_norm), norm_of(k, layer.k_norm)
@@ -265,21 +293,18 @@ class LlamaModel(torch.nn.Module):
             if self.layer_rope[i] is not None:
                 cos, sin = ropes[self.layer_rope[i]]
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            ops.write_kv(k_cache, v_cache, k, v.view(t, nkv, d), step.slot_mapping)
-            attn = ops.attention(q, k_cache, v_cache, step.attention, self.scale, self.windows[i],
-                                 c.attn_softcap).reshape(t, nh * d)
-            o = self._linear(attn, layer.o, layer.o_bias, hooks, i, "o")
-            x = self._residual(x, o if attn_out is None else norm_of(o, attn_out), hooks, i, "attn")
+            o = linear(attend(q, k, v.view(t, nkv, d), i).reshape(t, nh * d), i, "o")
+            x = self._residual(x, o if attn_out is None else norm_of(o, attn_out), residual, i, "attn")
             h = x if mlp_in is None else norm_of(x, mlp_in)
-            gate, up = self._linear(h, layer.gate_up, layer.gate_up_bias, hooks, i, "gate_up").chunk(2, dim=-1)
-            o = self._linear(act(gate) * up, layer.down, layer.down_bias, hooks, i, "down")
-            x = self._residual(x, o if mlp_out is None else norm_of(o, mlp_out), hooks, i, "mlp")
+            gate, up = linear(h, i, "gate_up").chunk(2, dim=-1)
+            o = linear(act(gate) * up, i, "down")
+            x = self._residual(x, o if mlp_out is None else norm_of(o, mlp_out), residual, i, "mlp")
         return norm_of(x, self.norm)
 
-    def _residual(self, r, o, hooks, layer: int, loc: str) -> torch.Tensor:
+    def _residual(self, r, o, residual, layer: int, loc: str) -> torch.Tensor:
         y = r + o * self.cfg.residual_scale if self.cfg.residual_scale != 1.0 else r + o
-        for hook in hooks.residual:
-            hook.residual(layer, loc, r, o, y)
+        if residual is not None:
+            residual(layer, loc, r, o, y)
         return y
 
     @staticmethod
