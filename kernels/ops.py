@@ -16,7 +16,7 @@ import torch
 
 from quiver.kernels import torch_ops
 from quiver.kernels.grouping import ROW_TILE, attend_groups
-from quiver.kernels.torch_meta import FEW_ROWS, TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
+from quiver.kernels.torch_meta import TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
 from quiver.kernels.triton_meta import PagedAttention, TritonLoraMeta, paged_attention_meta, triton_lora_meta
 
 
@@ -105,6 +105,9 @@ def _buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int],
 
 
 FAST_SLOTS = 2  # slots whose float32 copies TorchOps keeps (per fused projection)
+# 16-bit tokens up to which TorchOps takes LoRA in float32: beyond, streaming copies twice the bytes costs
+# more than the 16-bit calls' overhead (SmolLM2, 120 projections swept: 1-2 rows gain 3-6 ms a step, 4-8 lose)
+FLOAT32_ROWS = 2
 
 
 def _float32_views(buf: LoraBuffers, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +125,7 @@ class TorchOps:
     """Masked attention groups (a mask built once per step); LoRA's B block-diagonal, so the expand of every
     slice is one matmul and tiny decode steps pay two matmuls per projection rather than 1 + S.
 
-    A step of at most FEW_ROWS tokens of one adapter (and base rows) in bfloat16/float16 on the CPU takes
+    A step of at most FLOAT32_ROWS tokens of one adapter (and base rows) in bfloat16/float16 on the CPU takes
     its LoRA in float32, from float32 copies of the slot: oneDNN's 16-bit matmuls cost ~15 us a call
     whatever their size, MKL's float32 ones ~2-5 us at these shapes, so the cast, two matmuls and the add
     cost a third of the two 16-bit calls (and round once, into y)."""
@@ -164,7 +167,7 @@ class TorchOps:
     @staticmethod
     def lora_apply(x, y, buf: LoraBuffers, meta: TorchAdapterMeta) -> None:
         if meta.single_slot is not None:  # one adapter: y += (x A^T) B, base rows' x A^T zeroed
-            few = x.shape[0] <= FEW_ROWS and x.dtype != torch.float32 and x.device.type == "cpu"
+            few = x.shape[0] <= FLOAT32_ROWS and x.dtype != torch.float32 and x.device.type == "cpu"
             a_t, b = _float32_views(buf, meta.single_slot) if few else buf.slot_views[meta.single_slot]
             xa = torch.mm(x.float() if few else x, a_t)
             if meta.base_rows is not None:
