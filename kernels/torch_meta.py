@@ -14,6 +14,9 @@ import torch
 from quiver.kernels.grouping import QuerySlots, group_tokens, mark_in_order, query_slots
 
 LONG_SEGMENTS = 32  # tokens per adapter from which in-order segments take a matmul pair each
+# tokens up to which a step of one adapter and base rows takes the single-slot matmul pair over all its
+# tokens, the base rows' shrink zeroed (decode at low load: a gather or a bmm costs more than the rows)
+FEW_ROWS = 8
 # mask elements (rows x queries x keys) one attention group may hold; padding allowed beyond the real
 # query-key pairs: a factor, plus pairs small enough never to matter
 ATTENTION_TILE = 1 << 25
@@ -37,25 +40,31 @@ class TorchAdapterMeta:
     pad_mask: torch.Tensor | None = None  # [num_slots, max_len, 1] bool, True for real rows (None: no padding)
     contiguous_from: int | None = None  # the padded rows are exactly tokens contiguous_from.. in order
     segments_from: int | None = None  # the segments are tokens segments_from.. in order: slices, no gather
-    single_slot: int | None = None  # every token of the step uses this one slot
+    single_slot: int | None = None  # every token of the step uses this one slot, but for base_rows
+    base_rows: torch.Tensor | None = None  # [T, 1] bool, True for tokens with no adapter (single_slot steps)
 
-    UPLOAD = ("seg_index", "pad_index", "pad_mask")
+    UPLOAD = ("seg_index", "pad_index", "pad_mask", "base_rows")
 
 
 def torch_adapter_meta(token_slots: torch.Tensor, padded: bool | None = None) -> TorchAdapterMeta | None:
     """token_slots [T] (-1: no adapter) -> the metadata, None when no token has an adapter. The form is
     chosen from the step's shape unless `padded` forces it (tests): padding every slot of the range to
     max_len rows lets one bmm serve all adapters; worth it unless the padding would more than double the
-    rows, or the segments are in order and long enough (a prefill) for a matmul pair each on plain slices."""
+    rows, or the segments are in order and long enough (a prefill) for a matmul pair each on plain slices.
+    single_slot is set when every token uses one slot, or one slot and base rows in a step of at most
+    FEW_ROWS tokens (base_rows then marks the others)."""
     g = group_tokens(token_slots)
     if g is None:
         return None
     n = int(g.seg_index.numel())
     if padded is None:
         padded = g.num_slots * g.max_len <= 2 * n + 16 and not (g.first is not None and n >= LONG_SEGMENTS * g.num_slots)
+    t = token_slots.numel()
     meta = TorchAdapterMeta(g.slot_lo, g.num_slots, g.max_len, g.segments, g.seg_index, padded,
                             segments_from=g.first,
-                            single_slot=g.slot_lo if g.num_slots == 1 and n == token_slots.numel() else None)
+                            single_slot=g.slot_lo if g.num_slots == 1 and (n == t or t <= FEW_ROWS) else None)
+    if meta.single_slot is not None and n < t:
+        meta.base_rows = (token_slots < 0).unsqueeze(1)
     if padded:
         pad = torch.zeros(g.num_slots, g.max_len, dtype=torch.long)
         mask = torch.zeros(g.num_slots, g.max_len, 1, dtype=torch.bool)
