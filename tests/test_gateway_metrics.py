@@ -183,7 +183,8 @@ def finished(adapter: str | None):
     seq = SimpleNamespace(adapter=adapter, num_output_tokens=1, arrival_time=0.0, first_token_time=0.1,
                           first_scheduled_time=0.05, last_token_time=0.1, prev_token_time=None,
                           num_prompt_tokens=3, num_cached_tokens=0)
-    return SimpleNamespace(seq=seq, error=None, new_token_ids=[1], finished=True, finish_reason="stop")
+    return SimpleNamespace(seq=seq, error=None, new_token_ids=[1], finished=True, finish_reason="stop",
+                           num_draft_tokens=0, num_accepted_tokens=0)
 
 
 def series_of(metrics, adapter: str) -> list[str]:

@@ -3,6 +3,7 @@ lock satisfies pyproject.toml's ranges (so a range edited without `make lock` sh
 from __future__ import annotations
 
 import re
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +21,10 @@ def locked(name: str = "lock.txt") -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """The venv's site-packages only: importing setuptools (torch.compile's C++ builder does) puts its
+    _vendor folder, with older packaging and platformdirs, on sys.path for the rest of the process."""
+    return {canonicalize_name(d.metadata["Name"]): d.version
+            for d in metadata.distributions(path=[sysconfig.get_paths()["purelib"]])}
 
 
 def test_installed_versions_are_the_locks():
