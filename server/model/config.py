@@ -60,12 +60,6 @@ class ModelConfig:
     no_rope_layers: tuple[int, ...] = ()  # layers without rope (SmolLM3)
     fused_checkpoint: bool = False  # q/k/v and gate/up saved fused as qkv_proj and gate_up_proj (Phi-3)
 
-    @property
-    def sliding_window(self) -> int | None:
-        """The widest window of any layer, None when some layer attends to everything."""
-        windows = self.layer_windows or (None,)
-        return None if None in windows else max(windows)
-
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
         model_type = cfg.get("model_type")
