@@ -94,6 +94,21 @@ def run_staggered(engine, arrivals: list[tuple[int, list[int], object]]) -> dict
     return outputs
 
 
+def run_one(engine, adapter: str) -> None:
+    """One 1-token request for `adapter`, stepped until the engine is idle (parked requests wait for a
+    worker thread's read of their adapter)."""
+    import time
+
+    from quiver.server.engine.sampling import SamplingParams
+
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=1), adapter=adapter)
+    deadline = time.monotonic() + 30
+    while engine.num_waiting() or engine.has_work():
+        engine.step()
+        time.sleep(0.005)
+        assert time.monotonic() < deadline
+
+
 def capture_logits(engine) -> list[dict]:
     """Record, for every step the engine runs, request id -> the logits its sampled token was drawn from."""
     seen = []

@@ -2,22 +2,12 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
+from helpers import run_one
 
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
-from quiver.server.engine.sampling import SamplingParams
-
-
-def run(engine, adapter: str) -> None:
-    engine.add_request([5, 6, 7], SamplingParams(max_tokens=1), adapter=adapter)
-    deadline = time.monotonic() + 30
-    while engine.num_waiting() or engine.has_work():  # parked requests wait for a worker thread's read
-        engine.step()
-        time.sleep(0.005)
-        assert time.monotonic() < deadline
 
 
 @pytest.fixture
@@ -33,8 +23,8 @@ def test_loads_and_evictions_are_logged_with_family_and_tier(tiny_lora_set, plai
                                     max_cpu_loras=2), tokenizer=plain_tokenizer)
     for name in ("a", "b", "c"):
         engine.load_adapter(name, str(paths["lora_qv"]))
-    run(engine, "b")
-    run(engine, "c")  # b leaves the one device slot
+    run_one(engine, "b")
+    run_one(engine, "c")  # b leaves the one device slot
     engine.unload_adapter("c")
     assert registry_log() == [
         f"adapter a (lora) loaded from {paths['lora_qv']}: tier cpu",
@@ -56,7 +46,7 @@ def test_failed_loads_are_logged(tiny_lora_set, plain_tokenizer, registry_log, t
     with pytest.raises(ValueError):
         engine.load_adapter("api", str(tmp_path / "broken"))  # as a load through the API or the command line
     engine.add_adapter_dir(str(tmp_path))
-    run(engine, "broken")  # read on first use
+    run_one(engine, "broken")  # read on first use
     logged = registry_log()
     assert len(logged) == 3, logged
     assert logged[0].startswith(f"adapter api (family unknown) failed to load from {tmp_path / 'broken'}: ")

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from helpers import run_one
 
 from quiver.server.engine.async_engine import AsyncEngine
 from quiver.server.engine.config import EngineConfig
@@ -49,15 +50,6 @@ def age(path, seconds: float = 60.0) -> None:
     """Set a path's mtime in the past (not 'too recent to trust')."""
     t = time.time() - seconds
     os.utime(path, (t, t))
-
-
-def run(engine, adapter: str) -> None:
-    engine.add_request([5, 6, 7], SamplingParams(max_tokens=1), adapter=adapter)
-    deadline = time.monotonic() + 30
-    while engine.num_waiting() or engine.has_work():  # parked requests wait for a worker thread's read
-        engine.step()
-        time.sleep(0.005)
-        assert time.monotonic() < deadline
 
 
 def test_a_burst_of_unknown_names_lists_5000_folders_at_most_once_per_interval(engine, listings, tmp_path):
@@ -171,7 +163,7 @@ def test_a_folder_being_copied_is_absent_then_served_never_failed(engine, tiny_l
     shutil.copy(source / "adapter_model.safetensors", tmp_path / "copying")  # the parent's mtime is unchanged
     engine.clock[0] += 1.5
     engine.rescan("copying")
-    run(engine, "copying")
+    run_one(engine, "copying")
     assert engine.residency.tier("copying") != "failed" and engine.residency.is_resident("copying")
     assert engine.known_adapters() == ["copying"]
 
@@ -188,7 +180,7 @@ def test_a_folder_that_changed_while_read_is_absent_again_not_failed(engine, tin
     assert "x" not in engine.catalog and engine.catalog.failure("x") is None
     engine.clock[0] += 1.5
     engine.rescan("x")
-    run(engine, "x")
+    run_one(engine, "x")
     assert engine.residency.is_resident("x")
 
 
@@ -197,5 +189,5 @@ def test_a_folder_that_fails_unchanged_stays_failed(engine, tmp_path):
     (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "NOPE"}')
     (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"")
     engine.add_adapter_dir(str(tmp_path))
-    run(engine, "bad")
+    run_one(engine, "bad")
     assert engine.residency.tier("bad") == "failed"
