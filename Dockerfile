@@ -15,10 +15,11 @@ ENV PYTHONUNBUFFERED=1 \
     TRITON_CACHE_DIR=/var/cache/quiver/triton
 
 # Triton builds its CUDA driver shim and each kernel's launcher with a C compiler on first use: gcc and
-# the C library's headers, checked here by compiling against Python's headers as Triton does.
+# the C library's headers, checked here by compiling against Python's headers as Triton does. With
+# --device cpu, g++ builds Quiver's CPU kernels (kernels/cpu_kernels.cpp) once into QUIVER_CACHE.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && printf '#include <Python.h>\nint main(void) { return 0; }\n' > /tmp/probe.c \
     && gcc -I/usr/local/include/python3.11 /tmp/probe.c -o /tmp/probe && /tmp/probe && rm /tmp/probe /tmp/probe.c

@@ -14,7 +14,11 @@ from typing import Protocol
 
 import torch
 
-from quiver.kernels import torch_ops
+from quiver.kernels import cpu_kernels, torch_ops
+from quiver.kernels.cpu_kernels import FEW_ROWS, onednn_blocks, serves
+from quiver.kernels.cpu_kernels import linear as blocked_linear
+from quiver.kernels.cpu_kernels import rms_norm as cpu_rms_norm
+from quiver.kernels.cpu_kernels import rope as cpu_rope
 from quiver.kernels.grouping import ROW_TILE, attend_groups
 from quiver.kernels.torch_meta import TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
 from quiver.kernels.triton_meta import PagedAttention, TritonLoraMeta, paged_attention_meta, triton_lora_meta
@@ -30,9 +34,6 @@ class LoraBuffers:
     rank: int
     # TorchOps: (a[slot].T, b[slot]) made once, for steps whose tokens all use one adapter
     slot_views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # TorchOps, 16-bit on the CPU: float32 copies of those views for the FAST_SLOTS slots few-row steps used
-    # last (oldest first); a slot's copy goes when the slot is written or cleared
-    float32_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class Ops(Protocol):
@@ -104,39 +105,17 @@ def _buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int],
     return LoraBuffers(a, torch.zeros(num_slots, b_rows, offsets[-1], dtype=dtype, device=device), offsets, rank)
 
 
-FAST_SLOTS = 2  # slots whose float32 copies TorchOps keeps (per fused projection)
-# 16-bit tokens up to which TorchOps takes LoRA in float32: beyond, streaming copies twice the bytes costs
-# more than the 16-bit calls' overhead (SmolLM2, 120 projections swept: 1-2 rows gain 3-6 ms a step, 4-8 lose)
-FLOAT32_ROWS = 2
-
-
-def _float32_views(buf: LoraBuffers, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (a[slot].T, b[slot]), made on first use and kept for the FAST_SLOTS slots used last."""
-    views = buf.float32_views.pop(slot, None)
-    if views is None:
-        if len(buf.float32_views) >= FAST_SLOTS:
-            del buf.float32_views[next(iter(buf.float32_views))]
-        views = (buf.a[slot].T.float(), buf.b[slot].float())
-    buf.float32_views[slot] = views
-    return views
-
-
 class TorchOps:
     """Masked attention groups (a mask built once per step); LoRA's B block-diagonal, so the expand of every
     slice is one matmul and tiny decode steps pay two matmuls per projection rather than 1 + S.
 
-    A step of at most FLOAT32_ROWS tokens of one adapter (and base rows) in bfloat16/float16 on the CPU takes
-    its LoRA in float32, from float32 copies of the slot: oneDNN's 16-bit matmuls cost ~15 us a call
-    whatever their size, MKL's float32 ones ~2-5 us at these shapes, so the cast, two matmuls and the add
-    cost a third of the two 16-bit calls (and round once, into y)."""
+    On the CPU, where Quiver's C++ kernels are built (kernels.cpu_kernels), attention groups of at most
+    FEW_QUERIES queries a row (decode) and the LoRA of steps of at most FEW_ROWS tokens take them instead:
+    the same maths (and roundings), one op each, the cache and slot buffers read in place."""
     name = "torch"
     write_kv = staticmethod(torch_ops.write_kv)
     zero_blocks = staticmethod(torch_ops.zero_blocks)
-
-    @staticmethod
-    def lora_clear(buf: LoraBuffers, slot: int) -> None:
-        buf.float32_views.pop(slot, None)
-        _clear_slot(buf, slot)
+    lora_clear = staticmethod(_clear_slot)
 
     @staticmethod
     def attention_meta(layout, heads_per_kv: int, windows: tuple[int, ...] = ()) -> list:
@@ -145,8 +124,10 @@ class TorchOps:
     @staticmethod
     def attention(q, k_cache, v_cache, meta: list, scale: float, window: int | None = None,
                   softcap: float | None = None) -> torch.Tensor:
-        return attend_groups(q, meta, lambda qg, g: torch_ops.paged_attention(qg, k_cache, v_cache, g.block_tables,
-                                                                              g.mask(window), scale, softcap))
+        few = q.device.type == "cpu" and cpu_kernels.available()
+        return attend_groups(q, meta, lambda qg, g: (
+            cpu_kernels.paged_attention if few and qg.shape[1] <= torch_ops.FEW_QUERIES else torch_ops.paged_attention
+        )(qg, k_cache, v_cache, g.block_tables, g.mask(window), scale, softcap))
 
     @staticmethod
     def lora_buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], dtype,
@@ -157,7 +138,6 @@ class TorchOps:
 
     @staticmethod
     def lora_write(buf: LoraBuffers, slot: int, slice_index: int, a, b_t) -> None:
-        buf.float32_views.pop(slot, None)
         _write_slot(buf, slot, slice_index, a, b_t, slice_index * buf.rank)  # slice s's rows at s*R..
 
     @staticmethod
@@ -166,16 +146,15 @@ class TorchOps:
 
     @staticmethod
     def lora_apply(x, y, buf: LoraBuffers, meta: TorchAdapterMeta) -> None:
+        if meta.token_slots is not None and serves(x):
+            cpu_kernels.lora_add_(y, x, buf.a, buf.b, meta.token_slots, buf.offsets, buf.rank)
+            return
         if meta.single_slot is not None:  # one adapter: y += (x A^T) B, base rows' x A^T zeroed
-            few = x.shape[0] <= FLOAT32_ROWS and x.dtype != torch.float32 and x.device.type == "cpu"
-            a_t, b = _float32_views(buf, meta.single_slot) if few else buf.slot_views[meta.single_slot]
-            xa = torch.mm(x.float() if few else x, a_t)
+            a_t, b = buf.slot_views[meta.single_slot]
+            xa = torch.mm(x, a_t)
             if meta.base_rows is not None:
                 xa.masked_fill_(meta.base_rows, 0)
-            if few:
-                y.add_(xa.mm(b))
-            else:
-                y.addmm_(xa, b)
+            y.addmm_(xa, b)
             return
         torch_ops.lora_apply(x, y, buf.a, buf.b, meta, buf.offsets)
 

@@ -42,8 +42,9 @@ class TorchAdapterMeta:
     segments_from: int | None = None  # the segments are tokens segments_from.. in order: slices, no gather
     single_slot: int | None = None  # every token of the step uses this one slot, but for base_rows
     base_rows: torch.Tensor | None = None  # [T, 1] bool, True for tokens with no adapter (single_slot steps)
+    token_slots: torch.Tensor | None = None  # [T] int64, the slot of each token, in steps of at most FEW_ROWS
 
-    UPLOAD = ("seg_index", "pad_index", "pad_mask", "base_rows")
+    UPLOAD = ("seg_index", "pad_index", "pad_mask", "base_rows", "token_slots")
 
 
 def torch_adapter_meta(token_slots: torch.Tensor, padded: bool | None = None) -> TorchAdapterMeta | None:
@@ -65,6 +66,8 @@ def torch_adapter_meta(token_slots: torch.Tensor, padded: bool | None = None) ->
                             single_slot=g.slot_lo if g.num_slots == 1 and (n == t or t <= FEW_ROWS) else None)
     if meta.single_slot is not None and n < t:
         meta.base_rows = (token_slots < 0).unsqueeze(1)
+    if t <= FEW_ROWS:
+        meta.token_slots = token_slots.to(torch.long)
     if padded:
         pad = torch.zeros(g.num_slots, g.max_len, dtype=torch.long)
         mask = torch.zeros(g.num_slots, g.max_len, 1, dtype=torch.bool)

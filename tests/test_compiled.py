@@ -48,7 +48,8 @@ def compare(engines, adapters: dict, arrivals) -> list[int]:
     for a, b in zip(eager_seen, seen):
         assert a.keys() == b.keys()
         for rid in a:
-            torch.testing.assert_close(b[rid], a[rid], atol=1e-5, rtol=0)
+            # float32 both ways, summed in different orders (inductor's fused loops, the eager C++ norms)
+            torch.testing.assert_close(b[rid], a[rid], atol=1e-5, rtol=1e-5)
     return calls
 
 

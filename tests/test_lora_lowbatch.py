@@ -1,7 +1,7 @@
-"""LoRA at low batch (kernels.ops.TorchOps): steps of at most FEW_ROWS tokens with one adapter take one
-matmul pair over all their tokens (base rows' shrink zeroed), in float32 from cached copies of the slot when
-the model is 16-bit and the step has at most FLOAT32_ROWS tokens. Against a float64 oracle, against the general path (FEW_ROWS = 0), and across slot
-changes (a cached copy must never outlive its slot's adapter)."""
+"""LoRA at low batch (kernels.ops.TorchOps): steps of at most FEW_ROWS tokens take one op per projection on the
+CPU (kernels.cpu_kernels lora_add_: float32 maths over the slot buffers, rounded once into y), or without it one
+matmul pair over all their tokens when they use one adapter (base rows' shrink zeroed). Against a float64
+oracle, against the general path (FEW_ROWS = 0), and across slot changes."""
 from __future__ import annotations
 
 import pytest
@@ -10,9 +10,8 @@ from helpers import make_tiny_model
 from peft import LoraConfig
 from peft_fixtures import make_adapter
 
-from quiver.kernels import ops as ops_module
-from quiver.kernels import torch_meta
-from quiver.kernels.ops import FAST_SLOTS, FLOAT32_ROWS, TorchOps
+from quiver.kernels import cpu_kernels, torch_meta
+from quiver.kernels.ops import TorchOps
 from quiver.kernels.torch_meta import FEW_ROWS, torch_adapter_meta
 from quiver.server.engine.config import EngineConfig
 from quiver.server.engine.llm_engine import LLMEngine
@@ -67,16 +66,14 @@ def test_few_rows_of_one_adapter_add_its_delta_and_nothing_to_base_rows(token_sl
     assert torch.equal(got[base], y[base])  # base rows exactly untouched
     if dtype == torch.float32:
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    elif len(token_slots) <= FLOAT32_ROWS:  # float32 maths, rounded once into y: the nearest bfloat16 or its neighbour
+    elif cpu_kernels.available():  # float32 maths, rounded once into y: the nearest bfloat16 or its neighbour
         ulp = torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(1e-3)
         assert ((got.double() - want).abs() <= ulp).all()
-        assert len(buf.float32_views) == 1
     else:  # bfloat16 matmuls: x A^T rounded to bfloat16 on the way
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-        assert not buf.float32_views
 
 
-def test_float32_copies_follow_slot_writes_and_clears_and_stay_bounded():
+def test_a_rewritten_or_cleared_slot_serves_its_new_contents_at_once():
     buf, parts_of = slots_with(torch.bfloat16)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 24, generator=g).to(torch.bfloat16)
@@ -87,18 +84,14 @@ def test_float32_copies_follow_slot_writes_and_clears_and_stay_bounded():
         return y
 
     first = delta(1)
-    assert 1 in buf.float32_views
-    parts_of[1] = write(buf, 1, 4, 24, g, torch.bfloat16)  # another adapter in slot 1: its copy must go
-    assert 1 not in buf.float32_views
+    parts_of[1] = write(buf, 1, 4, 24, g, torch.bfloat16)  # another adapter in slot 1
     again = delta(1)
     want = exact_delta(x, parts_of, torch.tensor([1, 1]))
     assert not torch.equal(first, again)
-    assert ((again.double() - want).abs() <= torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(1e-3)).all()
+    tolerance = torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(1e-3) * (1 if cpu_kernels.available() else 8)
+    assert ((again.double() - want).abs() <= tolerance).all()
     TorchOps.lora_clear(buf, 1)
-    assert 1 not in buf.float32_views and not delta(1).any()  # a cleared slot adds nothing
-    for slot in (0, 1, 2, 0):
-        delta(slot)
-    assert list(buf.float32_views) == [2, 0] and len(buf.float32_views) == FAST_SLOTS
+    assert not delta(1).any()  # a cleared slot adds nothing
 
 
 def test_larger_steps_and_several_adapters_keep_the_general_forms():
@@ -154,15 +147,14 @@ def logits_of(engine, rows, new_tokens=3) -> list[list[torch.Tensor]]:
 
 
 def general_path(monkeypatch):
-    """FEW_ROWS = FLOAT32_ROWS = 0: every step takes the forms the general path chose before the low-batch one."""
+    """FEW_ROWS = 0: every step takes the forms the general path chose before the low-batch one."""
     monkeypatch.setattr(torch_meta, "FEW_ROWS", 0)
-    monkeypatch.setattr(ops_module, "FLOAT32_ROWS", 0)
 
 
 @pytest.mark.parametrize("arch,quantization", [("llama_gqa", None), ("llama_gqa", "nf4"), ("phi3", None)])
 def test_low_batch_steps_equal_the_general_path(model_set, plain_tokenizer, arch, quantization, monkeypatch):
-    """float32: the same maths in another grouping, within 1e-5; bfloat16: base rows bit for bit (their
-    shrink is zeroed, so they get y + 0), adapter rows as close to the float32 model as the general path.
+    """float32: the same maths in another grouping and summation order, within 3e-5; bfloat16: base rows bit
+    for bit (they get y + 0), adapter rows as close to the float32 model as the general path.
     Phi-3's fused slices on full-precision weights; the 4-bit base on Llama."""
     model_dir, paths = model_set[arch]
     for dtype in ("float32", "bfloat16"):
@@ -182,7 +174,7 @@ def test_low_batch_steps_equal_the_general_path(model_set, plain_tokenizer, arch
             for name, old, new, ref in zip(rows, before[tuple(rows)], after, exact[tuple(rows)]):
                 for o, n, r in zip(old, new, ref):
                     if dtype == "float32":
-                        torch.testing.assert_close(n, o, atol=1e-5, rtol=1e-5)
+                        torch.testing.assert_close(n, o, atol=3e-5, rtol=1e-5)
                     elif name is None:
                         assert torch.equal(n, o), rows
                     else:
@@ -194,14 +186,12 @@ def test_low_batch_steps_equal_the_general_path(model_set, plain_tokenizer, arch
 
 
 def test_a_slot_reloaded_with_another_adapter_serves_the_new_one(model_set, plain_tokenizer):
-    """One slot: a low-batch step caches the adapter's float32 copies; unloading it and loading another into
-    the same slot must serve exactly what a fresh engine serves."""
+    """One slot: after low-batch steps of one adapter, unloading it and loading another into the same slot
+    must serve exactly what a fresh engine serves."""
     model_dir, paths = model_set["llama_gqa"]
     engine = engine_on(model_dir, plain_tokenizer, "bfloat16", max_loras=1)
     engine.load_adapter("a", str(paths["a"]))
     logits_of(engine, ["a"])
-    (lora,) = [f for f in engine.residency.families if f.kinds == ("lora",)]
-    assert any(g.weights.float32_views for layer in lora.layers for g in layer.values())
     engine.unload_adapter("a")
     engine.load_adapter("b", str(paths["b"]))
     got = logits_of(engine, ["b", None])

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quiver.kernels.ops import Ops
+from quiver.kernels.ops import Ops, cpu_rms_norm, serves
 from quiver.server.model.checkpoint import Checkpoint
 from quiver.server.model.config import ModelConfig
 from quiver.server.model.fourbit import Packed4bit, Rows4bit, Scratch, Weight4bit, quantize, read_packed
@@ -32,6 +32,14 @@ ACT = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tan
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
              fp32_product: bool = False) -> torch.Tensor:
+    """torch_rms_norm, in one C++ op on the CPU where Quiver's kernels are built."""
+    if weight.dtype == x.dtype and serves(x):
+        return cpu_rms_norm(x, weight, eps, offset, fp32_product)
+    return torch_rms_norm(x, weight, eps, offset, fp32_product)
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                   fp32_product: bool = False) -> torch.Tensor:
     """x / rms(x) · (offset + w). Llama rounds the normalised x to x's dtype before the weight; Gemma and
     OLMo 2 (fp32_product) multiply in float32 and round the product, as transformers does for each."""
     xf = x.float()

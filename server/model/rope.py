@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from quiver.kernels.ops import cpu_rope, serves
 from quiver.server.model.config import ModelConfig
 
 
@@ -162,6 +163,13 @@ def rope_table(cfg: ModelConfig, max_len: int, theta: float | None = None,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """torch_rope, in one C++ op on the CPU where Quiver's kernels are built."""
+    if cos.dtype == x.dtype and serves(x):
+        return cpu_rope(x, cos, sin)
+    return torch_rope(x, cos, sin)
+
+
+def torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, D]; cos, sin: [T, R] in x's dtype, R <= D: the first R dims of each head rotate
     (rotate-half within them), the other D - R pass through (partial rotary, as Phi-3's)."""
     r = cos.shape[-1]

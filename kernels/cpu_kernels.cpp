@@ -1,0 +1,338 @@
+// Kernels for a decode step's few rows on the CPU (kernels/cpu_kernels.py builds and loads this file):
+// bfloat16 projections, paged attention, RMS norm, rope and LoRA, where torch's ops cost more in dispatch (several
+// small ops each, a few microseconds apiece) than in work.
+//
+// quiver_cpu::linear(x [M, K] bf16, w [NB, KP, 64, 2] bf16, n, bias [n] or None) -> y [M, n] bf16:
+//   y[m, j] = round_bf16(sum_k x[m, k] * W[j, k] + bias[j]), products and sums in float32,
+//   where W[j, k] = w[j / 64, k / 2, j % 64, k % 2] (zero beyond n rows and K columns; 2 * KP >= K).
+// That blocked layout is oneDNN's own for packed bfloat16 weights on AVX512-BF16 CPUs (server/model/packed.py
+// reads it in place, no second copy): 64 output rows' pairs of inputs side by side, so one 64-byte load
+// holds 16 rows x 2 inputs and one dot-product instruction adds them into 16 row sums, with no horizontal
+// sums, the weight read as one forward stream per 64 rows. At a decode step's few rows a projection only
+// streams its weight, so this reaches more of the memory bandwidth than oneDNN's GEMM does at those sizes;
+// blocks are split between torch's threads. Without AVX512-BF16 a plain loop computes the same (tests run
+// it on any CPU; serving then keeps oneDNN).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // output rows per block
+constexpr int kMaxRows = 4;     // x rows per pass over a block (4 x 4 accumulators in registers)
+
+inline float to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t to_bf16(float f) {
+  at::BFloat16 b(f);  // round to nearest even, as torch rounds
+  uint16_t u;
+  std::memcpy(&u, &b, sizeof u);
+  return u;
+}
+
+// acc[i][0..63] = sum_p x_i[2p..2p+1] . w[p][0..63][0..1] over p < KP, for R rows x_i (pairs as uint32)
+template <int R>
+void block_sums(const uint32_t* x, int64_t ldx, const uint32_t* w, int64_t KP, float (*acc)[kBlock]) {
+#if defined(__AVX512BF16__)
+  __m512 a[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) a[i][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < KP; ++p, w += kBlock) {
+    __m512bh wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + 16 * j);
+    for (int i = 0; i < R; ++i) {
+      __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[i * ldx + p]));
+      for (int j = 0; j < 4; ++j) a[i][j] = _mm512_dpbf16_ps(a[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc[i] + 16 * j, a[i][j]);
+#else
+  for (int i = 0; i < R; ++i) std::fill(acc[i], acc[i] + kBlock, 0.f);
+  for (int64_t p = 0; p < KP; ++p, w += kBlock) {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w);
+    for (int i = 0; i < R; ++i) {
+      const uint16_t* xp = reinterpret_cast<const uint16_t*>(x + i * ldx + p);
+      const float x0 = to_float(xp[0]), x1 = to_float(xp[1]);
+      for (int64_t j = 0; j < kBlock; ++j) acc[i][j] += x0 * to_float(wp[2 * j]) + x1 * to_float(wp[2 * j + 1]);
+    }
+  }
+#endif
+}
+
+using BlockSums = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float (*)[kBlock]);
+constexpr BlockSums kPasses[kMaxRows] = {block_sums<1>, block_sums<2>, block_sums<3>, block_sums<4>};
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == kBlock && w.size(3) == 2,
+              "quiver_cpu::linear: x [M, K], w [NB, KP, 64, 2]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "quiver_cpu::linear: bfloat16 only");
+  TORCH_CHECK(w.is_contiguous(), "quiver_cpu::linear: w must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), NB = w.size(0), KP = w.size(1);
+  TORCH_CHECK(2 * KP >= K && NB * kBlock >= n && n > 0, "quiver_cpu::linear: w too small for x or n");
+  // x as pairs, zero-padded to 2 * KP columns (the padded weight columns are zero, but 0 * NaN is not)
+  at::Tensor xp = x.contiguous();
+  if (K != 2 * KP) {
+    xp = at::zeros({M, 2 * KP}, x.options());
+    xp.narrow(1, 0, K).copy_(x);
+  }
+  at::Tensor y = at::empty({M, n}, x.options());
+  at::Tensor bf;
+  const float* B = nullptr;
+  if (bias.has_value()) {
+    bf = bias->to(at::kFloat).contiguous();
+    B = bf.data_ptr<float>();
+  }
+  const uint32_t* X = reinterpret_cast<const uint32_t*>(xp.data_ptr<at::BFloat16>());
+  const uint32_t* W = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
+  uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  // a thread takes whole blocks (one forward stream each); more than 4 rows pass over a block again, from cache
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float acc[kMaxRows][kBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t col = b * kBlock, cols = std::min(kBlock, n - col);
+      for (int64_t m = 0; m < M; m += kMaxRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m));
+        kPasses[rows - 1](X + m * KP, KP, W + b * KP * kBlock, KP, acc);
+        for (int i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; ++j) Y[(m + i) * n + col + j] = to_bf16(B ? acc[i][j] + B[col + j] : acc[i][j]);
+      }
+    }
+  });
+  return y;
+}
+
+// quiver_cpu::paged_attention(q [B, Q, H, D], k_cache, v_cache [KV, NBLK, bs, D], block_tables [B, NB] int64,
+//                             allowed [B, Q, NB * bs] bool, scale, softcap) -> [B, Q, H, D]
+//   out[b, i, h] = sum_j p_j V_b[h / g, j],  p = softmax_j(cap(scale * q[b, i, h] . K_b[h / g, j])) over j with
+//   allowed[b, i, j], K_b[., j] = k_cache[., block_tables[b, j / bs], j % bs], g = H / KV, cap(s) = softcap ·
+//   tanh(s / softcap) when softcap > 0. kernels.torch_ops.few_query_attention's maths and roundings: q . k
+//   summed in float32 and rounded to the cache's dtype, the softmax in float32, the probabilities rounded to
+//   the cache's dtype before they meet V, the sum in float32. One (row, query, head) per task, keys read in
+//   place through the block table (no gathered copy), masked keys skipped.
+template <typename T>
+void attend_one(const T* q, const T* kc, const T* vc, const int64_t* table, const bool* allowed, int64_t L,
+                int64_t bs, int64_t D, int64_t head_stride, float scale, float softcap, float* scores, T* out) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    if (!allowed[j]) continue;
+    const T* k = kc + table[j / bs] * head_stride + (j % bs) * D;
+    float lanes[16] = {}, dot = 0.f;  // 16 partial sums: a loop the compiler vectorises
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16)
+      for (int l = 0; l < 16; ++l) lanes[l] += static_cast<float>(q[d + l]) * static_cast<float>(k[d + l]);
+    for (; d < D; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
+    for (int l = 0; l < 16; ++l) dot += lanes[l];
+    float sc = static_cast<float>(static_cast<T>(dot)) * scale;
+    if (softcap > 0.f) sc = softcap * std::tanh(sc / softcap);
+    scores[j] = sc;
+    m = std::max(m, sc);
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < L; ++j)
+    if (allowed[j]) total += (scores[j] = std::exp(scores[j] - m));
+  float acc[256] = {};
+  for (int64_t j = 0; j < L; ++j) {
+    if (!allowed[j]) continue;
+    const float p = static_cast<float>(static_cast<T>(scores[j] / total));
+    const T* v = vc + table[j / bs] * head_stride + (j % bs) * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d]);
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& allowed, double scale, double softcap) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "quiver_cpu::paged_attention: q [B, Q, H, D], contiguous caches [KV, NBLK, bs, D]");
+  const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t KV = k_cache.size(0), NBLK = k_cache.size(1), bs = k_cache.size(2), NB = block_tables.size(1);
+  const int64_t L = NB * bs, g = H / KV;
+  TORCH_CHECK(D <= 256 && H % KV == 0 && k_cache.size(3) == D && allowed.size(2) == L,
+              "quiver_cpu::paged_attention: head dim <= 256, H a multiple of KV, allowed [B, Q, NB * bs]");
+  at::Tensor qc = q.contiguous(), tables = block_tables.to(at::kLong).contiguous(), mask = allowed.contiguous();
+  at::Tensor out = at::empty_like(qc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    const scalar_t* Qp = qc.data_ptr<scalar_t>();
+    const scalar_t* Kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* Vp = v_cache.data_ptr<scalar_t>();
+    scalar_t* O = out.data_ptr<scalar_t>();
+    const int64_t* Tb = tables.data_ptr<int64_t>();
+    const bool* A = mask.data_ptr<bool>();
+    const int64_t head_stride = bs * D;  // one block of one KV head
+    at::parallel_for(0, B * Q * H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores(L);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / (Q * H), i = (t / H) % Q, h = t % H, kvh = h / g;
+        const int64_t kv_base = kvh * NBLK * head_stride;
+        attend_one<scalar_t>(Qp + t * D, Kp + kv_base, Vp + kv_base, Tb + b * NB, A + (b * Q + i) * L, L, bs, D,
+                             head_stride, static_cast<float>(scale), static_cast<float>(softcap), scores.data(),
+                             O + t * D);
+      }
+    });
+  });
+  return out;
+}
+
+// quiver_cpu::rms_norm(x [..., N], w [N], eps, offset, fp32_product) -> x's shape and dtype:
+//   n = x / sqrt(mean(x^2) + eps) in float32; fp32_product: round(n * (offset + w)), else
+//   round(round(offset + w) * round(n)) (rounding to x's dtype): server/model/llama.py rms_norm's maths and
+//   roundings in one pass per row instead of six ops.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset, bool fp32_product) {
+  const int64_t N = x.size(-1), rows = x.numel() / N;
+  TORCH_CHECK(w.numel() == N && w.scalar_type() == x.scalar_type(), "quiver_cpu::rms_norm: w [N] in x's dtype");
+  at::Tensor xc = x.contiguous(), wc = w.contiguous(), out = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* X = xc.data_ptr<scalar_t>();
+    const scalar_t* W = wc.data_ptr<scalar_t>();
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    const float off = static_cast<float>(offset);
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = X + r * N;
+        float lanes[16] = {}, sq = 0.f;
+        int64_t j = 0;
+        for (; j + 16 <= N; j += 16)
+          for (int l = 0; l < 16; ++l) lanes[l] += static_cast<float>(xr[j + l]) * static_cast<float>(xr[j + l]);
+        for (; j < N; ++j) sq += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
+        for (int l = 0; l < 16; ++l) sq += lanes[l];
+        const float inv = 1.f / std::sqrt(sq / static_cast<float>(N) + static_cast<float>(eps));
+        for (j = 0; j < N; ++j) {
+          const float n = static_cast<float>(xr[j]) * inv, wj = static_cast<float>(W[j]);
+          Y[r * N + j] = fp32_product ? static_cast<scalar_t>(n * (off + wj))
+                                      : static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(off + wj)) *
+                                                              static_cast<float>(static_cast<scalar_t>(n)));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// quiver_cpu::rope(x [T, H, D], cos, sin [T, R] in x's dtype, R <= D even) -> [T, H, D] contiguous:
+//   out[..., j] = round(round(x[j] cos[j]) + round(rot[j] sin[j])) for j < R, rot = (-x[R/2..R), x[0..R/2)),
+//   out[..., j] = x[j] beyond R: server/model/rope.py apply_rope (rotate-half, partial rotary) in one op.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
+              cos.size(1) <= x.size(2) && cos.size(1) % 2 == 0 && cos.scalar_type() == x.scalar_type() &&
+              sin.scalar_type() == x.scalar_type(), "quiver_cpu::rope: x [T, H, D], cos, sin [T, R <= D] in x's dtype");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), R = cos.size(1), half = R / 2;
+  at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous(), out = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope", [&] {
+    const scalar_t* X = xc.data_ptr<scalar_t>();
+    const scalar_t* C = cc.data_ptr<scalar_t>();
+    const scalar_t* S = sc.data_ptr<scalar_t>();
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T * H, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* xr = X + i * D;
+        const scalar_t* c = C + (i / H) * R;
+        const scalar_t* s = S + (i / H) * R;
+        scalar_t* y = Y + i * D;
+        for (int64_t j = 0; j < R; ++j) {
+          const float rot = j < half ? -static_cast<float>(xr[j + half]) : static_cast<float>(xr[j - half]);
+          const float a = static_cast<float>(static_cast<scalar_t>(static_cast<float>(xr[j]) * static_cast<float>(c[j])));
+          const float b = static_cast<float>(static_cast<scalar_t>(rot * static_cast<float>(s[j])));
+          y[j] = static_cast<scalar_t>(a + b);
+        }
+        for (int64_t j = R; j < D; ++j) y[j] = xr[j];
+      }
+    });
+  });
+  return out;
+}
+
+// quiver_cpu::lora_add_(y [M, N], x [M, K], a [L, S*R, K], b [L, S*R, N], slots [M] int64, offsets [S+1], rank R):
+//   for every row m with s = slots[m] >= 0 and every slice i (columns offsets[i]..offsets[i+1]):
+//   u = a[s, iR..iR+R) x[m] (float32), y[m, cols] = round(y[m, cols] + u . b[s, iR..iR+R), cols)) — y += B_s A_s x
+//   with B block-diagonal, as kernels.torch_ops.lora_apply defines it, in float32 and rounded once into y (as
+//   TorchOps' few-row path). One op per projection for a decode step's few rows, each row its own adapter,
+//   reading the slot buffers in place (no float32 copies, no zero blocks of B).
+void lora_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
+              at::IntArrayRef offsets, int64_t rank) {
+  TORCH_CHECK(y.is_contiguous() && a.is_contiguous() && b.is_contiguous() && y.scalar_type() == x.scalar_type() &&
+              a.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type(),
+              "quiver_cpu::lora_add_: contiguous y, a, b in x's dtype");
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), SR = a.size(1), S = offsets.size() - 1;
+  TORCH_CHECK(a.size(2) == K && b.size(1) == SR && b.size(2) == N && S * rank == SR && slots.numel() == M,
+              "quiver_cpu::lora_add_: shapes");
+  at::Tensor xc = x.contiguous(), sl = slots.to(at::kLong).contiguous();
+  const int64_t* slot_of = sl.data_ptr<int64_t>();
+  std::vector<int64_t> off(offsets.begin(), offsets.end());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_add", [&] {
+    const scalar_t* X = xc.data_ptr<scalar_t>();
+    const scalar_t* A = a.data_ptr<scalar_t>();
+    const scalar_t* Bm = b.data_ptr<scalar_t>();
+    scalar_t* Y = y.data_ptr<scalar_t>();
+    at::parallel_for(0, M * S, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> u(rank), acc;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t m = t / S, i = t % S, s = slot_of[m];
+        if (s < 0) continue;
+        const scalar_t* xr = X + m * K;
+        for (int64_t j = 0; j < rank; ++j) {
+          const scalar_t* ar = A + (s * SR + i * rank + j) * K;
+          float lanes[16] = {}, dot = 0.f;
+          int64_t k = 0;
+          for (; k + 16 <= K; k += 16)
+            for (int l = 0; l < 16; ++l) lanes[l] += static_cast<float>(xr[k + l]) * static_cast<float>(ar[k + l]);
+          for (; k < K; ++k) dot += static_cast<float>(xr[k]) * static_cast<float>(ar[k]);
+          for (int l = 0; l < 16; ++l) dot += lanes[l];
+          u[j] = dot;
+        }
+        const int64_t lo = off[i], cols = off[i + 1] - lo;
+        acc.assign(cols, 0.f);
+        for (int64_t j = 0; j < rank; ++j) {
+          const scalar_t* br = Bm + (s * SR + i * rank + j) * N + lo;
+          const float uj = u[j];
+          for (int64_t c = 0; c < cols; ++c) acc[c] += uj * static_cast<float>(br[c]);
+        }
+        scalar_t* yr = Y + m * N + lo;
+        for (int64_t c = 0; c < cols; ++c) yr[c] = static_cast<scalar_t>(static_cast<float>(yr[c]) + acc[c]);
+      }
+    });
+  });
+}
+
+bool fast() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(quiver_cpu, m) {
+  m.def("linear(Tensor x, Tensor w, int n, Tensor? bias) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor allowed, float scale, "
+        "float softcap) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps, float offset, bool fp32_product) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slots, int[] offsets, int rank) -> ()");
+  m.def("fast() -> bool", &fast);
+}
+
+TORCH_LIBRARY_IMPL(quiver_cpu, CPU, m) {
+  m.impl("linear", linear);
+  m.impl("paged_attention", paged_attention);
+  m.impl("rms_norm", rms_norm);
+  m.impl("rope", rope);
+  m.impl("lora_add_", lora_add);
+}
