@@ -1,6 +1,6 @@
-"""Speculative decoding with prompt-lookup (n-gram) drafts at batch 1 on a repetitive task: tokens/s with
---speculative-config '{"method": "ngram", "num_speculative_tokens": K}' against the same engine without it,
-alternated, one request at a time, and whether the greedy outputs are identical.
+"""Speculative decoding at batch 1 on a repetitive task: tokens/s with --speculative-config '{"method": "ngram",
+"num_speculative_tokens": K}' (or, with --draft-model DIR, '{"model": DIR, "num_speculative_tokens": K}') against
+the same engine without it, alternated, one request at a time, and whether the greedy outputs are identical.
 
 The task: the model's chat template around "Repeat the following text exactly:" and a paragraph (one of
 PARAGRAPHS per request, in turn), greedy, up to --max-tokens. float32 by default: a step that verifies K + 1
@@ -10,8 +10,8 @@ with the prefill); end to end counts every token from the request's arrival. Acc
 tokens (RequestOutput.num_accepted_tokens / num_draft_tokens). Prefix caching is off in both engines, so every
 request prefills its prompt.
 
-    quiver bench speculative [--model DIR|SHAPE] [--k 4] [--repeats 2] [--max-tokens 192] [--threads N]
-                             [--dtype float32|bfloat16|auto]
+    quiver bench speculative [--model DIR|SHAPE] [--draft-model DIR] [--k 4] [--repeats 2] [--max-tokens 192]
+                             [--threads N] [--dtype float32|bfloat16|auto]
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def rates(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="quiver bench speculative")
     ap.add_argument("--model", default=None, help=MODEL_HELP)
+    ap.add_argument("--draft-model", default=None, help="a draft model's folder (same tokenizer): its drafts, not n-grams")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the paragraphs")
     ap.add_argument("--paragraphs", type=int, default=len(PARAGRAPHS), choices=range(1, len(PARAGRAPHS) + 1))
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     shapes = tempfile.TemporaryDirectory()  # a named shape's random model, for this run
     model = bench_model(args.model, shapes.name)
-    spec = {"method": "ngram", "num_speculative_tokens": args.k}
+    spec = ({"method": "ngram", "num_speculative_tokens": args.k} if args.draft_model is None else
+            {"method": "draft_model", "model": args.draft_model, "num_speculative_tokens": args.k})
     engines = {label: LLMEngine(EngineConfig(model=model, num_threads=args.threads, device=args.device,
                                              dtype=args.dtype, max_loras=0, enable_prefix_caching=False,
                                              speculative_config=config))

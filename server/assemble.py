@@ -54,8 +54,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with a 4-bit base: the embedding table and output head 4-bit too (bitsandbytes keeps them "
                         "at full precision, so outputs move slightly); needs bitsandbytes")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
-                   help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 3, '
-                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (prompt-lookup drafts; default: off)')
+                   help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 3}\' '
+                        '(prompt lookup) or \'{"model": DIR, "num_speculative_tokens": 4, "draft_lora": {ADAPTER: DIR}}\'')
     p.add_argument("--compile", action="store_true", help="CPU: torch.compile adapter-free steps at start-up")
     p.set_defaults(enforce_eager=None)  # --enforce-eager (a serve flag, add_vllm_args) wins over --compile
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")

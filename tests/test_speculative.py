@@ -50,7 +50,7 @@ def test_config_is_vllms_and_other_methods_are_refused_by_name():
     assert (cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min) == (5, 4, 2)
     assert SpeculativeConfig.parse(None) is None
     for bad, says in (({"method": "eagle", "num_speculative_tokens": 2}, "EAGLE"),
-                      ({"model": "some/draft", "num_speculative_tokens": 2}, "draft model"),
+                      ({"method": "medusa", "num_speculative_tokens": 2}, "Medusa"),
                       ({"method": "ngram"}, "num_speculative_tokens is required"),
                       ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
                       ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "typo"), ("{", "not JSON")):

@@ -54,7 +54,7 @@ class LLMEngine:
         self.observers = r.observers  # each called with (step, logits) after every forward pass
         self.blocks = BlockManager(r.num_blocks, config.block_size, caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_loras,
-                                   config.lora_starvation_steps, Proposer.of(config.speculative_config, self.max_model_len))
+                                   config.lora_starvation_steps, Proposer.of(config.speculative_config, self.max_model_len, r))
         families = make_families(self.runner, self.blocks, config.max_loras, config.max_lora_rank,
                                  dict(allow_pickle=config.allow_pickle, max_bytes=config.max_adapter_mb * 2**20))
         self.catalog = AdapterCatalog()
