@@ -1,5 +1,5 @@
 // Kernels for a decode step's few rows on the CPU (kernels/cpu_kernels.py builds and loads this file):
-// bfloat16 projections, paged attention, RMS norm, rope and LoRA, where torch's ops cost more in dispatch (several
+// bfloat16 projections, paged attention and the KV write, RMS norm, rope, the MLP's activation and LoRA, where torch's ops cost more in dispatch (several
 // small ops each, a few microseconds apiece) than in work.
 //
 // quiver_cpu::linear(x [M, K] bf16, w [NB, KP, 64, 2] bf16, n, bias [n] or None) -> y [M, n] bf16:
@@ -17,12 +17,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -117,45 +118,113 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std
   return y;
 }
 
+// e^x for x <= 0 (a softmax's shifted scores) to within 2 float32 ulps (Cephes' expf: 2^n times a degree-7
+// polynomial of the remainder), inline so that loops over keys vectorise; 0 below -87.3 (and for -inf)
+inline float exp_nonpositive(float x) {
+  const bool zero = x < -87.3f;
+  x = std::max(x, -87.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  x -= n * 0.693359375f;
+  x -= n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return zero ? 0.f : y * scale;
+}
+
+// a . b over D floats
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; d < D; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// dst[0..D) = src[0..D) as float32
+template <typename T>
+inline void to_floats(const T* src, float* dst, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; d + 16 <= D; d += 16) {
+      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d)));
+      _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+    }
+  }
+#endif
+  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+}
+
+// The G query heads of one KV head, one query of one row: each key and value read once for all of them, the
+// keys walked block by block (NB blocks of bs through the row's table, key j = n * bs + o).
+template <typename T, int G>
+void attend_heads(const T* q, const T* kc, const T* vc, const int64_t* table, const bool* allowed, int64_t NB,
+                  int64_t bs, int64_t D, float scale, float softcap, float* scores, T* out) {
+  const int64_t L = NB * bs, head_stride = bs * D;
+  float qf[G][256], acc[G][256] = {}, row[256], m[G], total[G] = {};
+  for (int h = 0; h < G; ++h) {
+    m[h] = -INFINITY;
+    for (int64_t d = 0; d < D; ++d) qf[h][d] = static_cast<float>(q[h * D + d]);
+  }
+  for (int64_t n = 0, j = 0; n < NB; ++n) {
+    const T* block = kc + table[n] * head_stride;
+    for (int64_t o = 0; o < bs; ++o, ++j) {
+      if (!allowed[j]) continue;
+      to_floats(block + o * D, row, D);
+      for (int h = 0; h < G; ++h) {
+        float sc = static_cast<float>(static_cast<T>(dot(qf[h], row, D))) * scale;
+        if (softcap > 0.f) sc = softcap * std::tanh(sc / softcap);
+        scores[h * L + j] = sc;
+        m[h] = std::max(m[h], sc);
+      }
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    float* sc = scores + h * L;
+    for (int64_t j = 0; j < L; ++j) sc[j] = exp_nonpositive(allowed[j] ? sc[j] - m[h] : -INFINITY);
+    float lanes[16] = {};
+    int64_t j = 0;
+    for (; j + 16 <= L; j += 16)
+      for (int l = 0; l < 16; ++l) lanes[l] += sc[j + l];
+    for (; j < L; ++j) total[h] += sc[j];
+    for (int l = 0; l < 16; ++l) total[h] += lanes[l];
+  }
+  for (int64_t n = 0, j = 0; n < NB; ++n) {
+    const T* block = vc + table[n] * head_stride;
+    for (int64_t o = 0; o < bs; ++o, ++j) {
+      if (!allowed[j]) continue;
+      to_floats(block + o * D, row, D);
+      for (int h = 0; h < G; ++h) {
+        const float p = static_cast<float>(static_cast<T>(scores[h * L + j] / total[h]));
+        for (int64_t d = 0; d < D; ++d) acc[h][d] += p * row[d];
+      }
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(acc[h][d]);
+}
+
 // quiver_cpu::paged_attention(q [B, Q, H, D], k_cache, v_cache [KV, NBLK, bs, D], block_tables [B, NB] int64,
 //                             allowed [B, Q, NB * bs] bool, scale, softcap) -> [B, Q, H, D]
 //   out[b, i, h] = sum_j p_j V_b[h / g, j],  p = softmax_j(cap(scale * q[b, i, h] . K_b[h / g, j])) over j with
 //   allowed[b, i, j], K_b[., j] = k_cache[., block_tables[b, j / bs], j % bs], g = H / KV, cap(s) = softcap ·
 //   tanh(s / softcap) when softcap > 0. kernels.torch_ops.few_query_attention's maths and roundings: q . k
 //   summed in float32 and rounded to the cache's dtype, the softmax in float32, the probabilities rounded to
-//   the cache's dtype before they meet V, the sum in float32. One (row, query, head) per task, keys read in
+//   the cache's dtype before they meet V, the sum in float32 (exp to within 2 float32 ulps: exp_nonpositive).
+//   A task takes one query and up to 4 heads sharing a KV head, each key and value read once for them, in
 //   place through the block table (no gathered copy), masked keys skipped.
-template <typename T>
-void attend_one(const T* q, const T* kc, const T* vc, const int64_t* table, const bool* allowed, int64_t L,
-                int64_t bs, int64_t D, int64_t head_stride, float scale, float softcap, float* scores, T* out) {
-  float m = -INFINITY;
-  for (int64_t j = 0; j < L; ++j) {
-    if (!allowed[j]) continue;
-    const T* k = kc + table[j / bs] * head_stride + (j % bs) * D;
-    float lanes[16] = {}, dot = 0.f;  // 16 partial sums: a loop the compiler vectorises
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16)
-      for (int l = 0; l < 16; ++l) lanes[l] += static_cast<float>(q[d + l]) * static_cast<float>(k[d + l]);
-    for (; d < D; ++d) dot += static_cast<float>(q[d]) * static_cast<float>(k[d]);
-    for (int l = 0; l < 16; ++l) dot += lanes[l];
-    float sc = static_cast<float>(static_cast<T>(dot)) * scale;
-    if (softcap > 0.f) sc = softcap * std::tanh(sc / softcap);
-    scores[j] = sc;
-    m = std::max(m, sc);
-  }
-  float total = 0.f;
-  for (int64_t j = 0; j < L; ++j)
-    if (allowed[j]) total += (scores[j] = std::exp(scores[j] - m));
-  float acc[256] = {};
-  for (int64_t j = 0; j < L; ++j) {
-    if (!allowed[j]) continue;
-    const float p = static_cast<float>(static_cast<T>(scores[j] / total));
-    const T* v = vc + table[j / bs] * head_stride + (j % bs) * D;
-    for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
-  }
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d]);
-}
-
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& allowed, double scale, double softcap) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
@@ -175,14 +244,26 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     const int64_t* Tb = tables.data_ptr<int64_t>();
     const bool* A = mask.data_ptr<bool>();
     const int64_t head_stride = bs * D;  // one block of one KV head
-    at::parallel_for(0, B * Q * H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scores(L);
+    // a task: one query of one row and up to 4 of the heads of one KV head (the others in more tasks)
+    const int64_t per = g % 4 == 0 ? 4 : g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1, turns = g / per;
+    at::parallel_for(0, B * Q * KV * turns, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores(4 * L);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / (Q * H), i = (t / H) % Q, h = t % H, kvh = h / g;
-        const int64_t kv_base = kvh * NBLK * head_stride;
-        attend_one<scalar_t>(Qp + t * D, Kp + kv_base, Vp + kv_base, Tb + b * NB, A + (b * Q + i) * L, L, bs, D,
-                             head_stride, static_cast<float>(scale), static_cast<float>(softcap), scores.data(),
-                             O + t * D);
+        const int64_t bq = t / (KV * turns), kvh = (t / turns) % KV, first = kvh * g + (t % turns) * per;
+        const int64_t b = bq / Q, kv_base = kvh * NBLK * head_stride;
+        const scalar_t* qh = Qp + (bq * H + first) * D;
+        scalar_t* oh = O + (bq * H + first) * D;
+        auto run = [&](auto heads) {
+          attend_heads<scalar_t, decltype(heads)::value>(qh, Kp + kv_base, Vp + kv_base, Tb + b * NB, A + bq * L, NB,
+                                                         bs, D, static_cast<float>(scale), static_cast<float>(softcap),
+                                                         scores.data(), oh);
+        };
+        switch (per) {
+          case 1: run(std::integral_constant<int, 1>()); break;
+          case 2: run(std::integral_constant<int, 2>()); break;
+          case 3: run(std::integral_constant<int, 3>()); break;
+          default: run(std::integral_constant<int, 4>()); break;
+        }
       }
     });
   });
@@ -309,6 +390,98 @@ void lora_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at:
   });
 }
 
+// quiver_cpu::write_kv_(k_cache, v_cache [KV, NBLK, bs, D], k, v [T, KV, D], slot_mapping [T] int64):
+//   k_cache[:, s / bs, s % bs] = k[t] (and v) for s = slot_mapping[t]: torch_ops.write_kv in one op.
+void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k.scalar_type() == k_cache.scalar_type() &&
+              v.scalar_type() == v_cache.scalar_type() && k.dim() == 3 && v.dim() == 3,
+              "quiver_cpu::write_kv_: contiguous caches, k and v [T, KV, D] in their dtype");
+  const int64_t KV = k_cache.size(0), slots = k_cache.size(1) * k_cache.size(2), D = k_cache.size(3), T = k.size(0);
+  at::Tensor sl = slot_mapping.to(at::kLong).contiguous();
+  const int64_t* S = sl.data_ptr<int64_t>();
+  for (const auto& [cache, src] : {std::pair<at::Tensor*, const at::Tensor*>{&k_cache, &k}, {&v_cache, &v}}) {
+    at::Tensor sc = src->contiguous();
+    const int64_t bytes = D * sc.element_size();
+    const char* from = static_cast<const char*>(sc.data_ptr());
+    char* to = static_cast<char*>(cache->data_ptr());
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(S[t] >= 0 && S[t] < slots, "quiver_cpu::write_kv_: slot out of range");
+      for (int64_t h = 0; h < KV; ++h) std::memcpy(to + (h * slots + S[t]) * bytes, from + (t * KV + h) * bytes, bytes);
+    }
+  }
+}
+
+// quiver_cpu::act_mul(gate_up [T, 2I], kind) -> [T, I]: act(gate) * up, gate = gate_up[:, :I], up = gate_up[:, I:],
+//   act silu (kind 0) or tanh-approximated gelu (kind 1), each rounded to the dtype as eager torch rounds them.
+at::Tensor act_mul(const at::Tensor& gate_up, int64_t kind) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && (kind == 0 || kind == 1),
+              "quiver_cpu::act_mul: gate_up [T, 2I], kind 0 (silu) or 1 (gelu tanh)");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  at::Tensor gu = gate_up.contiguous(), out = at::empty({T, I}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "act_mul", [&] {
+    const scalar_t* G = gu.data_ptr<scalar_t>();
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t j = 0; j < I; ++j) {
+          const float g = static_cast<float>(G[t * 2 * I + j]);
+          const float a = kind == 0 ? g / (1.f + std::exp(-g))
+                                    : 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+          Y[t * I + j] = static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(a)) *
+                                               static_cast<float>(G[t * 2 * I + I + j]));
+        }
+    });
+  });
+  return out;
+}
+
+// quiver_cpu::decode_layers: every decoder layer of a pre-norm model (Llama's layout: x += o(attn(norm(x))),
+// x += down(act(gate) * up)(norm(x))) over the embedded x [T, hidden] in one call, for a step of few rows
+// whose attention is one in-order group: the kernels above called directly, in eager's order, so the result
+// is the eager path's bit for bit; what it saves is the dispatch of a dozen ops per layer.
+//   x [T, hidden]; norms [2L] (attention-in, MLP-in per layer); weights [4L] blocked (qkv, o, gate_up, down per
+//   layer) with widths [4] and biases [4L] (None where a projection has none); cos, sin [T, R] (one rope for
+//   every layer); k_caches, v_caches [L]; slot_mapping [T]; block_tables [B, NB], allowed [B, Q, NB * bs]
+//   with B * Q = T; lora_a, lora_b [4L] slot buffers (empty: no LoRA) with lora_slices [4] slices per group,
+//   lora_offsets the groups' column bounds one after another, token_slots [T]. Returns x after the last layer.
+at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weights, at::IntArrayRef widths,
+                         const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
+                         const at::Tensor& sin, at::TensorList k_caches, at::TensorList v_caches,
+                         const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& allowed,
+                         at::TensorList lora_a, at::TensorList lora_b, at::IntArrayRef lora_slices,
+                         at::IntArrayRef lora_offsets, int64_t lora_rank, const std::optional<at::Tensor>& token_slots,
+                         double eps, double norm_offset, bool fp32_product, int64_t nh, int64_t nkv, int64_t d,
+                         int64_t act, double scale) {
+  const int64_t L = k_caches.size(), T = x.size(0), B = block_tables.size(0), Q = T / B;
+  TORCH_CHECK(norms.size() == static_cast<size_t>(2 * L) && weights.size() == static_cast<size_t>(4 * L) &&
+              biases.size() == static_cast<size_t>(4 * L) && widths.size() == 4 && B * Q == T,
+              "quiver_cpu::decode_layers: per-layer lists of the wrong length");
+  const bool lora = !lora_a.empty();
+  std::vector<std::vector<int64_t>> offsets(4);
+  for (int64_t g = 0, at = 0; g < 4 && lora; at += lora_slices[g] + 1, ++g)
+    offsets[g].assign(lora_offsets.begin() + at, lora_offsets.begin() + at + lora_slices[g] + 1);
+  auto project = [&](const at::Tensor& h, int64_t layer, int64_t g) {
+    const int64_t i = 4 * layer + g;
+    at::Tensor y = linear(h, weights[i], widths[g], biases.get(i));
+    if (lora) lora_add(y, h, lora_a[i], lora_b[i], *token_slots, offsets[g], lora_rank);
+    return y;
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    at::Tensor qkv = project(rms_norm(x, norms[2 * l], eps, norm_offset, fp32_product), l, 0);
+    at::Tensor q = rope(qkv.narrow(1, 0, nh * d).view({T, nh, d}), cos, sin);
+    at::Tensor k = rope(qkv.narrow(1, nh * d, nkv * d).view({T, nkv, d}), cos, sin);
+    at::Tensor v = qkv.narrow(1, (nh + nkv) * d, nkv * d).reshape({T, nkv, d});
+    at::Tensor kc = k_caches[l], vc = v_caches[l];
+    write_kv(kc, vc, k, v, slot_mapping);
+    at::Tensor att = paged_attention(q.view({B, Q, nh, d}), kc, vc, block_tables, allowed, scale, 0.0);
+    x = x + project(att.view({T, nh * d}), l, 1);
+    at::Tensor h = rms_norm(x, norms[2 * l + 1], eps, norm_offset, fp32_product);
+    x = x + project(act_mul(project(h, l, 2), act), l, 3);
+  }
+  return x;
+}
+
 bool fast() {
 #if defined(__AVX512BF16__)
   return true;
@@ -326,6 +499,12 @@ TORCH_LIBRARY(quiver_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps, float offset, bool fp32_product) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slots, int[] offsets, int rank) -> ()");
+  m.def("write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+  m.def("act_mul(Tensor gate_up, int kind) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] norms, Tensor[] weights, int[] widths, Tensor?[] biases, Tensor cos, "
+        "Tensor sin, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor allowed, "
+        "Tensor[] lora_a, Tensor[] lora_b, int[] lora_slices, int[] lora_offsets, int lora_rank, Tensor? token_slots, "
+        "float eps, float norm_offset, bool fp32_product, int nh, int nkv, int d, int act, float scale) -> Tensor");
   m.def("fast() -> bool", &fast);
 }
 
@@ -335,4 +514,7 @@ TORCH_LIBRARY_IMPL(quiver_cpu, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("rope", rope);
   m.impl("lora_add_", lora_add);
+  m.impl("write_kv_", write_kv);
+  m.impl("act_mul", act_mul);
+  m.impl("decode_layers", decode_layers);
 }

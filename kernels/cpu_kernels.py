@@ -1,5 +1,5 @@
-"""Quiver's own CPU kernels (cpu_kernels.cpp: a decode step's few-row bfloat16 projections, paged attention,
-RMS norm, rope and LoRA, each one op where torch takes several), compiled once per machine and torch build with
+"""Quiver's own CPU kernels (cpu_kernels.cpp: a decode step's few-row bfloat16 projections, paged attention and
+the KV write, RMS norm, rope, the MLP's activation and LoRA, each one op where torch takes several), compiled once per machine and torch build with
 the system's C++ compiler for this CPU (-march=native, linked to torch's own OpenMP), cached under
 QUIVER_CACHE/cpu_kernels, and loaded as torch ops (torch.ops.quiver_cpu.*). Without a compiler, or if the build
 fails, available() is False with one log line and every caller keeps its torch ops: the same maths, slower.
@@ -141,6 +141,24 @@ def lora_add_(y, x, a, b, token_slots: torch.Tensor, offsets: tuple[int, ...], r
     """y += B_s A_s x per row (slot s = token_slots[row], -1: none), B block-diagonal: torch_ops.lora_apply's
     maths in float32, rounded once into y."""
     torch.ops.quiver_cpu.lora_add_(y, x, a, b, token_slots, list(offsets), rank)
+
+
+def write_kv_(k_cache, v_cache, k, v, slot_mapping) -> None:
+    """torch_ops.write_kv in one op."""
+    torch.ops.quiver_cpu.write_kv_(k_cache, v_cache, k, v, slot_mapping)
+
+
+ACT_KINDS = {"silu": 0, "gelu_pytorch_tanh": 1}
+
+
+def act_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up of a fused [T, 2I] gate/up projection in one op (activation: a key of ACT_KINDS)."""
+    return torch.ops.quiver_cpu.act_mul(gate_up, ACT_KINDS[activation])
+
+
+def decode_layers(*args) -> torch.Tensor:
+    """Every layer of a pre-norm decoder for a few-row step in one call (cpu_kernels.cpp says what it takes)."""
+    return torch.ops.quiver_cpu.decode_layers(*args)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, allowed, scale: float, softcap: float | None) -> torch.Tensor:

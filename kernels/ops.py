@@ -15,7 +15,9 @@ from typing import Protocol
 import torch
 
 from quiver.kernels import cpu_kernels, torch_ops
-from quiver.kernels.cpu_kernels import FEW_ROWS, onednn_blocks, serves
+from quiver.kernels.cpu_kernels import ACT_KINDS, FEW_ROWS, onednn_blocks, serves
+from quiver.kernels.cpu_kernels import act_mul as cpu_act_mul
+from quiver.kernels.cpu_kernels import decode_layers as fused_decode_layers
 from quiver.kernels.cpu_kernels import linear as blocked_linear
 from quiver.kernels.cpu_kernels import rms_norm as cpu_rms_norm
 from quiver.kernels.cpu_kernels import rope as cpu_rope
@@ -109,13 +111,16 @@ class TorchOps:
     """Masked attention groups (a mask built once per step); LoRA's B block-diagonal, so the expand of every
     slice is one matmul and tiny decode steps pay two matmuls per projection rather than 1 + S.
 
-    On the CPU, where Quiver's C++ kernels are built (kernels.cpu_kernels), attention groups of at most
-    FEW_QUERIES queries a row (decode) and the LoRA of steps of at most FEW_ROWS tokens take them instead:
-    the same maths (and roundings), one op each, the cache and slot buffers read in place."""
+    On the CPU, where Quiver's C++ kernels are built (kernels.cpu_kernels), the KV write, attention groups of
+    at most FEW_QUERIES queries a row (decode) and the LoRA of steps of at most FEW_ROWS tokens take them
+    instead: the same maths (and roundings), one op each, the cache and slot buffers read in place."""
     name = "torch"
-    write_kv = staticmethod(torch_ops.write_kv)
     zero_blocks = staticmethod(torch_ops.zero_blocks)
     lora_clear = staticmethod(_clear_slot)
+
+    @staticmethod
+    def write_kv(k_cache, v_cache, k, v, slot_mapping) -> None:
+        (cpu_kernels.write_kv_ if serves(k) else torch_ops.write_kv)(k_cache, v_cache, k, v, slot_mapping)
 
     @staticmethod
     def attention_meta(layout, heads_per_kv: int, windows: tuple[int, ...] = ()) -> list:

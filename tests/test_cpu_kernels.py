@@ -130,3 +130,32 @@ def test_turned_off_by_the_environment():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "QUIVER_CPU_KERNELS": "0"})
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_equals_torch(dtype):
+    g = torch.Generator().manual_seed(5)
+    caches = [torch.randn(3, 10, 4, 16, generator=g).to(dtype) for _ in range(2)]
+    k, v = (torch.randn(6, 3, 16, generator=g).to(dtype) for _ in range(2))
+    slots = torch.tensor([0, 5, 39, 17, 18, 2])
+    want = [c.clone() for c in caches]
+    torch_ops.write_kv(*want, k, v, slots)
+    cpu_kernels.write_kv_(*caches, k, v, slots)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_kernels.write_kv_(*caches, k, v, torch.tensor([0, 1, 2, 3, 4, 40]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(cpu_kernels.ACT_KINDS))
+def test_act_mul_equals_torch(dtype, activation):
+    from quiver.server.model.llama import ACT
+    g = torch.Generator().manual_seed(6)
+    gate_up = (torch.randn(5, 2 * 96, generator=g) * 3).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want, got = ACT[activation](gate) * up, cpu_kernels.act_mul(gate_up, activation)
+    if dtype == torch.bfloat16:  # the same two roundings; exp and tanh may differ in their last float32 bit
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+        assert (got != want).float().mean() < 0.02
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -25,6 +25,7 @@ from quiver.server.engine.sequence import Sequence
 from quiver.server.engine.step import RowLayout, StepHooks
 from quiver.server.engine.upload import StepUpload
 from quiver.server.model.config import ModelConfig
+from quiver.server.model.fused import FusedLayers
 from quiver.server.model.layout import module_shapes, slice_bounds
 from quiver.server.model.llama import LlamaModel
 from quiver.server.model.packed import PackedWeight
@@ -66,6 +67,7 @@ def merge_lora(model: LlamaModel, path: str | Path) -> None:
         dense[lo:hi] += (m.b.float() @ m.a.float()).to(dense.dtype)
         if isinstance(weight, PackedWeight):
             setattr(mod, group, PackedWeight(dense))
+    model.fused = FusedLayers.of(model)  # it holds the weights it was made with
 
 
 class DraftModel:

@@ -193,6 +193,18 @@ class LoraStep:
         self.layers, self.ops, self.meta = layers, ops, meta
         self.dora_index = dora_index  # [T] each token's row of dora_m1, when a DoRA adapter has tokens
 
+    def fused_lora(self) -> tuple | None:
+        """What a one-call decode loop (server.model.fused) needs to add this step's LoRA itself: every layer's
+        and group's slot buffers a and b, each group's slice count and column bounds (one after another), the
+        rank and each token's slot; None with DoRA rows, or when the op backend gives no per-token slots."""
+        token_slots = getattr(self.meta, "token_slots", None)
+        if self.dora_index is not None or token_slots is None:
+            return None
+        buffers = [g.weights for layer in self.layers for g in layer.values()]
+        per_layer = len(self.layers[0])
+        return ([w.a for w in buffers], [w.b for w in buffers], [len(w.offsets) - 1 for w in buffers[:per_layer]],
+                [o for w in buffers[:per_layer] for o in w.offsets], buffers[0].rank, token_slots)
+
     def linear(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias) -> torch.Tensor:
         g = self.layers[layer][group]
         dora = None

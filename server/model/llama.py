@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quiver.kernels.ops import Ops, cpu_rms_norm, serves
+from quiver.kernels.ops import ACT_KINDS, Ops, cpu_act_mul, cpu_rms_norm, serves
 from quiver.server.model.checkpoint import Checkpoint
 from quiver.server.model.config import ModelConfig
+from quiver.server.model.fused import FusedLayers
 from quiver.server.model.fourbit import Packed4bit, Rows4bit, Scratch, Weight4bit, quantize, read_packed
 from quiver.server.model.layout import GROUPS, checkpoint_groups, group_of, module_shapes, slice_bounds
 from quiver.server.model.packed import PackedWeight, can_pack
@@ -47,6 +48,14 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: fl
     if fp32_product:
         return (xf * (offset + weight.float())).to(x.dtype)
     return (offset + weight) * xf.to(x.dtype) if offset else weight * xf.to(x.dtype)
+
+
+def act_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up of the fused [T, 2I] gate/up output, in one C++ op on the CPU where it is built."""
+    if activation in ACT_KINDS and serves(gate_up):
+        return cpu_act_mul(gate_up, activation)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return ACT[activation](gate) * up
 
 
 class DecoderLayer(torch.nn.Module):
@@ -121,6 +130,7 @@ class LlamaModel(torch.nn.Module):
         self.window_sizes = tuple(sorted({w for w in self.windows if w is not None}))
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
         self.compiled = None  # server.model.compiled.CompiledLayers, set by the runner unless --enforce-eager
+        self.fused: FusedLayers | None = None  # few-row steps' layers in one C++ call (server.model.fused), at load
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, model_dir: str | Path) -> None:
@@ -163,6 +173,7 @@ class LlamaModel(torch.nn.Module):
             self._pack_projections()
         tile = max((w.scratch_elements for w in self.four_bit_weights()), default=0)
         scratch.reserve(tile, self.dtype)
+        self.fused = FusedLayers.of(self)
 
     def _pack_projections(self) -> None:
         """Every full-precision projection as a PackedWeight (server.model.packed), in place of its tensor;
@@ -261,6 +272,8 @@ class LlamaModel(torch.nn.Module):
                       for r in range(1 + (c.local_rope is not None)))
         if self.compiled is not None and not (hooks.linear or hooks.residual):
             return self.compiled(x, ropes, step, kv_caches)
+        if self.fused is not None and (out := self.fused(x, ropes, step, kv_caches)) is not None:
+            return rms_norm(out, self.norm, c.rms_norm_eps, c.norm_offset, c.norm_fp32_product)
 
         def linear(h, i, group):
             layer = self.layers[i]
@@ -287,7 +300,6 @@ class LlamaModel(torch.nn.Module):
         c = self.cfg
         t = x.shape[0]
         d, nh, nkv = c.head_dim, c.num_heads, c.num_kv_heads
-        act = ACT[c.activation]
         norm_of = functools.partial(rms_norm, eps=c.rms_norm_eps, offset=c.norm_offset, fp32_product=c.norm_fp32_product)
         for i, layer in enumerate(self.layers):
             attn_in, attn_out, mlp_in, mlp_out = layer.norm_slots
@@ -304,8 +316,7 @@ class LlamaModel(torch.nn.Module):
             o = linear(attend(q, k, v.view(t, nkv, d), i).reshape(t, nh * d), i, "o")
             x = self._residual(x, o if attn_out is None else norm_of(o, attn_out), residual, i, "attn")
             h = x if mlp_in is None else norm_of(x, mlp_in)
-            gate, up = linear(h, i, "gate_up").chunk(2, dim=-1)
-            o = linear(act(gate) * up, i, "down")
+            o = linear(act_mul(linear(h, i, "gate_up"), c.activation), i, "down")
             x = self._residual(x, o if mlp_out is None else norm_of(o, mlp_out), residual, i, "mlp")
         return norm_of(x, self.norm)
 
