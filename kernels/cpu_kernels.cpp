@@ -1,6 +1,7 @@
 // Kernels for a decode step's few rows on the CPU (kernels/cpu_kernels.py builds and loads this file):
-// bfloat16 projections, paged attention and the KV write, RMS norm, rope, the MLP's activation and LoRA, where torch's ops cost more in dispatch (several
-// small ops each, a few microseconds apiece) than in work.
+// bfloat16 projections, paged attention and the KV write, RMS norm, rope, the MLP's activation and LoRA,
+// where torch's ops cost more in dispatch (several small ops each, a few microseconds apiece) than in work,
+// and decode_layers, every layer of a pre-norm decoder in one call of them.
 //
 // quiver_cpu::linear(x [M, K] bf16, w [NB, KP, 64, 2] bf16, n, bias [n] or None) -> y [M, n] bf16:
 //   y[m, j] = round_bf16(sum_k x[m, k] * W[j, k] + bias[j]), products and sums in float32,
@@ -17,11 +18,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cmath>
-#include <vector>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -360,28 +361,23 @@ void lora_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at:
     const scalar_t* A = a.data_ptr<scalar_t>();
     const scalar_t* Bm = b.data_ptr<scalar_t>();
     scalar_t* Y = y.data_ptr<scalar_t>();
-    at::parallel_for(0, M * S, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> u(rank), acc;
+    // a task: one row's slice; a few tasks (a decode step's one row) cost less run here than handed out
+    at::parallel_for(0, M * S, 4, [&](int64_t t0, int64_t t1) {
+      std::vector<float> xf(K), row(std::max(K, N)), u(rank), acc;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m = t / S, i = t % S, s = slot_of[m];
         if (s < 0) continue;
-        const scalar_t* xr = X + m * K;
+        to_floats(X + m * K, xf.data(), K);
         for (int64_t j = 0; j < rank; ++j) {
-          const scalar_t* ar = A + (s * SR + i * rank + j) * K;
-          float lanes[16] = {}, dot = 0.f;
-          int64_t k = 0;
-          for (; k + 16 <= K; k += 16)
-            for (int l = 0; l < 16; ++l) lanes[l] += static_cast<float>(xr[k + l]) * static_cast<float>(ar[k + l]);
-          for (; k < K; ++k) dot += static_cast<float>(xr[k]) * static_cast<float>(ar[k]);
-          for (int l = 0; l < 16; ++l) dot += lanes[l];
-          u[j] = dot;
+          to_floats(A + (s * SR + i * rank + j) * K, row.data(), K);
+          u[j] = dot(xf.data(), row.data(), K);
         }
         const int64_t lo = off[i], cols = off[i + 1] - lo;
         acc.assign(cols, 0.f);
         for (int64_t j = 0; j < rank; ++j) {
-          const scalar_t* br = Bm + (s * SR + i * rank + j) * N + lo;
+          to_floats(Bm + (s * SR + i * rank + j) * N + lo, row.data(), cols);
           const float uj = u[j];
-          for (int64_t c = 0; c < cols; ++c) acc[c] += uj * static_cast<float>(br[c]);
+          for (int64_t c = 0; c < cols; ++c) acc[c] += uj * row[c];
         }
         scalar_t* yr = Y + m * N + lo;
         for (int64_t c = 0; c < cols; ++c) yr[c] = static_cast<scalar_t>(static_cast<float>(yr[c]) + acc[c]);
