@@ -7,8 +7,9 @@ import gc
 
 import pytest
 import torch
-from helpers import all_blocks_free, make_tiny_model
-from test_speculative import CONTEXT, TEMP, TOP_K, VOCAB, chi_square, drain, exact_pairs, flat, make_engine, repetitive
+from helpers import make_tiny_model
+from test_speculative import (CONTEXT, TEMP, TOP_K, VOCAB, chi_square, drain, exact_pairs, flat, make_engine,
+                              mixed_families, repetitive)
 
 from quiver.server.engine.metrics import Metrics
 from quiver.server.engine.sampling import SamplingParams
@@ -56,19 +57,10 @@ def test_greedy_is_unchanged_for_a_mixed_batch_of_families(draft, tiny_lora_set,
                                                            plain_tokenizer):
     """Base, LoRA, DoRA and prompt-tuning rows in one batch: the same tokens with drafts from the target's own
     base (mostly accepted) or from another model (mostly rejected) as with no speculation."""
-    base_dir, _, loras = tiny_lora_set
-    prompts_dir = tiny_prompt_set[2]
+    base_dir = tiny_lora_set[0]
     results, metrics = [], Metrics()
     for spec in (None, draft_spec(base_dir if draft == "target" else other_draft)):
-        engine = make_engine(base_dir, plain_tokenizer, spec=spec)
-        engine.load_adapter("lora", str(loras["rslora_all7"]))
-        engine.load_adapter("dora", str(loras["dora"]))
-        engine.load_adapter("pt", str(prompts_dir["prompt_tuning"]))
-        for i, adapter in enumerate([None, "lora", "dora", "pt"] * 2):
-            engine.add_request(repetitive(i, 12 + 5 * i), SamplingParams(max_tokens=24, **GREEDY), adapter,
-                               request_id=f"r{i}")
-        results.append(flat(drain(engine, metrics if spec else None)))
-        assert all_blocks_free(engine)
+        results.append(flat(mixed_families(tiny_lora_set, tiny_prompt_set, plain_tokenizer, spec, metrics, 24)))
     assert results[0] == results[1]
     drafted, accepted = counted(metrics, "base")
     assert drafted > 0

@@ -66,23 +66,29 @@ def test_lookup_takes_what_followed_the_latest_longest_match():
     assert lookup([5, 1, 2, 1], 2, 4, 1) == [2, 1]  # a 1-gram when allowed
 
 
+def mixed_families(tiny_lora_set, tiny_prompt_set, tokenizer, spec, metrics: Metrics, max_tokens: int) -> dict:
+    """Base, LoRA, DoRA and prompt-tuning rows on repetitive prompts, two of each, to the end (metrics counted
+    when speculating): each request's token chunks; every block is free afterwards."""
+    base_dir, _, loras = tiny_lora_set
+    engine = make_engine(base_dir, tokenizer, spec=spec)
+    engine.load_adapter("lora", str(loras["rslora_all7"]))
+    engine.load_adapter("dora", str(loras["dora"]))
+    engine.load_adapter("pt", str(tiny_prompt_set[2]["prompt_tuning"]))
+    for i, adapter in enumerate([None, "lora", "dora", "pt"] * 2):
+        engine.add_request(repetitive(i, 12 + 5 * i), SamplingParams(max_tokens=max_tokens, **GREEDY), adapter,
+                           request_id=f"r{i}")
+    chunks = drain(engine, metrics if spec else None)
+    assert all_blocks_free(engine)
+    return chunks
+
+
 def test_greedy_is_unchanged_for_a_mixed_batch_of_families(tiny_lora_set, tiny_prompt_set, plain_tokenizer):
     """Base, LoRA, DoRA and prompt-tuning rows in one batch, on repetitive prompts: the same tokens with
     speculation on as off, with drafts both accepted and rejected, and counted per adapter."""
-    base_dir, _, loras = tiny_lora_set
-    prompts_dir = tiny_prompt_set[2]
     results, metrics = [], Metrics()
     for spec in (None, {**NGRAM, "prompt_lookup_min": 1}):
-        engine = make_engine(base_dir, plain_tokenizer, spec=spec)
-        engine.load_adapter("lora", str(loras["rslora_all7"]))
-        engine.load_adapter("dora", str(loras["dora"]))
-        engine.load_adapter("pt", str(prompts_dir["prompt_tuning"]))
-        for i, adapter in enumerate([None, "lora", "dora", "pt"] * 2):
-            engine.add_request(repetitive(i, 12 + 5 * i), SamplingParams(max_tokens=32, **GREEDY), adapter,
-                               request_id=f"r{i}")
-        chunks = drain(engine, metrics if spec else None)
+        chunks = mixed_families(tiny_lora_set, tiny_prompt_set, plain_tokenizer, spec, metrics, max_tokens=32)
         results.append(flat(chunks))
-        assert all_blocks_free(engine)
     assert results[0] == results[1]
     assert max(len(c) for cs in chunks.values() for c in cs) > 1  # some step emitted several tokens
     for label in ("base", "lora", "dora", "pt"):
