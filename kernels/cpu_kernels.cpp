@@ -168,30 +168,39 @@ inline void to_floats(const T* src, float* dst, int64_t D) {
   for (; d < D; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
-// The G query heads of one KV head, one query of one row: each key and value read once for all of them, the
-// keys walked block by block (NB blocks of bs through the row's table, key j = n * bs + o).
-template <typename T, int G>
-void attend_heads(const T* q, const T* kc, const T* vc, const int64_t* table, const bool* allowed, int64_t NB,
-                  int64_t bs, int64_t D, float scale, float softcap, float* scores, T* out) {
-  const int64_t L = NB * bs, head_stride = bs * D;
-  float qf[G][256], acc[G][256] = {}, row[256], m[G], total[G] = {};
-  for (int h = 0; h < G; ++h) {
-    m[h] = -INFINITY;
-    for (int64_t d = 0; d < D; ++d) qf[h][d] = static_cast<float>(q[h * D + d]);
-  }
+// f(j, row) for every key j the mask allows, row = that key's (or value's) D entries as float32: the NB
+// blocks of bs entries walked through the row's table (key j = n * bs + o, no division per key)
+template <typename T, typename F>
+inline void allowed_rows(const T* cache, const int64_t* table, const bool* allowed, int64_t NB, int64_t bs,
+                         int64_t D, float* row, F&& f) {
   for (int64_t n = 0, j = 0; n < NB; ++n) {
-    const T* block = kc + table[n] * head_stride;
+    const T* block = cache + table[n] * bs * D;
     for (int64_t o = 0; o < bs; ++o, ++j) {
       if (!allowed[j]) continue;
       to_floats(block + o * D, row, D);
-      for (int h = 0; h < G; ++h) {
-        float sc = static_cast<float>(static_cast<T>(dot(qf[h], row, D))) * scale;
-        if (softcap > 0.f) sc = softcap * std::tanh(sc / softcap);
-        scores[h * L + j] = sc;
-        m[h] = std::max(m[h], sc);
-      }
+      f(j, row);
     }
   }
+}
+
+// The G query heads of one KV head, one query of one row: each key and value read once for all of them.
+template <typename T, int G>
+void attend_heads(const T* q, const T* kc, const T* vc, const int64_t* table, const bool* allowed, int64_t NB,
+                  int64_t bs, int64_t D, float scale, float softcap, float* scores, T* out) {
+  const int64_t L = NB * bs;
+  float qf[G][256], acc[G][256] = {}, row[256], m[G], total[G] = {};
+  for (int h = 0; h < G; ++h) {
+    m[h] = -INFINITY;
+    to_floats(q + h * D, qf[h], D);
+  }
+  allowed_rows(kc, table, allowed, NB, bs, D, row, [&](int64_t j, const float* k) {
+    for (int h = 0; h < G; ++h) {
+      float sc = static_cast<float>(static_cast<T>(dot(qf[h], k, D))) * scale;
+      if (softcap > 0.f) sc = softcap * std::tanh(sc / softcap);
+      scores[h * L + j] = sc;
+      m[h] = std::max(m[h], sc);
+    }
+  });
   for (int h = 0; h < G; ++h) {
     float* sc = scores + h * L;
     for (int64_t j = 0; j < L; ++j) sc[j] = exp_nonpositive(allowed[j] ? sc[j] - m[h] : -INFINITY);
@@ -202,17 +211,12 @@ void attend_heads(const T* q, const T* kc, const T* vc, const int64_t* table, co
     for (; j < L; ++j) total[h] += sc[j];
     for (int l = 0; l < 16; ++l) total[h] += lanes[l];
   }
-  for (int64_t n = 0, j = 0; n < NB; ++n) {
-    const T* block = vc + table[n] * head_stride;
-    for (int64_t o = 0; o < bs; ++o, ++j) {
-      if (!allowed[j]) continue;
-      to_floats(block + o * D, row, D);
-      for (int h = 0; h < G; ++h) {
-        const float p = static_cast<float>(static_cast<T>(scores[h * L + j] / total[h]));
-        for (int64_t d = 0; d < D; ++d) acc[h][d] += p * row[d];
-      }
+  allowed_rows(vc, table, allowed, NB, bs, D, row, [&](int64_t j, const float* v) {
+    for (int h = 0; h < G; ++h) {
+      const float p = static_cast<float>(static_cast<T>(scores[h * L + j] / total[h]));
+      for (int64_t d = 0; d < D; ++d) acc[h][d] += p * v[d];
     }
-  }
+  });
   for (int h = 0; h < G; ++h)
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(acc[h][d]);
 }

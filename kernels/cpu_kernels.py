@@ -30,9 +30,12 @@ BLOCK = 64  # output rows per block of the layout
 FEW_ROWS = 8
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("QUIVER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quiver")
-    return Path(root) / "cpu_kernels"
+def cache_root() -> Path:
+    """Where Quiver keeps what it builds or converts once per machine: $QUIVER_CACHE, else the user's cache
+    folder's quiver/ (the one rule for every cache: converted GGUFs, these kernels, inductor's code)."""
+    root = os.environ.get("QUIVER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "quiver")
+    return Path(root)
 
 
 def _compile_command(out: Path) -> list[str]:
@@ -48,7 +51,7 @@ def _library_path() -> Path:
     """Where this source, torch build and CPU's library lives (one file per combination)."""
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + platform.processor().encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
-    return _cache_root() / key / "quiver_cpu.so"
+    return cache_root() / "cpu_kernels" / key / "quiver_cpu.so"
 
 
 def _cpu_flags() -> str:

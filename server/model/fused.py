@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from quiver.kernels.ops import ACT_KINDS, FEW_ROWS, fused_decode_layers, serves
+from quiver.kernels.ops import ACT_KINDS, FEW_QUERIES, FEW_ROWS, fused_decode_layers, serves
 from quiver.server.model.layout import GROUPS
-
-FEW_QUERIES = 4  # the decode attention kernel's queries per row (kernels.torch_ops.FEW_QUERIES)
 
 
 class FusedLayers:
