@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -77,8 +78,26 @@ void block_sums(const uint32_t* x, int64_t ldx, const uint32_t* w, int64_t KP, f
 #endif
 }
 
+// block_sums<1> through 256-bit loads and sums (the 64-byte rows in halves): the same sums lane for lane, but a
+// single row's pass streams its weight faster this way on AMD's AVX-512 CPUs (measured: bench/lowload.py's
+// step, 3-13% more GB/s at one row; none at two, where the zmm form's fewer instructions win)
+void row_sums(const uint32_t* x, int64_t, const uint32_t* w, int64_t KP, float (*acc)[kBlock]) {
+#if defined(__AVX512BF16__)
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < KP; ++p, w += kBlock) {
+    const __m256bh xv = (__m256bh)_mm256_set1_epi32(static_cast<int>(x[p]));
+    for (int j = 0; j < 8; ++j)
+      a[j] = _mm256_dpbf16_ps(a[j], xv, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * j)));
+  }
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(acc[0] + 8 * j, a[j]);
+#else
+  block_sums<1>(x, 0, w, KP, acc);
+#endif
+}
+
 using BlockSums = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float (*)[kBlock]);
-constexpr BlockSums kPasses[kMaxRows] = {block_sums<1>, block_sums<2>, block_sums<3>, block_sums<4>};
+constexpr BlockSums kPasses[kMaxRows] = {row_sums, block_sums<2>, block_sums<3>, block_sums<4>};
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == kBlock && w.size(3) == 2,
@@ -168,6 +187,38 @@ inline void to_floats(const T* src, float* dst, int64_t D) {
   for (; d < D; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
+#if defined(__AVX512F__)
+// 16 lanes of bfloat16 as float32, and back rounded to nearest even (NaN kept a NaN), as c10::BFloat16 rounds
+// (templates only so that discarded branches of a dispatch on other types still compile)
+template <typename T>
+inline __m512 load_bf16(const T* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+template <typename T>
+inline void store_bf16(T* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+// e^x on 16 lanes to within 2 float32 ulps (exp_nonpositive's polynomial; 2^n applied by scalef, so large x
+// overflow to inf and small ones fall to 0 as expf does)
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(100.f)), _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, x), x, _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+#endif
+
 // f(j, row) for every key j the mask allows, row = that key's (or value's) D entries as float32: the NB
 // blocks of bs entries walked through the row's table (key j = n * bs + o, no division per key)
 template <typename T, typename F>
@@ -251,7 +302,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     const int64_t head_stride = bs * D;  // one block of one KV head
     // a task: one query of one row and up to 4 of the heads of one KV head (the others in more tasks)
     const int64_t per = g % 4 == 0 ? 4 : g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1, turns = g / per;
-    at::parallel_for(0, B * Q * KV * turns, 1, [&](int64_t t0, int64_t t1) {
+    // a short context's few tasks cost less run here than handed to another thread
+    at::parallel_for(0, B * Q * KV * turns, std::max<int64_t>(1, 2048 / L), [&](int64_t t0, int64_t t1) {
       std::vector<float> scores(4 * L);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bq = t / (KV * turns), kvh = (t / turns) % KV, first = kvh * g + (t % turns) * per;
@@ -291,16 +343,46 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* xr = X + r * N;
-        float lanes[16] = {}, sq = 0.f;
+        scalar_t* yr = Y + r * N;
+        alignas(64) float lanes[16] = {};
+        float sq = 0.f;
         int64_t j = 0;
+#if defined(__AVX512F__)
+        constexpr bool vec = std::is_same_v<scalar_t, c10::BFloat16>;
+        if constexpr (vec) {
+          __m512 acc = _mm512_setzero_ps();
+          for (; j + 16 <= N; j += 16) {
+            const __m512 v = load_bf16(xr + j);
+            acc = _mm512_fmadd_ps(v, v, acc);
+          }
+          _mm512_store_ps(lanes, acc);
+        }
+#endif
         for (; j + 16 <= N; j += 16)
           for (int l = 0; l < 16; ++l) lanes[l] += static_cast<float>(xr[j + l]) * static_cast<float>(xr[j + l]);
         for (; j < N; ++j) sq += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
         for (int l = 0; l < 16; ++l) sq += lanes[l];
         const float inv = 1.f / std::sqrt(sq / static_cast<float>(N) + static_cast<float>(eps));
-        for (j = 0; j < N; ++j) {
+        j = 0;
+#if defined(__AVX512F__)
+        if constexpr (vec) {
+          const __m512 vinv = _mm512_set1_ps(inv), voff = _mm512_set1_ps(off);
+          for (; j + 16 <= N; j += 16) {
+            const __m512 n = _mm512_mul_ps(load_bf16(xr + j), vinv), wj = _mm512_add_ps(voff, load_bf16(W + j));
+            if (fp32_product) {
+              store_bf16(yr + j, _mm512_mul_ps(n, wj));
+            } else {
+              alignas(64) c10::BFloat16 nb[16], wb[16];
+              store_bf16(nb, n);
+              store_bf16(wb, wj);
+              store_bf16(yr + j, _mm512_mul_ps(load_bf16(nb), load_bf16(wb)));
+            }
+          }
+        }
+#endif
+        for (; j < N; ++j) {
           const float n = static_cast<float>(xr[j]) * inv, wj = static_cast<float>(W[j]);
-          Y[r * N + j] = fp32_product ? static_cast<scalar_t>(n * (off + wj))
+          yr[j] = fp32_product ? static_cast<scalar_t>(n * (off + wj))
                                       : static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(off + wj)) *
                                                               static_cast<float>(static_cast<scalar_t>(n)));
         }
@@ -343,6 +425,39 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return out;
 }
 
+#if defined(__AVX512F__)
+// sum_k x[k] * a[k] over K bfloat16 pairs, in float32
+template <typename T>
+inline float dot_bf16(const T* x, const T* a, int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t k = 0;
+#if defined(__AVX512BF16__)
+  for (; k + 32 <= K; k += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + k), (__m512bh)_mm512_loadu_si512(a + k));
+#endif
+  for (; k + 16 <= K; k += 16) acc = _mm512_fmadd_ps(load_bf16(x + k), load_bf16(a + k), acc);
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; k < K; ++k) sum += static_cast<float>(x[k]) * static_cast<float>(a[k]);
+  return sum;
+}
+
+// y[c] = round(y[c] + sum_j u[j] * b[j * ldb + c]) for c < cols: 16 columns at a time down all R rows of b
+template <typename T>
+inline void expand_bf16(const float* u, int64_t R, const T* b, int64_t ldb, T* y, int64_t cols) {
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < R; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[j]), load_bf16(b + j * ldb + c), acc);
+    store_bf16(y + c, _mm512_add_ps(load_bf16(y + c), acc));
+  }
+  for (; c < cols; ++c) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < R; ++j) acc += u[j] * static_cast<float>(b[j * ldb + c]);
+    y[c] = static_cast<T>(static_cast<float>(y[c]) + acc);
+  }
+}
+#endif
+
 // quiver_cpu::lora_add_(y [M, N], x [M, K], a [L, S*R, K], b [L, S*R, N], slots [M] int64, offsets [S+1], rank R):
 //   for every row m with s = slots[m] >= 0 and every slice i (columns offsets[i]..offsets[i+1]):
 //   u = a[s, iR..iR+R) x[m] (float32), y[m, cols] = round(y[m, cols] + u . b[s, iR..iR+R), cols)) — y += B_s A_s x
@@ -371,6 +486,15 @@ void lora_add(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at:
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t m = t / S, i = t % S, s = slot_of[m];
         if (s < 0) continue;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          const scalar_t* ab = A + (s * SR + i * rank) * K;
+          for (int64_t j = 0; j < rank; ++j) u[j] = dot_bf16(X + m * K, ab + j * K, K);
+          expand_bf16(u.data(), rank, Bm + s * SR * N + i * rank * N + off[i], N, Y + m * N + off[i],
+                      off[i + 1] - off[i]);
+          continue;
+        }
+#endif
         to_floats(X + m * K, xf.data(), K);
         for (int64_t j = 0; j < rank; ++j) {
           to_floats(A + (s * SR + i * rank + j) * K, row.data(), K);
@@ -423,17 +547,44 @@ at::Tensor act_mul(const at::Tensor& gate_up, int64_t kind) {
     const scalar_t* G = gu.data_ptr<scalar_t>();
     scalar_t* Y = out.data_ptr<scalar_t>();
     at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t j = 0; j < I; ++j) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          for (; kind == 0 && j + 16 <= I; j += 16) {  // silu
+            const __m512 g = load_bf16(G + t * 2 * I + j);
+            alignas(64) c10::BFloat16 a[16];
+            store_bf16(a, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+            store_bf16(Y + t * I + j, _mm512_mul_ps(load_bf16(a), load_bf16(G + t * 2 * I + I + j)));
+          }
+        }
+#endif
+        for (; j < I; ++j) {
           const float g = static_cast<float>(G[t * 2 * I + j]);
           const float a = kind == 0 ? g / (1.f + std::exp(-g))
                                     : 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
           Y[t * I + j] = static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(a)) *
                                                static_cast<float>(G[t * 2 * I + I + j]));
         }
+      }
     });
   });
   return out;
+}
+
+// x = round(x + y), as x + y rounds, without the dispatcher and a new tensor (both contiguous, x's shape)
+void add_(at::Tensor& x, const at::Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_", [&] {
+    scalar_t* X = x.data_ptr<scalar_t>();
+    const scalar_t* Y = y.data_ptr<scalar_t>();
+    const int64_t n = x.numel();
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+      for (; i + 16 <= n; i += 16) store_bf16(X + i, _mm512_add_ps(load_bf16(X + i), load_bf16(Y + i)));
+#endif
+    for (; i < n; ++i) X[i] = static_cast<scalar_t>(static_cast<float>(X[i]) + static_cast<float>(Y[i]));
+  });
 }
 
 // quiver_cpu::decode_layers: every decoder layer of a pre-norm model (Llama's layout: x += o(attn(norm(x))),
@@ -467,6 +618,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     if (lora) lora_add(y, h, lora_a[i], lora_b[i], *token_slots, offsets[g], lora_rank);
     return y;
   };
+  x = x.clone();  // the residual stream, added into in place
   for (int64_t l = 0; l < L; ++l) {
     at::Tensor qkv = project(rms_norm(x, norms[2 * l], eps, norm_offset, fp32_product), l, 0);
     at::Tensor q = rope(qkv.narrow(1, 0, nh * d).view({T, nh, d}), cos, sin);
@@ -475,11 +627,56 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     at::Tensor kc = k_caches[l], vc = v_caches[l];
     write_kv(kc, vc, k, v, slot_mapping);
     at::Tensor att = paged_attention(q.view({B, Q, nh, d}), kc, vc, block_tables, allowed, scale, 0.0);
-    x = x + project(att.view({T, nh * d}), l, 1);
+    add_(x, project(att.view({T, nh * d}), l, 1));
     at::Tensor h = rms_norm(x, norms[2 * l + 1], eps, norm_offset, fp32_product);
-    x = x + project(act_mul(project(h, l, 2), act), l, 3);
+    add_(x, project(act_mul(project(h, l, 2), act), l, 3));
   }
   return x;
+}
+
+// quiver_cpu::greedy(logits [N, V] float32) -> (tokens [N] int64, finite [N] bool):
+//   tokens[n] = the first j with logits[n, j] = max_j logits[n, j]; finite[n] = no logit of row n is inf or NaN
+//   (then tokens[n] is unspecified). What a greedy step's sampler needs, in one pass and a short second one
+//   where torch's argmax alone walks the row element by element.
+std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "quiver_cpu::greedy: logits [N, V] float32");
+  at::Tensor lc = logits.contiguous();
+  const int64_t N = lc.size(0), V = lc.size(1);
+  at::Tensor tokens = at::empty({N}, lc.options().dtype(at::kLong)), finite = at::empty({N}, lc.options().dtype(at::kBool));
+  const float* L = lc.data_ptr<float>();
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  bool* fin = finite.data_ptr<bool>();
+  at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = L + r * V;
+      float m = -INFINITY;
+      bool bad = false;
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      __m512 vm = _mm512_set1_ps(-INFINITY);
+      __mmask16 vbad = 0;
+      for (; j + 16 <= V; j += 16) {
+        const __m512 v = _mm512_loadu_ps(x + j);
+        vbad |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN or infinite
+        vm = _mm512_max_ps(vm, v);
+      }
+      m = _mm512_reduce_max_ps(vm);
+      bad = vbad != 0;
+#endif
+      for (; j < V; ++j) {
+        bad |= !std::isfinite(x[j]);
+        m = std::max(m, x[j]);
+      }
+      fin[r] = !bad;
+      tok[r] = 0;
+      for (j = 0; j < V; ++j)
+        if (x[j] == m) {
+          tok[r] = j;
+          break;
+        }
+    }
+  });
+  return {tokens, finite};
 }
 
 bool fast() {
@@ -505,6 +702,7 @@ TORCH_LIBRARY(quiver_cpu, m) {
         "Tensor sin, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor allowed, "
         "Tensor[] lora_a, Tensor[] lora_b, int[] lora_slices, int[] lora_offsets, int lora_rank, Tensor? token_slots, "
         "float eps, float norm_offset, bool fp32_product, int nh, int nkv, int d, int act, float scale) -> Tensor");
+  m.def("greedy(Tensor logits) -> (Tensor, Tensor)");
   m.def("fast() -> bool", &fast);
 }
 
@@ -517,4 +715,5 @@ TORCH_LIBRARY_IMPL(quiver_cpu, CPU, m) {
   m.impl("write_kv_", write_kv);
   m.impl("act_mul", act_mul);
   m.impl("decode_layers", decode_layers);
+  m.impl("greedy", greedy);
 }

@@ -172,3 +172,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, allowed, scale: float, so
 def linear(x: torch.Tensor, blocks: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, k] bf16 -> x W^T + bias [M, n], W [n, k] held as `blocks` (blocked)."""
     return torch.ops.quiver_cpu.linear(x, blocks, n, bias)
+
+
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] float32 -> (argmax of each row, the first of equal maxima; whether the row is all finite)."""
+    return torch.ops.quiver_cpu.greedy(logits)

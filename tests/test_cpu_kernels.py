@@ -159,3 +159,17 @@ def test_act_mul_equals_torch(dtype, activation):
         assert (got != want).float().mean() < 0.02
     else:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_is_argmax_and_finiteness():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 1000 + 7, generator=g)
+    logits[1, 5] = logits[1, 900] = 50.0  # a tie: the first one
+    logits[2, -1] = 60.0  # the maximum in the tail beyond whole vectors
+    logits[3, 17] = float("nan")
+    logits[4, 400] = float("-inf")
+    logits[5, 1000] = float("inf")
+    tokens, finite = cpu_kernels.greedy(logits)
+    assert finite.tolist() == [True, True, True, False, False, False]
+    assert torch.equal(tokens[finite], logits.argmax(dim=-1)[finite])
+    assert tokens[1] == 5 and tokens[2] == 1006
