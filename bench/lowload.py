@@ -5,7 +5,9 @@ TPOT: b requests of random prompts (--prompt-tokens) arrive together and each dr
 request, (time of its last token - time of its first) / (tokens - 1): the decode phase, one token per step. That
 equals (time of an N-token request - time of a 1-token request) / (N - 1), the llama.cpp peer's definition
 (bench.llamacpp), without subtracting two noisy runs. Median over every request of every repeat; base and LoRA
-alternate at each batch size.
+alternate at each batch size. With --llama-server, llama.cpp's server runs beside the engine and takes its turn
+after each of the engine's at batch 1 (same prompts): on a machine whose bandwidth drifts between minutes, the
+turn-by-turn ratio is the figure to compare.
 
 Floor: the bytes one decode step must read (every projection, norm and the LM head once, in the engine's dtype, plus
 the LoRA's A and B; the embedding table only one row per token, so not counted) / the read bandwidth measured in
@@ -19,6 +21,7 @@ threads). TPOT / floor is how far a step is from streaming its weights at that s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -123,6 +126,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for path in (args.llama_server, args.gguf, args.gguf_lora):
         if path is not None and not path.is_file():
             ap.error(f"no such file: {path}")
+    if args.llama_server is not None and 1 not in args.batches:
+        ap.error("--llama-server is measured at batch 1: put 1 in --batches")
     if args.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (TPOT is measured after the first token)")
     return args
@@ -154,50 +159,56 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     variants = {"base": (None, step_bytes(mc, itemsize)), f"lora r{args.rank}": ("lora", step_bytes(mc, itemsize, args.rank))}
     tpots_ms(engine, random_prompts(1, args.prompt_tokens, mc.vocab_size, 0), 8, "lora")  # warm-up
-    rows = []
-    for b in args.batches:
-        samples: dict[str, list[float]] = {variant: [] for variant in variants}
-        for rep in range(args.repeats):  # base and LoRA alternate
-            for i, (variant, (adapter, _)) in enumerate(variants.items()):
-                prompts = random_prompts(b, args.prompt_tokens, mc.vocab_size, seed=1 + 1000 * rep + 10 * b + i)
-                samples[variant] += tpots_ms(engine, prompts, args.new_tokens, adapter)
-        for variant, (_, nbytes) in variants.items():
-            rows.append(row(variant, b, samples[variant], nbytes, read))
-            print_row(rows[-1])
+    with contextlib.ExitStack() as stack:
+        peer = None
+        if args.llama_server is not None:
+            from quiver.bench.llamacpp import LlamaServer
+
+            peer = stack.enter_context(LlamaServer(args.llama_server, args.gguf, args.gguf_lora, threads))
+        rows, peer_samples = [], {variant: [] for variant in variants}
+        for b in args.batches:
+            samples: dict[str, list[float]] = {variant: [] for variant in variants}
+            for rep in range(args.repeats):  # base and LoRA alternate, at batch 1 each beside llama.cpp's
+                for i, (variant, (adapter, _)) in enumerate(variants.items()):
+                    prompts = random_prompts(b, args.prompt_tokens, mc.vocab_size, seed=1 + 1000 * rep + 10 * b + i)
+                    samples[variant] += tpots_ms(engine, prompts, args.new_tokens, adapter)
+                    if peer is not None and b == 1 and (adapter is None or args.gguf_lora is not None):
+                        time.sleep(PAUSE_S)
+                        peer_samples[variant].append(peer.tpot_ms(prompts, args.new_tokens, lora=adapter is not None))
+                        time.sleep(PAUSE_S)
+            for variant, (_, nbytes) in variants.items():
+                rows.append(row(variant, b, samples[variant], nbytes, read))
+                print_row(rows[-1])
     result = {"benchmark": "lowload", "model": engine.model_name, "device": args.device,
               "dtype": dtype_name(engine.dtype), "threads": threads, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "repeats": args.repeats, "rank": args.rank, "targets": ALL7,
               "engine_weight_bytes": engine.weight_bytes(), "bandwidth": bw, "machine": machine(), "rows": rows}
-    if args.llama_server is not None:
-        del engine
-        release(args.device)
-        result["llama_server"] = llama_rows(args, threads, variants, mc.vocab_size, read)
+    if peer is not None:
+        result["llama_server"] = llama_rows(rows, peer_samples, variants, read)
     path = write_json("lowload", result, args.out)
     print(f"wrote {path}")
     return result
 
 
-def llama_rows(args, threads: int, variants: dict, vocab: int, read: float) -> list[dict]:
-    """llama-server's batch-1 TPOT for the base (and the LoRA when --gguf-lora), on the same kind of prompts; the
-    floor is the engine dtype's, so compare it with a GGUF of the same type."""
-    from quiver.bench.llamacpp import LlamaServer
+PAUSE_S = 0.5  # between Quiver's and llama.cpp's turns: neither one's threads still spinning in the other's
 
-    rows = []
-    with LlamaServer(args.llama_server, args.gguf, args.gguf_lora, threads) as server:
-        for rep in range(args.repeats):
-            for i, (variant, (adapter, _)) in enumerate(variants.items()):
-                if adapter is not None and args.gguf_lora is None:
-                    continue
-                prompts = random_prompts(1, args.prompt_tokens, vocab, seed=500_000 + 10 * rep + i)
-                got = server.tpot_ms(prompts, args.new_tokens, lora=adapter is not None)
-                rows.append({"variant": variant, **got})
+
+def llama_rows(rows: list[dict], peer_samples: dict, variants: dict, read: float) -> list[dict]:
+    """llama-server's batch-1 rows from the turns it took beside the engine's (same prompts, alternated), with
+    the median of the turn-by-turn ratio engine / llama.cpp: the machine's drift between turns cancels. The
+    floor is the engine dtype's, so compare it with a GGUF of the same type."""
     out = []
     for variant, (_, nbytes) in variants.items():
-        mine = [r for r in rows if r["variant"] == variant]
-        if mine:
-            out.append(row(f"llama.cpp {variant}", 1, [t for r in mine for t in r["tpot_ms_all"]], nbytes, read))
-            out[-1]["server_predicted_per_token_ms"] = [r["server_predicted_per_token_ms"] for r in mine]
-            print_row(out[-1])
+        mine = peer_samples[variant]
+        if not mine:
+            continue
+        out.append(row(f"llama.cpp {variant}", 1, [t for r in mine for t in r["tpot_ms_all"]], nbytes, read))
+        out[-1]["server_predicted_per_token_ms"] = [r["server_predicted_per_token_ms"] for r in mine]
+        ours = next(r for r in rows if r["variant"] == variant and r["batch"] == 1)["tpot_ms_all"]
+        out[-1]["quiver_over_llama_by_turn"] = ratios = [q / r["tpot_ms"] for q, r in zip(ours, mine)]
+        print_row(out[-1])
+        print(f"{'':16s} Quiver / llama.cpp, turn by turn: median {statistics.median(ratios):.3f} "
+              f"({', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
     return out
 
 

@@ -122,19 +122,51 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std
   const uint32_t* X = reinterpret_cast<const uint32_t*>(xp.data_ptr<at::BFloat16>());
   const uint32_t* W = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
   uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  // a thread takes whole blocks (one forward stream each); more than 4 rows pass over a block again, from cache
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+  // Each thread streams one equal share of the weight (a forward stream; no thread waits on another's extra
+  // block where NB is not a multiple of the threads): blocks wholly in a share are summed and written there, a
+  // block split between shares is summed in parts, added after in share order (the same bits every call).
+  // More than 4 rows pass over a block again, from cache.
+  const int64_t total = NB * KP;
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / 64));
+  std::vector<int64_t> part_block(2 * shares, -1);
+  std::vector<float> part_sums(2 * shares * M * kBlock);
+  auto write = [&](int64_t b, int64_t m, int rows, const float* acc) {  // acc [rows][64]
+    const int64_t col = b * kBlock, cols = std::min(kBlock, n - col);
+    for (int i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        Y[(m + i) * n + col + j] = to_bf16(B ? acc[i * kBlock + j] + B[col + j] : acc[i * kBlock + j]);
+  };
+  at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float acc[kMaxRows][kBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t col = b * kBlock, cols = std::min(kBlock, n - col);
-      for (int64_t m = 0; m < M; m += kMaxRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m));
-        kPasses[rows - 1](X + m * KP, KP, W + b * KP * kBlock, KP, acc);
-        for (int i = 0; i < rows; ++i)
-          for (int64_t j = 0; j < cols; ++j) Y[(m + i) * n + col + j] = to_bf16(B ? acc[i][j] + B[col + j] : acc[i][j]);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t first = total * t / shares, last = total * (t + 1) / shares;
+      for (int64_t b = first / KP; b * KP < last; ++b) {
+        const int64_t p0 = std::max(first, b * KP) - b * KP, p1 = std::min(last, (b + 1) * KP) - b * KP;
+        const bool whole = p0 == 0 && p1 == KP;
+        const int64_t part = 2 * t + (p0 == 0);  // a share's first block if split: slot 0; its last: slot 1
+        for (int64_t m = 0; m < M; m += kMaxRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m));
+          kPasses[rows - 1](X + m * KP + p0, KP, W + (b * KP + p0) * kBlock, p1 - p0, acc);
+          if (whole)
+            write(b, m, rows, acc[0]);
+          else
+            std::memcpy(&part_sums[(part * M + m) * kBlock], acc, rows * kBlock * sizeof(float));
+        }
+        if (!whole) part_block[part] = b;
       }
     }
   });
+  std::vector<float> sum(M * kBlock);
+  for (int64_t i = 0; i < 2 * shares; ++i) {
+    const int64_t b = part_block[i];
+    if (b < 0 || (i > 0 && std::find(part_block.begin(), part_block.begin() + i, b) != part_block.begin() + i))
+      continue;  // no split block, or one already written
+    std::fill(sum.begin(), sum.end(), 0.f);
+    for (int64_t k = i; k < 2 * shares; ++k)
+      if (part_block[k] == b)
+        for (int64_t e = 0; e < M * kBlock; ++e) sum[e] += part_sums[k * M * kBlock + e];
+    write(b, 0, static_cast<int>(M), sum.data());
+  }
   return y;
 }
 
@@ -202,6 +234,10 @@ inline void store_bf16(T* p, __m512 v) {
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+// -v lane by lane (the sign bit flipped, as unary minus does; 0 - v would turn -0 into +0)
+inline __m512 negate(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
 }
 // e^x on 16 lanes to within 2 float32 ulps (exp_nonpositive's polynomial; 2^n applied by scalef, so large x
 // overflow to inf and small ones fall to 0 as expf does)
@@ -412,7 +448,19 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
         const scalar_t* c = C + (i / H) * R;
         const scalar_t* s = S + (i / H) * R;
         scalar_t* y = Y + i * D;
-        for (int64_t j = 0; j < R; ++j) {
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          alignas(64) c10::BFloat16 a[16], b[16];
+          for (; half % 16 == 0 && j < R; j += 16) {
+            const __m512 x = load_bf16(xr + j), rot = j < half ? negate(load_bf16(xr + j + half)) : load_bf16(xr + j - half);
+            store_bf16(a, _mm512_mul_ps(x, load_bf16(c + j)));
+            store_bf16(b, _mm512_mul_ps(rot, load_bf16(s + j)));
+            store_bf16(y + j, _mm512_add_ps(load_bf16(a), load_bf16(b)));
+          }
+        }
+#endif
+        for (; j < R; ++j) {
           const float rot = j < half ? -static_cast<float>(xr[j + half]) : static_cast<float>(xr[j - half]);
           const float a = static_cast<float>(static_cast<scalar_t>(static_cast<float>(xr[j]) * static_cast<float>(c[j])));
           const float b = static_cast<float>(static_cast<scalar_t>(rot * static_cast<float>(s[j])));
@@ -587,6 +635,31 @@ void add_(at::Tensor& x, const at::Tensor& y) {
   });
 }
 
+// Every cache line of the keys and values a step's rows attend to, requested from memory (into cache) at once:
+// a row's blocks lie scattered in the caches and were last read a step ago, so attention walking them one by
+// one waits out the memory's latency block after block. decode_layers asks at the start of each layer, so that
+// they arrive while the layer's first projection streams.
+void prefetch_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+                 const at::Tensor& allowed) {
+  const int64_t KV = k_cache.size(0), NBLK = k_cache.size(1), bs = k_cache.size(2), NB = block_tables.size(1);
+  const int64_t B = block_tables.size(0), Q = allowed.size(1), L = allowed.size(2);
+  const int64_t block_bytes = bs * k_cache.size(3) * k_cache.element_size();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const bool* A = allowed.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t n = 0; n < NB; ++n) {
+      const int64_t blk = tables[b * NB + n];
+      const bool* mask = A + ((b + 1) * Q - 1) * L + n * bs;  // the block's keys for the row's last query (causal:
+                                                                // the most)
+      if (blk < 0 || blk >= NBLK || std::none_of(mask, mask + bs, [](bool a) { return a; })) continue;
+      for (const at::Tensor* cache : {&k_cache, &v_cache})
+        for (int64_t h = 0; h < KV; ++h) {
+          const char* from = static_cast<const char*>(cache->data_ptr()) + (h * NBLK + blk) * block_bytes;
+          for (int64_t byte = 0; byte < block_bytes; byte += 64) __builtin_prefetch(from + byte);
+        }
+    }
+}
+
 // quiver_cpu::decode_layers: every decoder layer of a pre-norm model (Llama's layout: x += o(attn(norm(x))),
 // x += down(act(gate) * up)(norm(x))) over the embedded x [T, hidden] in one call, for a step of few rows
 // whose attention is one in-order group: the kernels above called directly, in eager's order, so the result
@@ -619,7 +692,9 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     return y;
   };
   x = x.clone();  // the residual stream, added into in place
+  const at::Tensor tables = block_tables.to(at::kLong).contiguous(), mask = allowed.contiguous();
   for (int64_t l = 0; l < L; ++l) {
+    prefetch_kv(k_caches[l], v_caches[l], tables, mask);
     at::Tensor qkv = project(rms_norm(x, norms[2 * l], eps, norm_offset, fp32_product), l, 0);
     at::Tensor q = rope(qkv.narrow(1, 0, nh * d).view({T, nh, d}), cos, sin);
     at::Tensor k = rope(qkv.narrow(1, nh * d, nkv * d).view({T, nkv, d}), cos, sin);

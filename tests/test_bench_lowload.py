@@ -59,6 +59,8 @@ def test_llama_server_options_go_together(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse(argv)
     assert parse(["--llama-server", str(gguf), "--gguf", str(gguf)]).gguf == gguf
+    with pytest.raises(SystemExit):  # llama.cpp's turns are taken at batch 1
+        parse(["--llama-server", str(gguf), "--gguf", str(gguf), "--batches", "2", "4"])
 
 
 def test_step_bytes_count_every_projection_and_the_lora():
@@ -81,6 +83,7 @@ def test_lowload_bench_smoke_with_a_stand_in_llama_server(tmp_path, monkeypatch)
     (tmp_path / "base.gguf").write_text("")
     (tmp_path / "lora.gguf").write_text("")
     monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setattr(lowload, "PAUSE_S", 0.0)
     out = tmp_path / "results"
     lowload.main(["--model", "llama", "--batches", "1", "2", "--new-tokens", "4", "--repeats", "1", "--rank", "4",
                   "--threads", "1", "--bandwidth-mb", "8", "--bandwidth-repeats", "2", "--out", str(out),
@@ -97,6 +100,8 @@ def test_lowload_bench_smoke_with_a_stand_in_llama_server(tmp_path, monkeypatch)
     assert data["bandwidth"]["read_gb_per_s"] > 0 and data["threads"] == 1
     peer = data["llama_server"]
     assert [r["variant"] for r in peer] == ["llama.cpp base", "llama.cpp lora r4"] and all(r["tpot_ms"] > 0 for r in peer)
+    for mine, theirs in zip(data["rows"][:2], peer):  # one turn each (--repeats 1), their ratio beside them
+        assert theirs["quiver_over_llama_by_turn"] == pytest.approx([mine["tpot_ms"] / theirs["tpot_ms"]])
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     argv = lines[0]["argv"]
     assert (argv["m"], argv["t"], argv["np"]) == (str(tmp_path / "base.gguf"), "1", "1")

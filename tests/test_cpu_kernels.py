@@ -37,6 +37,22 @@ def test_blocked_linear_is_x_w_t_plus_bias(n, k, rows):
     torch.testing.assert_close(no_bias.float(), want - bias.float(), rtol=2 ** -8, atol=1e-3)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4, 7])
+def test_blocked_linear_splits_blocks_between_threads(threads):
+    """Equal shares of a 15-block weight cut blocks for 2, 4 or 7 threads: the parts add up, and the same call
+    gives the same bits."""
+    g = torch.Generator().manual_seed(threads)
+    w, x = torch.randn(960, 576, generator=g).bfloat16(), torch.randn(6, 576, generator=g).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = [cpu_kernels.linear(x, cpu_kernels.blocked(w), 960, None) for _ in range(2)]
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got[0].float(), x.float() @ w.float().T, rtol=2 ** -8, atol=1e-3)
+    assert torch.equal(got[0], got[1])
+
+
 def test_packed_weights_read_in_place_agree_with_onednn():
     """Where oneDNN's packed layout is the kernel's (AVX512-BF16), the view shares its memory and few-row
     products agree with oneDNN's; a weight that is not the packed one is refused."""
