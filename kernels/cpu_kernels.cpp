@@ -99,7 +99,10 @@ void row_sums(const uint32_t* x, int64_t, const uint32_t* w, int64_t KP, float (
 using BlockSums = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float (*)[kBlock]);
 constexpr BlockSums kPasses[kMaxRows] = {row_sums, block_sums<2>, block_sums<3>, block_sums<4>};
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias) {
+// linear, then after(col, cols, m, rows, y) once rows m..m+rows of columns col..col+cols are written (rounded)
+template <typename After>
+at::Tensor linear_then(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias,
+                       After&& after) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == kBlock && w.size(3) == 2,
               "quiver_cpu::linear: x [M, K], w [NB, KP, 64, 2]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "quiver_cpu::linear: bfloat16 only");
@@ -135,6 +138,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std
     for (int i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j)
         Y[(m + i) * n + col + j] = to_bf16(B ? acc[i * kBlock + j] + B[col + j] : acc[i * kBlock + j]);
+    after(col, cols, m, rows, reinterpret_cast<at::BFloat16*>(Y));
   };
   at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float acc[kMaxRows][kBlock];
@@ -168,6 +172,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std
     write(b, 0, static_cast<int>(M), sum.data());
   }
   return y;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias) {
+  return linear_then(x, w, n, bias, [](int64_t, int64_t, int64_t, int, at::BFloat16*) {});
 }
 
 // e^x for x <= 0 (a softmax's shifted scores) to within 2 float32 ulps (Cephes' expf: 2^n times a degree-7
@@ -500,7 +508,7 @@ inline void expand_bf16(const float* u, int64_t R, const T* b, int64_t ldb, T* y
   }
   for (; c < cols; ++c) {
     float acc = 0.f;
-    for (int64_t j = 0; j < R; ++j) acc += u[j] * static_cast<float>(b[j * ldb + c]);
+    for (int64_t j = 0; j < R; ++j) acc = std::fma(u[j], static_cast<float>(b[j * ldb + c]), acc);  // as the lanes
     y[c] = static_cast<T>(static_cast<float>(y[c]) + acc);
   }
 }
@@ -635,6 +643,47 @@ void add_(at::Tensor& x, const at::Tensor& y) {
   });
 }
 
+#if defined(__AVX512F__)
+// linear(h) then lora_add_ on it, the same bits, with LoRA's expand done where each block of the projection is
+// written (by the thread that wrote it, from cache) and its shrink split between the threads: at a decode step's
+// rows LoRA's work is small, and run alone on one thread after the projection it cost as much again as streaming
+// the A and B it reads.
+at::Tensor linear_lora(const at::Tensor& h, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
+                       const std::vector<int64_t>& off, int64_t rank) {
+  const at::Tensor x = h.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), SR = a.size(1), S = static_cast<int64_t>(off.size()) - 1;
+  const int64_t* slot_of = slots.data_ptr<int64_t>();
+  const at::BFloat16* X = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* A = a.data_ptr<at::BFloat16>();
+  const at::BFloat16* Bm = b.data_ptr<at::BFloat16>();
+  std::vector<float> u(M * SR);  // u[m, i * rank + j] = A_s[i * rank + j] . x[m], s = slot_of[m]
+  at::parallel_for(0, M * SR, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      if (const int64_t s = slot_of[t / SR]; s >= 0) u[t] = dot_bf16(X + (t / SR) * K, A + (s * SR + t % SR) * K, K);
+  });
+  return linear_then(x, w, n, bias, [&](int64_t col, int64_t cols, int64_t m, int rows, at::BFloat16* Y) {
+    for (int64_t r = m; r < m + rows; ++r) {
+      const int64_t s = slot_of[r];
+      if (s < 0) continue;
+      for (int64_t i = 0; i < S; ++i) {  // the slices these columns fall in
+        const int64_t lo = std::max(col, off[i]), hi = std::min(col + cols, off[i + 1]);
+        if (lo < hi) expand_bf16(&u[r * SR + i * rank], rank, Bm + (s * SR + i * rank) * n + lo, n, Y + r * n + lo, hi - lo);
+        // the next block's columns of B, requested now: B's rows lie n columns apart, too far apart for the
+        // hardware's prefetcher, and the next block's projection takes longer than their way from memory
+        const int64_t next_lo = std::max(col + kBlock, off[i]), next_hi = std::min(col + 2 * kBlock, off[i + 1]);
+        if (next_lo < next_hi)
+          for (int64_t j = 0; j < rank; ++j) {
+            const at::BFloat16* row = Bm + (s * SR + i * rank + j) * n;
+            __builtin_prefetch(row + next_lo);
+            __builtin_prefetch(row + next_hi - 1);
+          }
+      }
+    }
+  });
+}
+#endif
+
 // Every cache line of the keys and values a step's rows attend to, requested from memory (into cache) at once:
 // a row's blocks lie scattered in the caches and were last read a step ago, so attention walking them one by
 // one waits out the memory's latency block after block. decode_layers asks at the start of each layer, so that
@@ -685,10 +734,15 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
   std::vector<std::vector<int64_t>> offsets(4);
   for (int64_t g = 0, at = 0; g < 4 && lora; at += lora_slices[g] + 1, ++g)
     offsets[g].assign(lora_offsets.begin() + at, lora_offsets.begin() + at + lora_slices[g] + 1);
+  const at::Tensor slots = lora ? token_slots->to(at::kLong).contiguous() : at::Tensor();
   auto project = [&](const at::Tensor& h, int64_t layer, int64_t g) {
     const int64_t i = 4 * layer + g;
+#if defined(__AVX512F__)
+    if (lora) return linear_lora(h, weights[i], widths[g], biases.get(i), lora_a[i], lora_b[i], slots, offsets[g],
+                                 lora_rank);
+#endif
     at::Tensor y = linear(h, weights[i], widths[g], biases.get(i));
-    if (lora) lora_add(y, h, lora_a[i], lora_b[i], *token_slots, offsets[g], lora_rank);
+    if (lora) lora_add(y, h, lora_a[i], lora_b[i], slots, offsets[g], lora_rank);
     return y;
   };
   x = x.clone();  // the residual stream, added into in place
