@@ -97,7 +97,11 @@ def test_lowload_bench_smoke_with_a_stand_in_llama_server(tmp_path, monkeypatch)
     for r in data["rows"]:
         assert len(r["tpot_ms_all"]) == r["batch"] and r["tpot_ms"] > 0
         assert abs(r["tpot_vs_floor"] - r["tpot_ms"] / r["floor_ms"]) < 1e-9
-    assert data["bandwidth"]["read_gb_per_s"] > 0 and data["threads"] == 1
+    bw = data["bandwidth"]
+    assert bw["floor_gb_per_s"] == max(bw["read_gb_per_s"], bw["projection_read_gb_per_s"] or 0) > 0
+    assert data["threads"] == 1
+    for r in data["rows"]:  # the floor is the step's bytes at the fastest read
+        assert r["floor_ms"] == pytest.approx(r["step_bytes"] / bw["floor_gb_per_s"] / 1e6)
     peer = data["llama_server"]
     assert [r["variant"] for r in peer] == ["llama.cpp base", "llama.cpp lora r4"] and all(r["tpot_ms"] > 0 for r in peer)
     for mine, theirs in zip(data["rows"][:2], peer):  # one turn each (--repeats 1), their ratio beside them
