@@ -225,6 +225,11 @@ def llama_rows(rows: list[dict], peer_samples: dict, variants: dict, read: float
         print_row(out[-1])
         print(f"{'':16s} Quiver / llama.cpp, turn by turn: median {statistics.median(ratios):.3f} "
               f"({', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+        if variant != "base" and peer_samples["base"]:  # the LoRA rows against llama.cpp's base rows
+            base_turns = [r["tpot_ms"] for r in peer_samples["base"]]
+            out[-1]["quiver_over_llama_base_by_turn"] = ratios = [q / b for q, b in zip(ours, base_turns)]
+            print(f"{'':16s} Quiver {variant} / llama.cpp base, turn by turn: median {statistics.median(ratios):.3f}",
+                  flush=True)
     return out
 
 

@@ -645,9 +645,9 @@ void add_(at::Tensor& x, const at::Tensor& y) {
 
 #if defined(__AVX512F__)
 // linear(h) then lora_add_ on it, the same bits, with LoRA's expand done where each block of the projection is
-// written (by the thread that wrote it, from cache) and its shrink split between the threads: at a decode step's
-// rows LoRA's work is small, and run alone on one thread after the projection it cost as much again as streaming
-// the A and B it reads.
+// written (by the thread that wrote it, from cache) and its shrink split between the threads beyond 64 dot
+// products: at a decode step's rows LoRA's work is small, and run alone on one thread after the projection it
+// cost as much again as streaming the A and B it reads.
 at::Tensor linear_lora(const at::Tensor& h, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias,
                        const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
                        const std::vector<int64_t>& off, int64_t rank) {
@@ -658,7 +658,7 @@ at::Tensor linear_lora(const at::Tensor& h, const at::Tensor& w, int64_t n, cons
   const at::BFloat16* A = a.data_ptr<at::BFloat16>();
   const at::BFloat16* Bm = b.data_ptr<at::BFloat16>();
   std::vector<float> u(M * SR);  // u[m, i * rank + j] = A_s[i * rank + j] . x[m], s = slot_of[m]
-  at::parallel_for(0, M * SR, 16, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, M * SR, 64, [&](int64_t t0, int64_t t1) {  // a one-row step's few dots: here, no hand-off
     for (int64_t t = t0; t < t1; ++t)
       if (const int64_t s = slot_of[t / SR]; s >= 0) u[t] = dot_bf16(X + (t / SR) * K, A + (s * SR + t % SR) * K, K);
   });

@@ -106,6 +106,7 @@ def test_lowload_bench_smoke_with_a_stand_in_llama_server(tmp_path, monkeypatch)
     assert [r["variant"] for r in peer] == ["llama.cpp base", "llama.cpp lora r4"] and all(r["tpot_ms"] > 0 for r in peer)
     for mine, theirs in zip(data["rows"][:2], peer):  # one turn each (--repeats 1), their ratio beside them
         assert theirs["quiver_over_llama_by_turn"] == pytest.approx([mine["tpot_ms"] / theirs["tpot_ms"]])
+    assert peer[1]["quiver_over_llama_base_by_turn"] == pytest.approx([data["rows"][1]["tpot_ms"] / peer[0]["tpot_ms"]])
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     argv = lines[0]["argv"]
     assert (argv["m"], argv["t"], argv["np"]) == (str(tmp_path / "base.gguf"), "1", "1")
