@@ -1,7 +1,7 @@
 // Kernels for a decode step's few rows on the CPU (kernels/cpu_kernels.py builds and loads this file):
-// bfloat16 projections, paged attention and the KV write, RMS norm, rope, the MLP's activation and LoRA,
-// where torch's ops cost more in dispatch (several small ops each, a few microseconds apiece) than in work,
-// and decode_layers, every layer of a pre-norm decoder in one call of them.
+// bfloat16 projections, paged attention and the KV write, RMS norm, rope, the MLP's activation, LoRA and a
+// greedy step's argmax, where torch's ops cost more in dispatch (several small ops each, a few microseconds
+// apiece) than in work, and decode_layers, every layer of a pre-norm decoder in one call of them.
 //
 // quiver_cpu::linear(x [M, K] bf16, w [NB, KP, 64, 2] bf16, n, bias [n] or None) -> y [M, n] bf16:
 //   y[m, j] = round_bf16(sum_k x[m, k] * W[j, k] + bias[j]), products and sums in float32,
@@ -11,8 +11,8 @@
 // holds 16 rows x 2 inputs and one dot-product instruction adds them into 16 row sums, with no horizontal
 // sums, the weight read as one forward stream per 64 rows. At a decode step's few rows a projection only
 // streams its weight, so this reaches more of the memory bandwidth than oneDNN's GEMM does at those sizes;
-// blocks are split between torch's threads. Without AVX512-BF16 a plain loop computes the same (tests run
-// it on any CPU; serving then keeps oneDNN).
+// each of torch's threads streams an equal share of it. Without AVX512-BF16 a plain loop computes the same
+// (tests run it on any CPU; serving then keeps oneDNN).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -79,8 +79,8 @@ void block_sums(const uint32_t* x, int64_t ldx, const uint32_t* w, int64_t KP, f
 }
 
 // block_sums<1> through 256-bit loads and sums (the 64-byte rows in halves): the same sums lane for lane, but a
-// single row's pass streams its weight faster this way on AMD's AVX-512 CPUs (measured: bench/lowload.py's
-// step, 3-13% more GB/s at one row; none at two, where the zmm form's fewer instructions win)
+// single row's pass streams its weight faster this way on AMD's AVX-512 CPUs (SmolLM2's projections one after
+// another: 3-13% more GB/s at one row; none at two rows, where the 512-bit form's fewer instructions win)
 void row_sums(const uint32_t* x, int64_t, const uint32_t* w, int64_t KP, float (*acc)[kBlock]) {
 #if defined(__AVX512BF16__)
   __m256 a[8];

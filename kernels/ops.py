@@ -223,7 +223,7 @@ BACKENDS = {"torch": TorchOps, "triton": TritonOps}
 
 def greedy_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V] float32 -> (each row's argmax, the first of equal maxima; whether the row is all finite)."""
-    if serves(logits):
+    if logits.dtype == torch.float32 and serves(logits):
         return cpu_kernels.greedy(logits)
     # amax and amin propagate NaN: two vectorised reductions, several times cheaper than isfinite(logits)
     return logits.argmax(dim=-1), torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
