@@ -39,9 +39,9 @@ from quiver.kernels import cpu_kernels
 def read_bandwidth(mb: int, repeats: int, device="cpu") -> dict:
     """GB/s of reading a float32 tensor (its sum), of copying it (read + write counted) and, on a CPU where
     Quiver's kernels take bfloat16 projections, of streaming a bfloat16 weight of that size through the one-row
-    projection: the best of `repeats` each. The floor divides by the fastest read (floor_gb_per_s): on AVX-512
-    CPUs that projection reads memory 10-25% faster than torch's sum, and a floor must not be slower than what
-    is reached."""
+    projection: the best of `repeats` each. The floor divides by the fastest read (floor_gb_per_s): on an
+    AVX-512 EPYC that projection read memory up to 30% faster than torch's sum in some runs (and a little
+    slower in others), and a floor must not be slower than what is reached."""
     x = torch.ones(mb * 2**20 // 4, device=device)
     y = torch.empty_like(x)
     probes = {"read": x.sum, "copy": lambda: y.copy_(x)}
