@@ -235,14 +235,18 @@ inline __m512 load_bf16(const T* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-template <typename T>
-inline void store_bf16(T* p, __m512 v) {
+inline __m512i bf16_bits(__m512 v) {  // each lane's bfloat16, in its low 16 bits
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
 }
+template <typename T>
+inline void store_bf16(T* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
+}
+// v rounded to bfloat16 and back, in registers (an intermediate eager torch rounds to the dtype)
+inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
 // -v lane by lane (the sign bit flipped, as unary minus does; 0 - v would turn -0 into +0)
 inline __m512 negate(__m512 v) {
   return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
@@ -416,10 +420,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double
             if (fp32_product) {
               store_bf16(yr + j, _mm512_mul_ps(n, wj));
             } else {
-              alignas(64) c10::BFloat16 nb[16], wb[16];
-              store_bf16(nb, n);
-              store_bf16(wb, wj);
-              store_bf16(yr + j, _mm512_mul_ps(load_bf16(nb), load_bf16(wb)));
+              store_bf16(yr + j, _mm512_mul_ps(round_bf16(n), round_bf16(wj)));
             }
           }
         }
@@ -459,12 +460,10 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
         int64_t j = 0;
 #if defined(__AVX512F__)
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          alignas(64) c10::BFloat16 a[16], b[16];
           for (; half % 16 == 0 && j < R; j += 16) {
             const __m512 x = load_bf16(xr + j), rot = j < half ? negate(load_bf16(xr + j + half)) : load_bf16(xr + j - half);
-            store_bf16(a, _mm512_mul_ps(x, load_bf16(c + j)));
-            store_bf16(b, _mm512_mul_ps(rot, load_bf16(s + j)));
-            store_bf16(y + j, _mm512_add_ps(load_bf16(a), load_bf16(b)));
+            store_bf16(y + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(x, load_bf16(c + j))),
+                                            round_bf16(_mm512_mul_ps(rot, load_bf16(s + j)))));
           }
         }
 #endif
@@ -609,9 +608,8 @@ at::Tensor act_mul(const at::Tensor& gate_up, int64_t kind) {
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
           for (; kind == 0 && j + 16 <= I; j += 16) {  // silu
             const __m512 g = load_bf16(G + t * 2 * I + j);
-            alignas(64) c10::BFloat16 a[16];
-            store_bf16(a, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-            store_bf16(Y + t * I + j, _mm512_mul_ps(load_bf16(a), load_bf16(G + t * 2 * I + I + j)));
+            const __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(negate(g))));
+            store_bf16(Y + t * I + j, _mm512_mul_ps(round_bf16(a), load_bf16(G + t * 2 * I + I + j)));
           }
         }
 #endif

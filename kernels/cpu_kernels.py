@@ -1,5 +1,6 @@
 """Quiver's own CPU kernels (cpu_kernels.cpp: a decode step's few-row bfloat16 projections, paged attention and
-the KV write, RMS norm, rope, the MLP's activation and LoRA, each one op where torch takes several), compiled once per machine and torch build with
+the KV write, RMS norm, rope, the MLP's activation, LoRA and a greedy step's argmax, each one op where torch
+takes several, and every layer of a plain decoder in one call), compiled once per machine and torch build with
 the system's C++ compiler for this CPU (-march=native, linked to torch's own OpenMP), cached under
 QUIVER_CACHE/cpu_kernels, and loaded as torch ops (torch.ops.quiver_cpu.*). Without a compiler, or if the build
 fails, available() is False with one log line and every caller keeps its torch ops: the same maths, slower.

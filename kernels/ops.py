@@ -221,12 +221,18 @@ class TritonOps:
 BACKENDS = {"torch": TorchOps, "triton": TritonOps}
 
 
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[N] whether each row of logits [N, V] is all finite."""
+    # amax and amin propagate NaN: two vectorised reductions, several times cheaper than isfinite(logits)
+    return torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
+
+
 def greedy_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, V] float32 -> (each row's argmax, the first of equal maxima; whether the row is all finite)."""
+    """logits [N, V] float32 -> (each row's argmax, the first of equal maxima; finite_rows(logits)), in one pass
+    on the CPU where Quiver's kernels are built."""
     if logits.dtype == torch.float32 and serves(logits):
         return cpu_kernels.greedy(logits)
-    # amax and amin propagate NaN: two vectorised reductions, several times cheaper than isfinite(logits)
-    return logits.argmax(dim=-1), torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
+    return logits.argmax(dim=-1), finite_rows(logits)
 
 
 def ops_for(device: torch.device | str, backend: str = "auto") -> Ops:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quiver.kernels.ops import greedy_rows
+from quiver.kernels.ops import finite_rows, greedy_rows
 from quiver.server.engine import logit_adjust
 from quiver.server.engine.sequence import Sequence, TokenLogprob
 
@@ -120,10 +120,12 @@ def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
     """logits: [N, V] float32, one row per prepared sequence (adjusted in place when batch.adjust is set)."""
     logprobs = torch.log_softmax(logits, dim=-1) if batch.n_top is not None else None
-    greedy_tokens, finite = greedy_rows(logits)  # finite: of the model's logits, before any adjustment
-    if batch.adjust is not None:
+    if batch.adjust is None:
+        greedy_tokens, finite = greedy_rows(logits)
+    else:  # finite: of the model's logits, before the adjustment (which may set -inf)
+        finite = finite_rows(logits)
         logit_adjust.apply(logits, batch.adjust)
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = greedy_rows(logits)[0]
     if batch.greedy_all:
         tokens = greedy_tokens
     else:

@@ -27,6 +27,7 @@ class FusedLayers:
         self.weights = [getattr(layer, g).blocks for layer in model.layers for g in GROUPS]
         self.widths = [getattr(model.layers[0], g).shape[0] for g in GROUPS]
         self.biases = [getattr(layer, g + "_bias") for layer in model.layers for g in GROUPS]
+        self._kv: tuple[list, list, list] | None = None  # (the runner's kv_caches list, its keys, its values)
 
     @staticmethod
     def of(model) -> FusedLayers | None:
@@ -54,8 +55,10 @@ class FusedLayers:
         m, c = self.model, self.model.cfg
         cos, sin = ropes[0]
         group = groups[0]
+        if self._kv is None or self._kv[0] is not kv_caches:  # split once: the runner keeps one list
+            self._kv = (kv_caches, [k for k, _ in kv_caches], [v for _, v in kv_caches])
         return fused_decode_layers(
-            x, self.norms, self.weights, self.widths, self.biases, cos, sin, [k for k, _ in kv_caches],
-            [v for _, v in kv_caches], step.slot_mapping, group.block_tables, group.allowed, a, b, slices, offsets,
+            x, self.norms, self.weights, self.widths, self.biases, cos, sin, self._kv[1], self._kv[2],
+            step.slot_mapping, group.block_tables, group.allowed, a, b, slices, offsets,
             rank, token_slots, c.rms_norm_eps, c.norm_offset, c.norm_fp32_product, c.num_heads, c.num_kv_heads,
             c.head_dim, ACT_KINDS[c.activation], m.scale)
