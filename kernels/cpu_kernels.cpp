@@ -1,7 +1,7 @@
 // Kernels for a decode step's few rows on the CPU (kernels/cpu_kernels.py builds and loads this file):
 // bfloat16 projections, paged attention and the KV write, RMS norm, rope, the MLP's activation, LoRA and a
 // greedy step's argmax, where torch's ops cost more in dispatch (several small ops each, a few microseconds
-// apiece) than in work, and decode_layers, every layer of a pre-norm decoder in one call of them.
+// apiece) than in work, and decode_layers, every layer of a pre-norm decoder in one call and one parallel region.
 //
 // quiver_cpu::linear(x [M, K] bf16, w [NB, KP, 64, 2] bf16, n, bias [n] or None) -> y [M, n] bf16:
 //   y[m, j] = round_bf16(sum_k x[m, k] * W[j, k] + bias[j]), products and sums in float32,
@@ -17,12 +17,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -99,10 +103,67 @@ void row_sums(const uint32_t* x, int64_t, const uint32_t* w, int64_t KP, float (
 using BlockSums = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float (*)[kBlock]);
 constexpr BlockSums kPasses[kMaxRows] = {row_sums, block_sums<2>, block_sums<3>, block_sums<4>};
 
-// linear, then after(col, cols, m, rows, y) once rows m..m+rows of columns col..col+cols are written (rounded)
-template <typename After>
-at::Tensor linear_then(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias,
-                       After&& after) {
+// One share of a projection's weight stream: shares equal parts of its NB * KP pair-rows, share t of `shares`
+// summing positions [total * t / shares, total * (t + 1) / shares). Blocks wholly inside a share go to
+// write(b, m, rows, acc [rows][64]); a block split between shares is summed in parts, parts[slot] [M][64] with
+// slot 2t for the share's first block and 2t + 1 for its last (the one it starts), and finished by the share it
+// ends in (finish_split): the parts added in share order, so the same bits whichever thread sums which share.
+struct Stream {
+  const uint32_t* X;  // x [M, 2 * KP] as pairs
+  const uint32_t* W;  // [NB, KP, 64, 2] as pairs
+  int64_t M, KP, NB, shares;
+  float* parts;  // [2 * shares, M, 64]
+  int64_t first(int64_t t) const { return NB * KP * t / shares; }
+};
+
+inline int64_t shares_for(int64_t NB, int64_t KP, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(threads, NB * KP / 64));
+}
+
+template <typename Write>
+void sum_share(const Stream& s, int64_t t, Write&& write) {
+  alignas(64) float acc[kMaxRows][kBlock];
+  const int64_t KP = s.KP, first = s.first(t), last = s.first(t + 1);
+  for (int64_t b = first / KP; b * KP < last; ++b) {
+    const int64_t p0 = std::max(first, b * KP) - b * KP, p1 = std::min(last, (b + 1) * KP) - b * KP;
+    const bool whole = p0 == 0 && p1 == KP;
+    const int64_t part = 2 * t + (p0 == 0);
+    for (int64_t m = 0; m < s.M; m += kMaxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, s.M - m));
+      kPasses[rows - 1](s.X + m * KP + p0, KP, s.W + (b * KP + p0) * kBlock, p1 - p0, acc);
+      if (whole)
+        write(b, m, rows, acc[0]);
+      else
+        std::memcpy(s.parts + (part * s.M + m) * kBlock, acc, rows * kBlock * sizeof(float));
+    }
+  }
+}
+
+// If share t's first block began in an earlier share and ends in this one: its parts added in share order and
+// written (sum: [M][64] scratch), once wait(u) has returned for each earlier share u that holds a part.
+template <typename Wait, typename Write>
+void finish_split(const Stream& s, int64_t t, float* sum, Wait&& wait, Write&& write) {
+  const int64_t first = s.first(t), b = first / s.KP;
+  if (first % s.KP == 0 || (b + 1) * s.KP > s.first(t + 1)) return;
+  std::fill(sum, sum + s.M * kBlock, 0.f);
+  for (int64_t u = 0; u <= t; ++u) {
+    if (s.first(u + 1) <= b * s.KP) continue;  // u ends before the block
+    if (u < t) wait(u);
+    const float* part = s.parts + ((2 * u + (s.first(u) <= b * s.KP)) * s.M) * kBlock;
+    for (int64_t e = 0; e < s.M * kBlock; ++e) sum[e] += part[e];
+  }
+  write(b, 0, static_cast<int>(s.M), sum);
+}
+
+// y [M, n] = round(acc + bias) for the block's columns, rows m..m + rows
+inline void write_block(uint16_t* Y, int64_t n, const float* bias, int64_t b, int64_t m, int rows, const float* acc) {
+  const int64_t col = b * kBlock, cols = std::min(kBlock, n - col);
+  for (int i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      Y[(m + i) * n + col + j] = to_bf16(bias ? acc[i * kBlock + j] + bias[col + j] : acc[i * kBlock + j]);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 4 && w.size(2) == kBlock && w.size(3) == 2,
               "quiver_cpu::linear: x [M, K], w [NB, KP, 64, 2]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "quiver_cpu::linear: bfloat16 only");
@@ -122,60 +183,19 @@ at::Tensor linear_then(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
     bf = bias->to(at::kFloat).contiguous();
     B = bf.data_ptr<float>();
   }
-  const uint32_t* X = reinterpret_cast<const uint32_t*>(xp.data_ptr<at::BFloat16>());
-  const uint32_t* W = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
+  const int64_t shares = shares_for(NB, KP, at::get_num_threads());
+  std::vector<float> parts(2 * shares * M * kBlock), sum(M * kBlock);
+  const Stream s{reinterpret_cast<const uint32_t*>(xp.data_ptr<at::BFloat16>()),
+                 reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), M, KP, NB, shares, parts.data()};
   uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  // Each thread streams one equal share of the weight (a forward stream; no thread waits on another's extra
-  // block where NB is not a multiple of the threads): blocks wholly in a share are summed and written there, a
-  // block split between shares is summed in parts, added after in share order (the same bits every call).
-  // More than 4 rows pass over a block again, from cache.
-  const int64_t total = NB * KP;
-  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / 64));
-  std::vector<int64_t> part_block(2 * shares, -1);
-  std::vector<float> part_sums(2 * shares * M * kBlock);
-  auto write = [&](int64_t b, int64_t m, int rows, const float* acc) {  // acc [rows][64]
-    const int64_t col = b * kBlock, cols = std::min(kBlock, n - col);
-    for (int i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j)
-        Y[(m + i) * n + col + j] = to_bf16(B ? acc[i * kBlock + j] + B[col + j] : acc[i * kBlock + j]);
-    after(col, cols, m, rows, reinterpret_cast<at::BFloat16*>(Y));
-  };
+  auto write = [&](int64_t b, int64_t m, int rows, const float* acc) { write_block(Y, n, B, b, m, rows, acc); };
+  // each thread streams one equal share (a forward stream; no thread waits on another's extra block where NB
+  // is not a multiple of the threads); more than 4 rows pass over a block again, from cache
   at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
-    alignas(64) float acc[kMaxRows][kBlock];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t first = total * t / shares, last = total * (t + 1) / shares;
-      for (int64_t b = first / KP; b * KP < last; ++b) {
-        const int64_t p0 = std::max(first, b * KP) - b * KP, p1 = std::min(last, (b + 1) * KP) - b * KP;
-        const bool whole = p0 == 0 && p1 == KP;
-        const int64_t part = 2 * t + (p0 == 0);  // a share's first block if split: slot 0; its last: slot 1
-        for (int64_t m = 0; m < M; m += kMaxRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m));
-          kPasses[rows - 1](X + m * KP + p0, KP, W + (b * KP + p0) * kBlock, p1 - p0, acc);
-          if (whole)
-            write(b, m, rows, acc[0]);
-          else
-            std::memcpy(&part_sums[(part * M + m) * kBlock], acc, rows * kBlock * sizeof(float));
-        }
-        if (!whole) part_block[part] = b;
-      }
-    }
+    for (int64_t t = t0; t < t1; ++t) sum_share(s, t, write);
   });
-  std::vector<float> sum(M * kBlock);
-  for (int64_t i = 0; i < 2 * shares; ++i) {
-    const int64_t b = part_block[i];
-    if (b < 0 || (i > 0 && std::find(part_block.begin(), part_block.begin() + i, b) != part_block.begin() + i))
-      continue;  // no split block, or one already written
-    std::fill(sum.begin(), sum.end(), 0.f);
-    for (int64_t k = i; k < 2 * shares; ++k)
-      if (part_block[k] == b)
-        for (int64_t e = 0; e < M * kBlock; ++e) sum[e] += part_sums[k * M * kBlock + e];
-    write(b, 0, static_cast<int>(M), sum.data());
-  }
+  for (int64_t t = 1; t < shares; ++t) finish_split(s, t, sum.data(), [](int64_t) {}, write);
   return y;
-}
-
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias) {
-  return linear_then(x, w, n, bias, [](int64_t, int64_t, int64_t, int, at::BFloat16*) {});
 }
 
 // e^x for x <= 0 (a softmax's shifted scores) to within 2 float32 ulps (Cephes' expf: 2^n times a degree-7
@@ -320,6 +340,46 @@ void attend_heads(const T* q, const T* kc, const T* vc, const int64_t* table, co
     for (int64_t d = 0; d < D; ++d) out[h * D + d] = static_cast<T>(acc[h][d]);
 }
 
+// Paged attention's tasks: a task takes one query of one row and up to 4 of the heads of one KV head (the others
+// in more tasks), each key and value read once for them, in place through the block table
+template <typename T>
+struct PagedAttention {
+  const T *q, *k, *v;  // q [B, Q, H, D]; caches [KV, NBLK, bs, D]
+  const int64_t* tables;  // [B, NB]
+  const bool* allowed;    // [B, Q, NB * bs]
+  T* out;                 // [B, Q, H, D], a query's heads out_row apart
+  int64_t out_row, Q, H, D, KV, NBLK, bs, NB;
+  float scale, softcap;
+
+  int64_t per() const {
+    const int64_t g = H / KV;
+    return g % 4 == 0 ? 4 : g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1;
+  }
+  int64_t tasks(int64_t B) const { return B * Q * KV * (H / KV / per()); }
+  // the task's query (b * Q + i) and KV head
+  std::pair<int64_t, int64_t> of(int64_t task) const {
+    const int64_t turns = H / KV / per();
+    return {task / (KV * turns), (task / turns) % KV};
+  }
+  void run(int64_t task, float* scores) const {  // scores: 4 * NB * bs floats
+    const int64_t p = per(), turns = H / KV / p, g = H / KV;
+    const auto [bq, kvh] = of(task);
+    const int64_t first = kvh * g + (task % turns) * p, kv_base = kvh * NBLK * bs * D, L = NB * bs;
+    const T* qh = q + (bq * H + first) * D;
+    T* oh = out + bq * out_row + first * D;
+    auto go = [&](auto heads) {
+      attend_heads<T, decltype(heads)::value>(qh, k + kv_base, v + kv_base, tables + (bq / Q) * NB, allowed + bq * L, NB,
+                                              bs, D, scale, softcap, scores, oh);
+    };
+    switch (p) {
+      case 1: go(std::integral_constant<int, 1>()); break;
+      case 2: go(std::integral_constant<int, 2>()); break;
+      case 3: go(std::integral_constant<int, 3>()); break;
+      default: go(std::integral_constant<int, 4>()); break;
+    }
+  }
+};
+
 // quiver_cpu::paged_attention(q [B, Q, H, D], k_cache, v_cache [KV, NBLK, bs, D], block_tables [B, NB] int64,
 //                             allowed [B, Q, NB * bs] bool, scale, softcap) -> [B, Q, H, D]
 //   out[b, i, h] = sum_j p_j V_b[h / g, j],  p = softmax_j(cap(scale * q[b, i, h] . K_b[h / g, j])) over j with
@@ -327,58 +387,69 @@ void attend_heads(const T* q, const T* kc, const T* vc, const int64_t* table, co
 //   tanh(s / softcap) when softcap > 0. kernels.torch_ops.few_query_attention's maths and roundings: q . k
 //   summed in float32 and rounded to the cache's dtype, the softmax in float32, the probabilities rounded to
 //   the cache's dtype before they meet V, the sum in float32 (exp to within 2 float32 ulps: exp_nonpositive).
-//   A task takes one query and up to 4 heads sharing a KV head, each key and value read once for them, in
-//   place through the block table (no gathered copy), masked keys skipped.
+//   Tasks as PagedAttention's, masked keys skipped.
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& allowed, double scale, double softcap) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "quiver_cpu::paged_attention: q [B, Q, H, D], contiguous caches [KV, NBLK, bs, D]");
   const int64_t B = q.size(0), Q = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t KV = k_cache.size(0), NBLK = k_cache.size(1), bs = k_cache.size(2), NB = block_tables.size(1);
-  const int64_t L = NB * bs, g = H / KV;
+  const int64_t L = NB * bs;
   TORCH_CHECK(D <= 256 && H % KV == 0 && k_cache.size(3) == D && allowed.size(2) == L,
               "quiver_cpu::paged_attention: head dim <= 256, H a multiple of KV, allowed [B, Q, NB * bs]");
   at::Tensor qc = q.contiguous(), tables = block_tables.to(at::kLong).contiguous(), mask = allowed.contiguous();
   at::Tensor out = at::empty_like(qc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
-    const scalar_t* Qp = qc.data_ptr<scalar_t>();
-    const scalar_t* Kp = k_cache.data_ptr<scalar_t>();
-    const scalar_t* Vp = v_cache.data_ptr<scalar_t>();
-    scalar_t* O = out.data_ptr<scalar_t>();
-    const int64_t* Tb = tables.data_ptr<int64_t>();
-    const bool* A = mask.data_ptr<bool>();
-    const int64_t head_stride = bs * D;  // one block of one KV head
-    // a task: one query of one row and up to 4 of the heads of one KV head (the others in more tasks)
-    const int64_t per = g % 4 == 0 ? 4 : g % 3 == 0 ? 3 : g % 2 == 0 ? 2 : 1, turns = g / per;
+    const PagedAttention<scalar_t> att{qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                       tables.data_ptr<int64_t>(), mask.data_ptr<bool>(), out.data_ptr<scalar_t>(),
+                                       H * D, Q, H, D, KV, NBLK, bs, NB, static_cast<float>(scale), static_cast<float>(softcap)};
     // a short context's few tasks cost less run here than handed to another thread
-    at::parallel_for(0, B * Q * KV * turns, std::max<int64_t>(1, 2048 / L), [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, att.tasks(B), std::max<int64_t>(1, 2048 / L), [&](int64_t t0, int64_t t1) {
       std::vector<float> scores(4 * L);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t bq = t / (KV * turns), kvh = (t / turns) % KV, first = kvh * g + (t % turns) * per;
-        const int64_t b = bq / Q, kv_base = kvh * NBLK * head_stride;
-        const scalar_t* qh = Qp + (bq * H + first) * D;
-        scalar_t* oh = O + (bq * H + first) * D;
-        auto run = [&](auto heads) {
-          attend_heads<scalar_t, decltype(heads)::value>(qh, Kp + kv_base, Vp + kv_base, Tb + b * NB, A + bq * L, NB,
-                                                         bs, D, static_cast<float>(scale), static_cast<float>(softcap),
-                                                         scores.data(), oh);
-        };
-        switch (per) {
-          case 1: run(std::integral_constant<int, 1>()); break;
-          case 2: run(std::integral_constant<int, 2>()); break;
-          case 3: run(std::integral_constant<int, 3>()); break;
-          default: run(std::integral_constant<int, 4>()); break;
-        }
-      }
+      for (int64_t t = t0; t < t1; ++t) att.run(t, scores.data());
     });
   });
   return out;
 }
 
-// quiver_cpu::rms_norm(x [..., N], w [N], eps, offset, fp32_product) -> x's shape and dtype:
-//   n = x / sqrt(mean(x^2) + eps) in float32; fp32_product: round(n * (offset + w)), else
-//   round(round(offset + w) * round(n)) (rounding to x's dtype): server/model/llama.py rms_norm's maths and
-//   roundings in one pass per row instead of six ops.
+template <typename T>
+void norm_row(const T* xr, const T* W, T* yr, int64_t N, float eps, float off, bool fp32_product) {
+  alignas(64) float lanes[16] = {};
+  float sq = 0.f;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  constexpr bool vec = std::is_same_v<T, c10::BFloat16>;
+  if constexpr (vec) {
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= N; j += 16) {
+      const __m512 v = load_bf16(xr + j);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    _mm512_store_ps(lanes, acc);
+  }
+#endif
+  for (; j + 16 <= N; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] += static_cast<float>(xr[j + l]) * static_cast<float>(xr[j + l]);
+  for (; j < N; ++j) sq += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
+  for (int l = 0; l < 16; ++l) sq += lanes[l];
+  const float inv = 1.f / std::sqrt(sq / static_cast<float>(N) + eps);
+  j = 0;
+#if defined(__AVX512F__)
+  if constexpr (vec) {
+    const __m512 vinv = _mm512_set1_ps(inv), voff = _mm512_set1_ps(off);
+    for (; j + 16 <= N; j += 16) {
+      const __m512 n = _mm512_mul_ps(load_bf16(xr + j), vinv), wj = _mm512_add_ps(voff, load_bf16(W + j));
+      store_bf16(yr + j, fp32_product ? _mm512_mul_ps(n, wj) : _mm512_mul_ps(round_bf16(n), round_bf16(wj)));
+    }
+  }
+#endif
+  for (; j < N; ++j) {
+    const float n = static_cast<float>(xr[j]) * inv, wj = static_cast<float>(W[j]);
+    yr[j] = fp32_product ? static_cast<T>(n * (off + wj))
+                         : static_cast<T>(static_cast<float>(static_cast<T>(off + wj)) * static_cast<float>(static_cast<T>(n)));
+  }
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset, bool fp32_product) {
   const int64_t N = x.size(-1), rows = x.numel() / N;
   TORCH_CHECK(w.numel() == N && w.scalar_type() == x.scalar_type(), "quiver_cpu::rms_norm: w [N] in x's dtype");
@@ -387,51 +458,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double
     const scalar_t* X = xc.data_ptr<scalar_t>();
     const scalar_t* W = wc.data_ptr<scalar_t>();
     scalar_t* Y = out.data_ptr<scalar_t>();
-    const float off = static_cast<float>(offset);
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* xr = X + r * N;
-        scalar_t* yr = Y + r * N;
-        alignas(64) float lanes[16] = {};
-        float sq = 0.f;
-        int64_t j = 0;
-#if defined(__AVX512F__)
-        constexpr bool vec = std::is_same_v<scalar_t, c10::BFloat16>;
-        if constexpr (vec) {
-          __m512 acc = _mm512_setzero_ps();
-          for (; j + 16 <= N; j += 16) {
-            const __m512 v = load_bf16(xr + j);
-            acc = _mm512_fmadd_ps(v, v, acc);
-          }
-          _mm512_store_ps(lanes, acc);
-        }
-#endif
-        for (; j + 16 <= N; j += 16)
-          for (int l = 0; l < 16; ++l) lanes[l] += static_cast<float>(xr[j + l]) * static_cast<float>(xr[j + l]);
-        for (; j < N; ++j) sq += static_cast<float>(xr[j]) * static_cast<float>(xr[j]);
-        for (int l = 0; l < 16; ++l) sq += lanes[l];
-        const float inv = 1.f / std::sqrt(sq / static_cast<float>(N) + static_cast<float>(eps));
-        j = 0;
-#if defined(__AVX512F__)
-        if constexpr (vec) {
-          const __m512 vinv = _mm512_set1_ps(inv), voff = _mm512_set1_ps(off);
-          for (; j + 16 <= N; j += 16) {
-            const __m512 n = _mm512_mul_ps(load_bf16(xr + j), vinv), wj = _mm512_add_ps(voff, load_bf16(W + j));
-            if (fp32_product) {
-              store_bf16(yr + j, _mm512_mul_ps(n, wj));
-            } else {
-              store_bf16(yr + j, _mm512_mul_ps(round_bf16(n), round_bf16(wj)));
-            }
-          }
-        }
-#endif
-        for (; j < N; ++j) {
-          const float n = static_cast<float>(xr[j]) * inv, wj = static_cast<float>(W[j]);
-          yr[j] = fp32_product ? static_cast<scalar_t>(n * (off + wj))
-                                      : static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(off + wj)) *
-                                                              static_cast<float>(static_cast<scalar_t>(n)));
-        }
-      }
+      for (int64_t r = r0; r < r1; ++r)
+        norm_row(X + r * N, W, Y + r * N, N, static_cast<float>(eps), static_cast<float>(offset), fp32_product);
     });
   });
   return out;
@@ -440,11 +469,33 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double
 // quiver_cpu::rope(x [T, H, D], cos, sin [T, R] in x's dtype, R <= D even) -> [T, H, D] contiguous:
 //   out[..., j] = round(round(x[j] cos[j]) + round(rot[j] sin[j])) for j < R, rot = (-x[R/2..R), x[0..R/2)),
 //   out[..., j] = x[j] beyond R: server/model/rope.py apply_rope (rotate-half, partial rotary) in one op.
+template <typename T>
+void rope_row(const T* xr, const T* c, const T* s, T* y, int64_t D, int64_t R) {
+  const int64_t half = R / 2;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; half % 16 == 0 && j < R; j += 16) {
+      const __m512 x = load_bf16(xr + j), rot = j < half ? negate(load_bf16(xr + j + half)) : load_bf16(xr + j - half);
+      store_bf16(y + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(x, load_bf16(c + j))),
+                                      round_bf16(_mm512_mul_ps(rot, load_bf16(s + j)))));
+    }
+  }
+#endif
+  for (; j < R; ++j) {
+    const float rot = j < half ? -static_cast<float>(xr[j + half]) : static_cast<float>(xr[j - half]);
+    const float a = static_cast<float>(static_cast<T>(static_cast<float>(xr[j]) * static_cast<float>(c[j])));
+    const float b = static_cast<float>(static_cast<T>(rot * static_cast<float>(s[j])));
+    y[j] = static_cast<T>(a + b);
+  }
+  for (j = R; j < D; ++j) y[j] = xr[j];
+}
+
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
               cos.size(1) <= x.size(2) && cos.size(1) % 2 == 0 && cos.scalar_type() == x.scalar_type() &&
               sin.scalar_type() == x.scalar_type(), "quiver_cpu::rope: x [T, H, D], cos, sin [T, R <= D] in x's dtype");
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), R = cos.size(1), half = R / 2;
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), R = cos.size(1);
   at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous(), out = at::empty_like(xc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope", [&] {
     const scalar_t* X = xc.data_ptr<scalar_t>();
@@ -452,29 +503,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
     const scalar_t* S = sc.data_ptr<scalar_t>();
     scalar_t* Y = out.data_ptr<scalar_t>();
     at::parallel_for(0, T * H, 64, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* xr = X + i * D;
-        const scalar_t* c = C + (i / H) * R;
-        const scalar_t* s = S + (i / H) * R;
-        scalar_t* y = Y + i * D;
-        int64_t j = 0;
-#if defined(__AVX512F__)
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          for (; half % 16 == 0 && j < R; j += 16) {
-            const __m512 x = load_bf16(xr + j), rot = j < half ? negate(load_bf16(xr + j + half)) : load_bf16(xr + j - half);
-            store_bf16(y + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(x, load_bf16(c + j))),
-                                            round_bf16(_mm512_mul_ps(rot, load_bf16(s + j)))));
-          }
-        }
-#endif
-        for (; j < R; ++j) {
-          const float rot = j < half ? -static_cast<float>(xr[j + half]) : static_cast<float>(xr[j - half]);
-          const float a = static_cast<float>(static_cast<scalar_t>(static_cast<float>(xr[j]) * static_cast<float>(c[j])));
-          const float b = static_cast<float>(static_cast<scalar_t>(rot * static_cast<float>(s[j])));
-          y[j] = static_cast<scalar_t>(a + b);
-        }
-        for (int64_t j = R; j < D; ++j) y[j] = xr[j];
-      }
+      for (int64_t i = i0; i < i1; ++i) rope_row(X + i * D, C + (i / H) * R, S + (i / H) * R, Y + i * D, D, R);
     });
   });
   return out;
@@ -593,6 +622,26 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, con
 
 // quiver_cpu::act_mul(gate_up [T, 2I], kind) -> [T, I]: act(gate) * up, gate = gate_up[:, :I], up = gate_up[:, I:],
 //   act silu (kind 0) or tanh-approximated gelu (kind 1), each rounded to the dtype as eager torch rounds them.
+template <typename T>
+void act_row(const T* gate, const T* up, T* y, int64_t I, int64_t kind) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; kind == 0 && j + 16 <= I; j += 16) {  // silu
+      const __m512 g = load_bf16(gate + j);
+      const __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(negate(g))));
+      store_bf16(y + j, _mm512_mul_ps(round_bf16(a), load_bf16(up + j)));
+    }
+  }
+#endif
+  for (; j < I; ++j) {
+    const float g = static_cast<float>(gate[j]);
+    const float a = kind == 0 ? g / (1.f + std::exp(-g))
+                              : 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    y[j] = static_cast<T>(static_cast<float>(static_cast<T>(a)) * static_cast<float>(up[j]));
+  }
+}
+
 at::Tensor act_mul(const at::Tensor& gate_up, int64_t kind) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && (kind == 0 || kind == 1),
               "quiver_cpu::act_mul: gate_up [T, 2I], kind 0 (silu) or 1 (gelu tanh)");
@@ -602,120 +651,91 @@ at::Tensor act_mul(const at::Tensor& gate_up, int64_t kind) {
     const scalar_t* G = gu.data_ptr<scalar_t>();
     scalar_t* Y = out.data_ptr<scalar_t>();
     at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        int64_t j = 0;
-#if defined(__AVX512F__)
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          for (; kind == 0 && j + 16 <= I; j += 16) {  // silu
-            const __m512 g = load_bf16(G + t * 2 * I + j);
-            const __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(negate(g))));
-            store_bf16(Y + t * I + j, _mm512_mul_ps(round_bf16(a), load_bf16(G + t * 2 * I + I + j)));
-          }
-        }
-#endif
-        for (; j < I; ++j) {
-          const float g = static_cast<float>(G[t * 2 * I + j]);
-          const float a = kind == 0 ? g / (1.f + std::exp(-g))
-                                    : 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-          Y[t * I + j] = static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(a)) *
-                                               static_cast<float>(G[t * 2 * I + I + j]));
-        }
-      }
+      for (int64_t t = t0; t < t1; ++t) act_row(G + t * 2 * I, G + t * 2 * I + I, Y + t * I, I, kind);
     });
   });
   return out;
 }
 
-// x = round(x + y), as x + y rounds, without the dispatcher and a new tensor (both contiguous, x's shape)
-void add_(at::Tensor& x, const at::Tensor& y) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_", [&] {
-    scalar_t* X = x.data_ptr<scalar_t>();
-    const scalar_t* Y = y.data_ptr<scalar_t>();
-    const int64_t n = x.numel();
-    int64_t i = 0;
+// x[0..n) = round(x + y), as x + y rounds
+template <typename T>
+inline void add_row(T* x, const T* y, int64_t n) {
+  int64_t i = 0;
 #if defined(__AVX512F__)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-      for (; i + 16 <= n; i += 16) store_bf16(X + i, _mm512_add_ps(load_bf16(X + i), load_bf16(Y + i)));
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    for (; i + 16 <= n; i += 16) store_bf16(x + i, _mm512_add_ps(load_bf16(x + i), load_bf16(y + i)));
 #endif
-    for (; i < n; ++i) X[i] = static_cast<scalar_t>(static_cast<float>(X[i]) + static_cast<float>(Y[i]));
-  });
+  for (; i < n; ++i) x[i] = static_cast<T>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
 }
 
-#if defined(__AVX512F__)
-// linear(h) then lora_add_ on it, the same bits, with LoRA's expand done where each block of the projection is
-// written (by the thread that wrote it, from cache) and its shrink split between the threads beyond 64 dot
-// products: at a decode step's rows LoRA's work is small, and run alone on one thread after the projection it
-// cost as much again as streaming the A and B it reads.
-at::Tensor linear_lora(const at::Tensor& h, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias,
-                       const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
-                       const std::vector<int64_t>& off, int64_t rank) {
-  const at::Tensor x = h.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), SR = a.size(1), S = static_cast<int64_t>(off.size()) - 1;
-  const int64_t* slot_of = slots.data_ptr<int64_t>();
-  const at::BFloat16* X = x.data_ptr<at::BFloat16>();
-  const at::BFloat16* A = a.data_ptr<at::BFloat16>();
-  const at::BFloat16* Bm = b.data_ptr<at::BFloat16>();
-  std::vector<float> u(M * SR);  // u[m, i * rank + j] = A_s[i * rank + j] . x[m], s = slot_of[m]
-  at::parallel_for(0, M * SR, 64, [&](int64_t t0, int64_t t1) {  // a one-row step's few dots: here, no hand-off
-    for (int64_t t = t0; t < t1; ++t)
-      if (const int64_t s = slot_of[t / SR]; s >= 0) u[t] = dot_bf16(X + (t / SR) * K, A + (s * SR + t % SR) * K, K);
-  });
-  return linear_then(x, w, n, bias, [&](int64_t col, int64_t cols, int64_t m, int rows, at::BFloat16* Y) {
-    for (int64_t r = m; r < m + rows; ++r) {
-      const int64_t s = slot_of[r];
-      if (s < 0) continue;
-      for (int64_t i = 0; i < S; ++i) {  // the slices these columns fall in
-        const int64_t lo = std::max(col, off[i]), hi = std::min(col + cols, off[i + 1]);
-        if (lo < hi) expand_bf16(&u[r * SR + i * rank], rank, Bm + (s * SR + i * rank) * n + lo, n, Y + r * n + lo, hi - lo);
-        // the next block's columns of B, requested now: B's rows lie n columns apart, too far apart for the
-        // hardware's prefetcher, and the next block's projection takes longer than their way from memory
-        const int64_t next_lo = std::max(col + kBlock, off[i]), next_hi = std::min(col + 2 * kBlock, off[i + 1]);
-        if (next_lo < next_hi)
-          for (int64_t j = 0; j < rank; ++j) {
-            const at::BFloat16* row = Bm + (s * SR + i * rank + j) * n;
-            __builtin_prefetch(row + next_lo);
-            __builtin_prefetch(row + next_hi - 1);
-          }
+#if defined(__AVX512BF16__)
+// A barrier for a team that spins on one flag (a step's dozens of waits each cost what a cache line's trip
+// between cores costs), yielding after a while so that a member the OS has descheduled still gets to run.
+class SpinBarrier {
+ public:
+  void reset(int n) { n_ = n; }
+  void wait(int& sense) {
+    sense ^= 1;
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      flag_.store(sense, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; flag_.load(std::memory_order_acquire) != sense; ++spins)
+      if (spins < 20000) _mm_pause(); else std::this_thread::yield();
+  }
+
+ private:
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<int> flag_{0};
+  int n_ = 1;
+};
+
+struct alignas(64) Ready {  // the last projection (epoch) whose split parts a thread has stored
+  std::atomic<int64_t> epoch{0};
+};
+
+// Every cache line of the keys and values that attention task t0..t1 read, requested from memory (into this
+// core's caches) at once: a row's blocks lie scattered and were last read a step ago, so attention walking them
+// one by one would wait out the memory's latency block after block. Asked at the start of each layer, they
+// arrive while the layer's first projection streams.
+template <typename T>
+void prefetch_tasks(const PagedAttention<T>& att, int64_t t0, int64_t t1) {
+  const int64_t L = att.NB * att.bs, block = att.bs * att.D;
+  for (int64_t t = t0, last = -1; t < t1; ++t) {
+    const auto [bq, kvh] = att.of(t);
+    const int64_t key = (bq / att.Q) * att.KV + kvh;  // one row's blocks of one KV head, once
+    if (key == last) continue;
+    last = key;
+    const int64_t b = bq / att.Q;
+    const bool* mask = att.allowed + (b * att.Q + att.Q - 1) * L;  // the row's last query: the most keys
+    for (int64_t n = 0; n < att.NB; ++n) {
+      const int64_t blk = att.tables[b * att.NB + n];
+      if (blk < 0 || blk >= att.NBLK || std::none_of(mask + n * att.bs, mask + (n + 1) * att.bs, [](bool a) { return a; }))
+        continue;
+      for (const T* cache : {att.k, att.v}) {
+        const char* from = reinterpret_cast<const char*>(cache + (kvh * att.NBLK + blk) * block);
+        for (int64_t byte = 0; byte < block * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(from + byte);
       }
     }
-  });
+  }
 }
 #endif
 
-// Every cache line of the keys and values a step's rows attend to, requested from memory (into cache) at once:
-// a row's blocks lie scattered in the caches and were last read a step ago, so attention walking them one by
-// one waits out the memory's latency block after block. decode_layers asks at the start of each layer, so that
-// they arrive while the layer's first projection streams.
-void prefetch_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
-                 const at::Tensor& allowed) {
-  const int64_t KV = k_cache.size(0), NBLK = k_cache.size(1), bs = k_cache.size(2), NB = block_tables.size(1);
-  const int64_t B = block_tables.size(0), Q = allowed.size(1), L = allowed.size(2);
-  const int64_t block_bytes = bs * k_cache.size(3) * k_cache.element_size();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const bool* A = allowed.data_ptr<bool>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t n = 0; n < NB; ++n) {
-      const int64_t blk = tables[b * NB + n];
-      const bool* mask = A + ((b + 1) * Q - 1) * L + n * bs;  // the block's keys for the row's last query (causal:
-                                                                // the most)
-      if (blk < 0 || blk >= NBLK || std::none_of(mask, mask + bs, [](bool a) { return a; })) continue;
-      for (const at::Tensor* cache : {&k_cache, &v_cache})
-        for (int64_t h = 0; h < KV; ++h) {
-          const char* from = static_cast<const char*>(cache->data_ptr()) + (h * NBLK + blk) * block_bytes;
-          for (int64_t byte = 0; byte < block_bytes; byte += 64) __builtin_prefetch(from + byte);
-        }
-    }
-}
-
 // quiver_cpu::decode_layers: every decoder layer of a pre-norm model (Llama's layout: x += o(attn(norm(x))),
-// x += down(act(gate) * up)(norm(x))) over the embedded x [T, hidden] in one call, for a step of few rows
-// whose attention is one in-order group: the kernels above called directly, in eager's order, so the result
-// is the eager path's bit for bit; what it saves is the dispatch of a dozen ops per layer.
+// x += down(act(gate) * up)(norm(x))) over the embedded x [T, hidden] in one call, for a bfloat16 step of few
+// rows whose attention is one in-order group, on a CPU with AVX512-BF16: the eager path's maths, roundings and
+// order of sums, so its result bit for bit.
 //   x [T, hidden]; norms [2L] (attention-in, MLP-in per layer); weights [4L] blocked (qkv, o, gate_up, down per
 //   layer) with widths [4] and biases [4L] (None where a projection has none); cos, sin [T, R] (one rope for
 //   every layer); k_caches, v_caches [L]; slot_mapping [T]; block_tables [B, NB], allowed [B, Q, NB * bs]
 //   with B * Q = T; lora_a, lora_b [4L] slot buffers (empty: no LoRA) with lora_slices [4] slices per group,
 //   lora_offsets the groups' column bounds one after another, token_slots [T]. Returns x after the last layer.
+// One parallel region for the whole stack: torch's threads stay in it from the first layer to the last and
+// meet at a spinning barrier after each phase (a projection, rope and the KV write, attention), where op by op
+// each projection was a fork and a join and the small ops between ran on one thread while the others waited.
+// Each thread streams the same share of each projection as quiver_cpu::linear's; the norms and the activation,
+// a few hundred values, each thread computes for itself; LoRA's expand runs where a block is written.
 at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weights, at::IntArrayRef widths,
                          const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
                          const at::Tensor& sin, at::TensorList k_caches, at::TensorList v_caches,
@@ -724,41 +744,204 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
                          at::IntArrayRef lora_offsets, int64_t lora_rank, const std::optional<at::Tensor>& token_slots,
                          double eps, double norm_offset, bool fp32_product, int64_t nh, int64_t nkv, int64_t d,
                          int64_t act, double scale) {
-  const int64_t L = k_caches.size(), T = x.size(0), B = block_tables.size(0), Q = T / B;
-  TORCH_CHECK(norms.size() == static_cast<size_t>(2 * L) && weights.size() == static_cast<size_t>(4 * L) &&
-              biases.size() == static_cast<size_t>(4 * L) && widths.size() == 4 && B * Q == T,
-              "quiver_cpu::decode_layers: per-layer lists of the wrong length");
+#if defined(__AVX512BF16__)
+  using bf = at::BFloat16;
+  const int64_t L = k_caches.size(), T = x.size(0), H = x.size(1), B = block_tables.size(0), Q = T / B;
   const bool lora = !lora_a.empty();
-  std::vector<std::vector<int64_t>> offsets(4);
-  for (int64_t g = 0, at = 0; g < 4 && lora; at += lora_slices[g] + 1, ++g)
-    offsets[g].assign(lora_offsets.begin() + at, lora_offsets.begin() + at + lora_slices[g] + 1);
-  const at::Tensor slots = lora ? token_slots->to(at::kLong).contiguous() : at::Tensor();
-  auto project = [&](const at::Tensor& h, int64_t layer, int64_t g) {
-    const int64_t i = 4 * layer + g;
-#if defined(__AVX512F__)
-    if (lora) return linear_lora(h, weights[i], widths[g], biases.get(i), lora_a[i], lora_b[i], slots, offsets[g],
-                                 lora_rank);
-#endif
-    at::Tensor y = linear(h, weights[i], widths[g], biases.get(i));
-    if (lora) lora_add(y, h, lora_a[i], lora_b[i], slots, offsets[g], lora_rank);
-    return y;
-  };
-  x = x.clone();  // the residual stream, added into in place
-  const at::Tensor tables = block_tables.to(at::kLong).contiguous(), mask = allowed.contiguous();
-  for (int64_t l = 0; l < L; ++l) {
-    prefetch_kv(k_caches[l], v_caches[l], tables, mask);
-    at::Tensor qkv = project(rms_norm(x, norms[2 * l], eps, norm_offset, fp32_product), l, 0);
-    at::Tensor q = rope(qkv.narrow(1, 0, nh * d).view({T, nh, d}), cos, sin);
-    at::Tensor k = rope(qkv.narrow(1, nh * d, nkv * d).view({T, nkv, d}), cos, sin);
-    at::Tensor v = qkv.narrow(1, (nh + nkv) * d, nkv * d).reshape({T, nkv, d});
-    at::Tensor kc = k_caches[l], vc = v_caches[l];
-    write_kv(kc, vc, k, v, slot_mapping);
-    at::Tensor att = paged_attention(q.view({B, Q, nh, d}), kc, vc, block_tables, allowed, scale, 0.0);
-    add_(x, project(att.view({T, nh * d}), l, 1));
-    at::Tensor h = rms_norm(x, norms[2 * l + 1], eps, norm_offset, fp32_product);
-    add_(x, project(act_mul(project(h, l, 2), act), l, 3));
+  TORCH_CHECK(norms.size() == static_cast<size_t>(2 * L) && weights.size() == static_cast<size_t>(4 * L) &&
+              biases.size() == static_cast<size_t>(4 * L) && widths.size() == 4 && B * Q == T && L > 0 &&
+              (!lora || (lora_a.size() == static_cast<size_t>(4 * L) && lora_b.size() == lora_a.size())),
+              "quiver_cpu::decode_layers: per-layer lists of the wrong length");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && d <= 256 && nh % nkv == 0 &&
+              widths[0] == (nh + 2 * nkv) * d && widths[1] == H && widths[3] == H && widths[2] % 2 == 0 &&
+              cos.size(0) == T && cos.size(1) <= d && cos.size(1) % 2 == 0 && cos.sizes() == sin.sizes(),
+              "quiver_cpu::decode_layers: a bfloat16 x [T, hidden] and projections of its shape");
+  const int64_t K[4] = {H, nh * d, H, widths[2] / 2};  // each group's input width
+  int64_t KP[4], NB[4];
+  for (int g = 0; g < 4; ++g) {
+    KP[g] = weights[g].size(1);
+    NB[g] = weights[g].size(0);
+    TORCH_CHECK(2 * KP[g] >= K[g] && NB[g] * kBlock >= widths[g], "quiver_cpu::decode_layers: weights too small");
   }
-  return x;
+  TORCH_CHECK(KP[0] == KP[2], "quiver_cpu::decode_layers: qkv and gate_up read the same normed x");
+  for (const at::Tensor& w : norms)
+    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.numel() == H,
+                "quiver_cpu::decode_layers: bfloat16 norm weights [hidden]");
+  std::vector<const uint32_t*> W(4 * L);
+  std::vector<at::Tensor> bias_f(4 * L);
+  std::vector<const float*> bias(4 * L, nullptr);
+  for (int64_t i = 0; i < 4 * L; ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.size(0) == NB[i % 4] &&
+                w.size(1) == KP[i % 4], "quiver_cpu::decode_layers: blocked bfloat16 weights, the same per layer");
+    W[i] = reinterpret_cast<const uint32_t*>(w.data_ptr<bf>());
+    if (const auto b = biases.get(i); b.has_value()) {
+      bias_f[i] = b->to(at::kFloat).contiguous();
+      bias[i] = bias_f[i].data_ptr<float>();
+    }
+  }
+  const int64_t NBLK = k_caches[0].size(1), bs = k_caches[0].size(2), NBT = block_tables.size(1), ctx = NBT * bs;
+  TORCH_CHECK(allowed.size(2) == ctx && slot_mapping.numel() == T, "quiver_cpu::decode_layers: attention metadata");
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(k_caches[l].is_contiguous() && v_caches[l].is_contiguous() && k_caches[l].scalar_type() == at::kBFloat16 &&
+                v_caches[l].scalar_type() == at::kBFloat16 && k_caches[l].sizes() == at::IntArrayRef({nkv, NBLK, bs, d}) &&
+                v_caches[l].sizes() == k_caches[l].sizes(), "quiver_cpu::decode_layers: bfloat16 caches [KV, NBLK, bs, D]");
+  const at::Tensor tables = block_tables.to(at::kLong).contiguous(), mask = allowed.contiguous();
+  const at::Tensor slot_map = slot_mapping.to(at::kLong).contiguous();
+  const int64_t* slot_of_token = slot_map.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slot_of_token[t] >= 0 && slot_of_token[t] < NBLK * bs, "quiver_cpu::decode_layers: slot out of range");
+  const at::Tensor cs = cos.to(at::kBFloat16).contiguous(), sn = sin.to(at::kBFloat16).contiguous();
+  const int64_t R = cs.size(1);
+  // LoRA: slot buffers a [S, SR, K], b [S, SR, n] per projection, each row's slot (or -1)
+  std::vector<std::vector<int64_t>> offsets(4);
+  int64_t SR[4] = {0, 0, 0, 0}, u_size = 0;
+  at::Tensor row_slots;
+  const int64_t* slot_of = nullptr;
+  if (lora) {
+    for (int64_t g = 0, at = 0; g < 4; at += lora_slices[g] + 1, ++g) {
+      offsets[g].assign(lora_offsets.begin() + at, lora_offsets.begin() + at + lora_slices[g] + 1);
+      SR[g] = lora_a[g].size(1);
+      u_size = std::max(u_size, T * SR[g]);
+    }
+    for (int64_t i = 0; i < 4 * L; ++i)
+      TORCH_CHECK(lora_a[i].is_contiguous() && lora_b[i].is_contiguous() && lora_a[i].scalar_type() == at::kBFloat16 &&
+                  lora_b[i].scalar_type() == at::kBFloat16 && lora_a[i].size(1) == SR[i % 4] &&
+                  lora_a[i].size(2) == K[i % 4] && lora_b[i].size(1) == SR[i % 4] && lora_b[i].size(2) == widths[i % 4] &&
+                  lora_b[i].size(0) == lora_a[i].size(0), "quiver_cpu::decode_layers: LoRA slot buffers");
+    TORCH_CHECK(token_slots.has_value() && token_slots->numel() == T, "quiver_cpu::decode_layers: token_slots [T]");
+    row_slots = token_slots->to(at::kLong).contiguous();
+    slot_of = row_slots.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t)
+      TORCH_CHECK(slot_of[t] < lora_a[0].size(0), "quiver_cpu::decode_layers: LoRA slot out of range");
+  }
+
+  const int64_t threads = at::get_num_threads();
+  at::Tensor out = x.contiguous().clone();  // the residual stream, added into in place
+  bf* X = out.data_ptr<bf>();
+  // each thread's own input rows (the norm's, the activation's), zero-padded to the weights' 2 * KP columns
+  const int64_t in_row = 2 * KP[0], act_row_len = 2 * KP[3];
+  at::Tensor own_in = at::zeros({threads, T, in_row}, x.options()), own_act = at::zeros({threads, T, act_row_len}, x.options());
+  at::Tensor att_in = at::zeros({T, 2 * KP[1]}, x.options());
+  at::Tensor qkv = at::empty({T, widths[0]}, x.options()), gate_up = at::empty({T, widths[2]}, x.options());
+  at::Tensor proj_out = at::empty({T, H}, x.options()), q_rot = at::empty({T, nh, d}, x.options());
+  std::vector<float> parts(2 * threads * T * kBlock), sums(threads * T * kBlock), u(u_size),
+      scores(threads * 4 * ctx);
+  std::vector<Ready> ready(threads);
+  SpinBarrier barrier;
+  const float eps_f = static_cast<float>(eps), off_f = static_cast<float>(norm_offset);
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#pragma omp single
+    barrier.reset(static_cast<int>(nt));
+    int sense = 0;
+    int64_t epoch = 0;
+    bf* in = own_in.data_ptr<bf>() + t * T * in_row;
+    bf* act_in = own_act.data_ptr<bf>() + t * T * act_row_len;
+    auto range = [&](int64_t n) { return std::pair<int64_t, int64_t>{n * t / nt, n * (t + 1) / nt}; };
+
+    // y = x W_i^T (+ bias) [+ B_s A_s x], then after(col, cols, m, rows) on each block written; x: rows of
+    // 2 * KP[g] values. Ends at the barrier: y whole for every thread.
+    auto project = [&](int64_t i, const bf* xin, bf* y, auto&& after) {
+      const int64_t g = i % 4, n = widths[g], shares = shares_for(NB[g], KP[g], nt);
+      ++epoch;
+      const bf* A = lora ? lora_a[i].data_ptr<bf>() : nullptr;
+      const bf* Bm = lora ? lora_b[i].data_ptr<bf>() : nullptr;
+      if (lora) {  // u[m, j] = A_s[j] . x[m]: shared out, then every thread's blocks expand from it
+        const auto [j0, j1] = range(T * SR[g]);
+        for (int64_t j = j0; j < j1; ++j)
+          if (const int64_t s = slot_of[j / SR[g]]; s >= 0)
+            u[j] = dot_bf16(xin + (j / SR[g]) * 2 * KP[g], A + (s * SR[g] + j % SR[g]) * K[g], K[g]);
+        barrier.wait(sense);
+      }
+      uint16_t* Y = reinterpret_cast<uint16_t*>(y);
+      auto write = [&](int64_t b, int64_t m, int rows, const float* acc) {
+        write_block(Y, n, bias[i], b, m, rows, acc);
+        const int64_t col = b * kBlock, cols = std::min(kBlock, n - col);
+        for (int64_t r = m; lora && r < m + rows; ++r) {
+          const int64_t s = slot_of[r];
+          if (s < 0) continue;
+          const std::vector<int64_t>& off = offsets[g];
+          for (size_t k = 0; k + 1 < off.size(); ++k) {  // the slices these columns fall in
+            const int64_t lo = std::max(col, off[k]), hi = std::min(col + cols, off[k + 1]);
+            const bf* Bs = Bm + (s * SR[g] + k * lora_rank) * n;
+            if (lo < hi) expand_bf16(&u[r * SR[g] + k * lora_rank], lora_rank, Bs + lo, n, y + r * n + lo, hi - lo);
+            // the next block's columns of B, requested now: B's rows lie n columns apart, too far for the
+            // hardware's prefetcher, and the next block's projection takes longer than their way from memory
+            const int64_t next_lo = std::max(col + kBlock, off[k]), next_hi = std::min(col + 2 * kBlock, off[k + 1]);
+            for (int64_t j = 0; next_lo < next_hi && j < lora_rank; ++j) {
+              __builtin_prefetch(Bs + j * n + next_lo);
+              __builtin_prefetch(Bs + j * n + next_hi - 1);
+            }
+          }
+        }
+        after(col, cols, m, rows);
+      };
+      if (t < shares) {
+        const Stream s{reinterpret_cast<const uint32_t*>(xin), W[i], T, KP[g], NB[g], shares, parts.data()};
+        sum_share(s, t, write);
+        ready[t].epoch.store(epoch, std::memory_order_release);
+        finish_split(s, t, sums.data() + t * T * kBlock, [&](int64_t v) {
+          while (ready[v].epoch.load(std::memory_order_acquire) != epoch) _mm_pause();
+        }, write);
+      }
+      barrier.wait(sense);
+    };
+    auto no_after = [](int64_t, int64_t, int64_t, int) {};
+    auto add_to_x = [&](bf* y) {
+      return [&, y](int64_t col, int64_t cols, int64_t m, int rows) {
+        for (int64_t r = m; r < m + rows; ++r) add_row(X + r * H + col, y + r * H + col, cols);
+      };
+    };
+    bf* QKV = qkv.data_ptr<bf>();
+    bf* GU = gate_up.data_ptr<bf>();
+    bf* PO = proj_out.data_ptr<bf>();
+    bf* QR = q_rot.data_ptr<bf>();
+    bf* ATT = att_in.data_ptr<bf>();
+    const bf* C = cs.data_ptr<bf>();
+    const bf* S = sn.data_ptr<bf>();
+    float* my_scores = scores.data() + t * 4 * ctx;
+
+    for (int64_t l = 0; l < L; ++l) {
+      bf* kc = k_caches[l].data_ptr<bf>();
+      bf* vc = v_caches[l].data_ptr<bf>();
+      const PagedAttention<bf> att{QR, kc, vc, tables.data_ptr<int64_t>(), mask.data_ptr<bool>(), ATT, 2 * KP[1],
+                                   Q, nh, d, nkv, NBLK, bs, NBT, static_cast<float>(scale), 0.f};
+      const auto [a0, a1] = range(att.tasks(B));
+      prefetch_tasks(att, a0, a1);
+      for (int64_t r = 0; r < T; ++r)
+        norm_row(X + r * H, norms[2 * l].data_ptr<bf>(), in + r * in_row, H, eps_f, off_f, fp32_product);
+      project(4 * l, in, QKV, no_after);
+      // rope on q and k (k straight into the cache), v copied there: one head of one token a task
+      const auto [h0, h1] = range(T * (nh + 2 * nkv));
+      for (int64_t task = h0; task < h1; ++task) {
+        const int64_t tok = task / (nh + 2 * nkv), h = task % (nh + 2 * nkv), slot = slot_of_token[tok];
+        const bf* src = QKV + tok * widths[0] + h * d;
+        if (h < nh)
+          rope_row(src, C + tok * R, S + tok * R, QR + (tok * nh + h) * d, d, R);
+        else if (h < nh + nkv)
+          rope_row(src, C + tok * R, S + tok * R, kc + ((h - nh) * NBLK * bs + slot) * d, d, R);
+        else
+          std::memcpy(vc + ((h - nh - nkv) * NBLK * bs + slot) * d, src, d * sizeof(bf));
+      }
+      barrier.wait(sense);
+      for (int64_t task = a0; task < a1; ++task) att.run(task, my_scores);
+      barrier.wait(sense);
+      project(4 * l + 1, ATT, PO, add_to_x(PO));
+      for (int64_t r = 0; r < T; ++r)
+        norm_row(X + r * H, norms[2 * l + 1].data_ptr<bf>(), in + r * in_row, H, eps_f, off_f, fp32_product);
+      project(4 * l + 2, in, GU, no_after);
+      const int64_t I = widths[2] / 2;
+      for (int64_t r = 0; r < T; ++r) act_row(GU + r * 2 * I, GU + r * 2 * I + I, act_in + r * act_row_len, I, act);
+      project(4 * l + 3, act_in, PO, add_to_x(PO));
+    }
+  }
+  return out;
+#else
+  TORCH_CHECK(false, "quiver_cpu::decode_layers: built without AVX512-BF16");
+#endif
 }
 
 // quiver_cpu::greedy(logits [N, V] float32) -> (tokens [N] int64, finite [N] bool):

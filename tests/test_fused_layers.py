@@ -36,17 +36,25 @@ def counted(model) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("spec", [None, NGRAM])
-def test_fused_steps_equal_op_by_op_steps_bit_for_bit(tiny_lora_set, plain_tokenizer, spec):
-    base_dir, _, loras = tiny_lora_set
+@pytest.fixture
+def torch_threads():
+    """The test may change torch's thread count (an engine's num_threads sets it): restored after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_fused_equals_op_by_op(base_dir, tokenizer, loras: dict, spec, threads) -> None:
+    """Five staggered requests, base and LoRA rows of two adapters, with and without the fused call: the same
+    tokens and the same logits bit for bit, most decode steps fused."""
     arrivals = [(at, repetitive(at + i, 9 + 3 * i), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
                 for at, i in ((0, 0), (0, 1), (3, 2), (5, 3), (5, 4))]
-    adapters = {"r0": None, "r1": "lora", "r2": "rs", "r3": None, "r4": "lora"}
+    adapters = {"r0": None, "r1": "a", "r2": "b", "r3": None, "r4": "a"}
     runs = []
     for fused in (False, True):
-        engine = engine_on(base_dir, plain_tokenizer, speculative_config=spec)
-        engine.load_adapter("lora", str(loras["rslora_all7"]))
-        engine.load_adapter("rs", str(loras["rank_pattern"]))
+        engine = engine_on(base_dir, tokenizer, speculative_config=spec, num_threads=threads)
+        for name, path in loras.items():
+            engine.load_adapter(name, str(path))
         model = engine.runner.model
         assert model.fused is not None
         if not fused:
@@ -63,6 +71,34 @@ def test_fused_steps_equal_op_by_op_steps_bit_for_bit(tiny_lora_set, plain_token
     assert len(seen) == len(plain_seen)
     for a, b in zip(plain_seen, seen):
         assert a.keys() == b.keys() and all(torch.equal(a[r], b[r]) for r in a)
+
+
+@pytest.fixture
+def torch_threads():
+    """An engine's num_threads sets torch's thread count: restored after the test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("spec, threads", [(None, None), (NGRAM, None), (None, 1), (NGRAM, 3)])
+def test_fused_steps_equal_op_by_op_steps_bit_for_bit(tiny_lora_set, plain_tokenizer, torch_threads, spec, threads):
+    base_dir, _, loras = tiny_lora_set
+    assert_fused_equals_op_by_op(base_dir, plain_tokenizer, {"a": loras["rslora_all7"], "b": loras["rank_pattern"]},
+                                 spec, threads)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_fused_steps_of_a_wider_model_whose_blocks_the_threads_split(tmp_path, plain_tokenizer, torch_threads,
+                                                                      threads):
+    """Projections wide enough for 2 or 3 threads' equal shares to split blocks between them (the tiny model's
+    fit in one share), finished by the thread each block ends in: the same bits as quiver_cpu::linear's."""
+    from quiver.bench.adapters import make_adapters
+
+    hf = make_tiny_model(tmp_path / "base", "llama_gqa", vocab_size=512, hidden_size=256, intermediate_size=544,
+                         num_attention_heads=4, num_key_value_heads=2)
+    a, b = make_adapters(hf, tmp_path, 2, (8, 16))
+    assert_fused_equals_op_by_op(tmp_path / "base", plain_tokenizer, {"a": a, "b": b}, NGRAM, threads)
 
 
 def test_layouts_and_steps_it_leaves_alone(tiny_models, tmp_path):

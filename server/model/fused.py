@@ -2,8 +2,9 @@
 
 At batch 1 a bfloat16 step of SmolLM2 streams 269 MB of weights in about 8 ms; the dozen small ops a layer
 adds around its four projections cost Python and dispatcher time of their own, a few microseconds each, 30
-layers over. Where the model and the step allow, the same kernels run from one C++ loop instead, in the
-eager path's order (its result bit for bit), LoRA rows included.
+layers over, and each projection a fork and a join of torch's threads. Where the model and the step allow, the
+same maths runs in one C++ call instead, its threads together from the first layer to the last (meeting at a
+barrier after each phase), the eager path's result bit for bit, LoRA rows included.
 
 The model must be a plain pre-norm decoder (Llama's layout: no q/k norms, sandwich norms, sliding windows,
 soft-caps, residual scaling, rope-free or local-rope layers) in bfloat16 with every projection readable by
