@@ -13,7 +13,9 @@ Floor: the bytes one decode step must read (every projection, norm and the LM he
 the LoRA's A and B; the embedding table only one row per token, so not counted) / the read bandwidth measured in
 the same run (the best of --bandwidth-repeats reads of --bandwidth-mb: torch's sum of a float32 tensor and, on a
 CPU with Quiver's kernels, a one-row bfloat16 projection streaming a weight that size, with the engine's threads;
-the faster one). TPOT / floor is how far a step is from streaming its weights at that speed.
+the faster one). TPOT / floor is how far a step is from streaming its weights at that speed. The bandwidth drifts
+between minutes on a shared machine, so a short probe (--turn-probe-repeats reads) also runs before every turn of
+either engine, and tpot_vs_floor_by_turn is the median of each turn's TPOT over the floor at that probe.
 
     quiver bench lowload [--model DIR|SHAPE (e.g. llama-1b)] [--batches 1 2 4 8] [--new-tokens 128]
                          [--repeats 2] [--rank 16] [--threads N] [--dtype auto|float32|bfloat16]
@@ -98,18 +100,22 @@ def tpots_ms(engine, prompts: list[list[int]], new_tokens: int, adapter: str | N
     return [(last[r][0] - first[r][0]) / (last[r][1] - first[r][1]) * 1000 for r in ids]
 
 
-def row(variant: str, batch: int, tpots: list[float], nbytes: int, bandwidth: float) -> dict:
+def row(variant: str, batch: int, tpots: list[float], nbytes: int, bandwidth: float,
+        turns: list[tuple[float, float]]) -> dict:
+    """turns: (the turn's median TPOT, the read bandwidth probed just before it) for each turn."""
     tpot = statistics.median(tpots)
     floor = nbytes / (bandwidth * 1e9) * 1000
+    by_turn = [t / (nbytes / (bw * 1e9) * 1000) for t, bw in turns]
     return {"variant": variant, "batch": batch, "tpot_ms": tpot, "tpot_ms_all": tpots, "tokens_per_s": batch * 1000 / tpot,
             "step_bytes": nbytes, "floor_ms": floor, "tpot_vs_floor": tpot / floor,
+            "turn_gb_per_s": [bw for _, bw in turns], "tpot_vs_floor_by_turn": statistics.median(by_turn),
             "achieved_gb_per_s": nbytes / tpot / 1e6}
 
 
 def print_row(r: dict) -> None:
     print(f"{r['variant']:16s} batch {r['batch']:2d}: {r['tpot_ms']:7.2f} ms/token ({r['tokens_per_s']:7.1f} tok/s)   "
-          f"floor {r['floor_ms']:6.2f} ms   {r['tpot_vs_floor']:5.2f}x floor   "
-          f"weights read at {r['achieved_gb_per_s']:5.1f} GB/s", flush=True)
+          f"floor {r['floor_ms']:6.2f} ms   {r['tpot_vs_floor']:5.2f}x floor ({r['tpot_vs_floor_by_turn']:.2f}x by "
+          f"turn)   weights read at {r['achieved_gb_per_s']:5.1f} GB/s", flush=True)
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -122,6 +128,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (and llama-server's -t; default: all cores)")
     ap.add_argument("--bandwidth-mb", type=int, default=512, help="size of the tensor the read bandwidth is measured on")
     ap.add_argument("--bandwidth-repeats", type=int, default=10)
+    ap.add_argument("--turn-probe-repeats", type=int, default=3, help="reads of the probe before every turn")
     ap.add_argument("--llama-server", type=Path, default=None, help="a llama-server binary: its batch-1 TPOT too")
     ap.add_argument("--gguf", type=Path, default=None, help="the same base model as GGUF, for --llama-server")
     ap.add_argument("--gguf-lora", type=Path, default=None, help="a LoRA as GGUF, for --llama-server (optional)")
@@ -182,25 +189,36 @@ def main(argv: list[str] | None = None) -> dict:
 
             peer = stack.enter_context(LlamaServer(args.llama_server, args.gguf, args.gguf_lora, threads))
         rows, peer_samples = [], {variant: [] for variant in variants}
+        peer_turns: dict[str, list[tuple[float, float]]] = {variant: [] for variant in variants}
+
+        def probe() -> float:
+            return read_bandwidth(args.bandwidth_mb, args.turn_probe_repeats, engine.device)["floor_gb_per_s"]
+
         for b in args.batches:
             samples: dict[str, list[float]] = {variant: [] for variant in variants}
+            turns: dict[str, list[tuple[float, float]]] = {variant: [] for variant in variants}
             for rep in range(args.repeats):  # base and LoRA alternate, at batch 1 each beside llama.cpp's
                 for i, (variant, (adapter, _)) in enumerate(variants.items()):
                     prompts = random_prompts(b, args.prompt_tokens, mc.vocab_size, seed=1 + 1000 * rep + 10 * b + i)
-                    samples[variant] += tpots_ms(engine, prompts, args.new_tokens, adapter)
+                    bw_now = probe()
+                    mine = tpots_ms(engine, prompts, args.new_tokens, adapter)
+                    samples[variant] += mine
+                    turns[variant].append((statistics.median(mine), bw_now))
                     if peer is not None and b == 1 and (adapter is None or args.gguf_lora is not None):
                         time.sleep(PAUSE_S)
+                        bw_now = probe()
                         peer_samples[variant].append(peer.tpot_ms(prompts, args.new_tokens, lora=adapter is not None))
+                        peer_turns[variant].append((peer_samples[variant][-1]["tpot_ms"], bw_now))
                         time.sleep(PAUSE_S)
             for variant, (_, nbytes) in variants.items():
-                rows.append(row(variant, b, samples[variant], nbytes, read))
+                rows.append(row(variant, b, samples[variant], nbytes, read, turns[variant]))
                 print_row(rows[-1])
     result = {"benchmark": "lowload", "model": engine.model_name, "device": args.device,
               "dtype": dtype_name(engine.dtype), "threads": threads, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "repeats": args.repeats, "rank": args.rank, "targets": ALL7,
               "engine_weight_bytes": engine.weight_bytes(), "bandwidth": bw, "machine": machine(), "rows": rows}
     if peer is not None:
-        result["llama_server"] = llama_rows(rows, peer_samples, variants, read)
+        result["llama_server"] = llama_rows(rows, peer_samples, peer_turns, variants, read)
     path = write_json("lowload", result, args.out)
     print(f"wrote {path}")
     return result
@@ -209,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
 PAUSE_S = 0.5  # between Quiver's and llama.cpp's turns: neither one's threads still spinning in the other's
 
 
-def llama_rows(rows: list[dict], peer_samples: dict, variants: dict, read: float) -> list[dict]:
+def llama_rows(rows: list[dict], peer_samples: dict, peer_turns: dict, variants: dict, read: float) -> list[dict]:
     """llama-server's batch-1 rows from the turns it took beside the engine's (same prompts, alternated), with
     the median of the turn-by-turn ratio engine / llama.cpp: the machine's drift between turns cancels. The
     floor is the engine dtype's, so compare it with a GGUF of the same type."""
@@ -218,7 +236,8 @@ def llama_rows(rows: list[dict], peer_samples: dict, variants: dict, read: float
         mine = peer_samples[variant]
         if not mine:
             continue
-        out.append(row(f"llama.cpp {variant}", 1, [t for r in mine for t in r["tpot_ms_all"]], nbytes, read))
+        out.append(row(f"llama.cpp {variant}", 1, [t for r in mine for t in r["tpot_ms_all"]], nbytes, read,
+                       peer_turns[variant]))
         out[-1]["server_predicted_per_token_ms"] = [r["server_predicted_per_token_ms"] for r in mine]
         ours = next(r for r in rows if r["variant"] == variant and r["batch"] == 1)["tpot_ms_all"]
         out[-1]["quiver_over_llama_by_turn"] = ratios = [q / r["tpot_ms"] for q, r in zip(ours, mine)]

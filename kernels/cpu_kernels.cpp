@@ -825,7 +825,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
   at::Tensor att_in = at::zeros({T, 2 * KP[1]}, x.options());
   at::Tensor qkv = at::empty({T, widths[0]}, x.options()), gate_up = at::empty({T, widths[2]}, x.options());
   at::Tensor proj_out = at::empty({T, H}, x.options()), q_rot = at::empty({T, nh, d}, x.options());
-  std::vector<float> parts(2 * threads * T * kBlock), sums(threads * T * kBlock), u(u_size),
+  std::vector<float> parts(2 * threads * T * kBlock), sums(threads * T * kBlock), lora_u(threads * u_size),
       scores(threads * 4 * ctx);
   std::vector<Ready> ready(threads);
   SpinBarrier barrier;
@@ -839,6 +839,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     int sense = 0;
     int64_t epoch = 0;
     bf* in = own_in.data_ptr<bf>() + t * T * in_row;
+    float* u = lora_u.data() + t * u_size;
     bf* act_in = own_act.data_ptr<bf>() + t * T * act_row_len;
     auto range = [&](int64_t n) { return std::pair<int64_t, int64_t>{n * t / nt, n * (t + 1) / nt}; };
 
@@ -849,13 +850,10 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
       ++epoch;
       const bf* A = lora ? lora_a[i].data_ptr<bf>() : nullptr;
       const bf* Bm = lora ? lora_b[i].data_ptr<bf>() : nullptr;
-      if (lora) {  // u[m, j] = A_s[j] . x[m]: shared out, then every thread's blocks expand from it
-        const auto [j0, j1] = range(T * SR[g]);
-        for (int64_t j = j0; j < j1; ++j)
+      if (lora && t < shares)  // u[m, j] = A_s[j] . x[m], each thread its own (no wait for the others')
+        for (int64_t j = 0; j < T * SR[g]; ++j)
           if (const int64_t s = slot_of[j / SR[g]]; s >= 0)
             u[j] = dot_bf16(xin + (j / SR[g]) * 2 * KP[g], A + (s * SR[g] + j % SR[g]) * K[g], K[g]);
-        barrier.wait(sense);
-      }
       uint16_t* Y = reinterpret_cast<uint16_t*>(y);
       auto write = [&](int64_t b, int64_t m, int rows, const float* acc) {
         write_block(Y, n, bias[i], b, m, rows, acc);

@@ -3,6 +3,7 @@ llama-server path is driven against a stand-in server that checks the command li
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import textwrap
 
@@ -100,12 +101,17 @@ def test_lowload_bench_smoke_with_a_stand_in_llama_server(tmp_path, monkeypatch)
     bw = data["bandwidth"]
     assert bw["floor_gb_per_s"] == max(bw["read_gb_per_s"], bw["projection_read_gb_per_s"] or 0) > 0
     assert data["threads"] == 1
-    for r in data["rows"]:  # the floor is the step's bytes at the fastest read
+    for r in data["rows"]:  # the floor is the step's bytes at the fastest read; by turn, at the probe before it
         assert r["floor_ms"] == pytest.approx(r["step_bytes"] / bw["floor_gb_per_s"] / 1e6)
+        assert len(r["turn_gb_per_s"]) == 1 and r["turn_gb_per_s"][0] > 0
+        turn_floor = r["step_bytes"] / r["turn_gb_per_s"][0] / 1e6
+        assert r["tpot_vs_floor_by_turn"] == pytest.approx(statistics.median(r["tpot_ms_all"]) / turn_floor)
     peer = data["llama_server"]
     assert [r["variant"] for r in peer] == ["llama.cpp base", "llama.cpp lora r4"] and all(r["tpot_ms"] > 0 for r in peer)
     for mine, theirs in zip(data["rows"][:2], peer):  # one turn each (--repeats 1), their ratio beside them
         assert theirs["quiver_over_llama_by_turn"] == pytest.approx([mine["tpot_ms"] / theirs["tpot_ms"]])
+        assert theirs["tpot_vs_floor_by_turn"] == pytest.approx(
+            theirs["tpot_ms"] / (theirs["step_bytes"] / theirs["turn_gb_per_s"][0] / 1e6))
     assert peer[1]["quiver_over_llama_base_by_turn"] == pytest.approx([data["rows"][1]["tpot_ms"] / peer[0]["tpot_ms"]])
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     argv = lines[0]["argv"]
