@@ -729,8 +729,10 @@ void prefetch_tasks(const PagedAttention<T>& att, int64_t t0, int64_t t1) {
 //   x [T, hidden]; norms [2L] (attention-in, MLP-in per layer); weights [4L] blocked (qkv, o, gate_up, down per
 //   layer) with widths [4] and biases [4L] (None where a projection has none); cos, sin [T, R] (one rope for
 //   every layer); k_caches, v_caches [L]; slot_mapping [T]; block_tables [B, NB], allowed [B, Q, NB * bs]
-//   with B * Q = T; lora_a, lora_b [4L] slot buffers (empty: no LoRA) with lora_slices [4] slices per group,
-//   lora_offsets the groups' column bounds one after another, token_slots [T]. Returns x after the last layer.
+//   with B * Q = T; lora_a [4L] slot buffers [S, SR, K] (empty: no LoRA) and lora_b the same in 64-column blocks
+//   [S, NB, SR, 64] (B[s, j, c] = lora_b[s, c / 64, j, c % 64], block-diagonal: slice k's columns from rows
+//   k * rank..), lora_slices [4] slices per group, lora_offsets the groups' column bounds one after another,
+//   token_slots [T]. Returns x after the last layer.
 // One parallel region for the whole stack: torch's threads stay in it from the first layer to the last and
 // meet at a spinning barrier after each phase (a projection, rope and the KV write, attention), where op by op
 // each projection was a fork and a join and the small ops between ran on one thread while the others waited.
@@ -807,8 +809,9 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     for (int64_t i = 0; i < 4 * L; ++i)
       TORCH_CHECK(lora_a[i].is_contiguous() && lora_b[i].is_contiguous() && lora_a[i].scalar_type() == at::kBFloat16 &&
                   lora_b[i].scalar_type() == at::kBFloat16 && lora_a[i].size(1) == SR[i % 4] &&
-                  lora_a[i].size(2) == K[i % 4] && lora_b[i].size(1) == SR[i % 4] && lora_b[i].size(2) == widths[i % 4] &&
-                  lora_b[i].size(0) == lora_a[i].size(0), "quiver_cpu::decode_layers: LoRA slot buffers");
+                  lora_a[i].size(2) == K[i % 4] && lora_b[i].dim() == 4 && lora_b[i].size(1) == NB[i % 4] &&
+                  lora_b[i].size(2) == SR[i % 4] && lora_b[i].size(3) == kBlock && lora_b[i].size(0) == lora_a[i].size(0),
+                  "quiver_cpu::decode_layers: LoRA slot buffers");
     TORCH_CHECK(token_slots.has_value() && token_slots->numel() == T, "quiver_cpu::decode_layers: token_slots [T]");
     row_slots = token_slots->to(at::kLong).contiguous();
     slot_of = row_slots.data_ptr<int64_t>();
@@ -864,15 +867,12 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
           const std::vector<int64_t>& off = offsets[g];
           for (size_t k = 0; k + 1 < off.size(); ++k) {  // the slices these columns fall in
             const int64_t lo = std::max(col, off[k]), hi = std::min(col + cols, off[k + 1]);
-            const bf* Bs = Bm + (s * SR[g] + k * lora_rank) * n;
-            if (lo < hi) expand_bf16(&u[r * SR[g] + k * lora_rank], lora_rank, Bs + lo, n, y + r * n + lo, hi - lo);
-            // the next block's columns of B, requested now: B's rows lie n columns apart, too far for the
-            // hardware's prefetcher, and the next block's projection takes longer than their way from memory
-            const int64_t next_lo = std::max(col + kBlock, off[k]), next_hi = std::min(col + 2 * kBlock, off[k + 1]);
-            for (int64_t j = 0; next_lo < next_hi && j < lora_rank; ++j) {
-              __builtin_prefetch(Bs + j * n + next_lo);
-              __builtin_prefetch(Bs + j * n + next_hi - 1);
-            }
+            const bf* Bs = Bm + ((s * NB[g] + b) * SR[g] + k * lora_rank) * kBlock;  // the block's rows of slice k
+            if (lo < hi) expand_bf16(&u[r * SR[g] + k * lora_rank], lora_rank, Bs + lo - col, kBlock, y + r * n + lo, hi - lo);
+            // the next block's rows of B, requested now (the next block's projection takes longer than their
+            // way from memory)
+            if (std::max(col + kBlock, off[k]) < std::min(col + 2 * kBlock, off[k + 1]))
+              for (int64_t j = 0; j < lora_rank * kBlock; j += 32) __builtin_prefetch(Bs + SR[g] * kBlock + j);
           }
         }
         after(col, cols, m, rows);

@@ -37,6 +37,10 @@ class LoraBuffers:
     rank: int
     # TorchOps: (a[slot].T, b[slot]) made once, for steps whose tokens all use one adapter
     slot_views: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # TorchOps in bfloat16 where the C++ kernels serve: b again as [L, ceil(out / 64), S*R, 64], each 64 output
+    # columns' rows side by side: the one-call decode loop (server.model.fused) expands a block from one
+    # contiguous run, where b's rows lie a whole output row apart
+    b_blocks: torch.Tensor | None = None
 
 
 class Ops(Protocol):
@@ -93,11 +97,17 @@ def _write_slot(buf: LoraBuffers, slot: int, slice_index: int, a, b_t, b_row: in
     lo, hi = buf.offsets[slice_index], buf.offsets[slice_index + 1]
     buf.a[slot, slice_index * rank:slice_index * rank + r].copy_(a, non_blocking=True)
     buf.b[slot, b_row:b_row + r, lo:hi].copy_(b_t, non_blocking=True)
+    if buf.b_blocks is not None:  # the slice's rows hold nothing outside lo..hi (B is block-diagonal)
+        blocks = buf.b_blocks.shape[1]
+        wide = buf.b.new_zeros(r, blocks * cpu_kernels.BLOCK)
+        wide[:, lo:hi] = b_t
+        buf.b_blocks[slot, :, b_row:b_row + r].copy_(wide.view(r, blocks, cpu_kernels.BLOCK).transpose(0, 1))
 
 
 def _clear_slot(buf: LoraBuffers, slot: int) -> None:
-    buf.a[slot].zero_()
-    buf.b[slot].zero_()
+    for t in (buf.a, buf.b, buf.b_blocks):
+        if t is not None:
+            t[slot].zero_()
 
 
 def _buffers(num_slots: int, rank: int, in_features: int, slice_outs: list[int], b_rows: int, dtype,
@@ -140,6 +150,9 @@ class TorchOps:
                      device) -> LoraBuffers:
         buf = _buffers(num_slots, rank, in_features, slice_outs, len(slice_outs) * rank, dtype, device)
         buf.slot_views = [(buf.a[s].T, buf.b[s]) for s in range(num_slots)]
+        if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and cpu_kernels.fast():
+            out, rows = buf.b.shape[2], buf.b.shape[1]
+            buf.b_blocks = torch.zeros(num_slots, -(-out // cpu_kernels.BLOCK), rows, cpu_kernels.BLOCK, dtype=dtype)
         return buf
 
     @staticmethod

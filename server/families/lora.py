@@ -148,7 +148,7 @@ class LoraFamily:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for g in layer.values()
-                   for t in (g.weights.a, g.weights.b, g.dora_m1))
+                   for t in (g.weights.a, g.weights.b, g.weights.b_blocks, g.dora_m1) if t is not None)
 
     def clear_slot(self, slot: int) -> None:
         for layer in self.layers:
@@ -196,13 +196,14 @@ class LoraStep:
     def fused_lora(self) -> tuple | None:
         """What a one-call decode loop (server.model.fused) needs to add this step's LoRA itself: every layer's
         and group's slot buffers a and b, each group's slice count and column bounds (one after another), the
-        rank and each token's slot; None with DoRA rows, or when the op backend gives no per-token slots."""
+        rank and each token's slot; None with DoRA rows, or when the op backend gives no per-token slots or
+        blocked B (LoraBuffers.b_blocks)."""
         token_slots = getattr(self.meta, "token_slots", None)
-        if self.dora_index is not None or token_slots is None:
-            return None
         buffers = [g.weights for layer in self.layers for g in layer.values()]
+        if self.dora_index is not None or token_slots is None or buffers[0].b_blocks is None:
+            return None
         per_layer = len(self.layers[0])
-        return ([w.a for w in buffers], [w.b for w in buffers], [len(w.offsets) - 1 for w in buffers[:per_layer]],
+        return ([w.a for w in buffers], [w.b_blocks for w in buffers], [len(w.offsets) - 1 for w in buffers[:per_layer]],
                 [o for w in buffers[:per_layer] for o in w.offsets], buffers[0].rank, token_slots)
 
     def linear(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias) -> torch.Tensor:
