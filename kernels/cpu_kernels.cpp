@@ -35,6 +35,8 @@
 
 namespace {
 
+int64_t g_pf = 0;
+void set_pf(int64_t v) { g_pf = v; }
 constexpr int64_t kBlock = 64;  // output rows per block
 constexpr int kMaxRows = 4;     // x rows per pass over a block (4 x 4 accumulators in registers)
 
@@ -89,7 +91,9 @@ void row_sums(const uint32_t* x, int64_t, const uint32_t* w, int64_t KP, float (
 #if defined(__AVX512BF16__)
   __m256 a[8];
   for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  const int64_t pf = g_pf;
   for (int64_t p = 0; p < KP; ++p, w += kBlock) {
+    if (pf) for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(w) + pf + 64 * c, _MM_HINT_NTA);
     const __m256bh xv = (__m256bh)_mm256_set1_epi32(static_cast<int>(x[p]));
     for (int j = 0; j < 8; ++j)
       a[j] = _mm256_dpbf16_ps(a[j], xv, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * j)));
@@ -732,7 +736,7 @@ void prefetch_tasks(const PagedAttention<T>& att, int64_t t0, int64_t t1) {
 //   with B * Q = T; lora_a [4L] slot buffers [S, SR, K] (empty: no LoRA) and lora_b the same in 64-column blocks
 //   [S, NB, SR, 64] (B[s, j, c] = lora_b[s, c / 64, j, c % 64], block-diagonal: slice k's columns from rows
 //   k * rank..), lora_slices [4] slices per group, lora_offsets the groups' column bounds one after another,
-//   token_slots [T]. Returns x after the last layer.
+//   token_slots [T]; final_norm [hidden]. Returns the final norm of x after the last layer.
 // One parallel region for the whole stack: torch's threads stay in it from the first layer to the last and
 // meet at a spinning barrier after each phase (a projection, rope and the KV write, attention), where op by op
 // each projection was a fork and a join and the small ops between ran on one thread while the others waited.
@@ -745,7 +749,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
                          at::TensorList lora_a, at::TensorList lora_b, at::IntArrayRef lora_slices,
                          at::IntArrayRef lora_offsets, int64_t lora_rank, const std::optional<at::Tensor>& token_slots,
                          double eps, double norm_offset, bool fp32_product, int64_t nh, int64_t nkv, int64_t d,
-                         int64_t act, double scale) {
+                         int64_t act, double scale, const at::Tensor& final_norm) {
 #if defined(__AVX512BF16__)
   using bf = at::BFloat16;
   const int64_t L = k_caches.size(), T = x.size(0), H = x.size(1), B = block_tables.size(0), Q = T / B;
@@ -769,6 +773,8 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
   for (const at::Tensor& w : norms)
     TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.numel() == H,
                 "quiver_cpu::decode_layers: bfloat16 norm weights [hidden]");
+  TORCH_CHECK(final_norm.is_contiguous() && final_norm.scalar_type() == at::kBFloat16 && final_norm.numel() == H,
+              "quiver_cpu::decode_layers: a bfloat16 final norm [hidden]");
   std::vector<const uint32_t*> W(4 * L);
   std::vector<at::Tensor> bias_f(4 * L);
   std::vector<const float*> bias(4 * L, nullptr);
@@ -820,7 +826,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
   }
 
   const int64_t threads = at::get_num_threads();
-  at::Tensor out = x.contiguous().clone();  // the residual stream, added into in place
+  at::Tensor out = x.contiguous().clone(), normed = at::empty_like(out);  // the residual stream, added into in place
   bf* X = out.data_ptr<bf>();
   // each thread's own input rows (the norm's, the activation's), zero-padded to the weights' 2 * KP columns
   const int64_t in_row = 2 * KP[0], act_row_len = 2 * KP[3];
@@ -935,8 +941,10 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
       for (int64_t r = 0; r < T; ++r) act_row(GU + r * 2 * I, GU + r * 2 * I + I, act_in + r * act_row_len, I, act);
       project(4 * l + 3, act_in, PO, add_to_x(PO));
     }
+    for (auto [r, r1] = range(T); r < r1; ++r)
+      norm_row(X + r * H, final_norm.data_ptr<bf>(), normed.data_ptr<bf>() + r * H, H, eps_f, off_f, fp32_product);
   }
-  return out;
+  return normed;
 #else
   TORCH_CHECK(false, "quiver_cpu::decode_layers: built without AVX512-BF16");
 #endif
@@ -1009,9 +1017,11 @@ TORCH_LIBRARY(quiver_cpu, m) {
   m.def("decode_layers(Tensor x, Tensor[] norms, Tensor[] weights, int[] widths, Tensor?[] biases, Tensor cos, "
         "Tensor sin, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor allowed, "
         "Tensor[] lora_a, Tensor[] lora_b, int[] lora_slices, int[] lora_offsets, int lora_rank, Tensor? token_slots, "
-        "float eps, float norm_offset, bool fp32_product, int nh, int nkv, int d, int act, float scale) -> Tensor");
+        "float eps, float norm_offset, bool fp32_product, int nh, int nkv, int d, int act, float scale, Tensor final_norm) "
+        "-> Tensor");
   m.def("greedy(Tensor logits) -> (Tensor, Tensor)");
   m.def("fast() -> bool", &fast);
+  m.def("set_pf(int v) -> ()", &set_pf);
 }
 
 TORCH_LIBRARY_IMPL(quiver_cpu, CPU, m) {

@@ -23,7 +23,7 @@ from quiver.kernels.cpu_kernels import rms_norm as cpu_rms_norm
 from quiver.kernels.cpu_kernels import rope as cpu_rope
 from quiver.kernels.grouping import ROW_TILE, attend_groups
 from quiver.kernels.torch_ops import FEW_QUERIES
-from quiver.kernels.torch_meta import TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
+from quiver.kernels.torch_meta import FewTokenMeta, TorchAdapterMeta, masked_attention_meta, torch_adapter_meta
 from quiver.kernels.triton_meta import PagedAttention, TritonLoraMeta, paged_attention_meta, triton_lora_meta
 
 
@@ -160,7 +160,9 @@ class TorchOps:
         _write_slot(buf, slot, slice_index, a, b_t, slice_index * buf.rank)  # slice s's rows at s*R..
 
     @staticmethod
-    def lora_meta(token_slots: torch.Tensor) -> TorchAdapterMeta | None:
+    def lora_meta(token_slots: torch.Tensor) -> TorchAdapterMeta | FewTokenMeta | None:
+        if token_slots.numel() <= FEW_ROWS and serves(token_slots):
+            return FewTokenMeta(token_slots)
         return torch_adapter_meta(token_slots)
 
     @staticmethod
@@ -177,7 +179,7 @@ class TorchOps:
             return
         torch_ops.lora_apply(x, y, buf.a, buf.b, meta, buf.offsets)
 
-    bottleneck_meta = lora_meta
+    bottleneck_meta = staticmethod(torch_adapter_meta)
     bottleneck_apply = staticmethod(torch_ops.bottleneck_apply)
 
 

@@ -81,6 +81,22 @@ def torch_adapter_meta(token_slots: torch.Tensor, padded: bool | None = None) ->
     return meta
 
 
+class FewTokenMeta:
+    """The LoRA metadata of a step of at most FEW_ROWS tokens where Quiver's C++ kernels serve: each token's
+    slot, all that their lora_add_ and the one-call decode loop read; the grouped form (torch_adapter_meta, a
+    dozen small ops) is built only if some op asks for one of its fields."""
+    UPLOAD = ("token_slots",)
+
+    def __init__(self, token_slots: torch.Tensor):
+        self.token_slots = token_slots.to(torch.long)
+
+    def __getattr__(self, name: str):  # a field this object lacks: the grouped form's, built once
+        if name.startswith("__") or "segments" in self.__dict__:
+            raise AttributeError(name)
+        self.__dict__.update(vars(torch_adapter_meta(self.token_slots)))
+        return getattr(self, name)
+
+
 def padded_rows(x: torch.Tensor, meta: TorchAdapterMeta) -> torch.Tensor:
     """x [T, d] -> [num_slots, max_len, d] in the padded form's row order (a view when possible)."""
     n, m, start = meta.num_slots, meta.max_len, meta.contiguous_from

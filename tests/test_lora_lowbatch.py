@@ -94,6 +94,46 @@ def test_a_rewritten_or_cleared_slot_serves_its_new_contents_at_once():
     assert not delta(1).any()  # a cleared slot adds nothing
 
 
+def test_bfloat16_slots_keep_b_in_64_column_blocks_too():
+    """LoraBuffers.b_blocks, what the one-call decode loop expands from: b itself, block by block, through
+    writes and clears."""
+    if not cpu_kernels.fast():
+        pytest.skip("kept only where the kernels serve bfloat16 (AVX512-BF16)")
+    buf, _ = slots_with(torch.bfloat16)
+    assert slots_with(torch.float32)[0].b_blocks is None
+
+    def unblocked():  # [S, NB, R, 64] -> [S, R, NB * 64], cut to b's width
+        s, nb, r, block = buf.b_blocks.shape
+        return buf.b_blocks.permute(0, 2, 1, 3).reshape(s, r, nb * block)[:, :, :buf.b.shape[2]]
+
+    assert buf.b.any() and torch.equal(unblocked(), buf.b)
+    TorchOps.lora_clear(buf, 1)
+    assert not buf.b_blocks[1].any() and torch.equal(unblocked(), buf.b)
+
+
+@pytest.mark.parametrize("token_slots", [[2], [-1, 0, 0], [1, -1, 2, 1]])
+def test_few_token_steps_carry_their_slots_and_group_on_demand(token_slots):
+    """Where the kernels serve, TorchOps.lora_meta gives a step of at most FEW_ROWS tokens only its slots
+    (FewTokenMeta); any grouped field asked for is torch_adapter_meta's, and the delta is the same bits."""
+    if not cpu_kernels.available():
+        pytest.skip("the C++ kernels are not built here")
+    slots = torch.tensor(token_slots)
+    meta, full = TorchOps.lora_meta(slots), torch_adapter_meta(slots)
+    assert isinstance(meta, torch_meta.FewTokenMeta) and "segments" not in vars(meta)
+    buf, _ = slots_with(torch.bfloat16)
+    x = torch.randn(len(token_slots), 24).to(torch.bfloat16)
+    y = torch.randn(len(token_slots), sum(SLICES)).to(torch.bfloat16)
+    got, want = y.clone(), y.clone()
+    TorchOps.lora_apply(x, got, buf, meta)
+    TorchOps.lora_apply(x, want, buf, full)
+    assert torch.equal(got, want) and "segments" not in vars(meta)  # the slots were enough
+    assert meta.segments == full.segments and meta.single_slot == full.single_slot
+    assert torch.equal(meta.seg_index, full.seg_index)
+    with pytest.raises(AttributeError):
+        meta.no_such_field
+    assert isinstance(TorchOps.lora_meta(torch.zeros(FEW_ROWS + 1, dtype=torch.long)), torch_meta.TorchAdapterMeta)
+
+
 def test_larger_steps_and_several_adapters_keep_the_general_forms():
     assert torch_adapter_meta(torch.tensor([-1] * FEW_ROWS + [0])).single_slot is None  # a prefill with base rows
     assert torch_adapter_meta(torch.tensor([0] * 40)).single_slot == 0  # every token one adapter: any size

@@ -71,6 +71,8 @@ class Step:
                  for seq, _ in self.rows]
         if max(slots) < 0:
             return None
+        if self.layout.num_tokens == len(slots):  # a token a row (decode)
+            return torch.tensor(slots)
         return torch.repeat_interleave(torch.tensor(slots), self.layout.lens)
 
 

@@ -63,6 +63,7 @@ class LoraFamily:
         self.order = 0
         self.adapters: dict[str, LoraAdapter] = {}  # the host-memory copies
         self.layers: list[dict[str, GroupSlots]] = []  # allocated with the first slot load
+        self.fused_buffers: tuple | None = None  # what LoraStep.fused_lora gives, but the tokens' slots
         self.dora_slots: set[int] = set()
         self.pin_budget, self.pinned = PINNED_PER_SLOT * max_loras, 0  # staged adapters in pinned memory
         self.pin_lock = threading.RLock()  # stage() runs on reader threads; a release may run in any GC
@@ -144,6 +145,12 @@ class LoraFamily:
                 dora = torch.zeros(self.num_slots + 1, sum(outs), dtype=model.dtype, device=model.device)
                 groups[g] = GroupSlots(weights, dora)
             self.layers.append(groups)
+        buffers = [g.weights for layer in self.layers for g in layer.values()]
+        per_layer = len(self.layers[0])
+        if buffers[0].b_blocks is not None:
+            self.fused_buffers = ([w.a for w in buffers], [w.b_blocks for w in buffers],
+                                  [len(w.offsets) - 1 for w in buffers[:per_layer]],
+                                  [o for w in buffers[:per_layer] for o in w.offsets], buffers[0].rank)
 
     @property
     def nbytes(self) -> int:
@@ -181,7 +188,7 @@ class LoraFamily:
         dora = None
         if self.dora_slots and any(s in self.dora_slots for s in token_slots.unique().tolist()):
             dora = torch.where(token_slots >= 0, token_slots, self.num_slots)  # the last, all-zero row for others
-        return LoraStep(self.layers, self.ops, self.ops.lora_meta(token_slots), dora)
+        return LoraStep(self.layers, self.ops, self.ops.lora_meta(token_slots), dora, self.fused_buffers)
 
 
 class LoraStep:
@@ -189,9 +196,11 @@ class LoraStep:
 
     UPLOAD = ("meta", "dora_index")
 
-    def __init__(self, layers: list[dict[str, GroupSlots]], ops: Ops, meta, dora_index: torch.Tensor | None):
+    def __init__(self, layers: list[dict[str, GroupSlots]], ops: Ops, meta, dora_index: torch.Tensor | None,
+                 fused_buffers: tuple | None = None):
         self.layers, self.ops, self.meta = layers, ops, meta
         self.dora_index = dora_index  # [T] each token's row of dora_m1, when a DoRA adapter has tokens
+        self.fused_buffers = fused_buffers  # LoraFamily.fused_buffers
 
     def fused_lora(self) -> tuple | None:
         """What a one-call decode loop (server.model.fused) needs to add this step's LoRA itself: every layer's
@@ -199,12 +208,9 @@ class LoraStep:
         rank and each token's slot; None with DoRA rows, or when the op backend gives no per-token slots or
         blocked B (LoraBuffers.b_blocks)."""
         token_slots = getattr(self.meta, "token_slots", None)
-        buffers = [g.weights for layer in self.layers for g in layer.values()]
-        if self.dora_index is not None or token_slots is None or buffers[0].b_blocks is None:
+        if self.dora_index is not None or token_slots is None or self.fused_buffers is None:
             return None
-        per_layer = len(self.layers[0])
-        return ([w.a for w in buffers], [w.b_blocks for w in buffers], [len(w.offsets) - 1 for w in buffers[:per_layer]],
-                [o for w in buffers[:per_layer] for o in w.offsets], buffers[0].rank, token_slots)
+        return (*self.fused_buffers, token_slots)
 
     def linear(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias) -> torch.Tensor:
         g = self.layers[layer][group]

@@ -44,7 +44,7 @@ class FusedLayers:
         return FusedLayers(model)
 
     def __call__(self, x, ropes, step, kv_caches) -> torch.Tensor | None:
-        """x [T, hidden] after every layer, or None when this step takes the op-by-op path."""
+        """x [T, hidden] after every layer and the final norm, or None when this step takes the op-by-op path."""
         groups = step.attention
         if x.shape[0] > FEW_ROWS or len(groups) != 1 or not groups[0].slots.in_order \
                 or groups[0].slots.max_q > FEW_QUERIES or step.hooks.residual:
@@ -62,4 +62,4 @@ class FusedLayers:
             x, self.norms, self.weights, self.widths, self.biases, cos, sin, self._kv[1], self._kv[2],
             step.slot_mapping, group.block_tables, group.allowed, a, b, slices, offsets,
             rank, token_slots, c.rms_norm_eps, c.norm_offset, c.norm_fp32_product, c.num_heads, c.num_kv_heads,
-            c.head_dim, ACT_KINDS[c.activation], m.scale)
+            c.head_dim, ACT_KINDS[c.activation], m.scale, m.norm)

@@ -273,7 +273,7 @@ class LlamaModel(torch.nn.Module):
         if self.compiled is not None and not (hooks.linear or hooks.residual):
             return self.compiled(x, ropes, step, kv_caches)
         if self.fused is not None and (out := self.fused(x, ropes, step, kv_caches)) is not None:
-            return rms_norm(out, self.norm, c.rms_norm_eps, c.norm_offset, c.norm_fp32_product)
+            return out
 
         def linear(h, i, group):
             layer = self.layers[i]
