@@ -157,9 +157,25 @@ def masked_attention_meta(layout, windows: tuple[int, ...] = ()) -> list[MaskedG
     """The step's attention groups (layout: engine.step.RowLayout, host tensors), with a mask for each of
     the model's sliding `windows` beside the full one."""
     starts, lens, kv_offs = layout.starts.tolist(), layout.lens.tolist(), layout.kv_offsets.tolist()
-    groups = [_masked_group(items, layout, windows) for items in plan_attention(starts, lens, kv_offs)]
+    plan = plan_attention(starts, lens, kv_offs)
+    if len(plan) == 1 and layout.num_tokens == len(starts):  # one decode query a row, every row in one group
+        return [_decode_group(layout, max(k + s + 1 for k, s in zip(kv_offs, starts)), windows)]
+    groups = [_masked_group(items, layout, windows) for items in plan]
     mark_in_order(groups, layout.num_tokens)
     return groups
+
+
+def _decode_group(layout, keys: int, windows: tuple[int, ...]) -> MaskedGroup:
+    """_masked_group's group of every row of a decode step (`keys`: cache index past the last key), with a few
+    ops: a decode step's host work runs between two streams of the weights, with cold caches."""
+    b, nb = layout.num_tokens, -(-keys // layout.block_size)
+    index = torch.arange(b)
+    key, off = torch.arange(nb * layout.block_size), layout.kv_offsets[:, None]
+    allowed = ((key >= off) & (key <= off + layout.starts[:, None])) | (key < layout.prefix_lens[:, None])
+    windowed = [attention_mask(layout.starts, torch.ones(b, dtype=torch.long), layout.kv_offsets, layout.prefix_lens,
+                               1, nb * layout.block_size, w) for w in windows]
+    return MaskedGroup(QuerySlots(index, None, index, 1, in_order=True), layout.block_tables[:, :nb],
+                       allowed[:, None, :], windows, torch.stack(windowed) if windows else None)
 
 
 def plan_attention(starts: list[int], lens: list[int], kv_offsets: list[int]) -> list[list[tuple[int, int, int]]]:

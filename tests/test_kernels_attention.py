@@ -303,3 +303,32 @@ def test_window_walk_starts_at_the_window(splits):
     want = prefix_paged_attention(q, kc, vc, bt, start, lens, off, prefix, scale, window)
     got = run_triton(q, kc, vc, bt, start, lens, off, prefix, scale, splits=splits, window=window)
     assert_rows_close(got, want, lens, 1e-4)
+
+
+@pytest.mark.parametrize("windows", [(), (3,), (2, 9)])
+def test_a_decode_steps_group_equals_the_general_build(windows):
+    """kernels.torch_meta's decode group (one query a row, every row in one group, a few ops) against the group
+    _masked_group builds for the same rows: slots, tables, masks and windowed masks, with adapter prefixes."""
+    from quiver.kernels.torch_meta import _decode_group, _masked_group, mark_in_order, plan_attention
+    from quiver.server.engine.step import RowLayout
+
+    g = torch.Generator().manual_seed(len(windows))
+    for b in (1, 3, 6):
+        starts = torch.randint(0, 20, (b,), generator=g)
+        prefix = torch.randint(0, 3, (b,), generator=g) * torch.randint(0, 2, (b,), generator=g)
+        kv_off = prefix.clone()
+        tables = torch.randint(1, 50, (b, 12), generator=g)
+        layout = RowLayout(starts, torch.ones(b, dtype=torch.long), torch.arange(b), kv_off, prefix, tables, 4, b)
+        plan = plan_attention(starts.tolist(), [1] * b, kv_off.tolist())
+        assert len(plan) == 1
+        want = [_masked_group(plan[0], layout, windows)]
+        mark_in_order(want, b)
+        got = _decode_group(layout, int((kv_off + starts).max()) + 1, windows)
+        w = want[0]
+        assert got.slots.in_order and w.slots.in_order and got.slots.max_q == w.slots.max_q == 1
+        assert torch.equal(got.slots.query_index, w.slots.query_index) and got.slots.valid_index is None
+        assert torch.equal(got.block_tables, w.block_tables) and torch.equal(got.allowed, w.allowed)
+        assert got.allowed.shape == w.allowed.shape and got.windows == w.windows
+        assert (got.windowed is None) == (w.windowed is None)
+        if windows:
+            assert torch.equal(got.windowed, w.windowed)

@@ -144,3 +144,40 @@ def test_an_adapter_still_on_disk_counts_its_virtual_tokens(tiny_prompt_set, tok
         engine.step()
     assert seq.finish_reason == "length" and len(seq.output_ids) == 3
     assert engine.residency.is_resident("ptuning_v2") and engine.virtual_tokens("ptuning_v2") == 7
+
+
+def test_decode_steps_from_lists_equal_the_general_build(tiny_prompt_set, tokenizer, monkeypatch):
+    """engine.step.decode_step (a decode-only step's Step from a few lists) against rows_step (the general
+    build) on the same rows: base rows, soft prompts and prefix caches (kv offsets, prefix lengths), block
+    tables of different lengths, rows joining and leaving."""
+    import quiver.server.engine.llm_engine as llm_engine
+    from quiver.server.engine import step as step_module
+
+    base_dir, _, paths = tiny_prompt_set
+    engine = engine_for(base_dir, tokenizer)
+    for name in ("prompt_tuning", "ptuning_v2", "prefix_projection"):
+        engine.load_adapter(name, str(paths[name]))
+    compared = []
+
+    def build(rows, *args):
+        step = step_module.build_step(rows, *args)
+        if all(n == 1 for _, n in rows) and all(s.num_computed + 1 == s.num_tokens for s, _ in rows):
+            general = step_module.rows_step(step.rows, *args)
+            for name in ("input_ids", "positions", "slot_mapping", "logits_index", "sample_index", "fresh_blocks"):
+                assert torch.equal(getattr(step, name), getattr(general, name)), name
+            for name in ("starts", "lens", "offsets", "kv_offsets", "prefix_lens", "block_tables"):
+                assert torch.equal(getattr(step.layout, name), getattr(general.layout, name)), name
+            assert step.layout.num_tokens == general.layout.num_tokens and step.sampled == general.sampled
+            assert step.prompt_logprob_spans == general.prompt_logprob_spans == []
+            compared.append(len(rows))
+        return step
+
+    monkeypatch.setattr(llm_engine, "build_step", build)
+    adapters = [None, "prompt_tuning", "ptuning_v2", "prefix_projection", None]
+    arrivals = [(at, list(range(5, 9 + 3 * i)), SamplingParams(max_tokens=6 + 2 * i, temperature=0, ignore_eos=True))
+                for i, at in enumerate((0, 0, 2, 3, 5))]
+    add = engine.add_request
+    engine.add_request = lambda p, params, request_id: add(p, params, adapter=adapters[int(request_id[1:])],
+                                                           request_id=request_id)
+    run_staggered(engine, arrivals)
+    assert len(compared) >= 5 and max(compared) >= 3

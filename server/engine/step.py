@@ -81,6 +81,40 @@ def build_step(rows: list[tuple[Sequence, int]], block_size: int, pad_block: int
     """rows: (sequence, new tokens) as scheduled, with their adapters already placed; pad_block: a cache
     block that always holds zeros (padding of the block tables)."""
     rows = sorted(rows, key=lambda row: (-1, -1) if row[0].binding is None else row[0].binding.sort_key)
+    if all(n == 1 and not seq.draft and not seq.wants_prompt_logprobs and seq.num_computed + 1 == seq.num_tokens
+           for seq, n in rows):
+        return decode_step(rows, block_size, pad_block, vocab, fresh_blocks)
+    return rows_step(rows, block_size, pad_block, vocab, fresh_blocks)
+
+
+def decode_step(rows: list[tuple[Sequence, int]], block_size: int, pad_block: int, vocab: int,
+                fresh_blocks: list[int]) -> Step:
+    """rows_step's Step for rows that each decode one token (no drafts, no prompt logprobs), from a few
+    lists: at low load a step's host work comes between two streams of the weights, with cold caches, and
+    rows_step's two dozen tensor ops on a handful of tokens cost more there than the arithmetic."""
+    seqs = [seq for seq, _ in rows]
+    tables = [seq.block_table for seq in seqs]
+    starts = [seq.num_computed for seq in seqs]
+    kv_offs = [seq.kv_offset for seq in seqs]
+    prefix_lens = [seq.prefix_len for seq in seqs]
+    width = max(len(t) for t in tables)
+    slots = [t[c // block_size] * block_size + c % block_size
+             for t, c in zip(tables, (start + off for start, off in zip(starts, kv_offs)))]
+    b = len(seqs)
+    layout = RowLayout(torch.tensor(starts), torch.ones(b, dtype=torch.long), torch.arange(b), torch.tensor(kv_offs),
+                       torch.tensor(prefix_lens), torch.tensor([t + [pad_block] * (width - len(t)) for t in tables]),
+                       block_size, b)
+    return Step(rows, layout, input_ids=torch.tensor([seq.token_ids[-1] for seq in seqs]),
+                positions=torch.tensor([start + p for start, p in zip(starts, prefix_lens)]),
+                slot_mapping=torch.tensor(slots), logits_index=torch.arange(b), sampled=seqs,
+                sample_index=torch.arange(b), prompt_logprob_spans=[], sampling=prepare(seqs, vocab, [0] * b),
+                fresh_blocks=torch.tensor(fresh_blocks, dtype=torch.long))
+
+
+def rows_step(rows: list[tuple[Sequence, int]], block_size: int, pad_block: int, vocab: int,
+              fresh_blocks: list[int]) -> Step:
+    """build_step for any rows (sorted as it sorts them): each token's index, position and slot computed
+    with tensor ops over the step's tokens, however many a prefill brings."""
     ids: list[int] = []
     starts, lens, tables, kv_offs, prefix_lens = [], [], [], [], []
     for seq, n in rows:
