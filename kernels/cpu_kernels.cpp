@@ -35,8 +35,6 @@
 
 namespace {
 
-int64_t g_pf = 0;
-void set_pf(int64_t v) { g_pf = v; }
 constexpr int64_t kBlock = 64;  // output rows per block
 constexpr int kMaxRows = 4;     // x rows per pass over a block (4 x 4 accumulators in registers)
 
@@ -91,9 +89,7 @@ void row_sums(const uint32_t* x, int64_t, const uint32_t* w, int64_t KP, float (
 #if defined(__AVX512BF16__)
   __m256 a[8];
   for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-  const int64_t pf = g_pf;
   for (int64_t p = 0; p < KP; ++p, w += kBlock) {
-    if (pf) for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(w) + pf + 64 * c, _MM_HINT_NTA);
     const __m256bh xv = (__m256bh)_mm256_set1_epi32(static_cast<int>(x[p]));
     for (int j = 0; j < 8; ++j)
       a[j] = _mm256_dpbf16_ps(a[j], xv, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * j)));
@@ -1021,7 +1017,6 @@ TORCH_LIBRARY(quiver_cpu, m) {
         "-> Tensor");
   m.def("greedy(Tensor logits) -> (Tensor, Tensor)");
   m.def("fast() -> bool", &fast);
-  m.def("set_pf(int v) -> ()", &set_pf);
 }
 
 TORCH_LIBRARY_IMPL(quiver_cpu, CPU, m) {
