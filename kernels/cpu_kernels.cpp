@@ -11,8 +11,8 @@
 // holds 16 rows x 2 inputs and one dot-product instruction adds them into 16 row sums, with no horizontal
 // sums, the weight read as one forward stream per 64 rows. At a decode step's few rows a projection only
 // streams its weight, so this reaches more of the memory bandwidth than oneDNN's GEMM does at those sizes;
-// each of torch's threads streams an equal share of it. Without AVX512-BF16 a plain loop computes the same
-// (tests run it on any CPU; serving then keeps oneDNN).
+// the threads share its blocks (each starts on an equal run of them: BlockQueue). Without AVX512-BF16 a plain
+// loop computes the same (tests run it on any CPU; serving then keeps oneDNN).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -103,56 +103,56 @@ void row_sums(const uint32_t* x, int64_t, const uint32_t* w, int64_t KP, float (
 using BlockSums = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float (*)[kBlock]);
 constexpr BlockSums kPasses[kMaxRows] = {row_sums, block_sums<2>, block_sums<3>, block_sums<4>};
 
-// One share of a projection's weight stream: shares equal parts of its NB * KP pair-rows, share t of `shares`
-// summing positions [total * t / shares, total * (t + 1) / shares). Blocks wholly inside a share go to
-// write(b, m, rows, acc [rows][64]); a block split between shares is summed in parts, parts[slot] [M][64] with
-// slot 2t for the share's first block and 2t + 1 for its last (the one it starts), and finished by the share it
-// ends in (finish_split): the parts added in share order, so the same bits whichever thread sums which share.
-struct Stream {
-  const uint32_t* X;  // x [M, 2 * KP] as pairs
-  const uint32_t* W;  // [NB, KP, 64, 2] as pairs
-  int64_t M, KP, NB, shares;
-  float* parts;  // [2 * shares, M, 64]
-  int64_t first(int64_t t) const { return NB * KP * t / shares; }
-};
-
-inline int64_t shares_for(int64_t NB, int64_t KP, int64_t threads) {
-  return std::max<int64_t>(1, std::min<int64_t>(threads, NB * KP / 64));
-}
-
-template <typename Write>
-void sum_share(const Stream& s, int64_t t, Write&& write) {
-  alignas(64) float acc[kMaxRows][kBlock];
-  const int64_t KP = s.KP, first = s.first(t), last = s.first(t + 1);
-  for (int64_t b = first / KP; b * KP < last; ++b) {
-    const int64_t p0 = std::max(first, b * KP) - b * KP, p1 = std::min(last, (b + 1) * KP) - b * KP;
-    const bool whole = p0 == 0 && p1 == KP;
-    const int64_t part = 2 * t + (p0 == 0);
-    for (int64_t m = 0; m < s.M; m += kMaxRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, s.M - m));
-      kPasses[rows - 1](s.X + m * KP + p0, KP, s.W + (b * KP + p0) * kBlock, p1 - p0, acc);
-      if (whole)
-        write(b, m, rows, acc[0]);
-      else
-        std::memcpy(s.parts + (part * s.M + m) * kBlock, acc, rows * kBlock * sizeof(float));
+// A projection's blocks, handed out to its threads: thread t starts on its own contiguous range (an equal share of
+// the blocks, so that each streams forward through memory), and one that runs out takes the last block of the
+// range with most left, so that the threads finish within a block of each other whatever share of the memory
+// each gets. A block is always summed whole, by one thread: the same bits whoever sums it, at any thread count.
+class BlockQueue {
+ public:
+  explicit BlockQueue(int64_t threads) : ranges_(threads) {}
+  // thread t of n: its range of a projection of NB blocks (a range not yet set reads as empty: nothing to take)
+  void start(int64_t t, int64_t n, int64_t NB) {
+    ranges_[t].v.store(pack(NB * t / n, NB * (t + 1) / n), std::memory_order_release);
+  }
+  // thread t's next block: the first of its own range, else the last of the fullest range; -1 when none is left
+  int64_t take(int64_t t, int64_t n) {
+    for (uint64_t v = ranges_[t].v.load(std::memory_order_acquire); first(v) < last(v);)
+      if (ranges_[t].v.compare_exchange_weak(v, pack(first(v) + 1, last(v)), std::memory_order_acq_rel))
+        return first(v);
+    for (;;) {
+      int64_t victim = -1, most = 0;
+      uint64_t v = 0;
+      for (int64_t u = 0; u < n; ++u)
+        if (const uint64_t w = ranges_[u].v.load(std::memory_order_acquire); last(w) - first(w) > most)
+          victim = u, most = last(w) - first(w), v = w;
+      if (victim < 0) return -1;
+      if (ranges_[victim].v.compare_exchange_strong(v, pack(first(v), last(v) - 1), std::memory_order_acq_rel))
+        return last(v) - 1;
     }
   }
-}
 
-// If share t's first block began in an earlier share and ends in this one: its parts added in share order and
-// written (sum: [M][64] scratch), once wait(u) has returned for each earlier share u that holds a part.
-template <typename Wait, typename Write>
-void finish_split(const Stream& s, int64_t t, float* sum, Wait&& wait, Write&& write) {
-  const int64_t first = s.first(t), b = first / s.KP;
-  if (first % s.KP == 0 || (b + 1) * s.KP > s.first(t + 1)) return;
-  std::fill(sum, sum + s.M * kBlock, 0.f);
-  for (int64_t u = 0; u <= t; ++u) {
-    if (s.first(u + 1) <= b * s.KP) continue;  // u ends before the block
-    if (u < t) wait(u);
-    const float* part = s.parts + ((2 * u + (s.first(u) <= b * s.KP)) * s.M) * kBlock;
-    for (int64_t e = 0; e < s.M * kBlock; ++e) sum[e] += part[e];
-  }
-  write(b, 0, static_cast<int>(s.M), sum);
+ private:
+  static uint64_t pack(int64_t first, int64_t last) { return static_cast<uint64_t>(first) << 32 | static_cast<uint64_t>(last); }
+  static int64_t first(uint64_t v) { return static_cast<int64_t>(v >> 32); }
+  static int64_t last(uint64_t v) { return static_cast<int64_t>(v & 0xffffffffu); }
+  struct alignas(64) Range {
+    std::atomic<uint64_t> v{0};
+  };
+  std::vector<Range> ranges_;
+};
+
+// Thread t's blocks of y = x W^T (x [M, 2 * KP] as pairs, W [NB, KP, 64, 2] as pairs): each block's sums for all
+// M rows (4 at a time, the block read again from cache past 4) to write(b, m, rows, acc [rows][64])
+template <typename Write>
+void sum_blocks(BlockQueue& queue, int64_t t, int64_t n, const uint32_t* X, int64_t M, int64_t KP, const uint32_t* W,
+                Write&& write) {
+  alignas(64) float acc[kMaxRows][kBlock];
+  for (int64_t b; (b = queue.take(t, n)) >= 0;)
+    for (int64_t m = 0; m < M; m += kMaxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m));
+      kPasses[rows - 1](X + m * KP, KP, W + b * KP * kBlock, KP, acc);
+      write(b, m, rows, acc[0]);
+    }
 }
 
 // y [M, n] = round(acc + bias) for the block's columns, rows m..m + rows
@@ -183,18 +183,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t n, const std
     bf = bias->to(at::kFloat).contiguous();
     B = bf.data_ptr<float>();
   }
-  const int64_t shares = shares_for(NB, KP, at::get_num_threads());
-  std::vector<float> parts(2 * shares * M * kBlock), sum(M * kBlock);
-  const Stream s{reinterpret_cast<const uint32_t*>(xp.data_ptr<at::BFloat16>()),
-                 reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>()), M, KP, NB, shares, parts.data()};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), NB);
+  BlockQueue queue(threads);
+  const uint32_t* X = reinterpret_cast<const uint32_t*>(xp.data_ptr<at::BFloat16>());
+  const uint32_t* W = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
   uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  auto write = [&](int64_t b, int64_t m, int rows, const float* acc) { write_block(Y, n, B, b, m, rows, acc); };
-  // each thread streams one equal share (a forward stream; no thread waits on another's extra block where NB
-  // is not a multiple of the threads); more than 4 rows pass over a block again, from cache
-  at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) sum_share(s, t, write);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      queue.start(t, threads, NB);
+      sum_blocks(queue, t, threads, X, M, KP, W, [&](int64_t b, int64_t m, int rows, const float* acc) {
+        write_block(Y, n, B, b, m, rows, acc);
+      });
+    }
   });
-  for (int64_t t = 1; t < shares; ++t) finish_split(s, t, sum.data(), [](int64_t) {}, write);
   return y;
 }
 
@@ -691,10 +692,6 @@ class SpinBarrier {
   int n_ = 1;
 };
 
-struct alignas(64) Ready {  // the last projection (epoch) whose split parts a thread has stored
-  std::atomic<int64_t> epoch{0};
-};
-
 // Every cache line of the keys and values that attention task t0..t1 read, requested from memory (into this
 // core's caches) at once: a row's blocks lie scattered and were last read a step ago, so attention walking them
 // one by one would wait out the memory's latency block after block. Asked at the start of each layer, they
@@ -736,8 +733,8 @@ void prefetch_tasks(const PagedAttention<T>& att, int64_t t0, int64_t t1) {
 // One parallel region for the whole stack: torch's threads stay in it from the first layer to the last and
 // meet at a spinning barrier after each phase (a projection, rope and the KV write, attention), where op by op
 // each projection was a fork and a join and the small ops between ran on one thread while the others waited.
-// Each thread streams the same share of each projection as quiver_cpu::linear's; the norms and the activation,
-// a few hundred values, each thread computes for itself; LoRA's expand runs where a block is written.
+// The threads share each projection's blocks as quiver_cpu::linear's do (BlockQueue); the norms and the
+// activation, a few hundred values, each thread computes for itself; LoRA's expand runs where a block is written.
 at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weights, at::IntArrayRef widths,
                          const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
                          const at::Tensor& sin, at::TensorList k_caches, at::TensorList v_caches,
@@ -830,9 +827,8 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
   at::Tensor att_in = at::zeros({T, 2 * KP[1]}, x.options());
   at::Tensor qkv = at::empty({T, widths[0]}, x.options()), gate_up = at::empty({T, widths[2]}, x.options());
   at::Tensor proj_out = at::empty({T, H}, x.options()), q_rot = at::empty({T, nh, d}, x.options());
-  std::vector<float> parts(2 * threads * T * kBlock), sums(threads * T * kBlock), lora_u(threads * u_size),
-      scores(threads * 4 * ctx);
-  std::vector<Ready> ready(threads);
+  std::vector<float> lora_u(threads * u_size), scores(threads * 4 * ctx);
+  BlockQueue queue(threads);
   SpinBarrier barrier;
   const float eps_f = static_cast<float>(eps), off_f = static_cast<float>(norm_offset);
 
@@ -842,7 +838,6 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
 #pragma omp single
     barrier.reset(static_cast<int>(nt));
     int sense = 0;
-    int64_t epoch = 0;
     bf* in = own_in.data_ptr<bf>() + t * T * in_row;
     float* u = lora_u.data() + t * u_size;
     bf* act_in = own_act.data_ptr<bf>() + t * T * act_row_len;
@@ -851,11 +846,11 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     // y = x W_i^T (+ bias) [+ B_s A_s x], then after(col, cols, m, rows) on each block written; x: rows of
     // 2 * KP[g] values. Ends at the barrier: y whole for every thread.
     auto project = [&](int64_t i, const bf* xin, bf* y, auto&& after) {
-      const int64_t g = i % 4, n = widths[g], shares = shares_for(NB[g], KP[g], nt);
-      ++epoch;
+      const int64_t g = i % 4, n = widths[g];
+      queue.start(t, nt, NB[g]);
       const bf* A = lora ? lora_a[i].data_ptr<bf>() : nullptr;
       const bf* Bm = lora ? lora_b[i].data_ptr<bf>() : nullptr;
-      if (lora && t < shares)  // u[m, j] = A_s[j] . x[m], each thread its own (no wait for the others')
+      if (lora)  // u[m, j] = A_s[j] . x[m], each thread its own (no wait for the others')
         for (int64_t j = 0; j < T * SR[g]; ++j)
           if (const int64_t s = slot_of[j / SR[g]]; s >= 0)
             u[j] = dot_bf16(xin + (j / SR[g]) * 2 * KP[g], A + (s * SR[g] + j % SR[g]) * K[g], K[g]);
@@ -879,14 +874,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
         }
         after(col, cols, m, rows);
       };
-      if (t < shares) {
-        const Stream s{reinterpret_cast<const uint32_t*>(xin), W[i], T, KP[g], NB[g], shares, parts.data()};
-        sum_share(s, t, write);
-        ready[t].epoch.store(epoch, std::memory_order_release);
-        finish_split(s, t, sums.data() + t * T * kBlock, [&](int64_t v) {
-          while (ready[v].epoch.load(std::memory_order_acquire) != epoch) _mm_pause();
-        }, write);
-      }
+      sum_blocks(queue, t, nt, reinterpret_cast<const uint32_t*>(xin), T, KP[g], W[i], write);
       barrier.wait(sense);
     };
     auto no_after = [](int64_t, int64_t, int64_t, int) {};
