@@ -100,7 +100,9 @@ class ModelRunner:
                 self.ops.zero_blocks(k_cache, v_cache, step.fresh_blocks)
         step.zeroed = True
         hidden = self.model(step, self.kv_caches)
-        logits = self.model.logits(hidden.index_select(0, step.logits_index)) if step.logits_index.numel() else None
+        n = step.logits_index.numel()  # logits_index ascends: n == T is every token (a decode step), no gather
+        logits = self.model.logits(hidden if n == hidden.shape[0] else hidden.index_select(0, step.logits_index)) \
+            if n else None
         for observe in self.observers:
             observe(step, logits)
         if logits is None:

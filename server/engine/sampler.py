@@ -136,8 +136,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
             x = filter_top_k_top_p(x, batch.top_k, batch.top_p)
         gumbel = -torch.log(-torch.log(hashed_uniform(batch.seeds, batch.steps, logits.shape[-1])))
         tokens = torch.where(batch.greedy, greedy_tokens, (x.double() + gumbel).argmax(dim=-1))
-    columns = [tokens.double()[:, None], finite.double()[:, None]]
     n_top = batch.n_top
+    if n_top is None and tokens.device.type == "cpu":  # nothing to copy from a device: no packing into one copy
+        return SampleResult(tokens.tolist(), finite.tolist(), None, None)
+    columns = [tokens.double()[:, None], finite.double()[:, None]]
     if n_top is not None:
         columns.append(logprobs.gather(1, tokens[:, None]).double())
         if n_top:

@@ -51,7 +51,7 @@ class Step:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T] (an adapter prefix shifts them, as PEFT does)
     slot_mapping: torch.Tensor  # [T] cache slot of each token's K/V
-    logits_index: torch.Tensor  # [N] tokens whose next-token distribution is needed
+    logits_index: torch.Tensor  # [N] tokens whose next-token distribution is needed, ascending
     sampled: list[Sequence]  # rows that draw a token, in logits order; a row with d drafts d + 1 times in a row
     sample_index: torch.Tensor  # [S] position in logits_index of each draw's token
     prompt_logprob_spans: list[tuple[Sequence, int, int]]  # (row, first logits position, count)
