@@ -672,6 +672,10 @@ inline void add_row(T* x, const T* y, int64_t n) {
 #if defined(__AVX512BF16__)
 // A barrier for a team that spins on one flag (a step's dozens of waits each cost what a cache line's trip
 // between cores costs), yielding after a while so that a member the OS has descheduled still gets to run.
+struct alignas(64) Flag {  // a count one thread publishes, on a cache line of its own
+  std::atomic<int64_t> count{0};
+};
+
 class SpinBarrier {
  public:
   void reset(int n) { n_ = n; }
@@ -827,7 +831,8 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
   at::Tensor att_in = at::zeros({T, 2 * KP[1]}, x.options());
   at::Tensor qkv = at::empty({T, widths[0]}, x.options()), gate_up = at::empty({T, widths[2]}, x.options());
   at::Tensor proj_out = at::empty({T, H}, x.options()), q_rot = at::empty({T, nh, d}, x.options());
-  std::vector<float> lora_u(threads * u_size), scores(threads * 4 * ctx);
+  std::vector<float> u(u_size), scores(threads * 4 * ctx);
+  std::vector<Flag> u_done(threads);  // the last projection (its count) whose share of u each thread has summed
   BlockQueue queue(threads);
   SpinBarrier barrier;
   const float eps_f = static_cast<float>(eps), off_f = static_cast<float>(norm_offset);
@@ -838,8 +843,8 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
 #pragma omp single
     barrier.reset(static_cast<int>(nt));
     int sense = 0;
+    int64_t count = 0;  // projections so far
     bf* in = own_in.data_ptr<bf>() + t * T * in_row;
-    float* u = lora_u.data() + t * u_size;
     bf* act_in = own_act.data_ptr<bf>() + t * T * act_row_len;
     auto range = [&](int64_t n) { return std::pair<int64_t, int64_t>{n * t / nt, n * (t + 1) / nt}; };
 
@@ -850,10 +855,15 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
       queue.start(t, nt, NB[g]);
       const bf* A = lora ? lora_a[i].data_ptr<bf>() : nullptr;
       const bf* Bm = lora ? lora_b[i].data_ptr<bf>() : nullptr;
-      if (lora)  // u[m, j] = A_s[j] . x[m], each thread its own (no wait for the others')
-        for (int64_t j = 0; j < T * SR[g]; ++j)
+      ++count;
+      bool u_whole = !lora;
+      if (lora) {  // u[m, j] = A_s[j] . x[m], a share each; a thread expands once every share is in
+        const auto [j0, j1] = range(T * SR[g]);
+        for (int64_t j = j0; j < j1; ++j)
           if (const int64_t s = slot_of[j / SR[g]]; s >= 0)
             u[j] = dot_bf16(xin + (j / SR[g]) * 2 * KP[g], A + (s * SR[g] + j % SR[g]) * K[g], K[g]);
+        u_done[t].count.store(count, std::memory_order_release);
+      }
       uint16_t* Y = reinterpret_cast<uint16_t*>(y);
       auto write = [&](int64_t b, int64_t m, int rows, const float* acc) {
         write_block(Y, n, bias[i], b, m, rows, acc);
@@ -861,6 +871,9 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
         for (int64_t r = m; lora && r < m + rows; ++r) {
           const int64_t s = slot_of[r];
           if (s < 0) continue;
+          for (int64_t v = 0; !u_whole && v < nt; ++v)  // by the end of a first block, long since
+            while (u_done[v].count.load(std::memory_order_acquire) != count) _mm_pause();
+          u_whole = true;
           const std::vector<int64_t>& off = offsets[g];
           for (size_t k = 0; k + 1 < off.size(); ++k) {  // the slices these columns fall in
             const int64_t lo = std::max(col, off[k]), hi = std::min(col + cols, off[k + 1]);
