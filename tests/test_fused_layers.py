@@ -89,10 +89,10 @@ def test_fused_steps_equal_op_by_op_steps_bit_for_bit(tiny_lora_set, plain_token
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_fused_steps_of_a_wider_model_whose_blocks_the_threads_split(tmp_path, plain_tokenizer, torch_threads,
+def test_fused_steps_of_a_wider_model_whose_blocks_the_threads_share(tmp_path, plain_tokenizer, torch_threads,
                                                                       threads):
-    """Projections wide enough for 2 or 3 threads' equal shares to split blocks between them (the tiny model's
-    fit in one share), finished by the thread each block ends in: the same bits as quiver_cpu::linear's."""
+    """Projections of several blocks for each of 2 or 3 threads (the tiny model's are one or two blocks), taken
+    from each other's runs as they finish: the same bits as quiver_cpu::linear's."""
     from quiver.bench.adapters import make_adapters
 
     hf = make_tiny_model(tmp_path / "base", "llama_gqa", vocab_size=512, hidden_size=256, intermediate_size=544,
