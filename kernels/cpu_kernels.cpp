@@ -670,12 +670,12 @@ inline void add_row(T* x, const T* y, int64_t n) {
 }
 
 #if defined(__AVX512BF16__)
-// A barrier for a team that spins on one flag (a step's dozens of waits each cost what a cache line's trip
-// between cores costs), yielding after a while so that a member the OS has descheduled still gets to run.
 struct alignas(64) Flag {  // a count one thread publishes, on a cache line of its own
   std::atomic<int64_t> count{0};
 };
 
+// A barrier for a team that spins on one flag (a step's dozens of waits each cost what a cache line's trip
+// between cores costs), yielding after a while so that a member the OS has descheduled still gets to run.
 class SpinBarrier {
  public:
   void reset(int n) { n_ = n; }
