@@ -84,16 +84,19 @@ def torch_adapter_meta(token_slots: torch.Tensor, padded: bool | None = None) ->
 class FewTokenMeta:
     """The LoRA metadata of a step of at most FEW_ROWS tokens where Quiver's C++ kernels serve: each token's
     slot, all that their lora_add_ and the one-call decode loop read; the grouped form (torch_adapter_meta, a
-    dozen small ops) is built only if some op asks for one of its fields."""
+    dozen small ops) is built only if some op asks for one of its fields (a model off the CPU: then from the
+    host's slots, its tensors moved to where the step's were sent)."""
     UPLOAD = ("token_slots",)
 
     def __init__(self, token_slots: torch.Tensor):
-        self.token_slots = token_slots.to(torch.long)
+        self.token_slots = self._host_slots = token_slots.to(torch.long)
 
     def __getattr__(self, name: str):  # a field this object lacks: the grouped form's, built once
         if name.startswith("__") or "segments" in self.__dict__:
             raise AttributeError(name)
-        self.__dict__.update(vars(torch_adapter_meta(self.token_slots)))
+        device = self.token_slots.device
+        for key, value in vars(torch_adapter_meta(self._host_slots)).items():
+            self.__dict__[key] = value.to(device) if isinstance(value, torch.Tensor) else value
         return getattr(self, name)
 
 
