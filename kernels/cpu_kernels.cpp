@@ -413,6 +413,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
+// quiver_cpu::rms_norm(x [..., N], w [N], eps, offset, fp32_product) -> x's shape and dtype:
+//   n = x / sqrt(mean(x^2) + eps) in float32; fp32_product: round(n * (offset + w)), else
+//   round(round(offset + w) * round(n)) (rounding to x's dtype): server/model/llama.py rms_norm's maths and
+//   roundings in one pass per row instead of six ops.
 template <typename T>
 void norm_row(const T* xr, const T* W, T* yr, int64_t N, float eps, float off, bool fp32_product) {
   alignas(64) float lanes[16] = {};
@@ -798,7 +802,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     TORCH_CHECK(slot_of_token[t] >= 0 && slot_of_token[t] < NBLK * bs, "quiver_cpu::decode_layers: slot out of range");
   const at::Tensor cs = cos.to(at::kBFloat16).contiguous(), sn = sin.to(at::kBFloat16).contiguous();
   const int64_t R = cs.size(1);
-  // LoRA: slot buffers a [S, SR, K], b [S, SR, n] per projection, each row's slot (or -1)
+  // LoRA: slot buffers a [S, SR, K], b [S, NB, SR, 64] per projection, each row's slot (or -1)
   std::vector<std::vector<int64_t>> offsets(4);
   int64_t SR[4] = {0, 0, 0, 0}, u_size = 0;
   at::Tensor row_slots;

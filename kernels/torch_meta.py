@@ -145,8 +145,11 @@ def attention_mask(q_start: torch.Tensor, q_lens: torch.Tensor, kv_offset: torch
     stands just before the row's tokens (its key j at position j - prefix_len, as in transformers'
     cache, where the prefix is the cache's first entries): own token p sees own tokens p - W + 1..p and
     prefix key j when p + prefix_len - j < W."""
-    steps = torch.arange(max_q, device=q_start.device)
-    q_idx = q_start[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
+    if max_q == 1:  # one query a row (decode)
+        q_idx = q_start[:, None]
+    else:
+        steps = torch.arange(max_q, device=q_start.device)
+        q_idx = q_start[:, None] + torch.minimum(steps[None, :], q_lens[:, None] - 1)
     key = torch.arange(num_keys, device=q_start.device)[None, None, :]
     off, prefix = kv_offset[:, None, None], prefix_len[:, None, None]
     own = (key >= off) & (key - off <= q_idx[:, :, None])
@@ -172,13 +175,11 @@ def _decode_group(layout, keys: int, windows: tuple[int, ...]) -> MaskedGroup:
     """_masked_group's group of every row of a decode step (`keys`: cache index past the last key), with a few
     ops: a decode step's host work runs between two streams of the weights, with cold caches."""
     b, nb = layout.num_tokens, -(-keys // layout.block_size)
-    index = torch.arange(b)
-    key, off = torch.arange(nb * layout.block_size), layout.kv_offsets[:, None]
-    allowed = ((key >= off) & (key <= off + layout.starts[:, None])) | (key < layout.prefix_lens[:, None])
-    windowed = [attention_mask(layout.starts, torch.ones(b, dtype=torch.long), layout.kv_offsets, layout.prefix_lens,
-                               1, nb * layout.block_size, w) for w in windows]
-    return MaskedGroup(QuerySlots(index, None, index, 1, in_order=True), layout.block_tables[:, :nb],
-                       allowed[:, None, :], windows, torch.stack(windowed) if windows else None)
+    index, ones = torch.arange(b), torch.ones(b, dtype=torch.long)
+    masks = [attention_mask(layout.starts, ones, layout.kv_offsets, layout.prefix_lens, 1, nb * layout.block_size, w)
+             for w in (None, *windows)]
+    return MaskedGroup(QuerySlots(index, None, index, 1, in_order=True), layout.block_tables[:, :nb], masks[0],
+                       windows, torch.stack(masks[1:]) if windows else None)
 
 
 def plan_attention(starts: list[int], lens: list[int], kv_offsets: list[int]) -> list[list[tuple[int, int, int]]]:
