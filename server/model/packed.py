@@ -4,7 +4,8 @@ F.linear hands oneDNN/MKL a plain [out, in] matrix, which they re-block into the
 kernels read on every call: with a decode batch's few rows that copy costs as much as the product.
 Packing each weight once at load (mkldnn's _reorder_linear_weight, as torch.compile's CPU freezing
 does) leaves only the product: 1.3-2x the GFLOP/s of decode-sized projections in float32, 1.1-1.5x in
-bfloat16 (`quiver bench roofline`), and the same maths (oneDNN's own sgemm / bf16 dot products).
+bfloat16 (`quiver bench roofline`), and the same maths (oneDNN's own sgemm / bf16 dot products). The packed
+copy is mapped onto huge pages where the kernel allows (server.model.huge_pages).
 
 In bfloat16 on an AVX512-BF16 CPU, steps of at most FEW_ROWS rows read that packed copy in place with
 Quiver's own kernel (kernels/cpu_kernels.cpp), which streams it closer to the memory bandwidth.
@@ -16,6 +17,7 @@ import functools
 import torch
 
 from quiver.kernels.ops import FEW_ROWS, blocked_linear, onednn_blocks
+from quiver.server.model.huge_pages import collapse
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -43,6 +45,7 @@ class PackedWeight:
         weight = weight.detach().contiguous()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.blocks = onednn_blocks(self.packed, weight)  # None where oneDNN's layout is not the kernel's
+        collapse([self.span])  # streamed every step: from 2 MiB pages (server.model.huge_pages)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] (contiguous) -> [T, out], in the weight's dtype."""
@@ -57,3 +60,8 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         return self.shape.numel() * self.dtype.itemsize
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """(address, bytes) of the packed copy, the memory a step reads."""
+        return torch.ops.mkldnn.data_ptr(self.packed), torch.ops.mkldnn._nbytes(self.packed)
