@@ -24,8 +24,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <thread>
 #include <vector>
 
@@ -727,74 +730,155 @@ void prefetch_tasks(const PagedAttention<T>& att, int64_t t0, int64_t t1) {
 }
 #endif
 
+// quiver_cpu::decode_plan: a model's per-layer tensors as decode_layers reads them, checked and resolved to
+// pointers once at load (passing and checking several hundred tensors cost a batch-1 step about 0.1 ms each
+// step); held, with references to every tensor, until decode_plan_free. Returns the plan's id.
+//   norms [2L] (attention-in, MLP-in per layer); weights [4L] blocked (qkv, o, gate_up, down per layer) with
+//   widths [4] and biases [4L] (None where a projection has none); k_caches, v_caches [L]; lora_a [4L] slot
+//   buffers [S, SR, K] (empty: no LoRA) and lora_b the same in 64-column blocks [S, NB, SR, 64]
+//   (B[s, j, c] = lora_b[s, c / 64, j, c % 64], block-diagonal: slice k's columns from rows k * rank..),
+//   lora_slices [4] slices per group, lora_offsets the groups' column bounds one after another; final_norm
+//   [hidden]; the model's norm, attention and activation settings.
+#if defined(__AVX512BF16__)
+struct DecodePlan {
+  using bf = at::BFloat16;
+  std::vector<at::Tensor> keep;  // every tensor the pointers below point into
+  int64_t L = 0, H = 0, nh = 0, nkv = 0, d = 0, act = 0, NBLK = 0, bs = 0, rank = 0, slots = 0;
+  int64_t widths[4] = {}, K[4] = {}, KP[4] = {}, NB[4] = {}, SR[4] = {};
+  float eps = 0.f, offset = 0.f, scale = 0.f;
+  bool fp32_product = false, lora = false;
+  std::vector<const uint32_t*> W;
+  std::vector<const bf*> norms, A, Bm;
+  std::vector<const float*> bias;
+  std::vector<bf*> kc, vc;
+  std::vector<std::vector<int64_t>> offsets = std::vector<std::vector<int64_t>>(4);
+  const bf* final_norm = nullptr;
+};
+
+std::mutex plans_lock;
+std::unordered_map<int64_t, std::shared_ptr<const DecodePlan>> plans;
+int64_t next_plan = 0;
+#endif
+
+int64_t decode_plan(at::TensorList norms, at::TensorList weights, at::IntArrayRef widths,
+                    const c10::List<std::optional<at::Tensor>>& biases, at::TensorList k_caches,
+                    at::TensorList v_caches, at::TensorList lora_a, at::TensorList lora_b, at::IntArrayRef lora_slices,
+                    at::IntArrayRef lora_offsets, int64_t lora_rank, double eps, double norm_offset, bool fp32_product,
+                    int64_t nh, int64_t nkv, int64_t d, int64_t act, double scale, const at::Tensor& final_norm) {
+#if defined(__AVX512BF16__)
+  using bf = at::BFloat16;
+  auto plan = std::make_shared<DecodePlan>();
+  DecodePlan& P = *plan;
+  const int64_t L = k_caches.size();
+  P.L = L, P.nh = nh, P.nkv = nkv, P.d = d, P.act = act, P.rank = lora_rank, P.fp32_product = fp32_product;
+  P.eps = static_cast<float>(eps), P.offset = static_cast<float>(norm_offset), P.scale = static_cast<float>(scale);
+  P.lora = !lora_a.empty();
+  TORCH_CHECK(norms.size() == static_cast<size_t>(2 * L) && weights.size() == static_cast<size_t>(4 * L) &&
+              biases.size() == static_cast<size_t>(4 * L) && widths.size() == 4 && L > 0 && v_caches.size() == k_caches.size() &&
+              (!P.lora || (lora_a.size() == static_cast<size_t>(4 * L) && lora_b.size() == lora_a.size())),
+              "quiver_cpu::decode_plan: per-layer lists of the wrong length");
+  P.H = final_norm.numel();
+  const int64_t H = P.H;
+  TORCH_CHECK(d <= 256 && nh % nkv == 0 && widths[0] == (nh + 2 * nkv) * d && widths[1] == H && widths[3] == H &&
+              widths[2] % 2 == 0, "quiver_cpu::decode_plan: projections of the model's shape");
+  const int64_t K[4] = {H, nh * d, H, widths[2] / 2};  // each group's input width
+  for (int g = 0; g < 4; ++g) {
+    P.widths[g] = widths[g], P.K[g] = K[g], P.KP[g] = weights[g].size(1), P.NB[g] = weights[g].size(0);
+    TORCH_CHECK(2 * P.KP[g] >= K[g] && P.NB[g] * kBlock >= widths[g], "quiver_cpu::decode_plan: weights too small");
+  }
+  TORCH_CHECK(P.KP[0] == P.KP[2], "quiver_cpu::decode_plan: qkv and gate_up read the same normed x");
+  auto keep = [&](const at::Tensor& t) { P.keep.push_back(t); return t.data_ptr<bf>(); };
+  for (const at::Tensor& w : norms) {
+    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.numel() == H,
+                "quiver_cpu::decode_plan: bfloat16 norm weights [hidden]");
+    P.norms.push_back(keep(w));
+  }
+  TORCH_CHECK(final_norm.is_contiguous() && final_norm.scalar_type() == at::kBFloat16,
+              "quiver_cpu::decode_plan: a bfloat16 final norm [hidden]");
+  P.final_norm = keep(final_norm);
+  for (int64_t i = 0; i < 4 * L; ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.size(0) == P.NB[i % 4] &&
+                w.size(1) == P.KP[i % 4], "quiver_cpu::decode_plan: blocked bfloat16 weights, the same per layer");
+    P.W.push_back(reinterpret_cast<const uint32_t*>(keep(w)));
+    const auto b = biases.get(i);
+    if (b.has_value()) P.keep.push_back(b->to(at::kFloat).contiguous());
+    P.bias.push_back(b.has_value() ? P.keep.back().data_ptr<float>() : nullptr);
+  }
+  P.NBLK = k_caches[0].size(1), P.bs = k_caches[0].size(2);
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(k_caches[l].is_contiguous() && v_caches[l].is_contiguous() && k_caches[l].scalar_type() == at::kBFloat16 &&
+                v_caches[l].scalar_type() == at::kBFloat16 && k_caches[l].sizes() == at::IntArrayRef({nkv, P.NBLK, P.bs, d}) &&
+                v_caches[l].sizes() == k_caches[l].sizes(), "quiver_cpu::decode_plan: bfloat16 caches [KV, NBLK, bs, D]");
+    P.kc.push_back(keep(k_caches[l]));
+    P.vc.push_back(keep(v_caches[l]));
+  }
+  if (P.lora) {
+    for (int64_t g = 0, at = 0; g < 4; at += lora_slices[g] + 1, ++g) {
+      P.offsets[g].assign(lora_offsets.begin() + at, lora_offsets.begin() + at + lora_slices[g] + 1);
+      P.SR[g] = lora_a[g].size(1);
+    }
+    for (int64_t i = 0; i < 4 * L; ++i) {
+      TORCH_CHECK(lora_a[i].is_contiguous() && lora_b[i].is_contiguous() && lora_a[i].scalar_type() == at::kBFloat16 &&
+                  lora_b[i].scalar_type() == at::kBFloat16 && lora_a[i].size(1) == P.SR[i % 4] &&
+                  lora_a[i].size(2) == K[i % 4] && lora_b[i].dim() == 4 && lora_b[i].size(1) == P.NB[i % 4] &&
+                  lora_b[i].size(2) == P.SR[i % 4] && lora_b[i].size(3) == kBlock &&
+                  lora_b[i].size(0) == lora_a[0].size(0) && lora_a[i].size(0) == lora_a[0].size(0),
+                  "quiver_cpu::decode_plan: LoRA slot buffers");
+      P.A.push_back(keep(lora_a[i]));
+      P.Bm.push_back(keep(lora_b[i]));
+    }
+    P.slots = lora_a[0].size(0);
+  }
+  std::lock_guard<std::mutex> guard(plans_lock);
+  plans[next_plan] = plan;
+  return next_plan++;
+#else
+  TORCH_CHECK(false, "quiver_cpu::decode_plan: built without AVX512-BF16");
+#endif
+}
+
+void decode_plan_free(int64_t id) {
+#if defined(__AVX512BF16__)
+  std::lock_guard<std::mutex> guard(plans_lock);
+  plans.erase(id);
+#endif
+}
+
 // quiver_cpu::decode_layers: every decoder layer of a pre-norm model (Llama's layout: x += o(attn(norm(x))),
 // x += down(act(gate) * up)(norm(x))) over the embedded x [T, hidden] in one call, for a bfloat16 step of few
 // rows whose attention is one in-order group, on a CPU with AVX512-BF16: the eager path's maths, roundings and
 // order of sums, so its result bit for bit.
-//   x [T, hidden]; norms [2L] (attention-in, MLP-in per layer); weights [4L] blocked (qkv, o, gate_up, down per
-//   layer) with widths [4] and biases [4L] (None where a projection has none); cos, sin [T, R] (one rope for
-//   every layer); k_caches, v_caches [L]; slot_mapping [T]; block_tables [B, NB], allowed [B, Q, NB * bs]
-//   with B * Q = T; lora_a [4L] slot buffers [S, SR, K] (empty: no LoRA) and lora_b the same in 64-column blocks
-//   [S, NB, SR, 64] (B[s, j, c] = lora_b[s, c / 64, j, c % 64], block-diagonal: slice k's columns from rows
-//   k * rank..), lora_slices [4] slices per group, lora_offsets the groups' column bounds one after another,
-//   token_slots [T]; final_norm [hidden]. Returns the final norm of x after the last layer.
+//   plan: decode_plan's id (the model's tensors); x [T, hidden]; cos, sin [T, R] (one rope for every layer);
+//   slot_mapping [T]; block_tables [B, NB], allowed [B, Q, NB * bs] with B * Q = T; token_slots [T] (each row's
+//   LoRA slot or -1; None where the plan has no LoRA). Returns the final norm of x after the last layer.
 // One parallel region for the whole stack: torch's threads stay in it from the first layer to the last and
 // meet at a spinning barrier after each phase (a projection, rope and the KV write, attention), where op by op
 // each projection was a fork and a join and the small ops between ran on one thread while the others waited.
 // The threads share each projection's blocks as quiver_cpu::linear's do (BlockQueue); the norms and the
 // activation, a few hundred values, each thread computes for itself; LoRA's expand runs where a block is written.
-at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weights, at::IntArrayRef widths,
-                         const c10::List<std::optional<at::Tensor>>& biases, const at::Tensor& cos,
-                         const at::Tensor& sin, at::TensorList k_caches, at::TensorList v_caches,
+at::Tensor decode_layers(int64_t plan_id, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& allowed,
-                         at::TensorList lora_a, at::TensorList lora_b, at::IntArrayRef lora_slices,
-                         at::IntArrayRef lora_offsets, int64_t lora_rank, const std::optional<at::Tensor>& token_slots,
-                         double eps, double norm_offset, bool fp32_product, int64_t nh, int64_t nkv, int64_t d,
-                         int64_t act, double scale, const at::Tensor& final_norm) {
+                         const std::optional<at::Tensor>& token_slots) {
 #if defined(__AVX512BF16__)
   using bf = at::BFloat16;
-  const int64_t L = k_caches.size(), T = x.size(0), H = x.size(1), B = block_tables.size(0), Q = T / B;
-  const bool lora = !lora_a.empty();
-  TORCH_CHECK(norms.size() == static_cast<size_t>(2 * L) && weights.size() == static_cast<size_t>(4 * L) &&
-              biases.size() == static_cast<size_t>(4 * L) && widths.size() == 4 && B * Q == T && L > 0 &&
-              (!lora || (lora_a.size() == static_cast<size_t>(4 * L) && lora_b.size() == lora_a.size())),
-              "quiver_cpu::decode_layers: per-layer lists of the wrong length");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && d <= 256 && nh % nkv == 0 &&
-              widths[0] == (nh + 2 * nkv) * d && widths[1] == H && widths[3] == H && widths[2] % 2 == 0 &&
-              cos.size(0) == T && cos.size(1) <= d && cos.size(1) % 2 == 0 && cos.sizes() == sin.sizes(),
-              "quiver_cpu::decode_layers: a bfloat16 x [T, hidden] and projections of its shape");
-  const int64_t K[4] = {H, nh * d, H, widths[2] / 2};  // each group's input width
-  int64_t KP[4], NB[4];
-  for (int g = 0; g < 4; ++g) {
-    KP[g] = weights[g].size(1);
-    NB[g] = weights[g].size(0);
-    TORCH_CHECK(2 * KP[g] >= K[g] && NB[g] * kBlock >= widths[g], "quiver_cpu::decode_layers: weights too small");
+  std::shared_ptr<const DecodePlan> plan;
+  {
+    std::lock_guard<std::mutex> guard(plans_lock);
+    const auto found = plans.find(plan_id);
+    TORCH_CHECK(found != plans.end(), "quiver_cpu::decode_layers: no plan ", plan_id);
+    plan = found->second;
   }
-  TORCH_CHECK(KP[0] == KP[2], "quiver_cpu::decode_layers: qkv and gate_up read the same normed x");
-  for (const at::Tensor& w : norms)
-    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.numel() == H,
-                "quiver_cpu::decode_layers: bfloat16 norm weights [hidden]");
-  TORCH_CHECK(final_norm.is_contiguous() && final_norm.scalar_type() == at::kBFloat16 && final_norm.numel() == H,
-              "quiver_cpu::decode_layers: a bfloat16 final norm [hidden]");
-  std::vector<const uint32_t*> W(4 * L);
-  std::vector<at::Tensor> bias_f(4 * L);
-  std::vector<const float*> bias(4 * L, nullptr);
-  for (int64_t i = 0; i < 4 * L; ++i) {
-    const at::Tensor& w = weights[i];
-    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.size(0) == NB[i % 4] &&
-                w.size(1) == KP[i % 4], "quiver_cpu::decode_layers: blocked bfloat16 weights, the same per layer");
-    W[i] = reinterpret_cast<const uint32_t*>(w.data_ptr<bf>());
-    if (const auto b = biases.get(i); b.has_value()) {
-      bias_f[i] = b->to(at::kFloat).contiguous();
-      bias[i] = bias_f[i].data_ptr<float>();
-    }
-  }
-  const int64_t NBLK = k_caches[0].size(1), bs = k_caches[0].size(2), NBT = block_tables.size(1), ctx = NBT * bs;
+  const DecodePlan& P = *plan;
+  const int64_t L = P.L, T = x.size(0), H = P.H, B = block_tables.size(0), Q = T / B, nh = P.nh, nkv = P.nkv, d = P.d;
+  const int64_t* widths = P.widths;
+  const int64_t *K = P.K, *KP = P.KP, *NB = P.NB, *SR = P.SR;
+  const bool lora = P.lora && token_slots.has_value();
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == H && B * Q == T && cos.size(0) == T &&
+              cos.size(1) <= d && cos.size(1) % 2 == 0 && cos.sizes() == sin.sizes(),
+              "quiver_cpu::decode_layers: a bfloat16 x [T, hidden] of the plan's model");
+  const int64_t NBLK = P.NBLK, bs = P.bs, NBT = block_tables.size(1), ctx = NBT * bs;
   TORCH_CHECK(allowed.size(2) == ctx && slot_mapping.numel() == T, "quiver_cpu::decode_layers: attention metadata");
-  for (int64_t l = 0; l < L; ++l)
-    TORCH_CHECK(k_caches[l].is_contiguous() && v_caches[l].is_contiguous() && k_caches[l].scalar_type() == at::kBFloat16 &&
-                v_caches[l].scalar_type() == at::kBFloat16 && k_caches[l].sizes() == at::IntArrayRef({nkv, NBLK, bs, d}) &&
-                v_caches[l].sizes() == k_caches[l].sizes(), "quiver_cpu::decode_layers: bfloat16 caches [KV, NBLK, bs, D]");
   const at::Tensor tables = block_tables.to(at::kLong).contiguous(), mask = allowed.contiguous();
   const at::Tensor slot_map = slot_mapping.to(at::kLong).contiguous();
   const int64_t* slot_of_token = slot_map.data_ptr<int64_t>();
@@ -802,30 +886,21 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     TORCH_CHECK(slot_of_token[t] >= 0 && slot_of_token[t] < NBLK * bs, "quiver_cpu::decode_layers: slot out of range");
   const at::Tensor cs = cos.to(at::kBFloat16).contiguous(), sn = sin.to(at::kBFloat16).contiguous();
   const int64_t R = cs.size(1);
-  // LoRA: slot buffers a [S, SR, K], b [S, NB, SR, 64] per projection, each row's slot (or -1)
-  std::vector<std::vector<int64_t>> offsets(4);
-  int64_t SR[4] = {0, 0, 0, 0}, u_size = 0;
+  int64_t u_size = 0;
   at::Tensor row_slots;
   const int64_t* slot_of = nullptr;
   if (lora) {
-    for (int64_t g = 0, at = 0; g < 4; at += lora_slices[g] + 1, ++g) {
-      offsets[g].assign(lora_offsets.begin() + at, lora_offsets.begin() + at + lora_slices[g] + 1);
-      SR[g] = lora_a[g].size(1);
-      u_size = std::max(u_size, T * SR[g]);
-    }
-    for (int64_t i = 0; i < 4 * L; ++i)
-      TORCH_CHECK(lora_a[i].is_contiguous() && lora_b[i].is_contiguous() && lora_a[i].scalar_type() == at::kBFloat16 &&
-                  lora_b[i].scalar_type() == at::kBFloat16 && lora_a[i].size(1) == SR[i % 4] &&
-                  lora_a[i].size(2) == K[i % 4] && lora_b[i].dim() == 4 && lora_b[i].size(1) == NB[i % 4] &&
-                  lora_b[i].size(2) == SR[i % 4] && lora_b[i].size(3) == kBlock && lora_b[i].size(0) == lora_a[i].size(0),
-                  "quiver_cpu::decode_layers: LoRA slot buffers");
-    TORCH_CHECK(token_slots.has_value() && token_slots->numel() == T, "quiver_cpu::decode_layers: token_slots [T]");
+    for (int g = 0; g < 4; ++g) u_size = std::max(u_size, T * SR[g]);
+    TORCH_CHECK(token_slots->numel() == T, "quiver_cpu::decode_layers: token_slots [T]");
     row_slots = token_slots->to(at::kLong).contiguous();
     slot_of = row_slots.data_ptr<int64_t>();
     for (int64_t t = 0; t < T; ++t)
-      TORCH_CHECK(slot_of[t] < lora_a[0].size(0), "quiver_cpu::decode_layers: LoRA slot out of range");
+      TORCH_CHECK(slot_of[t] < P.slots, "quiver_cpu::decode_layers: LoRA slot out of range");
   }
-
+  const std::vector<std::vector<int64_t>>& offsets = P.offsets;
+  const int64_t lora_rank = P.rank, act = P.act;
+  const float eps_f = P.eps, off_f = P.offset;
+  const bool fp32_product = P.fp32_product;
   const int64_t threads = at::get_num_threads();
   at::Tensor out = x.contiguous().clone(), normed = at::empty_like(out);  // the residual stream, added into in place
   bf* X = out.data_ptr<bf>();
@@ -839,7 +914,6 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
   std::vector<Flag> u_done(threads);  // the last projection (its count) whose share of u each thread has summed
   BlockQueue queue(threads);
   SpinBarrier barrier;
-  const float eps_f = static_cast<float>(eps), off_f = static_cast<float>(norm_offset);
 
 #pragma omp parallel num_threads(threads)
   {
@@ -857,8 +931,8 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     auto project = [&](int64_t i, const bf* xin, bf* y, auto&& after) {
       const int64_t g = i % 4, n = widths[g];
       queue.start(t, nt, NB[g]);
-      const bf* A = lora ? lora_a[i].data_ptr<bf>() : nullptr;
-      const bf* Bm = lora ? lora_b[i].data_ptr<bf>() : nullptr;
+      const bf* A = lora ? P.A[i] : nullptr;
+      const bf* Bm = lora ? P.Bm[i] : nullptr;
       ++count;
       bool u_whole = !lora;
       if (lora) {  // u[m, j] = A_s[j] . x[m], a share each; a thread expands once every share is in
@@ -870,7 +944,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
       }
       uint16_t* Y = reinterpret_cast<uint16_t*>(y);
       auto write = [&](int64_t b, int64_t m, int rows, const float* acc) {
-        write_block(Y, n, bias[i], b, m, rows, acc);
+        write_block(Y, n, P.bias[i], b, m, rows, acc);
         const int64_t col = b * kBlock, cols = std::min(kBlock, n - col);
         for (int64_t r = m; lora && r < m + rows; ++r) {
           const int64_t s = slot_of[r];
@@ -891,7 +965,7 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
         }
         after(col, cols, m, rows);
       };
-      sum_blocks(queue, t, nt, reinterpret_cast<const uint32_t*>(xin), T, KP[g], W[i], write);
+      sum_blocks(queue, t, nt, reinterpret_cast<const uint32_t*>(xin), T, KP[g], P.W[i], write);
       barrier.wait(sense);
     };
     auto no_after = [](int64_t, int64_t, int64_t, int) {};
@@ -910,14 +984,14 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
     float* my_scores = scores.data() + t * 4 * ctx;
 
     for (int64_t l = 0; l < L; ++l) {
-      bf* kc = k_caches[l].data_ptr<bf>();
-      bf* vc = v_caches[l].data_ptr<bf>();
+      bf* kc = P.kc[l];
+      bf* vc = P.vc[l];
       const PagedAttention<bf> att{QR, kc, vc, tables.data_ptr<int64_t>(), mask.data_ptr<bool>(), ATT, 2 * KP[1],
-                                   Q, nh, d, nkv, NBLK, bs, NBT, static_cast<float>(scale), 0.f};
+                                   Q, nh, d, nkv, NBLK, bs, NBT, P.scale, 0.f};
       const auto [a0, a1] = range(att.tasks(B));
       prefetch_tasks(att, a0, a1);
       for (int64_t r = 0; r < T; ++r)
-        norm_row(X + r * H, norms[2 * l].data_ptr<bf>(), in + r * in_row, H, eps_f, off_f, fp32_product);
+        norm_row(X + r * H, P.norms[2 * l], in + r * in_row, H, eps_f, off_f, fp32_product);
       project(4 * l, in, QKV, no_after);
       // rope on q and k (k straight into the cache), v copied there: one head of one token a task
       const auto [h0, h1] = range(T * (nh + 2 * nkv));
@@ -936,14 +1010,14 @@ at::Tensor decode_layers(at::Tensor x, at::TensorList norms, at::TensorList weig
       barrier.wait(sense);
       project(4 * l + 1, ATT, PO, add_to_x(PO));
       for (int64_t r = 0; r < T; ++r)
-        norm_row(X + r * H, norms[2 * l + 1].data_ptr<bf>(), in + r * in_row, H, eps_f, off_f, fp32_product);
+        norm_row(X + r * H, P.norms[2 * l + 1], in + r * in_row, H, eps_f, off_f, fp32_product);
       project(4 * l + 2, in, GU, no_after);
       const int64_t I = widths[2] / 2;
       for (int64_t r = 0; r < T; ++r) act_row(GU + r * 2 * I, GU + r * 2 * I + I, act_in + r * act_row_len, I, act);
       project(4 * l + 3, act_in, PO, add_to_x(PO));
     }
     for (auto [r, r1] = range(T); r < r1; ++r)
-      norm_row(X + r * H, final_norm.data_ptr<bf>(), normed.data_ptr<bf>() + r * H, H, eps_f, off_f, fp32_product);
+      norm_row(X + r * H, P.final_norm, normed.data_ptr<bf>() + r * H, H, eps_f, off_f, fp32_product);
   }
   return normed;
 #else
@@ -1015,11 +1089,13 @@ TORCH_LIBRARY(quiver_cpu, m) {
   m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slots, int[] offsets, int rank) -> ()");
   m.def("write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
   m.def("act_mul(Tensor gate_up, int kind) -> Tensor");
-  m.def("decode_layers(Tensor x, Tensor[] norms, Tensor[] weights, int[] widths, Tensor?[] biases, Tensor cos, "
-        "Tensor sin, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, Tensor block_tables, Tensor allowed, "
-        "Tensor[] lora_a, Tensor[] lora_b, int[] lora_slices, int[] lora_offsets, int lora_rank, Tensor? token_slots, "
+  m.def("decode_plan(Tensor[] norms, Tensor[] weights, int[] widths, Tensor?[] biases, Tensor[] k_caches, "
+        "Tensor[] v_caches, Tensor[] lora_a, Tensor[] lora_b, int[] lora_slices, int[] lora_offsets, int lora_rank, "
         "float eps, float norm_offset, bool fp32_product, int nh, int nkv, int d, int act, float scale, Tensor final_norm) "
-        "-> Tensor");
+        "-> int", &decode_plan);
+  m.def("decode_plan_free(int plan) -> ()", &decode_plan_free);
+  m.def("decode_layers(int plan, Tensor x, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, "
+        "Tensor allowed, Tensor? token_slots) -> Tensor");
   m.def("greedy(Tensor logits) -> (Tensor, Tensor)");
   m.def("fast() -> bool", &fast);
 }

@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+import weakref
 from pathlib import Path
 
 import torch
@@ -160,9 +161,18 @@ def act_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.ops.quiver_cpu.act_mul(gate_up, ACT_KINDS[activation])
 
 
-def decode_layers(*args) -> torch.Tensor:
+class DecodePlan:
+    """A model's per-layer tensors as decode_layers reads them (quiver_cpu::decode_plan: cpu_kernels.cpp says
+    what it takes), checked once; the kernel's copy is freed with this object."""
+
+    def __init__(self, *args):
+        self.id = torch.ops.quiver_cpu.decode_plan(*args)
+        weakref.finalize(self, torch.ops.quiver_cpu.decode_plan_free, self.id)
+
+
+def decode_layers(plan: DecodePlan, *args) -> torch.Tensor:
     """Every layer of a pre-norm decoder for a few-row step in one call (cpu_kernels.cpp says what it takes)."""
-    return torch.ops.quiver_cpu.decode_layers(*args)
+    return torch.ops.quiver_cpu.decode_layers(plan.id, *args)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, allowed, scale: float, softcap: float | None) -> torch.Tensor:

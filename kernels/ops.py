@@ -17,7 +17,7 @@ import torch
 from quiver.kernels import cpu_kernels, torch_ops
 from quiver.kernels.cpu_kernels import ACT_KINDS, FEW_ROWS, cache_root, onednn_blocks, serves
 from quiver.kernels.cpu_kernels import act_mul as cpu_act_mul
-from quiver.kernels.cpu_kernels import decode_layers as fused_decode_layers
+from quiver.kernels.cpu_kernels import DecodePlan, decode_layers as fused_decode_layers
 from quiver.kernels.cpu_kernels import linear as blocked_linear
 from quiver.kernels.cpu_kernels import rms_norm as cpu_rms_norm
 from quiver.kernels.cpu_kernels import rope as cpu_rope

@@ -119,3 +119,41 @@ def test_layouts_and_steps_it_leaves_alone(tiny_models, tmp_path):
     assert FusedLayers.of(model_of("llama_gqa", torch.float32)) is None
     for name in ("gemma2", "qwen3"):
         assert FusedLayers.of(model_of(name, torch.bfloat16)) is None, name
+
+
+def test_a_plan_is_made_once_for_the_caches_and_lora_buffers_and_freed_with_its_owner(tiny_lora_set, plain_tokenizer,
+                                                                                     monkeypatch):
+    """The model's tensors reach the kernel once per KV cache and LoRA family (a plan), not with every step; a
+    freed plan's id is refused."""
+    import gc
+
+    import quiver.server.model.fused as fused_module
+
+    base_dir, _, loras = tiny_lora_set
+    made = []
+    plan_of = fused_module.DecodePlan
+    monkeypatch.setattr(fused_module, "DecodePlan", lambda *args: made.append(plan_of(*args)) or made[-1])
+    engine = engine_on(base_dir, plain_tokenizer)
+    engine.load_adapter("a", str(loras["rslora_all7"]))
+    calls = counted(engine.runner.model)
+    for i, adapter in enumerate((None, "a", None, "a")):
+        engine.add_request(repetitive(i, 9), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                           adapter=adapter)
+        while engine.has_work():
+            engine.step()
+    assert calls[0] >= 16 and len(made) == 2  # every decode step fused, one plan without LoRA and one with
+    assert made[0].id != made[1].id
+    made.clear()
+    monkeypatch.undo()
+
+    layers = FusedLayers(engine.runner.model)  # a second owner of plans, dropped below
+    kv = engine.runner.kv_caches
+    plan = layers._plan(kv, None)
+    assert layers._plan(kv, None) is plan
+    freed = plan.id
+    del plan, layers
+    gc.collect()
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no plan"):
+        torch.ops.quiver_cpu.decode_layers(freed, x, x, x, torch.zeros(1, dtype=torch.long),
+                                           torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, 4, dtype=torch.bool), None)

@@ -54,11 +54,15 @@ needs_collapse = pytest.mark.skipif(not collapse_works(), reason="this kernel ha
 
 @needs_collapse
 def test_collapse_keeps_the_contents_and_maps_huge_pages():
-    x = torch.randn(12 * MiB // 4)
+    region = mmap.mmap(-1, 12 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # a mapping of its own: 4 KiB
+    x = torch.frombuffer(region, dtype=torch.float32)  # pages, as freed memory reused from the heap may not be
+    x.copy_(torch.randn(x.numel()))
     before, huge_before = x.clone(), huge_bytes_at(x.data_ptr())
     huge_pages.collapse([(x.data_ptr(), x.nbytes)])
     assert torch.equal(x, before)
     assert huge_bytes_at(x.data_ptr()) - huge_before >= 10 * MiB  # at least the whole 2 MiB pages inside it
+    del x
+    region.close()
 
 
 @needs_collapse

@@ -203,14 +203,14 @@ class LoraStep:
         self.fused_buffers = fused_buffers  # LoraFamily.fused_buffers
 
     def fused_lora(self) -> tuple | None:
-        """What a one-call decode loop (server.model.fused) needs to add this step's LoRA itself: every layer's
+        """What a one-call decode loop (server.model.fused) needs to add this step's LoRA itself: (every layer's
         and group's slot buffers a and b, each group's slice count and column bounds (one after another), the
-        rank and each token's slot; None with DoRA rows, or when the op backend gives no per-token slots or
-        blocked B (LoraBuffers.b_blocks)."""
+        rank), one tuple for the family's life, and each token's slot; None with DoRA rows, or when the op
+        backend gives no per-token slots or blocked B (LoraBuffers.b_blocks)."""
         token_slots = getattr(self.meta, "token_slots", None)
         if self.dora_index is not None or token_slots is None or self.fused_buffers is None:
             return None
-        return (*self.fused_buffers, token_slots)
+        return self.fused_buffers, token_slots
 
     def linear(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, bias) -> torch.Tensor:
         g = self.layers[layer][group]

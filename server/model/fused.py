@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from quiver.kernels.ops import ACT_KINDS, FEW_QUERIES, FEW_ROWS, fused_decode_layers, serves
+from quiver.kernels.ops import ACT_KINDS, FEW_QUERIES, FEW_ROWS, DecodePlan, fused_decode_layers, serves
 from quiver.server.model.layout import GROUPS
 
 
@@ -28,7 +28,23 @@ class FusedLayers:
         self.weights = [getattr(layer, g).blocks for layer in model.layers for g in GROUPS]
         self.widths = [getattr(model.layers[0], g).shape[0] for g in GROUPS]
         self.biases = [getattr(layer, g + "_bias") for layer in model.layers for g in GROUPS]
-        self._kv: tuple[list, list, list] | None = None  # (the runner's kv_caches list, its keys, its values)
+        # (the runner's kv_caches list, a LoRA family's fused buffers or None) -> (both, the kernel's plan of them)
+        self._plans: dict[tuple[int, int], tuple[list, tuple | None, DecodePlan]] = {}
+
+    def _plan(self, kv_caches: list, lora_buffers: tuple | None) -> DecodePlan:
+        """The kernel's plan of the model with these caches and LoRA slot buffers, made once (each is made once by
+        its owner: the runner, the LoRA family)."""
+        key = (id(kv_caches), id(lora_buffers))
+        held = self._plans.get(key)
+        if held is None or held[0] is not kv_caches or held[1] is not lora_buffers:
+            m, c = self.model, self.model.cfg
+            a, b, slices, offsets, rank = lora_buffers or ([], [], [], [], 0)
+            plan = DecodePlan(self.norms, self.weights, self.widths, self.biases, [k for k, _ in kv_caches],
+                              [v for _, v in kv_caches], a, b, slices, offsets, rank, c.rms_norm_eps, c.norm_offset,
+                              c.norm_fp32_product, c.num_heads, c.num_kv_heads, c.head_dim, ACT_KINDS[c.activation],
+                              m.scale, m.norm)
+            self._plans[key] = held = (kv_caches, lora_buffers, plan)
+        return held[2]
 
     @staticmethod
     def of(model) -> FusedLayers | None:
@@ -52,14 +68,8 @@ class FusedLayers:
         lora = [hook.fused_lora() if hasattr(hook, "fused_lora") else None for hook in step.hooks.linear]
         if len(lora) > 1 or None in lora:
             return None
-        a, b, slices, offsets, rank, token_slots = ([], [], [], [], 0, None) if not lora else lora[0]
-        m, c = self.model, self.model.cfg
-        cos, sin = ropes[0]
+        buffers, token_slots = lora[0] if lora else (None, None)
         group = groups[0]
-        if self._kv is None or self._kv[0] is not kv_caches:  # split once: the runner keeps one list
-            self._kv = (kv_caches, [k for k, _ in kv_caches], [v for _, v in kv_caches])
-        return fused_decode_layers(
-            x, self.norms, self.weights, self.widths, self.biases, cos, sin, self._kv[1], self._kv[2],
-            step.slot_mapping, group.block_tables, group.allowed, a, b, slices, offsets,
-            rank, token_slots, c.rms_norm_eps, c.norm_offset, c.norm_fp32_product, c.num_heads, c.num_kv_heads,
-            c.head_dim, ACT_KINDS[c.activation], m.scale, m.norm)
+        cos, sin = ropes[0]
+        return fused_decode_layers(self._plan(kv_caches, buffers), x, cos, sin, step.slot_mapping, group.block_tables,
+                                   group.allowed, token_slots)
