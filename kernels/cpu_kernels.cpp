@@ -873,7 +873,9 @@ at::Tensor decode_layers(int64_t plan_id, at::Tensor x, const at::Tensor& cos, c
   const int64_t L = P.L, T = x.size(0), H = P.H, B = block_tables.size(0), Q = T / B, nh = P.nh, nkv = P.nkv, d = P.d;
   const int64_t* widths = P.widths;
   const int64_t *K = P.K, *KP = P.KP, *NB = P.NB, *SR = P.SR;
-  const bool lora = P.lora && token_slots.has_value();
+  const bool lora = P.lora;
+  TORCH_CHECK(lora == token_slots.has_value(), "quiver_cpu::decode_layers: token_slots with a plan that has LoRA "
+              "buffers, and only then");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.size(1) == H && B * Q == T && cos.size(0) == T &&
               cos.size(1) <= d && cos.size(1) % 2 == 0 && cos.sizes() == sin.sizes(),
               "quiver_cpu::decode_layers: a bfloat16 x [T, hidden] of the plan's model");
