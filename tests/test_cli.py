@@ -29,6 +29,7 @@ def test_flags_reach_engine_config():
         assert not engine_config(p.parse_args([off])).enable_prefix_caching
     cfg = engine_config(p.parse_args(["--quantization", "fp4", "--no-double-quant", "--quantize-embeddings"]))
     assert (cfg.quantization, cfg.double_quant, cfg.quantize_embeddings) == ("fp4", False, True)
+    assert cfg.huge_pages and not engine_config(p.parse_args(["--no-huge-pages"])).huge_pages
 
 
 def test_parse_adapters():

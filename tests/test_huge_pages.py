@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import make_tiny_model
 
+from quiver.kernels import cpu_kernels
 from quiver.kernels.ops import ops_for
 from quiver.server.model import huge_pages, llama, packed
 from quiver.server.model.config import ModelConfig
-from quiver.server.model.packed import can_pack
 
 MiB = 2**20
 
@@ -66,16 +66,19 @@ def test_collapse_keeps_the_contents_and_maps_huge_pages():
 
 
 @needs_collapse
-@pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="torch without mkldnn packing")
-def test_a_loaded_model_streams_its_projections_from_huge_pages(tmp_path, monkeypatch):
+@pytest.mark.skipif(not cpu_kernels.fast(), reason="only the few-row kernel's packed copies go on huge pages")
+@pytest.mark.parametrize("huge", [True, False])
+def test_a_loaded_model_streams_its_projections_from_huge_pages(tmp_path, monkeypatch, huge):
     asked = []
     monkeypatch.setattr(packed, "collapse", lambda spans: (asked.extend(spans), huge_pages.collapse(spans)))
     # a head of 16384 x 256 bfloat16 is 8 MiB: whole 2 MiB pages lie inside it whatever its alignment
     make_tiny_model(tmp_path, "llama_gqa", vocab_size=16384, hidden_size=256, intermediate_size=512)
-    model = llama.LlamaModel(ModelConfig.from_dir(tmp_path), ops_for("cpu"), torch.bfloat16)
+    model = llama.LlamaModel(ModelConfig.from_dir(tmp_path), ops_for("cpu"), torch.bfloat16, huge_pages=huge)
     model.load_weights(tmp_path)
-    weights = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [model.packed_head]
-    assert sorted(asked) == sorted(w.span for w in weights)
+    weights = [getattr(layer, g) for layer in model.layers for g in ("qkv", "o", "gate_up", "down")]
+    weights.append(model.packed_head)
+    assert sorted(asked) == (sorted(w.span for w in weights) if huge else [])  # --no-huge-pages: none asked
     address, nbytes = model.packed_head.span
     assert nbytes == 8 * MiB
-    assert huge_bytes_at(address + nbytes // 2) >= 6 * MiB
+    if huge:
+        assert huge_bytes_at(address + nbytes // 2) >= 6 * MiB

@@ -40,6 +40,8 @@ class EngineConfig:
     speculative_config: object | None = None
     # no compiled decoder layers (server.model.compiled): every step runs eagerly op by op; on a GPU always so
     enforce_eager: bool = True
+    # CPU: the projections a few-row step streams remapped onto 2 MiB pages at load (server.model.huge_pages)
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         seqs, tokens = BATCH_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]

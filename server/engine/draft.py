@@ -66,7 +66,7 @@ def merge_lora(model: LlamaModel, path: str | Path) -> None:
             raise ValueError("a draft model with a draft LoRA must be full precision, not 4-bit")
         dense[lo:hi] += (m.b.float() @ m.a.float()).to(dense.dtype)
         if isinstance(weight, PackedWeight):
-            setattr(mod, group, PackedWeight(dense))
+            setattr(mod, group, PackedWeight(dense, model.huge_pages))
     model.fused = FusedLayers.of(model)  # it holds the weights it was made with
 
 
@@ -76,7 +76,8 @@ class DraftModel:
     def __init__(self, model_dir: Path, lora: str | None, runner, num_blocks: int):
         self.model_config = mc = ModelConfig.from_dir(model_dir)
         with torch.device(runner.device):
-            self.model = LlamaModel(mc, runner.ops, runner.dtype, runner.max_model_len)
+            self.model = LlamaModel(mc, runner.ops, runner.dtype, runner.max_model_len,
+                                    huge_pages=runner.model.huge_pages)
         self.model.load_weights(model_dir)
         self.model.eval()
         if lora is not None:

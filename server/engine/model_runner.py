@@ -58,7 +58,8 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = LlamaModel(mc, self.ops, self.dtype, self.max_model_len,
                                     quantization=None if mc.quantization else config.quantization,
-                                    double_quant=config.double_quant, quantize_embeddings=config.quantize_embeddings)
+                                    double_quant=config.double_quant, quantize_embeddings=config.quantize_embeddings,
+                                    huge_pages=config.huge_pages)
         self.model.load_weights(model_dir)
         self.model.eval()
         if not config.enforce_eager and self.device.type == "cpu":

@@ -90,15 +90,18 @@ class DecoderLayer(torch.nn.Module):
 
 class LlamaModel(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops, dtype: torch.dtype = torch.float32, max_len: int | None = None,
-                 quantization: str | None = None, double_quant: bool = True, quantize_embeddings: bool = False):
+                 quantization: str | None = None, double_quant: bool = True, quantize_embeddings: bool = False,
+                 huge_pages: bool = True):
         """quantization: "nf4"/"fp4" quantizes the projections at load (bitsandbytes, with or without
         double quantization); a checkpoint saved in bitsandbytes' 4-bit format (cfg.quantization) is read
         as it is. quantize_embeddings: the embedding table and output head too, in the base's 4-bit type
-        (bitsandbytes keeps them at full precision: this trades exactness for memory)."""
+        (bitsandbytes keeps them at full precision: this trades exactness for memory). huge_pages: packed
+        projections on 2 MiB pages (server.model.packed)."""
         super().__init__()
         self.cfg = cfg
         self.ops = ops
         self.dtype = dtype
+        self.huge_pages = huge_pages
         self.quantization, self.double_quant = quantization, double_quant
         four_bit = bool(quantization or cfg.quantization)
         if quantize_embeddings and not four_bit:
@@ -184,10 +187,10 @@ class LlamaModel(torch.nn.Module):
                 weight = getattr(layer, group)
                 if isinstance(weight, torch.Tensor):
                     delattr(layer, group)  # a registered parameter: the packed copy replaces it
-                    setattr(layer, group, PackedWeight(weight))
+                    setattr(layer, group, PackedWeight(weight, self.huge_pages))
         head = self.embed if self.lm_head is None else self.lm_head
         if isinstance(head, torch.Tensor) and not (self.quantization or self.cfg.quantization):
-            self.packed_head = PackedWeight(head)
+            self.packed_head = PackedWeight(head, self.huge_pages)
             if self.lm_head is not None:  # untied: the packed head is the only copy
                 del self.lm_head
                 self.lm_head = None
