@@ -48,8 +48,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="keep the base's projections 4-bit, quantized at load by bitsandbytes as transformers' "
                         "load_in_4bit does (QLoRA's base); a checkpoint saved 4-bit by bitsandbytes needs no flag")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
-                   help="with --quantization: fp32 block scales (bnb_4bit_use_double_quant=False); default: "
-                        "8-bit scales, as QLoRA trains")
+                   help="with --quantization: fp32 block scales, not QLoRA's 8-bit (bnb_4bit_use_double_quant=False)")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="with a 4-bit base: the embedding table and output head 4-bit too (bitsandbytes keeps them "
                         "at full precision, so outputs move slightly); needs bitsandbytes")
@@ -57,9 +56,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help='speculative decoding, as vLLM spells it: \'{"method": "ngram", "num_speculative_tokens": 3}\' '
                         '(prompt lookup) or \'{"model": DIR, "num_speculative_tokens": 4, "draft_lora": {ADAPTER: DIR}}\'')
     p.add_argument("--compile", action="store_true", help="CPU: torch.compile adapter-free steps at start-up")
-    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
-                   help="CPU: leave the weights on the pages torch gives them (start-up about 2.5 s per GB faster, "
-                        "batch-1 steps up to 10%% slower)")
+    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false", help="CPU: weights on 4 KiB pages")
     p.set_defaults(enforce_eager=None)  # --enforce-eager (a serve flag, add_vllm_args) wins over --compile
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-mb)")
@@ -106,12 +103,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=not args.compile or bool(args.enforce_eager),
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed,
+        max_model_len=args.max_model_len, num_threads=args.num_threads, seed=args.seed, huge_pages=args.huge_pages,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, lora_starvation_steps=args.lora_starvation_steps,
         max_cpu_loras=args.max_cpu_loras, allow_pickle=args.allow_pickle, max_adapter_mb=args.max_adapter_mb,
         quantization=args.quantization, double_quant=args.double_quant, quantize_embeddings=args.quantize_embeddings,
-        enable_prefix_caching=args.enable_prefix_caching, speculative_config=args.speculative_config,
-        huge_pages=args.huge_pages)
+        enable_prefix_caching=args.enable_prefix_caching, speculative_config=args.speculative_config)
 
 
 def split_name_path(spec: str, flag: str, expects: str = "NAME=PATH") -> tuple[str, str]:
